@@ -1,0 +1,1 @@
+"""Delivery: couriers (smarthost, hold, ...) behind one small protocol, and the router."""

@@ -1,0 +1,58 @@
+"""The courier protocol: deliver one message to some recipients over one destination.
+
+A courier returns one :class:`DeliveryResult` per recipient, each ``ok``, ``temporary``
+or ``permanent`` with the reply that decided it. Couriers classify failures where they
+happen (a 4xx, a refused connection or anything unexpected is temporary; a 5xx is
+permanent) and never raise for a delivery failure. They may keep connections open across
+calls; ``close`` ends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from hato.reply import Reply
+
+
+class Result(StrEnum):
+    OK = "ok"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+    HELD = "held"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    recipient: str
+    result: Result
+    reply: Reply
+    relay: str = ""  # "host[ip]:port" as in Postfix's log, or "maildir", "hold"
+
+    @property
+    def ok(self) -> bool:
+        return self.result is Result.OK
+
+
+class Courier(Protocol):
+    """Delivers messages. ``name`` appears in logs (``relay=``)."""
+
+    name: str
+
+    async def deliver(
+        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+    ) -> list[DeliveryResult]:
+        """Try once; one result per recipient, in the order given. Never raises for a
+        delivery failure (only for programming errors)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def all_results(
+    recipients: Sequence[str], result: Result, reply: Reply, relay: str = ""
+) -> list[DeliveryResult]:
+    """The same result for every recipient (connection-level failures)."""
+    return [DeliveryResult(r, result, reply, relay) for r in recipients]

@@ -1,0 +1,68 @@
+"""The exception tree of Hato: every error a caller may catch, in one place.
+
+::
+
+    HatoError
+    ├── ConfigError            invalid settings (the CLI prints it as one line, exit 2)
+    ├── AddressError           an address or header value that cannot be sent (CR/LF, syntax)
+    ├── QueueError             the queue backend failed (database down, disk full, ...)
+    │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
+    │   └── MessageNotFound    no message with that id
+    └── DeliveryError          a courier failed; carries ``temporary`` and the remote reply
+        ├── TemporaryDeliveryError   4xx, connection refused, timeout, unknown: retry
+        └── PermanentDeliveryError   5xx: bounce
+
+Foreign exceptions (sqlite3, aiosmtplib, dnspython, redis, psycopg, OSError) are caught
+in the module that calls the foreign library and re-raised as one of these.
+"""
+
+from __future__ import annotations
+
+from hato.reply import Reply
+
+
+class HatoError(Exception):
+    """Base of every error Hato raises on purpose."""
+
+
+class ConfigError(HatoError):
+    """The settings are invalid; the message says which one and why."""
+
+
+class AddressError(HatoError, ValueError):
+    """An address or header value is malformed or unsafe (CR/LF injection, bad syntax)."""
+
+
+class QueueError(HatoError):
+    """The queue backend failed; nothing was acknowledged."""
+
+
+class QueueFullError(QueueError):
+    """The queue has no room (disk full, quota): answer 452 4.3.1 and retry later."""
+
+
+class MessageNotFound(QueueError, KeyError):
+    """No message with the given id exists in the queue."""
+
+
+class DeliveryError(HatoError):
+    """A delivery attempt failed. ``reply`` is the remote (or synthesised) reply."""
+
+    temporary: bool = True
+
+    def __init__(self, reply: Reply, *, relay: str = "") -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.relay = relay
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """4xx, connection failure, timeout or anything unknown: the message will be retried."""
+
+    temporary = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    """5xx: the message (or recipient) is bounced."""
+
+    temporary = False

@@ -1,0 +1,93 @@
+"""Envelopes and addresses: pure parsing and checks, no I/O.
+
+An address here is the RFC 5321 ``Mailbox`` of MAIL FROM / RCPT TO without the angle
+brackets; the null sender is ``""``. Domains are compared lower-case and without a
+trailing dot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hato.errors import AddressError
+
+# RFC 5321 4.1.2 / RFC 6531: a local part of atext dot-atoms or a quoted string; a domain
+# of LDH labels (UTF-8 allowed for SMTPUTF8) or an address literal.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[[^\[\]\\\s]+\]"
+_MAILBOX_RE = re.compile(rf"^(?P<local>{_DOT_ATOM}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
+
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed mailbox: ``local@domain``; ``domain`` is lower-cased, no trailing dot."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def is_literal(self) -> bool:
+        return self.domain.startswith("[")
+
+
+def parse_address(text: str, *, allow_utf8: bool = True) -> Address:
+    """Parse a mailbox strictly. Raises :class:`AddressError` for anything else.
+
+    Refused on purpose (open-relay tricks): source routes (``@a:b@c``), bang paths and
+    percent hacks are only *parsed* as local parts, so policy decides on the real domain;
+    unqualified names (no ``@``) and trailing-dot domains are refused here.
+    """
+    if any(c in text for c in "\r\n\0"):
+        raise AddressError("address contains CR, LF or NUL")
+    if len(text) > MAX_PATH:
+        raise AddressError("address too long")
+    if not allow_utf8 and not text.isascii():
+        raise AddressError("non-ASCII address needs SMTPUTF8")
+    m = _MAILBOX_RE.match(text)
+    if m is None:
+        raise AddressError(f"bad address syntax: {text!r}")
+    local, domain = m.group("local"), m.group("domain")
+    if len(local.encode()) > MAX_LOCAL_PART or len(domain.encode()) > MAX_DOMAIN:
+        raise AddressError("address part too long")
+    return Address(local, domain.lower())
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of an address, ``""`` for the null sender."""
+    if not address:
+        return ""
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def check_header_value(value: str, what: str = "header value") -> str:
+    """Refuse CR, LF and NUL in a value that goes into a header (header injection)."""
+    if any(c in value for c in "\r\n\0"):
+        raise AddressError(f"{what} contains CR, LF or NUL")
+    return value
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What SMTP (or ``Mailer.send``) says about a message besides its bytes."""
+
+    sender: str
+    recipients: list[str]
+    # Facts about how the message arrived, for logs and the Received header.
+    client_address: str = ""
+    client_helo: str = ""
+    auth_user: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+    meta: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,258 @@
+"""The queue protocol every backend implements, and ``open_queue(url)`` to pick one.
+
+A message is stored once with its envelope and bytes, and carries one
+:class:`RecipientStatus` per recipient. Its :class:`MessageState` is derived from those
+recipients and its lease:
+
+=========  ================================================================
+state      meaning
+=========  ================================================================
+queued     has pending recipients, never tried (or released for retry)
+sending    claimed by a worker whose lease has not expired
+deferred   has pending recipients, tried at least once, waits ``next_attempt_at``
+held       kept on purpose (hold courier, no relay configured); never claimed
+sent       every recipient delivered
+failed     every recipient has an end state and at least one failed (bounced)
+=========  ================================================================
+
+Contract (the suite in ``tests/contract`` checks it on every backend):
+
+* ``enqueue`` returns only once the message is durable (for SQLite: committed and
+  fsync'd). Concurrent enqueues may share one commit (group commit).
+* ``claim`` hands out due messages (queued/deferred with ``next_attempt_at <= now``, or
+  ``sending`` whose lease expired) oldest-due first, each to one owner at a time, and
+  marks them ``sending`` until ``now + lease_seconds``.
+* ``record`` stores per-recipient outcomes from the lease owner and releases the lease.
+  A record from an owner whose lease was taken over is refused (returns ``None``) so a
+  slow worker cannot overwrite a newer attempt.
+* Nothing is ever deleted implicitly; ``delete`` is the only way a message goes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from hato.errors import ConfigError
+from hato.message import Envelope
+
+Clock = Callable[[], float]
+
+
+class MessageState(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    HELD = "held"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+FINAL_STATES = frozenset({MessageState.SENT, MessageState.FAILED})
+
+
+class RecipientState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class RecipientStatus:
+    """One recipient's progress. ``reply`` is the last remote (or local) reply as text."""
+
+    address: str
+    state: RecipientState = RecipientState.PENDING
+    reply: str = ""
+    relay: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt did to one recipient, as ``record`` takes it.
+
+    ``state`` is ``sent``, ``failed`` (permanent) or ``pending`` (temporary: retry).
+    """
+
+    address: str
+    state: RecipientState
+    reply: str
+    relay: str = ""
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    id: str
+    sender: str
+    recipients: list[RecipientStatus]
+    data: bytes
+    state: MessageState
+    created_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    last_reply: str = ""
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    idempotency_key: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[str]:
+        return [r.address for r in self.recipients if r.state is RecipientState.PENDING]
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What ``recover()`` found at start-up."""
+
+    leases_expired: int = 0
+    quarantined: list[str] = field(default_factory=list)
+
+
+def derive_state(
+    recipients: Sequence[RecipientStatus], *, attempts: int, held: bool = False
+) -> MessageState:
+    """The message state implied by its recipients (leases aside)."""
+    if any(r.state is RecipientState.PENDING for r in recipients):
+        if held:
+            return MessageState.HELD
+        return MessageState.DEFERRED if attempts > 0 else MessageState.QUEUED
+    if any(r.state is RecipientState.FAILED for r in recipients):
+        return MessageState.FAILED
+    return MessageState.SENT
+
+
+def new_message_id(clock: Clock = time.time) -> str:
+    """A queue id: 11 upper-case hex digits of microseconds, then 5 random ones.
+
+    Sortable by creation time, short enough for a log line, unique across processes.
+    """
+    return f"{int(clock() * 1_000_000):011X}"[-11:] + secrets.token_hex(3).upper()[:5]
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """The queue protocol. Every method is a coroutine; backends translate their errors
+    into :class:`hato.errors.QueueError`."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and create the schema if needed."""
+
+    async def close(self) -> None: ...
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        """Store a message durably and return its id.
+
+        With ``idempotency_key``, a second enqueue with the same key returns the first
+        message's id and stores nothing.
+        """
+        ...
+
+    async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        """Lease up to ``limit`` due messages to ``owner``."""
+        ...
+
+    async def record(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        owner: str,
+        retry_at: float | None,
+        held: bool = False,
+    ) -> MessageState | None:
+        """Store outcomes, bump ``attempts``, release the lease and return the new state.
+
+        Recipients not named in ``outcomes`` keep their state. Pending recipients are
+        retried at ``retry_at`` (required when any stay pending, unless ``held``).
+        Returns ``None`` (and changes nothing) when ``owner`` no longer holds the lease.
+        """
+        ...
+
+    async def release(self, message_id: str, *, owner: str) -> None:
+        """Give a lease back untouched (graceful stop): the message is due again now."""
+        ...
+
+    async def requeue(self, message_id: str) -> None:
+        """Make a held or deferred message due now (``hato queue release/retry``)."""
+        ...
+
+    async def get(self, message_id: str) -> StoredMessage:
+        """Raise :class:`hato.errors.MessageNotFound` if absent."""
+        ...
+
+    async def find(self, idempotency_key: str) -> str | None: ...
+
+    async def list(
+        self, *, states: Sequence[MessageState] | None = None, limit: int = 100
+    ) -> list[StoredMessage]:
+        """Newest first. ``data`` may be empty in listed messages; use ``get`` for bytes."""
+        ...
+
+    async def delete(self, message_id: str) -> None: ...
+
+    async def counts(self) -> dict[MessageState, int]: ...
+
+    async def recover(self) -> RecoveryReport:
+        """Start-up: expired leases come back; unreadable records are quarantined."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return early when new work may be due (in-process event, LISTEN/NOTIFY, ...)."""
+        ...
+
+
+def open_queue(url: str, *, clock: Clock = time.time, fsync: bool = True) -> Queue:
+    """Build (not yet open) the queue for ``url``: ``memory://``, ``sqlite:///path``,
+    ``postgresql://...``, ``redis://...``. Drivers are imported lazily."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        from hato.queue.memory import MemoryQueue
+
+        return MemoryQueue(url, clock=clock)
+    if scheme == "sqlite":
+        from hato.queue.sqlite import SQLiteQueue
+
+        path = url.removeprefix("sqlite://")
+        # sqlite:///abs/path -> /abs/path ; sqlite://rel/path -> rel/path
+        return SQLiteQueue(url, os.path.expanduser(path), clock=clock, fsync=fsync)
+    if scheme in ("postgres", "postgresql"):
+        try:
+            from hato.queue.postgres import PostgresQueue  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:  # pragma: no cover - depends on extras
+            raise ConfigError(
+                f"queue {scheme}:// needs: pip install 'hato[postgres]' ({exc})"
+            ) from exc
+        return PostgresQueue(url, clock=clock)  # type: ignore[no-any-return,unused-ignore]
+    if scheme in ("redis", "rediss"):
+        try:
+            from hato.queue.redis import RedisQueue  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:  # pragma: no cover - depends on extras
+            raise ConfigError(
+                f"queue {scheme}:// needs: pip install 'hato[redis]' ({exc})"
+            ) from exc
+        return RedisQueue(url, clock=clock)  # type: ignore[no-any-return,unused-ignore]
+    raise ConfigError(
+        f"unknown queue URL {url!r}: use memory://, sqlite:///PATH, postgresql://... or redis://..."
+    )

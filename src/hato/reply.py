@@ -1,0 +1,101 @@
+"""SMTP replies as values: ``Reply(code, enhanced, text)`` and the named replies Hato sends.
+
+Every reply Hato puts on the wire carries an RFC 3463 enhanced status code. Handlers
+return these values; exactly one place (the server glue) turns them into bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: a 3-digit code, an enhanced status code (``"2.1.0"``) and text.
+
+    ``text`` may hold several lines separated by ``\\n``; they become a multi-line reply.
+    An empty ``enhanced`` is allowed only for the greeting (220), where RFC 2034 forbids it.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def lines(self) -> list[str]:
+        """The reply's text lines, each prefixed by the enhanced code when there is one."""
+        texts = self.text.split("\n") if self.text else [""]
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        return [f"{prefix}{t}".rstrip() for t in texts]
+
+    def to_bytes(self) -> bytes:
+        """Wire form: ``250-first\\r\\n250 last\\r\\n``."""
+        lines = self.lines()
+        out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {lines[-1]}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return " / ".join(f"{self.code} {line}" for line in self.lines())
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+
+# Named replies. Keep the wording stable: dialog tests compare bytes.
+OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+BYE = Reply(221, "2.0.0", "Bye")
+RESET_OK = Reply(250, "2.0.0", "Reset OK")
+NOOP_OK = Reply(250, "2.0.0", "OK")
+VRFY_DISABLED = Reply(252, "2.5.2", "VRFY disabled; send some mail and I'll try my best")
+READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+
+SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+QUEUE_ERROR = Reply(451, "4.3.0", "Queue write failed, try again later")
+STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+UNRECOGNIZED = Reply(500, "5.5.1", "Command unrecognized")
+SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+PARAM_NOT_IMPLEMENTED = Reply(504, "5.5.4", "Command parameter not implemented")
+AUTH_MECH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+SENDER_DENIED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+SENDER_DOMAIN_DENIED = Reply(553, "5.7.1", "Sender address rejected: domain not allowed")
+NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+BAD_ADDRESS = Reply(553, "5.1.3", "Address syntax error")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
+BARE_LINE_ENDING = Reply(
+    554, "5.6.11", "Bare CR or LF in message data; use CRLF line endings (RFC 5321 2.3.8)"
+)
+NON_ASCII_WITHOUT_8BIT = Reply(554, "5.6.7", "8-bit data needs BODY=8BITMIME or SMTPUTF8")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
