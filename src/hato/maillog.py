@@ -50,6 +50,10 @@ class MailLog:
             line = _json.dumps(record, ensure_ascii=False, default=str)
         else:
             detail = fields.pop("detail", None)
+            lead = fields.pop("text", None)
+            if lead is not None:  # "connect from x[ip]" reads as Postfix writes it
+                fields.pop("event", None)
+                fields.pop("client", None)
             parts = []
             for key, value in fields.items():
                 if value is None:
@@ -59,6 +63,8 @@ class MailLog:
                 else:
                     parts.append(f"{key}={value}")
             text = ", ".join(parts)
+            if lead is not None:
+                text = f"{lead} {text}".rstrip()
             if detail is not None:
                 text += f" ({detail})"
             stamp = time.strftime("%b %d %H:%M:%S", time.localtime(self._clock()))
@@ -73,10 +79,11 @@ class MailLog:
     # Named events, so call sites read like the log they produce.
 
     def connect(self, client: str) -> None:
-        self.event("smtpd", "", connect=f"from {client}")
+        self.event("smtpd", "", event="connect", client=client, text=f"connect from {client}")
 
     def disconnect(self, client: str, **counts: object) -> None:
-        self.event("smtpd", "", disconnect=f"from {client}", **counts)
+        self.event("smtpd", "", event="disconnect", client=client,
+                   text=f"disconnect from {client}", **counts)
 
     def rejected(self, client: str, command: str, reply: object, **fields: object) -> None:
         self.event("smtpd", "NOQUEUE", reject=f"{command} from {client}: {reply}", **fields)

@@ -1,0 +1,5 @@
+"""``python -m hato``: the same as the ``hato`` command."""
+
+from hato.cli import main
+
+main()

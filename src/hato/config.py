@@ -1,0 +1,590 @@
+"""Settings: one typed, frozen object built from defaults < hato.toml < .env < environment < CLI.
+
+Native environment names are ``HATO_*``. The names of the ``boky/postfix`` image
+(``RELAYHOST``, ``RELAYHOST_USERNAME``, ``RELAYHOST_PASSWORD`` and their ``_FILE``
+variants, ``ALLOWED_SENDER_DOMAINS``, ``ALLOW_EMPTY_SENDER_DOMAINS``,
+``MESSAGE_SIZE_LIMIT``, ``MYNETWORKS`` / ``POSTFIX_mynetworks``, ``POSTFIX_myhostname``)
+are accepted too, so an existing compose file works by changing only the image.
+
+This is the only module that reads the environment or configuration files.
+``docs/config.md`` is generated from the field descriptions here
+(``python -m hato.config > docs/config.md``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from hato.delivery.smarthost import parse_relayhost
+from hato.errors import ConfigError
+
+RelayTLS = Literal["none", "may", "encrypt", "implicit"]
+Route = Literal["hold", "relay", "mx"]
+ListenerRole = Literal["smtp", "submission", "submissions"]
+LISTENER_ROLES: tuple[str, ...] = ("smtp", "submission", "submissions")
+
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+# boky/postfix trusts the private ranges by default so that a compose network can send.
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """``300``, ``"300s"``, ``"5m"``, ``"1h"``, ``"5d"`` → seconds (Postfix's time units)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION_RE.match(str(value))
+    if m is None:
+        raise ValueError(f"not a duration: {value!r} (use seconds or 30s/5m/1h/5d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def split_list(value: object) -> list[str]:
+    """Comma- or whitespace-separated strings (boky accepts both) → list."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        items = [str(v) for v in value]
+    else:
+        items = re.split(r"[,\s]+", str(value))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "hato"
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("", "0", "false", "no", "off")
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class _AliasOnlyMixin:
+    """Read a field only from its listed environment names, never from its bare field name.
+
+    ``populate_by_name`` lets CLI flags and hato.toml use field names; without this the
+    environment would be searched for them too, and ``HOSTNAME`` (set by Docker to the
+    container id) or ``DATA_DIR`` would silently become settings.
+    """
+
+    def _extract_field_info(
+        self, field: FieldInfo, field_name: str, model_config: Any = None
+    ) -> list[tuple[str, str, bool]]:
+        infos: list[tuple[str, str, bool]] = super()._extract_field_info(  # type: ignore[misc]
+            field, field_name, model_config
+        )
+        if field.validation_alias is None:
+            return infos
+        return [info for info in infos if info[0] != field_name]
+
+
+class _EnvSource(_AliasOnlyMixin, EnvSettingsSource):
+    pass
+
+
+class _DotEnvSource(_AliasOnlyMixin, DotEnvSettingsSource):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening socket: ``role=host:port``."""
+
+    role: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.role}={host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host in ("localhost",):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_listener(text: str) -> Listener:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``ROLE=HOST:PORT``; a bare address is role ``smtp``."""
+    role, sep, rest = text.partition("=")
+    if not sep:
+        role, rest = "smtp", text
+    role = role.strip().lower()
+    rest = rest.strip()
+    if role not in LISTENER_ROLES:
+        raise ValueError(f"unknown listener role {role!r} in {text!r} (use {', '.join(LISTENER_ROLES)})")
+    m = re.match(r"^\[(?P<v6>[^\]]+)\]:(?P<port>\d+)$|^(?P<host>[^:\[\]]*):(?P<port2>\d+)$", rest)
+    if m is None:
+        raise ValueError(f"listener {text!r} is not HOST:PORT")
+    host = m.group("v6") or m.group("host") or "0.0.0.0"
+    port = int(m.group("port") or m.group("port2"))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listener port out of range in {text!r}")
+    return Listener(role, host, port)
+
+
+class Settings(BaseSettings):
+    """Every setting of Hato. Field descriptions become docs/config.md."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        populate_by_name=True,
+        extra="ignore",
+        case_sensitive=False,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        toml_file="hato.toml",
+    )
+
+    # --- where and how we listen -----------------------------------------------------
+    listen: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1:2525"],
+        validation_alias=_env("HATO_LISTEN"),
+        description="Listeners, comma separated: `[ROLE=]HOST:PORT` with ROLE `smtp` "
+        "(default), `submission` (587, STARTTLS+AUTH required) or `submissions` (465, "
+        "implicit TLS).",
+    )
+    hostname: str = Field(
+        default_factory=socket.gethostname,
+        validation_alias=_env("HATO_HOSTNAME", "POSTFIX_myhostname"),
+        description="Our host name: greeting, EHLO to peers, Received headers, DSNs.",
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        validation_alias=_env("HATO_DATA_DIR"),
+        description="State directory: the SQLite queue, users, DKIM keys. "
+        "Default `$XDG_DATA_HOME/hato` (`~/.local/share/hato`).",
+    )
+    queue_url: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_QUEUE_URL"),
+        description="Queue backend URL: `sqlite:///PATH`, `memory://`, `postgresql://…`, "
+        "`redis://…`. Default `sqlite:///DATA_DIR/queue.db`.",
+    )
+    fsync: bool = Field(
+        default=True,
+        validation_alias=_env("HATO_FSYNC"),
+        description="fsync the SQLite queue before answering 250. Turn off only for tests.",
+    )
+
+    # --- who may send what to whom ---------------------------------------------------
+    mynetworks: CommaList | None = Field(
+        default=None,
+        validation_alias=_env("HATO_MYNETWORKS", "MYNETWORKS", "POSTFIX_mynetworks"),
+        description="Trusted client networks (relay without AUTH). Default: loopback and "
+        "the private ranges (as boky/postfix) for the local-relay and hold roles; loopback "
+        "only when the route is `mx`.",
+    )
+    domains: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_DOMAINS"),
+        description="Our own mail domains (Postfix `mydestination`); anyone may send to them.",
+    )
+    allowed_sender_domains: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_ALLOWED_SENDER_DOMAINS", "ALLOWED_SENDER_DOMAINS"
+        ),
+        description="Envelope sender domains accepted (boky's ALLOWED_SENDER_DOMAINS). Empty: "
+        "any, but only on a loopback-only server or with ALLOW_EMPTY_SENDER_DOMAINS.",
+    )
+    allow_empty_sender_domains: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_ALLOW_EMPTY_SENDER_DOMAINS", "ALLOW_EMPTY_SENDER_DOMAINS"
+        ),
+        description="Accept any sender domain even when reachable from outside loopback.",
+    )
+
+    # --- limits ----------------------------------------------------------------------
+    message_size_limit: int = Field(
+        default=10 * 1024 * 1024,
+        ge=0,
+        validation_alias=_env("HATO_MESSAGE_SIZE_LIMIT", "MESSAGE_SIZE_LIMIT"),
+        description="Largest message in bytes (10 MiB as in the guide); 0 means no limit.",
+    )
+    max_recipients: int = Field(
+        default=1000, ge=1, validation_alias=_env("HATO_MAX_RECIPIENTS"),
+        description="Recipients per message (Postfix smtpd_recipient_limit).",
+    )
+    max_connections: int = Field(
+        default=500, ge=1, validation_alias=_env("HATO_MAX_CONNECTIONS"),
+        description="Concurrent SMTP connections in total, per listener.",
+    )
+    max_connections_per_client: int = Field(
+        default=50, ge=1,
+        validation_alias=_env("HATO_MAX_CONNECTIONS_PER_CLIENT"),
+        description="Concurrent SMTP connections from one client address.",
+    )
+    idle_timeout: float = Field(
+        default=300.0, gt=0, validation_alias=_env("HATO_IDLE_TIMEOUT"),
+        description="Seconds a client may stay silent between commands (Postfix smtpd_timeout).",
+    )
+    command_timeout: float = Field(
+        default=600.0, gt=0, validation_alias=_env("HATO_COMMAND_TIMEOUT"),
+        description="Seconds one command line or one DATA transfer may take (trickling clients).",
+    )
+    max_received_headers: int = Field(
+        default=50, ge=1,
+        validation_alias=_env("HATO_MAX_RECEIVED_HEADERS"),
+        description="More Received headers than this means a mail loop (Postfix hopcount_limit).",
+    )
+
+    # --- TLS on our listeners --------------------------------------------------------
+    tls_cert_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_TLS_CERT_FILE"),
+        description="Certificate chain (PEM, e.g. Let's Encrypt fullchain.pem); enables STARTTLS.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_TLS_KEY_FILE"),
+        description="Private key (PEM, e.g. privkey.pem).",
+    )
+
+    # --- where mail goes -------------------------------------------------------------
+    route: Route | None = Field(
+        default=None, validation_alias=_env("HATO_ROUTE"),
+        description="For mail not addressed to our own domains: `hold` (keep it here), "
+        "`relay` (to RELAYHOST) or `mx`. Default `relay` when RELAYHOST is set, else `hold`.",
+    )
+    relay_host: str | None = Field(
+        default=None, validation_alias=_env("HATO_RELAY_HOST", "RELAYHOST"),
+        description="Upstream relay as `[host]:port` (Postfix/boky form).",
+    )
+    relay_username: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_RELAY_USERNAME", "RELAYHOST_USERNAME"),
+        description="SASL user for the upstream relay.",
+    )
+    relay_password: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_RELAY_PASSWORD", "RELAYHOST_PASSWORD"),
+        description="SASL password for the upstream relay (never logged).",
+    )
+    relay_username_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_RELAY_USERNAME_FILE", "RELAYHOST_USERNAME_FILE"
+        ),
+        description="File holding the relay user (Docker secrets).",
+    )
+    relay_password_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_RELAY_PASSWORD_FILE", "RELAYHOST_PASSWORD_FILE"
+        ),
+        description="File holding the relay password (Docker secrets).",
+    )
+    relay_tls: RelayTLS | None = Field(
+        default=None, validation_alias=_env("HATO_RELAY_TLS"),
+        description="TLS to the relay: `none`, `may`, `encrypt` (STARTTLS required) or "
+        "`implicit`. Default `implicit` on port 465, `encrypt` with credentials, else `may`.",
+    )
+    relay_tls_verify: bool = Field(
+        default=True, validation_alias=_env("HATO_RELAY_TLS_VERIFY"),
+        description="Verify the relay's certificate. Turn off only for a self-signed upstream.",
+    )
+    relay_tls_ca_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_RELAY_TLS_CA_FILE"),
+        description="CA bundle (PEM) to verify the relay with, instead of the system's.",
+    )
+    relay_pool_size: int = Field(
+        default=4, ge=1, validation_alias=_env("HATO_RELAY_POOL_SIZE"),
+        description="Connections kept open to the relay and reused across messages.",
+    )
+    relay_timeout: float = Field(
+        default=60.0, gt=0, validation_alias=_env("HATO_RELAY_TIMEOUT"),
+        description="Seconds to wait for each reply of the relay.",
+    )
+
+    # --- delivery worker -------------------------------------------------------------
+    retry_min_delay: float = Field(
+        default=60.0, gt=0, validation_alias=_env("HATO_RETRY_MIN_DELAY"),
+        description="First retry delay (doubles each attempt). Postfix: 300s.",
+    )
+    retry_max_delay: float = Field(
+        default=4000.0, gt=0, validation_alias=_env("HATO_RETRY_MAX_DELAY"),
+        description="Longest retry delay. Postfix: 4000s.",
+    )
+    max_queue_lifetime: float = Field(
+        default=5 * 86400.0, gt=0,
+        validation_alias=_env("HATO_MAX_QUEUE_LIFETIME"),
+        description="Give up and bounce after this long. Postfix: 5d.",
+    )
+    worker_concurrency: int = Field(
+        default=32, ge=1,
+        validation_alias=_env("HATO_WORKER_CONCURRENCY"),
+        description="Messages delivered at once by one worker.",
+    )
+    lease_seconds: float = Field(
+        default=300.0, gt=0, validation_alias=_env("HATO_LEASE_SECONDS"),
+        description="How long a claimed message stays leased to a worker before another may take it.",
+    )
+
+    # --- logging ---------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text", validation_alias=_env("HATO_LOG_FORMAT"),
+        description="Operator log format: Postfix-like `text` lines or `json`.",
+    )
+
+    # --- validators ------------------------------------------------------------------
+    @field_validator("listen", "domains", "allowed_sender_domains", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> list[str]:
+        return split_list(value)
+
+    @field_validator("mynetworks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> list[str] | None:
+        if value is None:
+            return None
+        # Postfix writes IPv6 networks as [::1]/128.
+        return [item.replace("[", "").replace("]", "") for item in split_list(value)]
+
+    @field_validator("domains", "allowed_sender_domains")
+    @classmethod
+    def _lower_domains(cls, value: list[str]) -> list[str]:
+        return [d.lower().rstrip(".") for d in value]
+
+    @field_validator("allow_empty_sender_domains", mode="before")
+    @classmethod
+    def _boky_truthy(cls, value: object) -> bool:
+        # boky: any non-empty value turns it on.
+        return _truthy(value)
+
+    @field_validator("retry_min_delay", "retry_max_delay", "max_queue_lifetime", "idle_timeout",
+                     "command_timeout", "lease_seconds", "relay_timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("relay_host", "relay_username", "queue_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: CLI flags (init) > environment > .env > hato.toml.
+        return (
+            init_settings,
+            _EnvSource(settings_cls),
+            _DotEnvSource(settings_cls),
+            TomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+    # --- effective values (derived, never stored twice) ------------------------------
+    @property
+    def listeners(self) -> list[Listener]:
+        return [parse_listener(item) for item in self.listen]
+
+    @property
+    def effective_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{self.data_dir / 'queue.db'}"
+
+    @property
+    def effective_route(self) -> Route:
+        if self.route is not None:
+            return self.route
+        return "relay" if self.relay_host else "hold"
+
+    @property
+    def effective_mynetworks(self) -> list[str]:
+        if self.mynetworks is not None:
+            return list(self.mynetworks)
+        if self.effective_route == "mx":
+            return list(LOOPBACK_NETWORKS)
+        return [*LOOPBACK_NETWORKS, *PRIVATE_NETWORKS]
+
+    @property
+    def effective_relay_username(self) -> str | None:
+        if self.relay_username:
+            return self.relay_username
+        if self.relay_username_file:
+            return _read_secret(self.relay_username_file, "relay user")
+        return None
+
+    @property
+    def effective_relay_password(self) -> str | None:
+        if self.relay_password is not None and self.relay_password.get_secret_value():
+            return self.relay_password.get_secret_value()
+        if self.relay_password_file:
+            return _read_secret(self.relay_password_file, "relay password")
+        return None
+
+    @property
+    def relay_address(self) -> tuple[str, int] | None:
+        if not self.relay_host:
+            return None
+        return parse_relayhost(self.relay_host)
+
+    @property
+    def effective_relay_tls(self) -> RelayTLS:
+        if self.relay_tls is not None:
+            return self.relay_tls
+        address = self.relay_address
+        if address is not None and address[1] == 465:
+            return "implicit"
+        if self.relay_username or self.relay_username_file:
+            return "encrypt"
+        return "may"
+
+    @property
+    def role(self) -> str:
+        """A short description of the role this configuration plays."""
+        route = self.effective_route
+        if route == "relay":
+            return f"local relay (relays to {self.relay_host})"
+        if route == "mx":
+            return "relay server (delivers to MX hosts)"
+        return "capture (holds mail; nothing leaves this machine)"
+
+    def validate_for_serve(self) -> None:
+        """Cross-field checks that make ``hato serve`` refuse to start. Raises ConfigError."""
+        listeners = self.listeners  # raises ValueError on bad syntax
+        for net in self.effective_mynetworks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"HATO_MYNETWORKS: {net!r} is not a network ({exc})") from exc
+        route = self.effective_route
+        if route == "relay" and not self.relay_host:
+            raise ConfigError("HATO_ROUTE=relay needs RELAYHOST (or HATO_RELAY_HOST)")
+        if route == "mx":
+            raise ConfigError("HATO_ROUTE=mx (direct MX delivery) is not available yet in this version")
+        if self.relay_host:
+            parse_relayhost(self.relay_host)
+        user, password = self.effective_relay_username, self.effective_relay_password
+        if bool(user) != bool(password):
+            raise ConfigError("set both RELAYHOST_USERNAME and RELAYHOST_PASSWORD, or neither")
+        if user and self.effective_relay_tls in ("none", "may") and route == "relay":
+            raise ConfigError(
+                f"HATO_RELAY_TLS={self.effective_relay_tls} with relay credentials: AUTH is never "
+                "sent without TLS; use encrypt or implicit"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("set both HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE, or neither")
+        for path in (self.tls_cert_file, self.tls_key_file, self.relay_tls_ca_file):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"file not found: {path}")
+        public = [item for item in listeners if not item.is_loopback]
+        if (
+            public
+            and route != "hold"
+            and not self.allowed_sender_domains
+            and not self.allow_empty_sender_domains
+        ):
+            raise ConfigError(
+                f"refusing to relay from {public[0]} (reachable from outside loopback) without "
+                "ALLOWED_SENDER_DOMAINS; set it, or ALLOW_EMPTY_SENDER_DOMAINS=true to accept any"
+            )
+        if self.retry_min_delay > self.retry_max_delay:
+            raise ConfigError("HATO_RETRY_MIN_DELAY is larger than HATO_RETRY_MAX_DELAY")
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+
+
+def load_settings(*, config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings; ``overrides`` are CLI flags (None values are ignored).
+
+    Raises ConfigError with one line per problem instead of a pydantic traceback.
+    """
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        if config_file is not None:
+            if not config_file.is_file():
+                raise ConfigError(f"config file not found: {config_file}")
+
+            class FileSettings(Settings):
+                model_config = SettingsConfigDict(toml_file=str(config_file))
+
+            return FileSettings(**values)
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}")
+    return "invalid settings: " + "; ".join(problems)
+
+
+def settings_reference() -> str:
+    """Markdown table of every setting: name, environment names, default, meaning."""
+    lines = [
+        "# Settings",
+        "",
+        "Generated from `src/hato/config.py` by `python -m hato.config`; do not edit by hand.",
+        "",
+        "Precedence: defaults < `hato.toml` (field names as keys) < `.env` < environment < "
+        "CLI flags. Durations take seconds or `30s`, `5m`, `1h`, `5d`. Lists take commas "
+        "or spaces.",
+        "",
+        "| setting | environment | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        envs = list(alias.choices) if isinstance(alias, AliasChoices) else []
+        if field.default_factory is not None:
+            default = {
+                "listen": "`127.0.0.1:2525`",
+                "hostname": "the host name",
+                "data_dir": "`~/.local/share/hato`",
+            }.get(name, "empty")
+        elif field.default is None:
+            default = "unset"
+        else:
+            default = f"`{field.default}`"
+        env_names = ", ".join(f"`{e}`" for e in envs)
+        lines.append(f"| `{name}` | {env_names} | {default} | {field.description or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")

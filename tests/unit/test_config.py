@@ -1,0 +1,177 @@
+"""Settings: layering, boky/postfix names, derived values and the start-up refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hato.config import (
+    Listener,
+    load_settings,
+    parse_duration,
+    parse_listener,
+    settings_reference,
+    split_list,
+)
+from hato.errors import ConfigError
+
+BOKY_AND_HATO_NAMES = [
+    "HATO_LISTEN", "HATO_DATA_DIR", "HATO_MYNETWORKS", "MYNETWORKS", "POSTFIX_mynetworks",
+    "RELAYHOST", "RELAYHOST_USERNAME", "RELAYHOST_PASSWORD", "RELAYHOST_PASSWORD_FILE",
+    "RELAYHOST_USERNAME_FILE", "ALLOWED_SENDER_DOMAINS", "ALLOW_EMPTY_SENDER_DOMAINS",
+    "MESSAGE_SIZE_LIMIT", "HATO_RELAY_TLS", "HATO_RELAY_TLS_VERIFY", "HATO_RELAY_TLS_CA_FILE",
+    "HATO_ROUTE", "HATO_DOMAINS", "HATO_QUEUE_URL", "HATO_HOSTNAME", "POSTFIX_myhostname",
+    "HATO_TLS_CERT_FILE", "HATO_TLS_KEY_FILE", "HATO_LOG_FORMAT", "HATO_LEASE_SECONDS",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in BOKY_AND_HATO_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray hato.toml or .env
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:2525", Listener("smtp", "127.0.0.1", 2525)),
+        ("smtp=0.0.0.0:25", Listener("smtp", "0.0.0.0", 25)),
+        ("submission=0.0.0.0:587", Listener("submission", "0.0.0.0", 587)),
+        ("submissions=[::1]:465", Listener("submissions", "::1", 465)),
+        (":2525", Listener("smtp", "0.0.0.0", 2525)),
+    ],
+)
+def test_parse_listener(text: str, expected: Listener) -> None:
+    assert parse_listener(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nonsense", "pop3=1.2.3.4:110", "1.2.3.4:99999", "1.2.3.4"])
+def test_parse_listener_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listener(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(300, 300.0), ("300", 300.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("5d", 432000.0)],
+)
+def test_parse_duration(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+def test_split_list_accepts_commas_and_spaces() -> None:
+    assert split_list("a.org, b.org c.org,,") == ["a.org", "b.org", "c.org"]
+
+
+def test_defaults_hold_on_loopback(tmp_path: Path) -> None:
+    s = load_settings(data_dir=tmp_path)
+    assert s.listeners == [Listener("smtp", "127.0.0.1", 2525)]
+    assert s.effective_route == "hold"
+    assert s.message_size_limit == 10 * 1024 * 1024
+    assert s.effective_queue_url == f"sqlite:///{tmp_path}/queue.db"
+    s.validate_for_serve()
+
+
+def test_boky_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYHOST", "[dbmx.net]:587")
+    monkeypatch.setenv("RELAYHOST_USERNAME", "postfix@dbmx.net")
+    monkeypatch.setenv("RELAYHOST_PASSWORD", "secret")
+    monkeypatch.setenv("ALLOWED_SENDER_DOMAINS", "dbmx.net")
+    monkeypatch.setenv("HATO_LISTEN", "0.0.0.0:587")
+    s = load_settings()
+    assert s.effective_route == "relay"
+    assert s.relay_address == ("dbmx.net", 587)
+    assert s.effective_relay_tls == "encrypt"  # credentials: STARTTLS required
+    assert s.effective_relay_password == "secret"
+    assert "secret" not in repr(s)
+    assert s.allowed_sender_domains == ["dbmx.net"]
+    assert "172.16.0.0/12" in s.effective_mynetworks  # the compose network is trusted
+    s.validate_for_serve()
+
+
+def test_relay_tls_defaults() -> None:
+    assert load_settings(relay_host="[r.example]:465").effective_relay_tls == "implicit"
+    assert load_settings(relay_host="[r.example]:25").effective_relay_tls == "may"
+    assert load_settings(relay_host="r.example:587", relay_tls="none").effective_relay_tls == "none"
+
+
+def test_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("RELAYHOST_USERNAME", "u")
+    s = load_settings(relay_host="[r.example]:587")
+    assert s.effective_relay_password == "from-file"
+
+
+def test_precedence_cli_over_env_over_dotenv_over_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "hato.toml").write_text(
+        'listen = ["127.0.0.1:1001"]\nhostname = "toml"\nmax_recipients = 7\n'
+    )
+    (tmp_path / ".env").write_text("HATO_HOSTNAME=dotenv\nHATO_LISTEN=127.0.0.1:1002\n")
+    monkeypatch.setenv("HATO_LISTEN", "127.0.0.1:1003")
+    s = load_settings()
+    assert s.max_recipients == 7  # only in the toml file
+    assert s.hostname == "dotenv"  # .env beats toml
+    assert s.listen == ["127.0.0.1:1003"]  # environment beats .env
+    assert load_settings(listen=["127.0.0.1:1004"]).listen == ["127.0.0.1:1004"]  # CLI wins
+
+
+def test_field_names_are_not_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Docker sets HOSTNAME to the container id; it must not become our host name.
+    monkeypatch.setenv("HOSTNAME", "container-id")
+    monkeypatch.setenv("HATO_HOSTNAME", "mail.example.org")
+    assert load_settings().hostname == "mail.example.org"
+    monkeypatch.setenv("LISTEN", "0.0.0.0:25")
+    assert load_settings().listen == ["127.0.0.1:2525"]
+
+
+def test_postfix_style_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTFIX_mynetworks", "127.0.0.0/8, [::1]/128")
+    assert load_settings().effective_mynetworks == ["127.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"listen": ["0.0.0.0:25"], "relay_host": "[r.example]:25"}, "ALLOWED_SENDER_DOMAINS"),
+        ({"route": "relay"}, "needs RELAYHOST"),
+        ({"relay_host": "[r.example]:587", "relay_username": "u"}, "RELAYHOST_PASSWORD"),
+        (
+            {"relay_host": "[r.example]:25", "relay_username": "u", "relay_password": "p",
+             "relay_tls": "may"},
+            "never sent without TLS",
+        ),
+        ({"tls_cert_file": "/nonexistent/cert.pem"}, "HATO_TLS_KEY_FILE"),
+        ({"relay_host": "[r.example]:99999"}, "port"),
+        ({"mynetworks": ["not-a-network"]}, "HATO_MYNETWORKS"),
+    ],
+)
+def test_refusals(overrides: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(**overrides).validate_for_serve()
+
+
+def test_allow_empty_sender_domains_lifts_the_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOW_EMPTY_SENDER_DOMAINS", "true")
+    load_settings(listen=["0.0.0.0:25"], relay_host="[r.example]:25").validate_for_serve()
+
+
+def test_invalid_value_is_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match="message_size_limit"):
+        load_settings(message_size_limit="lots")
+
+
+def test_reference_lists_every_setting() -> None:
+    text = settings_reference()
+    for name in ("HATO_LISTEN", "RELAYHOST", "ALLOWED_SENDER_DOMAINS", "HATO_RELAY_TLS_VERIFY"):
+        assert f"`{name}`" in text
+
+
+def test_docs_config_md_is_current() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert docs.read_text() == settings_reference(), "run: python -m hato.config > docs/config.md"
