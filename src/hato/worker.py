@@ -1,0 +1,386 @@
+"""The delivery worker: claim → route → deliver → record → reschedule or bounce.
+
+One loop claims due messages from the queue under a lease, splits each message's pending
+recipients by route, hands each group to its courier, and records one outcome per
+recipient. A temporary failure is retried on the retry schedule until the message is too
+old, then it fails like a permanent one: a DSN goes to a non-empty envelope sender, queued
+in the same queue with the null sender (so a bounce is never bounced). Held recipients
+stay in the queue as ``held``.
+
+Order of writes, for at-least-once: the DSN is enqueued before the outcome that causes it
+is recorded (a crash in between gives the same DSN id back, through its idempotency key,
+instead of losing it), and the outcome is recorded only after the remote reply.
+
+``stop()`` stops claiming; deliveries in flight may finish until ``stop_timeout``, the
+rest are cancelled and their leases released, and ``run()`` returns. Nothing that goes
+wrong inside one delivery ends the loop: unknown errors count as temporary failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hato.delivery.base import Courier, DeliveryResult, Result, all_results
+from hato.delivery.hold import HoldCourier
+from hato.delivery.router import RouteKind, Router
+from hato.dsn import FailedRecipient, build_bounce
+from hato.maillog import MailLog
+from hato.queue.base import Clock, MessageState, Outcome, Queue, RecipientState, StoredMessage
+from hato.queue.retry import RetrySchedule
+from hato.reply import Reply
+
+_debug = logging.getLogger(__name__)
+
+LOCAL_HELD = Reply(250, "2.0.0", "held: local delivery is not available yet")
+
+_STATUS_OF = {
+    Result.OK: "sent",
+    Result.PERMANENT: "bounced",
+    Result.TEMPORARY: "deferred",
+    Result.HELD: "held",
+}
+
+
+def _dsn_code(reply: Reply) -> str:
+    if reply.enhanced:
+        return reply.enhanced
+    return f"{reply.code // 100}.0.0" if 200 <= reply.code < 600 else "4.0.0"
+
+
+def _lifetime(seconds: float) -> str:
+    if seconds >= 86_400 and seconds % 86_400 == 0:
+        return f"{seconds / 86_400:g} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} hours"
+    return f"{seconds:g} seconds"
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """What the worker makes of one courier result."""
+
+    result: DeliveryResult
+    kind: RouteKind
+    outcome: Outcome
+    status: str
+    bounce: bool
+    expired: bool
+
+
+class Worker:
+    """Delivers queued mail until stopped. Build one per process (``hato serve`` or
+    ``hato worker``); several workers may share a queue, the leases keep them apart."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        couriers: Mapping[RouteKind, Courier],
+        router: Router,
+        retry: RetrySchedule,
+        log: MailLog,
+        *,
+        hostname: str,
+        concurrency: int = 8,
+        batch_size: int = 16,
+        lease_seconds: float = 300.0,
+        clock: Clock = time.time,
+        owner: str | None = None,
+        rng: random.Random | None = None,
+        idle_wait: float = 5.0,
+        stop_timeout: float = 10.0,
+        error_backoff: float = 1.0,
+    ) -> None:
+        if concurrency < 1 or batch_size < 1:
+            raise ValueError("concurrency and batch_size must be at least 1")
+        self.queue = queue
+        self.couriers = dict(couriers)
+        self.router = router
+        self.retry = retry
+        self.log = log
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.owner = owner or f"{hostname}/{os.getpid()}/{secrets.token_hex(4)}"
+        self.idle_wait = idle_wait
+        self.stop_timeout = stop_timeout
+        self.error_backoff = error_backoff
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._local_hold = HoldCourier(LOCAL_HELD)
+        self._stop = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], str] = {}
+        self.running = False
+
+    # The loop.
+
+    def stop(self) -> None:
+        """Ask ``run()`` to finish: no more claims, in-flight work drains, then it returns."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until :meth:`stop` is called (also if it was called before:
+        a stop requested during start-up is not lost)."""
+        self.running = True
+        try:
+            while not self._stop.is_set():
+                free = self.concurrency - len(self._inflight)
+                if free <= 0:
+                    await self._pause(self.idle_wait, watch_queue=False)
+                    continue
+                try:
+                    claimed = await self.queue.claim(
+                        owner=self.owner,
+                        limit=min(free, self.batch_size),
+                        lease_seconds=self.lease_seconds,
+                    )
+                except Exception as exc:  # the queue is down: wait and try again
+                    _debug.warning("claim failed: %s", exc, exc_info=True)
+                    self.log.event("qmgr", "", warning=f"claim failed: {type(exc).__name__}: {exc}")
+                    await self._pause(self.error_backoff, watch_queue=False)
+                    continue
+                for msg in claimed:
+                    self._start(msg)
+                if claimed and len(claimed) == min(free, self.batch_size):
+                    continue  # there may be more due right now
+                await self._pause(self.idle_wait, watch_queue=True)
+        finally:
+            await self._drain()
+            self.running = False
+
+    async def run_once(self) -> int:
+        """Claim one batch and deliver it completely; the number of messages handled.
+
+        For ``hato queue flush``-style callers and tests; ``run()`` is the daemon loop.
+        """
+        claimed = await self.queue.claim(
+            owner=self.owner, limit=self.batch_size, lease_seconds=self.lease_seconds
+        )
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(msg: StoredMessage) -> None:
+            async with semaphore:
+                await self.process(msg)
+
+        await asyncio.gather(*(one(m) for m in claimed))
+        return len(claimed)
+
+    def _start(self, msg: StoredMessage) -> None:
+        task = asyncio.create_task(self._guarded(msg), name=f"deliver {msg.id}")
+        self._inflight[task] = msg.id
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+
+    async def _guarded(self, msg: StoredMessage) -> None:
+        try:
+            await self.process(msg)
+        except Exception as exc:  # a bug or the queue failing in record: the lease expires
+            _debug.error("processing %s failed", msg.id, exc_info=True)
+            self.log.event(
+                "qmgr", msg.id, warning=f"processing failed: {type(exc).__name__}: {exc}"
+            )
+
+    async def _pause(self, timeout: float, *, watch_queue: bool) -> None:
+        """Wait until stop, a delivery finishing, new work (when watched) or ``timeout``."""
+        helpers: list[asyncio.Task[object]] = [asyncio.create_task(self._stop.wait())]
+        if watch_queue:
+            helpers.append(asyncio.create_task(self.queue.wait_for_work(timeout)))
+        try:
+            await asyncio.wait(
+                [*helpers, *self._inflight],
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            for outcome in await asyncio.gather(*helpers, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    _debug.warning("waiting for work failed: %s", outcome)
+                    # Do not spin on a broken wait: fall back to a plain delay.
+                    try:
+                        async with asyncio.timeout(self.error_backoff):
+                            await self._stop.wait()
+                    except TimeoutError:
+                        pass
+
+    async def _drain(self) -> None:
+        """Let deliveries in flight finish up to ``stop_timeout``; release the rest."""
+        if not self._inflight:
+            return
+        tasks = dict(self._inflight)
+        _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            message_id = tasks[task]
+            try:
+                await self.queue.release(message_id, owner=self.owner)
+            except Exception as exc:  # the lease will expire on its own
+                _debug.warning("release of %s failed: %s", message_id, exc)
+            else:
+                self.log.queue_event(message_id, "released", reason="worker stopping")
+
+    # One message.
+
+    def _courier_for(self, kind: RouteKind) -> Courier | None:
+        courier = self.couriers.get(kind)
+        if courier is None and kind is RouteKind.LOCAL:
+            # Maildir delivery comes later; until then own domains are held.
+            courier = self.couriers.get(RouteKind.HOLD) or self._local_hold
+        return courier
+
+    async def _deliver(
+        self, kind: RouteKind, msg: StoredMessage, recipients: Sequence[str]
+    ) -> list[DeliveryResult]:
+        courier = self._courier_for(kind)
+        if courier is None:
+            reply = Reply(451, "4.3.5", f"no courier is configured for route {kind.value}")
+            return all_results(recipients, Result.TEMPORARY, reply)
+        try:
+            results = await courier.deliver(msg.sender, recipients, msg.data, message_id=msg.id)
+        except Exception as exc:  # unknown means temporary: retry rather than drop
+            _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
+            reply = Reply(
+                451, "4.3.0", f"internal error in {courier.name}: {type(exc).__name__}: {exc}"
+            )
+            return all_results(recipients, Result.TEMPORARY, reply, courier.name)
+        by_address = {r.recipient: r for r in results}
+        missing = Reply(451, "4.3.0", f"{courier.name} returned no result for this recipient")
+        return [
+            by_address.get(rcpt) or DeliveryResult(rcpt, Result.TEMPORARY, missing, courier.name)
+            for rcpt in recipients
+        ]
+
+    def _decide(self, kind: RouteKind, res: DeliveryResult, expired: bool) -> _Decision:
+        text = str(res.reply)
+        if res.result is Result.OK:
+            state, bounce = RecipientState.SENT, False
+        elif res.result is Result.PERMANENT or (res.result is Result.TEMPORARY and expired):
+            state, bounce = RecipientState.FAILED, True
+        else:
+            state, bounce = RecipientState.PENDING, False
+        status = "bounced" if bounce else _STATUS_OF[res.result]
+        return _Decision(
+            res,
+            kind,
+            Outcome(res.recipient, state, text, res.relay),
+            status,
+            bounce,
+            expired and res.result is Result.TEMPORARY,
+        )
+
+    async def process(self, msg: StoredMessage) -> MessageState | None:
+        """Deliver one claimed message once and record what happened; the new state, or
+        ``None`` when the lease was lost to another worker."""
+        groups: dict[RouteKind, list[str]] = {}
+        for rcpt in msg.pending:
+            groups.setdefault(self.router.route(rcpt), []).append(rcpt)
+        delivered: list[tuple[RouteKind, DeliveryResult]] = []
+        for kind, recipients in groups.items():
+            for res in await self._deliver(kind, msg, recipients):
+                delivered.append((kind, res))
+
+        now = self._clock()
+        attempt = msg.attempts + 1
+        expired = self.retry.expired(msg.created_at, now)
+        decisions = [self._decide(kind, res, expired) for kind, res in delivered]
+
+        bounced = [d for d in decisions if d.bounce]
+        if bounced and msg.sender and not await self._send_dsn(msg, bounced, now):
+            # No DSN could be queued: keep those recipients pending rather than fail them
+            # silently; the next attempt bounces them again.
+            decisions = [
+                _Decision(
+                    d.result,
+                    d.kind,
+                    Outcome(
+                        d.outcome.address, RecipientState.PENDING, d.outcome.reply, d.outcome.relay
+                    ),
+                    "deferred",
+                    False,
+                    False,
+                )
+                if d.bounce
+                else d
+                for d in decisions
+            ]
+
+        pending = [d for d in decisions if d.outcome.state is RecipientState.PENDING]
+        retrying = [d for d in pending if d.result.result is not Result.HELD]
+        held = bool(pending) and not retrying
+        retry_at = now + self.retry.next_delay(attempt, self._rng) if retrying else None
+        state = await self.queue.record(
+            msg.id,
+            [d.outcome for d in decisions],
+            owner=self.owner,
+            retry_at=retry_at,
+            held=held,
+        )
+        if state is None:
+            self.log.queue_event(msg.id, "lease lost", owner=self.owner)
+        for d in decisions:
+            detail = str(d.result.reply)
+            if d.expired:
+                detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"
+            self.log.delivery(
+                msg.id,
+                to=d.result.recipient,
+                relay=d.result.relay or d.kind.value,
+                delay=max(0.0, now - msg.created_at),
+                attempts=attempt,
+                dsn=_dsn_code(d.result.reply),
+                status=d.status,
+                detail=detail,
+                service=d.kind.value,
+            )
+        return state
+
+    async def _send_dsn(self, msg: StoredMessage, bounced: Sequence[_Decision], now: float) -> bool:
+        """Queue the bounce for ``bounced``; False if it could not be queued."""
+        any_expired = any(d.expired for d in bounced)
+        reason = (
+            f"The message could not be delivered within {_lifetime(self.retry.max_lifetime)} "
+            "and was given up."
+            if any_expired
+            else ""
+        )
+        try:
+            bounce = build_bounce(
+                hostname=self.hostname,
+                queue_id=msg.id,
+                sender=msg.sender,
+                recipients=[
+                    FailedRecipient(d.result.recipient, d.result.reply, d.result.relay)
+                    for d in bounced
+                ],
+                original=msg.data,
+                arrival=msg.created_at,
+                now=now,
+                reason=reason,
+            )
+            if bounce is None:
+                return True
+            dsn_id = await self.queue.enqueue(
+                bounce.envelope,
+                bounce.data,
+                idempotency_key=f"dsn:{msg.id}:{msg.attempts}",
+            )
+        except Exception as exc:
+            _debug.error("bounce for %s failed", msg.id, exc_info=True)
+            self.log.event(
+                "bounce", msg.id, warning=f"could not queue DSN: {type(exc).__name__}: {exc}"
+            )
+            return False
+        self.log.event("bounce", msg.id, notification=dsn_id, to=msg.sender)
+        return True
