@@ -1,0 +1,967 @@
+"""The PostgreSQL queue backend: many workers on many hosts share one table of messages.
+
+One row per message (``hato_messages``); its recipients' states live in a JSONB array on
+the same row, so every change to a message is one atomic row update. Times are floats
+from the injected clock, never the server's ``now()``, so a fake clock works.
+
+* **Claim** is one statement: ``UPDATE ... FROM (SELECT ... ORDER BY next_attempt_at
+  LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...``. A claimed message's
+  ``next_attempt_at`` is its lease end, so one partial index on ``next_attempt_at``
+  finds new work, due retries and expired leases alike.
+* **Enqueue** returns after the server's COMMIT (durable as long as the server keeps
+  ``synchronous_commit`` on). Concurrent enqueues of one process share one multi-row
+  INSERT and one commit (group commit); an idle queue's enqueue goes alone at once.
+* **Record** is a compare-and-set on ``(lease_owner, lease_until)``: a worker whose lease
+  was taken over (even by itself, later) changes nothing. The row a claim returned is
+  remembered, so a record from the claiming process is one statement.
+* **Wake-ups**: enqueue, requeue, release, recovery and a retry that is due now call
+  ``pg_notify`` in the same statement, so in the same transaction: a rolled-back enqueue
+  wakes nobody. A listener connection, opened by the first ``wait_for_work``, wakes the
+  waiters; the waiter's timeout is the polling fallback.
+* **Transactional outbox**: ``enqueue(..., connection=conn)`` and :func:`enqueue_sync`
+  run the same INSERT on the caller's connection and never commit, so the caller's
+  commit or rollback decides whether the message exists.
+* **Restarts**: an operation that fails on a dead connection is retried once after the
+  pool has replaced its broken connections, else it raises
+  :class:`hato.errors.QueueError` and the caller's loop retries later. The listener
+  reconnects by itself and then wakes the waiters (notifications sent while it was away
+  are lost).
+
+URL: ``postgresql://user@host:port/db?schema=NAME&table_prefix=hato_&pool_size=10&
+pool_timeout=10``; those four query parameters are Hato's, the rest go to libpq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
+from hato.message import Envelope
+from hato.queue.base import (
+    Clock,
+    MessageState,
+    Outcome,
+    RecipientState,
+    RecipientStatus,
+    RecoveryReport,
+    StoredMessage,
+    apply_outcomes,
+    derive_state,
+    new_message_id,
+)
+
+__all__ = ["SCHEMA_VERSION", "PostgresQueue", "enqueue_sync"]
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T")
+AsyncConn = psycopg.AsyncConnection[TupleRow]
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_]{0,40}")
+_HATO_PARAMS = frozenset({"schema", "table_prefix", "pool_size", "pool_timeout"})
+# PostgreSQL truncates identifiers, and refuses channel names, past NAMEDATALEN - 1 bytes.
+_MAX_IDENTIFIER = 63
+_CLAIMABLE = "('queued', 'deferred', 'sending')"
+_KNOWN = "(" + ", ".join(f"'{s.value}'" for s in MessageState) + ")"
+# A leased message always has pending recipients, so giving its lease back is this:
+_UNLEASED_STATE = "CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
+# Column order of every SELECT/RETURNING that builds a StoredMessage (see _row_to_message).
+_COLUMNS = (
+    "id, sender, recipients, {data}, state, created_at, next_attempt_at, attempts,"
+    " last_reply, lease_owner, lease_until, idempotency_key, meta"
+)
+
+
+def _columns(*, with_data: bool = True) -> str:
+    return _COLUMNS.format(data="data" if with_data else "''::bytea AS data")
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """A claim this process made: its owner and the row ``record`` would otherwise read
+    (recipients, attempts, lease_until, last_reply)."""
+
+    owner: str
+    row: tuple[object, int, float, str]
+
+
+# Rows per group commit: large enough to absorb a burst, small enough for one round trip.
+_MAX_GROUP = 200
+
+
+def _settle(future: asyncio.Future[str], outcome: str | BaseException) -> None:
+    if future.done():  # the caller was cancelled; the message may still be stored
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+# Enough for any sane worker's in-flight batch; older entries just mean one more read.
+_MAX_REMEMBERED_LEASES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    conninfo: str
+    schema: str | None
+    prefix: str
+    pool_size: int
+    pool_timeout: float
+
+
+def _parse_url(url: str) -> _Settings:
+    """Split Hato's query parameters off a ``postgresql://`` URL; libpq gets the rest."""
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _HATO_PARAMS:
+            ours[key] = value
+        else:
+            theirs.append((key, value))
+    schema = ours.get("schema") or None
+    prefix = ours.get("table_prefix", "hato_")
+    if schema is not None and (not _NAME_RE.fullmatch(schema) or len(schema) > _MAX_IDENTIFIER):
+        raise ConfigError(f"queue URL: schema {schema!r} must match [A-Za-z_][A-Za-z0-9_]*")
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ConfigError(f"queue URL: table_prefix {prefix!r} must match [A-Za-z0-9_]{{0,40}}")
+    try:
+        pool_size = int(ours.get("pool_size", "10"))
+        pool_timeout = float(ours.get("pool_timeout", "10"))
+    except ValueError as exc:
+        raise ConfigError(f"queue URL: bad pool_size or pool_timeout ({exc})") from exc
+    if pool_size < 1 or pool_timeout <= 0:
+        raise ConfigError("queue URL: pool_size must be >= 1 and pool_timeout > 0")
+    scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
+    conninfo = urlunsplit((scheme, parts.netloc, parts.path, urlencode(theirs), parts.fragment))
+    return _Settings(conninfo, schema, prefix, pool_size, pool_timeout)
+
+
+def _quote(name: str) -> str:
+    return '"' + name + '"'  # only ever called on names checked by _parse_url
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    """Where one queue lives: its tables and its NOTIFY channel."""
+
+    schema: str | None
+    prefix: str
+    messages: str
+    versions: str
+    channel: str
+
+    @classmethod
+    def of(cls, settings: _Settings) -> _Names:
+        schema, prefix = settings.schema, settings.prefix
+
+        def qualified(table: str) -> str:
+            name = _quote(prefix + table)
+            return f"{_quote(schema)}.{name}" if schema else name
+
+        channel = f"{prefix}work" + (f"@{schema}" if schema else "")
+        if len(channel.encode()) > _MAX_IDENTIFIER:
+            raise ConfigError("queue URL: schema and table_prefix together are too long")
+        return cls(schema, prefix, qualified("messages"), qualified("schema_version"), channel)
+
+    @property
+    def insert(self) -> str:
+        """One statement for enqueue, so the caller's transaction holds all of it."""
+        return (
+            f"WITH ins AS (INSERT INTO {self.messages}"
+            " (id, sender, recipients, data, state, created_at, next_attempt_at,"
+            " idempotency_key, meta)"
+            " VALUES (%(id)s, %(sender)s, %(recipients)s, %(data)s, %(state)s, %(now)s,"
+            " %(due)s, %(key)s, %(meta)s)"
+            # No conflict target: a retried INSERT (same id) and a repeated
+            # idempotency key both end up in the SELECT of ``existing``.
+            " ON CONFLICT DO NOTHING RETURNING id, state)"
+            " SELECT id, CASE WHEN state = 'queued' THEN pg_notify(%(channel)s, '')::text END"
+            " FROM ins"
+        )
+
+    @property
+    def existing(self) -> str:
+        return f"SELECT id FROM {self.messages} WHERE idempotency_key = %(key)s OR id = %(id)s"
+
+    @property
+    def insert_many(self) -> str:
+        """Group commit: the concurrent enqueues of one process in one statement.
+
+        Rows go in array order, so of two rows with one idempotency key the first wins.
+        """
+        return (
+            f"WITH ins AS (INSERT INTO {self.messages}"
+            " (id, sender, recipients, data, state, created_at, next_attempt_at,"
+            " idempotency_key, meta)"
+            " SELECT * FROM unnest(%(id)s::text[], %(sender)s::text[], %(recipients)s::jsonb[],"
+            " %(data)s::bytea[], %(state)s::text[], %(now)s::float8[], %(due)s::float8[],"
+            " %(key)s::text[], %(meta)s::jsonb[])"
+            " ON CONFLICT DO NOTHING RETURNING id, state)"
+            " SELECT id, CASE WHEN state = 'queued' THEN pg_notify(%(channel)s, '')::text END"
+            " FROM ins"
+        )
+
+    @property
+    def existing_many(self) -> str:
+        return (
+            f"SELECT id, idempotency_key FROM {self.messages}"
+            " WHERE idempotency_key = ANY(%(key)s) OR id = ANY(%(id)s)"
+        )
+
+
+def _translate(exc: BaseException, what: str) -> QueueError:
+    if isinstance(exc, pg_errors.InsufficientResources | pg_errors.ProgramLimitExceeded):
+        return QueueFullError(f"postgres queue: {what}: {exc}")
+    if isinstance(exc, PoolTimeout):
+        return QueueError(f"postgres queue: {what}: no database connection ({exc})")
+    return QueueError(f"postgres queue: {what}: {exc}")
+
+
+def _recipients_json(recipients: Iterable[RecipientStatus]) -> Jsonb:
+    return Jsonb(
+        [
+            {
+                "address": r.address,
+                "state": r.state.value,
+                "reply": r.reply,
+                "relay": r.relay,
+                "attempts": r.attempts,
+            }
+            for r in recipients
+        ]
+    )
+
+
+def _parse_recipients(value: object) -> list[RecipientStatus]:
+    if isinstance(value, str | bytes):
+        value = json.loads(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError("recipients is not a non-empty array")
+    out = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("address"), str):
+            raise ValueError("recipient without an address")
+        out.append(
+            RecipientStatus(
+                address=item["address"],
+                state=RecipientState(item.get("state", "pending")),
+                reply=str(item.get("reply", "")),
+                relay=str(item.get("relay", "")),
+                attempts=int(item.get("attempts", 0)),
+            )
+        )
+    return out
+
+
+def _row_to_message(row: Sequence[Any]) -> StoredMessage:
+    """A message from a row in ``_COLUMNS`` order; ValueError (or TypeError) if unreadable."""
+    meta = row[12]
+    if isinstance(meta, str | bytes):
+        meta = json.loads(meta)
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not an object")
+    return StoredMessage(
+        id=row[0],
+        sender=row[1],
+        recipients=_parse_recipients(row[2]),
+        data=bytes(row[3]),
+        state=MessageState(row[4]),
+        created_at=float(row[5]),
+        next_attempt_at=float(row[6]),
+        attempts=int(row[7]),
+        last_reply=row[8],
+        lease_owner=row[9],
+        lease_until=float(row[10]),
+        idempotency_key=row[11],
+        meta={str(k): str(v) for k, v in meta.items()},
+    )
+
+
+def _row_for_reader(row: Sequence[Any]) -> StoredMessage:
+    """For ``get`` and ``list``: an unreadable row shows as quarantined, with what is left."""
+    try:
+        return _row_to_message(row)
+    except (ValueError, TypeError, KeyError):
+        return StoredMessage(
+            id=str(row[0]),
+            sender=str(row[1]),
+            recipients=[],
+            data=bytes(row[3]),
+            state=MessageState.QUARANTINED,
+            created_at=float(row[5]),
+            next_attempt_at=float(row[6]),
+            attempts=int(row[7]),
+            last_reply=str(row[8]),
+            idempotency_key=row[11],
+        )
+
+
+def _enqueue_params(
+    names: _Names,
+    envelope: Envelope,
+    data: bytes,
+    *,
+    clock: Clock,
+    held: bool,
+    not_before: float | None,
+    idempotency_key: str | None,
+    meta: dict[str, str] | None,
+) -> dict[str, object]:
+    if not envelope.recipients:
+        raise ValueError("a message needs at least one recipient")
+    now = clock()
+    return {
+        "id": new_message_id(lambda: now),
+        "sender": envelope.sender,
+        "recipients": _recipients_json(RecipientStatus(a) for a in envelope.recipients),
+        "data": bytes(data),
+        "state": (MessageState.HELD if held else MessageState.QUEUED).value,
+        "now": now,
+        "due": now if not_before is None else not_before,
+        "key": idempotency_key,
+        "meta": Jsonb({**envelope.meta, **(meta or {})}),
+        "channel": names.channel,
+    }
+
+
+def _enqueue_on_sync(
+    conn: psycopg.Connection[Any], names: _Names, params: dict[str, object]
+) -> str:
+    try:
+        with conn.cursor() as cur:
+            row = cur.execute(names.insert, params).fetchone()
+            if row is None:
+                row = cur.execute(names.existing, params).fetchone()
+    except psycopg.Error as exc:
+        raise _translate(exc, "enqueue") from exc
+    if row is None:
+        raise QueueError("postgres queue: enqueue: conflicting message vanished; try again")
+    return str(row[0])
+
+
+async def _enqueue_on_async(
+    conn: psycopg.AsyncConnection[Any], names: _Names, params: dict[str, object]
+) -> str:
+    async with conn.cursor() as cur:
+        await cur.execute(names.insert, params)
+        row = await cur.fetchone()
+        if row is None:
+            await cur.execute(names.existing, params)
+            row = await cur.fetchone()
+    if row is None:
+        raise QueueError("postgres queue: enqueue: conflicting message vanished; try again")
+    return str(row[0])
+
+
+def enqueue_sync(
+    conn: psycopg.Connection[Any],
+    envelope: Envelope,
+    data: bytes,
+    *,
+    queue_url: str = "postgresql://",
+    clock: Clock = time.time,
+    held: bool = False,
+    not_before: float | None = None,
+    idempotency_key: str | None = None,
+    meta: dict[str, str] | None = None,
+) -> str:
+    """Enqueue inside the caller's transaction on a sync psycopg connection; return the id.
+
+    Nothing is committed here: the caller's ``commit()`` makes the message exist and wakes
+    the workers, a rollback discards it (in autocommit mode the INSERT commits at once).
+    Only ``schema`` and ``table_prefix`` of ``queue_url`` matter; the tables must already
+    exist (``hato queue init``, or any ``PostgresQueue.open()``).
+    """
+    names = _Names.of(_parse_url(queue_url))
+    params = _enqueue_params(
+        names,
+        envelope,
+        data,
+        clock=clock,
+        held=held,
+        not_before=not_before,
+        idempotency_key=idempotency_key,
+        meta=meta,
+    )
+    return _enqueue_on_sync(conn, names, params)
+
+
+class PostgresQueue:
+    """A :class:`hato.queue.base.Queue` on PostgreSQL (12+) through psycopg 3 and a pool."""
+
+    def __init__(self, url: str, *, clock: Clock = time.time) -> None:
+        self.url = url
+        self._clock = clock
+        self._settings = _parse_url(url)
+        self._names = _Names.of(self._settings)
+        self._pool: AsyncConnectionPool[AsyncConn] | None = None
+        self._wakeup = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        # What this process claimed, so ``record`` is one compare-and-set statement
+        # instead of a read and a write; a miss (another process claimed it) reads.
+        self._leases: OrderedDict[str, _Lease] = OrderedDict()
+        self._to_insert: list[tuple[dict[str, object], asyncio.Future[str]]] = []
+        self._inserter: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema (see :meth:`migrate`)."""
+        if self._pool is not None:
+            return
+        pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+            self._settings.conninfo,
+            open=False,
+            min_size=1,
+            max_size=self._settings.pool_size,
+            timeout=self._settings.pool_timeout,
+            kwargs={"autocommit": True},
+            name="hato-queue",
+        )
+        try:
+            await pool.open(wait=True, timeout=self._settings.pool_timeout)
+            self._pool = pool
+            await self.migrate()
+        except BaseException as exc:
+            self._pool = None
+            await pool.close()
+            if isinstance(exc, psycopg.Error):
+                raise _translate(exc, "open") from exc
+            raise
+
+    async def close(self) -> None:
+        inserter = self._inserter
+        if inserter is not None:
+            await asyncio.wait([inserter])  # enqueues in flight finish (or fail) first
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema (what ``hato queue init`` runs); return its version.
+
+        Runs under a transaction-scoped advisory lock, so workers starting together are safe.
+        """
+        names = self._names
+
+        async def run(conn: AsyncConn) -> int:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"hato:{names.messages}",)
+                )
+                if names.schema:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(names.schema)}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {names.versions}"
+                    " (version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+                )
+                cur = await conn.execute(f"SELECT coalesce(max(version), 0) FROM {names.versions}")
+                row = await cur.fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise QueueError(
+                        f"postgres queue: schema version {version} is newer than this Hato"
+                        f" knows ({SCHEMA_VERSION}); upgrade Hato"
+                    )
+                if version < 1:
+                    await self._create_v1(conn)
+                    await conn.execute(
+                        f"INSERT INTO {names.versions} (version, applied_at) VALUES (1, %s)",
+                        (self._clock(),),
+                    )
+            return SCHEMA_VERSION
+
+        return await self._run("migrate", run)
+
+    async def _create_v1(self, conn: AsyncConn) -> None:
+        names = self._names
+        await conn.execute(
+            f"CREATE TABLE {names.messages} ("
+            " id text PRIMARY KEY,"
+            " sender text NOT NULL,"
+            " recipients jsonb NOT NULL,"
+            " data bytea NOT NULL,"
+            " state text NOT NULL,"
+            " created_at double precision NOT NULL,"
+            " next_attempt_at double precision NOT NULL,"
+            " attempts integer NOT NULL DEFAULT 0,"
+            " last_reply text NOT NULL DEFAULT '',"
+            " lease_owner text NOT NULL DEFAULT '',"
+            " lease_until double precision NOT NULL DEFAULT 0,"
+            " idempotency_key text UNIQUE,"
+            " meta jsonb NOT NULL DEFAULT '{}'::jsonb)"
+        )
+        await conn.execute(
+            f"CREATE INDEX {_quote(names.prefix + 'messages_due')}"
+            f" ON {names.messages} (next_attempt_at) WHERE state IN {_CLAIMABLE}"
+        )
+        await conn.execute(
+            f"CREATE INDEX {_quote(names.prefix + 'messages_created')}"
+            f" ON {names.messages} (created_at DESC, id DESC)"
+        )
+        await conn.execute(
+            f"CREATE INDEX {_quote(names.prefix + 'messages_state')} ON {names.messages} (state)"
+        )
+
+    async def _run(self, what: str, op: Callable[[AsyncConn], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection; retry once if the connection was dead."""
+        pool = self._pool
+        if pool is None:
+            raise QueueError(f"postgres queue: {what}: the queue is not open")
+        for attempt in (1, 2):
+            try:
+                async with pool.connection() as conn:
+                    return await op(conn)
+            except PoolTimeout as exc:
+                raise _translate(exc, what) from exc
+            except psycopg.OperationalError as exc:
+                # After a restart or pg_terminate_backend every idle pooled connection is
+                # dead: let the pool test and replace them, then try once more.
+                if attempt == 2:
+                    raise _translate(exc, what) from exc
+                with contextlib.suppress(psycopg.Error):
+                    await pool.check()
+            except psycopg.Error as exc:
+                raise _translate(exc, what) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(
+        self, what: str, query: str, params: Any, *, binary: bool = False
+    ) -> list[Any]:
+        """One autocommitted statement; its rows."""
+
+        async def run(conn: AsyncConn) -> list[Any]:
+            cur = await conn.execute(query, params, binary=binary)
+            return await cur.fetchall() if cur.description is not None else []
+
+        return await self._run(what, run)
+
+    # -- the protocol ------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+        connection: object | None = None,
+    ) -> str:
+        """Store a message and return its id (see :class:`hato.queue.base.Queue`).
+
+        With ``connection`` (a psycopg ``AsyncConnection`` or ``Connection``) the INSERT
+        runs in the caller's transaction and is not committed here: the caller's commit
+        makes it durable, a rollback discards it.
+        """
+        params = _enqueue_params(
+            self._names,
+            envelope,
+            data,
+            clock=self._clock,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+            meta=meta,
+        )
+        if connection is None:
+            return await self._enqueue_grouped(params)
+        if isinstance(connection, psycopg.AsyncConnection):
+            try:
+                return await _enqueue_on_async(connection, self._names, params)
+            except psycopg.Error as exc:
+                raise _translate(exc, "enqueue") from exc
+        if isinstance(connection, psycopg.Connection):
+            return await asyncio.to_thread(_enqueue_on_sync, connection, self._names, params)
+        raise TypeError(
+            "connection must be a psycopg Connection or AsyncConnection,"
+            f" not {type(connection).__name__}"
+        )
+
+    async def _enqueue_grouped(self, params: dict[str, object]) -> str:
+        """Join the next group commit; the first enqueue of an idle queue goes alone."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._to_insert.append((params, future))
+        if self._inserter is None or self._inserter.done():
+            self._inserter = asyncio.create_task(self._insert_groups(), name="hato-pg-enqueue")
+        return await future
+
+    async def _insert_groups(self) -> None:
+        while self._to_insert:
+            group = self._to_insert[:_MAX_GROUP]
+            del self._to_insert[:_MAX_GROUP]
+            try:
+                ids = await self._insert_group([p for p, _ in group])
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group[0][1], exc)
+                    continue
+                # One bad message must not fail its neighbours: go one by one.
+                for params, future in group:
+                    try:
+                        _settle(future, (await self._insert_group([params]))[0])
+                    except Exception as single:
+                        _settle(future, single)
+            else:
+                for (_, future), message_id in zip(group, ids, strict=True):
+                    _settle(future, message_id)
+
+    async def _insert_group(self, group: list[dict[str, object]]) -> list[str]:
+        if len(group) == 1:
+            params = group[0]
+            return [await self._run("enqueue", lambda c: _enqueue_on_async(c, self._names, params))]
+        columns = ("id", "sender", "recipients", "data", "state", "now", "due", "key", "meta")
+        arrays: dict[str, object] = {c: [p[c] for p in group] for c in columns}
+        arrays["channel"] = self._names.channel
+
+        async def run(conn: AsyncConn) -> list[str]:
+            cur = await conn.execute(self._names.insert_many, arrays)
+            inserted = {str(row[0]) for row in await cur.fetchall()}
+            by_key: dict[str, str] = {}
+            if len(inserted) < len(group):
+                cur = await conn.execute(self._names.existing_many, arrays)
+                for message_id, key in await cur.fetchall():
+                    inserted.add(str(message_id))
+                    if key is not None:
+                        by_key.setdefault(str(key), str(message_id))
+            ids = []
+            for p in group:
+                key = p["key"]
+                if isinstance(key, str) and key in by_key:
+                    ids.append(by_key[key])  # an earlier message (or row of this group)
+                elif p["id"] in inserted:
+                    ids.append(str(p["id"]))
+                else:
+                    raise QueueError("postgres queue: enqueue: conflicting message vanished")
+            return ids
+
+        # The ids are fixed before the first try, so a retry after a lost reply to a
+        # committed INSERT finds those rows instead of adding second copies.
+        return await self._run("enqueue", run)
+
+    def enqueue_sync(
+        self,
+        conn: psycopg.Connection[Any],
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        """:func:`enqueue_sync` with this queue's tables and clock."""
+        return enqueue_sync(
+            conn,
+            envelope,
+            data,
+            queue_url=self.url,
+            clock=self._clock,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+            meta=meta,
+        )
+
+    async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        now = self._clock()
+        until = now + lease_seconds
+        query = (
+            f"UPDATE {self._names.messages} AS m SET state = 'sending', lease_owner = %(owner)s,"
+            " lease_until = %(until)s, next_attempt_at = %(until)s"
+            f" FROM (SELECT id AS due_id, next_attempt_at AS was_due FROM {self._names.messages}"
+            f"  WHERE state IN {_CLAIMABLE} AND next_attempt_at <= %(now)s"
+            "  ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS due"
+            f" WHERE m.id = due.due_id RETURNING {_columns()}, due.was_due"
+        )
+        params = {"owner": owner, "until": until, "now": now, "limit": limit}
+        rows = await self._execute("claim", query, params, binary=True)
+        rows.sort(key=lambda row: (row[13], row[5], row[0]))
+        claimed: list[StoredMessage] = []
+        unreadable: list[str] = []
+        for row in rows:
+            try:
+                message = _row_to_message(row)
+            except (ValueError, TypeError, KeyError):
+                unreadable.append(str(row[0]))
+                continue
+            claimed.append(message)
+            self._remember_lease(message)
+        if unreadable:
+            await self._execute(
+                "quarantine",
+                f"UPDATE {self._names.messages} SET state = 'quarantined', lease_owner = '',"
+                " lease_until = 0 WHERE id = ANY(%s)",
+                (unreadable,),
+            )
+        return claimed
+
+    async def record(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        owner: str,
+        retry_at: float | None,
+        held: bool = False,
+    ) -> MessageState | None:
+        names = self._names
+        read = (
+            f"SELECT recipients, attempts, lease_until, last_reply FROM {names.messages}"
+            " WHERE id = %s AND state = 'sending' AND lease_owner = %s"
+        )
+        update = (
+            f"UPDATE {names.messages} SET recipients = %(recipients)s, attempts = %(attempts)s,"
+            " state = %(state)s, next_attempt_at = %(next)s, last_reply = %(last_reply)s,"
+            " lease_owner = '', lease_until = 0"
+            " WHERE id = %(id)s AND state = 'sending' AND lease_owner = %(owner)s"
+            " AND lease_until = %(lease_until)s"
+            " RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, '')::text END"
+        )
+
+        lease = self._leases.get(message_id)
+        if lease is not None and lease.owner == owner:
+            del self._leases[message_id]
+        else:
+            lease = None
+
+        async def run(conn: AsyncConn) -> MessageState | None:
+            if lease is not None:
+                row: Sequence[Any] | None = lease.row
+            else:
+                cur = await conn.execute(read, (message_id, owner))
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            recipients, last_reply = apply_outcomes(_parse_recipients(row[0]), outcomes)
+            attempts = int(row[1]) + 1
+            state = derive_state(recipients, attempts=attempts, held=held)
+            if state is MessageState.DEFERRED and retry_at is None:
+                raise ValueError("retry_at is required while recipients stay pending")
+            now = self._clock()
+            next_at = retry_at if retry_at is not None else now
+            cur = await conn.execute(
+                update,
+                {
+                    "recipients": _recipients_json(recipients),
+                    "attempts": attempts,
+                    "state": state.value,
+                    "next": next_at,
+                    "last_reply": last_reply or row[3],
+                    "id": message_id,
+                    "owner": owner,
+                    "lease_until": row[2],
+                    "notify": state is MessageState.DEFERRED and next_at <= now,
+                    "channel": names.channel,
+                },
+            )
+            # No row: the lease moved on between the two statements.
+            return state if await cur.fetchone() is not None else None
+
+        return await self._run("record", run)
+
+    def _remember_lease(self, message: StoredMessage) -> None:
+        self._leases[message.id] = _Lease(
+            message.lease_owner,
+            (
+                _recipients_json(message.recipients).obj,
+                message.attempts,
+                message.lease_until,
+                message.last_reply,
+            ),
+        )
+        while len(self._leases) > _MAX_REMEMBERED_LEASES:
+            self._leases.popitem(last=False)
+
+    async def release(self, message_id: str, *, owner: str) -> None:
+        if (lease := self._leases.get(message_id)) is not None and lease.owner == owner:
+            del self._leases[message_id]
+        query = (
+            f"WITH u AS (UPDATE {self._names.messages} SET state = {_UNLEASED_STATE},"
+            " lease_owner = '', lease_until = 0, next_attempt_at = %(now)s"
+            " WHERE id = %(id)s AND state = 'sending' AND lease_owner = %(owner)s RETURNING id)"
+            " SELECT id, pg_notify(%(channel)s, '')::text FROM u"
+        )
+        params = {
+            "now": self._clock(),
+            "id": message_id,
+            "owner": owner,
+            "channel": self._names.channel,
+        }
+        await self._execute("release", query, params)
+
+    async def requeue(self, message_id: str) -> None:
+        query = (
+            f"WITH u AS (UPDATE {self._names.messages} SET state = {_UNLEASED_STATE},"
+            " next_attempt_at = %(now)s"
+            " WHERE id = %(id)s AND state IN ('held', 'queued', 'deferred') RETURNING id)"
+            " SELECT id, pg_notify(%(channel)s, '')::text FROM u"
+            f" UNION ALL SELECT id, NULL FROM {self._names.messages} WHERE id = %(id)s"
+        )
+        params = {"now": self._clock(), "id": message_id, "channel": self._names.channel}
+        if not await self._execute("requeue", query, params):
+            raise MessageNotFound(message_id)
+
+    async def get(self, message_id: str) -> StoredMessage:
+        query = f"SELECT {_columns()} FROM {self._names.messages} WHERE id = %s"
+        rows = await self._execute("get", query, (message_id,), binary=True)
+        if not rows:
+            raise MessageNotFound(message_id)
+        return _row_for_reader(rows[0])
+
+    async def find(self, idempotency_key: str) -> str | None:
+        query = f"SELECT id FROM {self._names.messages} WHERE idempotency_key = %s"
+        rows = await self._execute("find", query, (idempotency_key,))
+        return str(rows[0][0]) if rows else None
+
+    async def list(
+        self, *, states: Sequence[MessageState] | None = None, limit: int = 100
+    ) -> list[StoredMessage]:
+        where = "" if states is None else " WHERE state = ANY(%(states)s)"
+        query = (
+            f"SELECT {_columns(with_data=False)} FROM {self._names.messages}{where}"
+            " ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
+        )
+        params = {"states": [MessageState(s).value for s in states or ()], "limit": limit}
+        return [_row_for_reader(row) for row in await self._execute("list", query, params)]
+
+    async def delete(self, message_id: str) -> None:
+        query = f"DELETE FROM {self._names.messages} WHERE id = %s RETURNING id"
+        if not await self._execute("delete", query, (message_id,)):
+            raise MessageNotFound(message_id)
+
+    async def counts(self) -> dict[MessageState, int]:
+        query = f"SELECT state, count(*) FROM {self._names.messages} GROUP BY state"
+        counts = dict.fromkeys(MessageState, 0)
+        for state, n in await self._execute("counts", query, None):
+            with contextlib.suppress(ValueError):
+                counts[MessageState(state)] += int(n)
+        return counts
+
+    async def recover(self) -> RecoveryReport:
+        names = self._names
+        expire = (
+            f"UPDATE {names.messages} SET state = {_UNLEASED_STATE}, lease_owner = '',"
+            " lease_until = 0 WHERE state = 'sending' AND lease_until <= %(now)s RETURNING id"
+        )
+        # Rows are never torn here (the database is transactional), so "unreadable" means a
+        # shape Hato cannot use: an unknown state, or recipients or meta of the wrong form.
+        arr = "(CASE WHEN jsonb_typeof(recipients) = 'array' THEN recipients ELSE '[]' END)"
+        quarantine = (
+            f"UPDATE {names.messages} SET state = 'quarantined', lease_owner = '', lease_until = 0"
+            f" WHERE state <> 'quarantined' AND (state NOT IN {_KNOWN}"
+            f"  OR jsonb_array_length({arr}) = 0 OR jsonb_typeof(meta) <> 'object'"
+            f"  OR EXISTS (SELECT 1 FROM jsonb_array_elements({arr}) AS r WHERE"
+            "   jsonb_typeof(r) <> 'object' OR jsonb_typeof(r -> 'address') IS DISTINCT FROM"
+            "   'string' OR coalesce(r ->> 'state', 'pending') NOT IN"
+            "   ('pending', 'sent', 'failed')))"
+        )
+        quarantined = f"SELECT id FROM {names.messages} WHERE state = 'quarantined' ORDER BY id"
+        params = {"now": self._clock(), "channel": names.channel}
+
+        async def run(conn: AsyncConn) -> RecoveryReport:
+            async with conn.transaction():
+                cur = await conn.execute(expire, params)
+                expired = len(await cur.fetchall())
+                await conn.execute(quarantine, params)
+                cur = await conn.execute(quarantined)
+                bad = [str(r[0]) for r in await cur.fetchall()]
+                if expired:
+                    await conn.execute("SELECT pg_notify(%(channel)s, '')", params)
+            return RecoveryReport(leases_expired=expired, quarantined=bad)
+
+        return await self._run("recover", run)
+
+    # -- wake-ups ----------------------------------------------------------------------
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return on a NOTIFY from any process, when the earliest waiting message falls
+        due, or after ``timeout`` seconds (the polling fallback while the database is away).
+        """
+        if self._pool is None:
+            raise QueueError("postgres queue: wait_for_work: the queue is not open")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="hato-pg-listen")
+        if self._wakeup.is_set():
+            self._wakeup.clear()
+            return
+        # LISTEN first, then look at the table: a change committed before LISTEN is seen
+        # by the query below, one committed after it is notified. With the database
+        # down this is where the polling fallback waits.
+        if not self._listening.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listening.wait(), deadline - loop.time())
+            if not self._listening.is_set():
+                return
+        with contextlib.suppress(TimeoutError, QueueError):
+            async with asyncio.timeout_at(deadline):
+                rows = await self._execute(
+                    "wait_for_work",
+                    f"SELECT min(next_attempt_at) FROM {self._names.messages}"
+                    f" WHERE state IN {_CLAIMABLE}",
+                    None,
+                )
+                if rows and rows[0][0] is not None:
+                    deadline = min(deadline, loop.time() + float(rows[0][0]) - self._clock())
+        remaining = deadline - loop.time()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+        self._wakeup.clear()
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; reconnect with a capped backoff while it fails."""
+        delay = 0.0
+        first = True
+        while True:
+            conn: AsyncConn | None = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._settings.conninfo, autocommit=True
+                )
+                await conn.execute(f"LISTEN {_quote(self._names.channel)}")
+                self._listening.set()
+                if not first:
+                    self._wakeup.set()  # we were away: whatever was sent meanwhile is lost
+                first, delay = False, 0.0
+                async for _ in conn.notifies():
+                    self._wakeup.set()
+            except psycopg.Error:
+                first = False
+            finally:
+                self._listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2 or 0.05)

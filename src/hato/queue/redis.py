@@ -1,0 +1,899 @@
+"""The Redis queue backend: a hash per message, sorted sets of due and leased ids, Lua scripts.
+
+Layout under the key prefix ``P`` (``?prefix=`` in the URL, default ``hato:``)::
+
+    P m:<id>        hash: sender, rcpts (JSON), data, sum (CRC-32 of data), created, next,
+                    attempts, last_reply, owner, until, held, idem, meta (JSON), state,
+                    nonce (tells a retried enqueue from an id clash), quarantine_reason
+    P due           sorted set: ids waiting for an attempt, scored by next_attempt_at
+    P leases        sorted set: ids claimed by a worker, scored by lease_until
+    P all           sorted set: every id, scored by created_at (listing, recovery scan)
+    P s:<state>     sorted set per state, scored by created_at (counts, listing by state)
+    P i:<key>       string: idempotency key -> id (``SET NX`` inside the enqueue script)
+    P wake          pub/sub channel: published whenever an id becomes due
+
+Every change that touches more than one key is one Lua script, so a claim, a record or
+a release is all-or-nothing and two claimers can never lease the same id. Times come from
+the injected clock (passed to the scripts), never from the Redis server, so tests can
+drive time.
+
+Durability is the server's: ``enqueue`` returns once Redis has executed the script, which
+is on disk only as far as ``appendonly``/``appendfsync`` say (see ``docs/redis.md``).
+``?wait_aof=1`` adds ``WAITAOF`` (Redis >= 7.2) after every write so the reply waits for
+the local AOF fsync; ``?wait_replicas=N`` waits for N replicas (``WAIT``, or ``WAITAOF``
+with ``wait_aof``); ``?wait_timeout=MS`` bounds either wait (default 5000).
+
+Commands that meet a broken connection are retried on a new one for about two seconds
+(a restart). A retried enqueue is recognised by its nonce and stores nothing twice; a
+retried claim whose first reply was lost leaves those messages leased until the lease
+ends; a retried record or release whose first run went through returns "not the owner".
+
+One Redis primary (optionally with replicas) is supported, not Redis Cluster: the
+scripts build their key names from the prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
+from hato.message import Envelope
+from hato.queue.base import (
+    Clock,
+    MessageState,
+    Outcome,
+    RecipientState,
+    RecipientStatus,
+    RecoveryReport,
+    StoredMessage,
+    new_message_id,
+)
+
+_OUR_PARAMS = ("prefix", "wait_aof", "wait_replicas", "wait_timeout")
+_STATES = tuple(s.value for s in MessageState)
+# Fields read for listings: everything but the message bytes.
+_META_FIELDS = (
+    "quarantine_reason",
+    "sender",
+    "rcpts",
+    "created",
+    "next",
+    "attempts",
+    "last_reply",
+    "owner",
+    "until",
+    "idem",
+    "meta",
+    "state",
+)
+_RECOVER_BATCH = 500
+_QUARANTINED = MessageState.QUARANTINED.value.encode()
+
+# Shared head of every script: ARGV[1] is always the key prefix.
+_PRELUDE = """
+local P = ARGV[1]
+local function mkey(id) return P .. 'm:' .. id end
+local function setstate(id, old, new, created)
+  if old == new then return end
+  if old then redis.call('ZREM', P .. 's:' .. old, id) end
+  redis.call('ZADD', P .. 's:' .. new, created, id)
+  redis.call('HSET', mkey(id), 'state', new)
+end
+local function wake() redis.call('PUBLISH', P .. 'wake', '1') end
+local function waiting(attempts)
+  if tonumber(attempts) > 0 then return 'deferred' end
+  return 'queued'
+end
+"""
+
+# ARGV: P, id, sender, rcpts, data, sum, created, next, held, idem, meta, state, nonce.
+# Returns the stored (or, for a known idempotency key, the earlier) id; 0 on an id clash.
+_ENQUEUE = """
+local id, idem = ARGV[2], ARGV[10]
+if idem ~= '' then
+  local ik = P .. 'i:' .. idem
+  if not redis.call('SET', ik, id, 'NX') then
+    return redis.call('GET', ik)
+  end
+end
+local h = mkey(id)
+local nonce = redis.call('HGET', h, 'nonce')
+if nonce == ARGV[13] then
+  -- This very call, retried after its reply was lost: it is stored already.
+  return id
+elseif nonce then
+  -- Another message took this id (same microsecond, same random part): pick again.
+  if idem ~= '' then redis.call('DEL', P .. 'i:' .. idem) end
+  return 0
+end
+redis.call('HSET', h, 'sender', ARGV[3], 'rcpts', ARGV[4], 'data', ARGV[5], 'sum', ARGV[6],
+  'created', ARGV[7], 'next', ARGV[8], 'attempts', '0', 'last_reply', '', 'owner', '',
+  'until', '0', 'held', ARGV[9], 'idem', idem, 'meta', ARGV[11], 'state', ARGV[12],
+  'nonce', ARGV[13])
+redis.call('ZADD', P .. 'all', ARGV[7], id)
+redis.call('ZADD', P .. 's:' .. ARGV[12], ARGV[7], id)
+if ARGV[9] ~= '1' then
+  redis.call('ZADD', P .. 'due', ARGV[8], id)
+  wake()
+end
+return id
+"""
+
+# ARGV: P, owner, now, lease_until, limit. Returns {{id, field, value, ...}, ...}.
+_CLAIM = """
+local owner, now, untl, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local due = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+local expired = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+local cand = {}
+for i = 1, #due, 2 do cand[#cand + 1] = {due[i], tonumber(due[i + 1])} end
+for i = 1, #expired, 2 do cand[#cand + 1] = {expired[i], tonumber(expired[i + 1])} end
+if #due > 0 and #expired > 0 then
+  table.sort(cand, function(a, b) return a[2] < b[2] end)
+end
+local out = {}
+for i = 1, math.min(limit, #cand) do
+  local id = cand[i][1]
+  local h = mkey(id)
+  redis.call('ZREM', P .. 'due', id)
+  if redis.call('EXISTS', h) == 0 then
+    redis.call('ZREM', P .. 'leases', id)
+  else
+    local cur = redis.call('HMGET', h, 'state', 'created')
+    redis.call('ZADD', P .. 'leases', untl, id)
+    redis.call('HSET', h, 'owner', owner, 'until', untl, 'next', untl)
+    setstate(id, cur[1], 'sending', cur[2])
+    local row = redis.call('HGETALL', h)
+    table.insert(row, 1, id)
+    out[#out + 1] = row
+  end
+end
+return out
+"""
+
+# ARGV: P, id, owner, now, outcomes JSON, retry_at ('' = none), held ('1'/'0'),
+# last_reply ('' = keep). Returns the new state; nil when owner does not hold the lease;
+# -1 for an outcome naming an unknown recipient; -2 when recipients stay pending without
+# retry_at. Both refusals come before any write.
+_RECORD = """
+local id, owner, now = ARGV[2], ARGV[3], ARGV[4]
+local h = mkey(id)
+local cur = redis.call('HMGET', h, 'owner', 'state', 'rcpts', 'attempts', 'created')
+if cur[1] ~= owner or cur[2] ~= 'sending' then return false end
+local rcpts = cjson.decode(cur[3])
+local index = {}
+for _, r in ipairs(rcpts) do index[r.a] = true end
+local outs = cjson.decode(ARGV[5])
+for _, o in ipairs(outs) do
+  if not index[o.a] then return -1 end
+end
+for _, o in ipairs(outs) do
+  for _, r in ipairs(rcpts) do
+    if r.a == o.a then
+      r.s = o.s; r.r = o.r; r.l = o.l; r.n = r.n + 1
+    end
+  end
+end
+local pending, failed = false, false
+for _, r in ipairs(rcpts) do
+  if r.s == 'pending' then pending = true elseif r.s == 'failed' then failed = true end
+end
+local held = ARGV[7] == '1'
+local at = ARGV[6]
+if pending and not held and at == '' then return -2 end
+if at == '' then at = now end
+local enc = '[]'
+if #rcpts > 0 then enc = cjson.encode(rcpts) end
+redis.call('HSET', h, 'rcpts', enc, 'attempts', tonumber(cur[4]) + 1, 'owner', '',
+  'until', '0', 'next', at)
+if ARGV[8] ~= '' then redis.call('HSET', h, 'last_reply', ARGV[8]) end
+redis.call('ZREM', P .. 'leases', id)
+local new
+if pending and held then
+  new = 'held'
+  redis.call('HSET', h, 'held', '1')
+elseif pending then
+  new = 'deferred'
+  redis.call('ZADD', P .. 'due', at, id)
+  wake()
+elseif failed then
+  new = 'failed'
+else
+  new = 'sent'
+end
+setstate(id, cur[2], new, cur[5])
+return new
+"""
+
+# ARGV: P, id, owner, now. Returns 1 when released.
+_RELEASE = """
+local id, owner, now = ARGV[2], ARGV[3], ARGV[4]
+local h = mkey(id)
+local cur = redis.call('HMGET', h, 'owner', 'state', 'attempts', 'created')
+if cur[1] ~= owner or cur[2] ~= 'sending' then return 0 end
+redis.call('ZREM', P .. 'leases', id)
+redis.call('HSET', h, 'owner', '', 'until', '0', 'next', now)
+redis.call('ZADD', P .. 'due', now, id)
+setstate(id, cur[2], waiting(cur[3]), cur[4])
+wake()
+return 1
+"""
+
+# ARGV: P, id, now. Returns -1 when absent, 1 when made due, 0 when not requeueable.
+_REQUEUE = """
+local id, now = ARGV[2], ARGV[3]
+local h = mkey(id)
+local cur = redis.call('HMGET', h, 'state', 'attempts', 'created')
+if not cur[1] then return -1 end
+if cur[1] ~= 'held' and cur[1] ~= 'deferred' and cur[1] ~= 'queued' then return 0 end
+redis.call('HSET', h, 'held', '0', 'next', now)
+redis.call('ZADD', P .. 'due', now, id)
+setstate(id, cur[1], waiting(cur[2]), cur[3])
+wake()
+return 1
+"""
+
+# ARGV: P, id, states... Returns 0 when absent.
+_DELETE = """
+local id = ARGV[2]
+local h = mkey(id)
+local found = redis.call('EXISTS', h)
+local idem = redis.call('HGET', h, 'idem')
+if idem and idem ~= '' and redis.call('GET', P .. 'i:' .. idem) == id then
+  redis.call('DEL', P .. 'i:' .. idem)
+end
+redis.call('DEL', h)
+redis.call('ZREM', P .. 'due', id)
+redis.call('ZREM', P .. 'leases', id)
+redis.call('ZREM', P .. 'all', id)
+for i = 3, #ARGV do redis.call('ZREM', P .. 's:' .. ARGV[i], id) end
+return found
+"""
+
+# ARGV: P, now, batch. Expired leases go back to due now; returns how many.
+_EXPIRE = """
+local now = ARGV[2]
+local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local h = mkey(id)
+  redis.call('ZREM', P .. 'leases', id)
+  local cur = redis.call('HMGET', h, 'state', 'attempts', 'created')
+  if cur[1] == 'sending' then
+    redis.call('HSET', h, 'owner', '', 'until', '0', 'next', now)
+    redis.call('ZADD', P .. 'due', now, id)
+    setstate(id, cur[1], waiting(cur[2]), cur[3])
+  end
+end
+if #ids > 0 then wake() end
+return #ids
+"""
+
+# ARGV: P, id, reason, states... Takes the id out of circulation; returns 0 when absent.
+_QUARANTINE = """
+local id = ARGV[2]
+local h = mkey(id)
+redis.call('ZREM', P .. 'due', id)
+redis.call('ZREM', P .. 'leases', id)
+for i = 4, #ARGV do redis.call('ZREM', P .. 's:' .. ARGV[i], id) end
+if redis.call('EXISTS', h) == 0 then
+  redis.call('ZREM', P .. 'all', id)
+  return 0
+end
+local created = redis.call('ZSCORE', P .. 'all', id) or '0'
+redis.call('HSET', h, 'state', 'quarantined', 'owner', '', 'until', '0', 'quarantine_reason', ARGV[3])
+redis.call('ZADD', P .. 's:quarantined', created, id)
+return 1
+"""
+
+
+class _Unreadable(ValueError):
+    """A stored record that cannot be turned back into a message."""
+
+
+def _checksum(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _num(value: float) -> str:
+    # repr keeps every bit of a float, so a score read back compares equal.
+    return repr(float(value))
+
+
+def _text(raw: dict[str, bytes], name: str) -> str:
+    value = raw.get(name)
+    if value is None:
+        raise _Unreadable(f"field {name!r} missing")
+    try:
+        return value.decode()
+    except UnicodeDecodeError as exc:
+        raise _Unreadable(f"field {name!r} is not UTF-8") from exc
+
+
+def _float(raw: dict[str, bytes], name: str) -> float:
+    try:
+        value = float(_text(raw, name))
+    except ValueError as exc:
+        raise _Unreadable(f"field {name!r} is not a number") from exc
+    if not math.isfinite(value):
+        raise _Unreadable(f"field {name!r} is not finite")
+    return value
+
+
+def _recipients(text: str) -> list[RecipientStatus]:
+    try:
+        items = json.loads(text)
+        # cjson writes an empty Lua table as {}.
+        if items == {}:
+            return []
+        if not isinstance(items, list):
+            raise _Unreadable("recipients are not a list")
+        return [
+            RecipientStatus(
+                address=str(item["a"]),
+                state=RecipientState(item["s"]),
+                reply=str(item["r"]),
+                relay=str(item["l"]),
+                attempts=int(item["n"]),
+            )
+            for item in items
+        ]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _Unreadable(f"recipients unreadable: {exc}") from exc
+
+
+def _decode(message_id: str, raw: dict[str, bytes], *, with_data: bool) -> StoredMessage:
+    """Rebuild a message from its hash; raises :class:`_Unreadable` on any damage."""
+    data = b""
+    if with_data:
+        stored = raw.get("data")
+        if stored is None:
+            raise _Unreadable("message bytes missing")
+        if _text(raw, "sum") != _checksum(stored):
+            raise _Unreadable("checksum mismatch")
+        data = stored
+    try:
+        meta = json.loads(_text(raw, "meta"))
+        state = MessageState(_text(raw, "state"))
+        attempts = int(_text(raw, "attempts"))
+    except ValueError as exc:
+        raise _Unreadable(str(exc)) from exc
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _Unreadable("meta is not a string mapping")
+    idem = _text(raw, "idem")
+    return StoredMessage(
+        id=message_id,
+        sender=_text(raw, "sender"),
+        recipients=_recipients(_text(raw, "rcpts")),
+        data=data,
+        state=state,
+        created_at=_float(raw, "created"),
+        next_attempt_at=_float(raw, "next"),
+        attempts=attempts,
+        last_reply=_text(raw, "last_reply"),
+        lease_owner=_text(raw, "owner"),
+        lease_until=_float(raw, "until"),
+        idempotency_key=idem or None,
+        meta=meta,
+    )
+
+
+def _str(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _salvage(message_id: str, raw: dict[str, bytes]) -> StoredMessage:
+    """What can still be read of a quarantined record, for the operator to look at."""
+
+    def text(name: str) -> str:
+        return raw.get(name, b"").decode(errors="replace")
+
+    def number(name: str) -> float:
+        try:
+            return _float(raw, name)
+        except _Unreadable:
+            return 0.0
+
+    try:
+        recipients = _recipients(text("rcpts"))
+    except _Unreadable:
+        recipients = []
+    return StoredMessage(
+        id=message_id,
+        sender=text("sender"),
+        recipients=recipients,
+        data=raw.get("data", b""),
+        state=MessageState.QUARANTINED,
+        created_at=number("created"),
+        next_attempt_at=number("next"),
+        last_reply=text("quarantine_reason"),
+        idempotency_key=text("idem") or None,
+    )
+
+
+def _as_fields(items: Sequence[bytes]) -> dict[str, bytes]:
+    return {items[i].decode(): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+class RedisQueue:
+    """The :class:`hato.queue.base.Queue` protocol on Redis (redis-py asyncio)."""
+
+    def __init__(self, url: str, *, clock: Clock) -> None:
+        self.url = url
+        self._clock = clock
+        parts = urlsplit(url)
+        ours: dict[str, str] = {}
+        theirs: list[tuple[str, str]] = []
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in _OUR_PARAMS:
+                ours[name] = value
+            else:
+                theirs.append((name, value))  # redis-py's own options, passed through
+        self._server_url = urlunsplit(parts._replace(query=urlencode(theirs)))
+        self.prefix = ours.get("prefix", "hato:")
+        if not self.prefix:
+            raise ConfigError(f"queue URL {url!r}: prefix must not be empty")
+        try:
+            self._wait_aof = ours.get("wait_aof", "0") not in ("0", "", "false", "no")
+            self._wait_replicas = int(ours.get("wait_replicas", "0"))
+            self._wait_timeout_ms = int(ours.get("wait_timeout", "5000"))
+        except ValueError as exc:
+            raise ConfigError(f"queue URL {url!r}: {exc}") from exc
+        if self._wait_replicas < 0 or self._wait_timeout_ms < 0:
+            raise ConfigError(f"queue URL {url!r}: wait_replicas and wait_timeout must be >= 0")
+        self._client: aioredis.Redis | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._work = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._scripts: dict[str, Any] = {}
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Translate redis-py and socket errors into the hato tree."""
+        try:
+            yield
+        except rexc.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("OOM") or "maxmemory" in text:
+                raise QueueFullError(f"redis queue full while {doing}: {text}") from exc
+            raise QueueError(f"redis error while {doing}: {text}") from exc
+        except (TimeoutError, rexc.RedisError, OSError) as exc:
+            raise QueueError(f"redis unavailable while {doing}: {exc}") from exc
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise QueueError("redis queue is not open")
+        return self._client
+
+    async def _run(self, name: str, *args: str | bytes | int) -> Any:
+        client = self._redis  # raises when not open
+        return await self._scripts[name](args=(self.prefix, *args), client=client)
+
+    async def _write(self, name: str, *args: str | bytes | int) -> Any:
+        """Run a script that changes state, then wait for AOF/replicas if configured.
+
+        The wait must go on the connection that did the write, hence one pipeline.
+        """
+        if not (self._wait_aof or self._wait_replicas):
+            return await self._run(name, *args)
+        pipe = self._redis.pipeline(transaction=False)
+        await self._scripts[name](args=(self.prefix, *args), client=pipe)
+        if self._wait_aof:
+            pipe.waitaof(1, self._wait_replicas, self._wait_timeout_ms)
+        else:
+            pipe.wait(self._wait_replicas, self._wait_timeout_ms)
+        result, acked = await pipe.execute()
+        self._check_acked(acked)
+        return result
+
+    def _check_acked(self, acked: Any) -> None:
+        if self._wait_aof:
+            local, replicas = int(acked[0]), int(acked[1])
+            if local < 1 or replicas < self._wait_replicas:
+                raise QueueError(
+                    f"redis did not confirm the write on disk in {self._wait_timeout_ms} ms "
+                    f"(local fsync {local}/1, replicas {replicas}/{self._wait_replicas})"
+                )
+        elif int(acked) < self._wait_replicas:
+            raise QueueError(
+                f"redis write reached {int(acked)} of {self._wait_replicas} replicas "
+                f"in {self._wait_timeout_ms} ms"
+            )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        try:
+            # A bounded pool that makes callers wait for a free connection, so a burst of
+            # concurrent enqueues queues up instead of failing ("?max_connections=" and
+            # "?timeout=" in the URL override the defaults).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._server_url,
+                max_connections=50,
+                timeout=20.0,
+                decode_responses=False,
+                socket_connect_timeout=5.0,
+                socket_timeout=30.0,
+                # Rides out a server restart: a command that hits a dead connection
+                # reconnects and retries for about two seconds before failing.
+                retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=8),
+                retry_on_error=[rexc.ConnectionError, rexc.TimeoutError],
+            )
+            client = aioredis.Redis(connection_pool=pool)
+        except ValueError as exc:
+            raise ConfigError(f"bad redis queue URL {self.url!r}: {exc}") from exc
+        scripts = {
+            "enqueue": _ENQUEUE,
+            "claim": _CLAIM,
+            "record": _RECORD,
+            "release": _RELEASE,
+            "requeue": _REQUEUE,
+            "delete": _DELETE,
+            "expire": _EXPIRE,
+            "quarantine": _QUARANTINE,
+        }
+        self._scripts = {n: client.register_script(_PRELUDE + s) for n, s in scripts.items()}
+        try:
+            with self._errors("connecting"):
+                await client.ping()
+                if self._wait_aof or self._wait_replicas:
+                    await self._probe_wait(client)
+        except BaseException:
+            await client.aclose()
+            await pool.aclose()
+            raise
+        self._client = client
+        self._work = asyncio.Event()
+        self._subscribed = asyncio.Event()
+
+    async def _probe_wait(self, client: aioredis.Redis) -> None:
+        """Fail at start, with a clear reason, if the server cannot give the asked-for wait."""
+        if not self._wait_aof:
+            return
+        try:
+            await client.waitaof(1, 0, 1)
+        except rexc.ResponseError as exc:
+            info = await client.info("server")
+            version = info.get("redis_version", "?")
+            text = str(exc)
+            if "unknown command" in text.lower():
+                raise ConfigError(
+                    f"queue URL asks for wait_aof but this Redis ({version}) has no WAITAOF: "
+                    "it needs Redis >= 7.2; drop wait_aof and use appendfsync always instead "
+                    "(see docs/redis.md)"
+                ) from exc
+            raise ConfigError(
+                f"queue URL asks for wait_aof but Redis {version} refuses WAITAOF ({text}); "
+                "set appendonly yes (see docs/redis.md)"
+            ) from exc
+
+    async def close(self) -> None:
+        listener, client = self._listener, self._client
+        self._listener, self._client = None, None
+        if listener is not None:
+            listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await listener
+        if client is not None:
+            # Closing connections to a server that is gone has nothing left to do.
+            with suppress(rexc.RedisError, OSError):
+                await client.aclose()
+                await client.connection_pool.aclose()
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        if not envelope.recipients:
+            raise ValueError("a message needs at least one recipient")
+        now = self._clock()
+        rcpts = [{"a": r, "s": "pending", "r": "", "l": "", "n": 0} for r in envelope.recipients]
+        state = MessageState.HELD if held else MessageState.QUEUED
+        fixed = (
+            envelope.sender,
+            json.dumps(rcpts),
+            data,
+            _checksum(data),
+            _num(now),
+            _num(now if not_before is None else not_before),
+            "1" if held else "0",
+            idempotency_key or "",
+            json.dumps({**envelope.meta, **(meta or {})}),
+            state.value,
+            secrets.token_hex(8),
+        )
+        with self._errors("enqueueing"):
+            for _ in range(100):  # a clash needs the same microsecond and 20 random bits
+                stored = await self._write("enqueue", new_message_id(lambda: now), *fixed)
+                if stored != 0:
+                    break
+            else:
+                raise QueueError("no free message id after 100 tries")
+        return _str(stored)
+
+    async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        now = self._clock()
+        with self._errors("claiming"):
+            rows = await self._write("claim", owner, _num(now), _num(now + lease_seconds), limit)
+        claimed: list[StoredMessage] = []
+        for row in rows:
+            message_id = _str(row[0])
+            try:
+                claimed.append(_decode(message_id, _as_fields(row[1:]), with_data=True))
+            except _Unreadable as exc:
+                await self._quarantine(message_id, str(exc))
+        return claimed
+
+    async def record(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        owner: str,
+        retry_at: float | None,
+        held: bool = False,
+    ) -> MessageState | None:
+        # Same rules as base.apply_outcomes: the last outcome per address wins, and
+        # last_reply is the last reply of a recipient not sent, else the last reply.
+        by_address = {o.address: o for o in outcomes}
+        payload = json.dumps(
+            [
+                {"a": o.address, "s": RecipientState(o.state).value, "r": o.reply, "l": o.relay}
+                for o in by_address.values()
+            ]
+        )
+        unsent = [o.reply for o in outcomes if o.state is not RecipientState.SENT and o.reply]
+        replies = unsent or [o.reply for o in outcomes if o.reply]
+        with self._errors(f"recording {message_id}"):
+            new = await self._write(
+                "record",
+                message_id,
+                owner,
+                _num(self._clock()),
+                payload,
+                "" if retry_at is None else _num(retry_at),
+                "1" if held else "0",
+                replies[-1] if replies else "",
+            )
+        if new is None:
+            return None
+        if isinstance(new, int):
+            if new == -1:
+                unknown = sorted(by_address)
+                raise ValueError(f"outcomes for unknown recipients of {message_id}: {unknown}")
+            raise ValueError("retry_at is required while recipients stay pending")
+        return MessageState(_str(new))
+
+    async def release(self, message_id: str, *, owner: str) -> None:
+        with self._errors(f"releasing {message_id}"):
+            await self._write("release", message_id, owner, _num(self._clock()))
+
+    async def requeue(self, message_id: str) -> None:
+        with self._errors(f"requeueing {message_id}"):
+            found = await self._write("requeue", message_id, _num(self._clock()))
+        if int(found) < 0:
+            raise MessageNotFound(message_id)
+
+    async def delete(self, message_id: str) -> None:
+        with self._errors(f"deleting {message_id}"):
+            found = await self._write("delete", message_id, *_STATES)
+        if not int(found):
+            raise MessageNotFound(message_id)
+
+    async def _quarantine(self, message_id: str, reason: str) -> bool:
+        with self._errors(f"quarantining {message_id}"):
+            return bool(await self._write("quarantine", message_id, reason, *_STATES))
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get(self, message_id: str) -> StoredMessage:
+        with self._errors(f"reading {message_id}"):
+            raw = await self._redis.hgetall(self.prefix + "m:" + message_id)
+        if not raw:
+            raise MessageNotFound(message_id)
+        fields = {_str(k): _bytes(v) for k, v in raw.items()}
+        if fields.get("state") == _QUARANTINED:
+            return _salvage(message_id, fields)
+        try:
+            return _decode(message_id, fields, with_data=True)
+        except _Unreadable as exc:
+            await self._quarantine(message_id, str(exc))
+            fields["quarantine_reason"] = str(exc).encode()
+            return _salvage(message_id, fields)
+
+    async def find(self, idempotency_key: str) -> str | None:
+        with self._errors("looking up an idempotency key"):
+            found = await self._redis.get(self.prefix + "i:" + idempotency_key)
+        return None if found is None else _str(found)
+
+    async def list(
+        self, *, states: Sequence[MessageState] | None = None, limit: int = 100
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        with self._errors("listing"):
+            if states is None:
+                ids = [
+                    _str(i) for i in await self._redis.zrevrange(self.prefix + "all", 0, limit - 1)
+                ]
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                for state in states:
+                    pipe.zrevrange(
+                        self.prefix + "s:" + MessageState(state).value,
+                        0,
+                        limit - 1,
+                        withscores=True,
+                    )
+                scored = [(float(s), _str(i)) for rows in await pipe.execute() for i, s in rows]
+                scored.sort(key=lambda item: item[0], reverse=True)
+                ids = [i for _, i in scored[:limit]]
+            pipe = self._redis.pipeline(transaction=False)
+            for message_id in ids:
+                pipe.hmget(self.prefix + "m:" + message_id, _META_FIELDS)
+            rows = await pipe.execute()
+        listed: list[StoredMessage] = []
+        for message_id, values in zip(ids, rows, strict=True):
+            fields = {
+                n: _bytes(v) for n, v in zip(_META_FIELDS, values, strict=True) if v is not None
+            }
+            if not fields:
+                continue  # deleted between the two reads
+            try:
+                if fields.get("state") == _QUARANTINED:
+                    raise _Unreadable("quarantined")
+                listed.append(_decode(message_id, fields, with_data=False))
+            except _Unreadable:
+                # Shown for what it is; claim, get or recover() quarantines it for good.
+                listed.append(_salvage(message_id, fields))
+        return listed
+
+    async def counts(self) -> dict[MessageState, int]:
+        with self._errors("counting"):
+            pipe = self._redis.pipeline(transaction=False)
+            for state in MessageState:
+                pipe.zcard(self.prefix + "s:" + state.value)
+            numbers = await pipe.execute()
+        return {state: int(n) for state, n in zip(MessageState, numbers, strict=True)}
+
+    # -- recovery and waiting ---------------------------------------------------------
+
+    async def recover(self) -> RecoveryReport:
+        report = RecoveryReport()
+        now = _num(self._clock())
+        with self._errors("recovering"):
+            while True:
+                moved = int(await self._write("expire", now, _RECOVER_BATCH))
+                report.leases_expired += moved
+                if moved < _RECOVER_BATCH:
+                    break
+            # Every record's fields are checked once at start, a bounded batch at a time
+            # (the hot paths never scan). The bytes are not read here: their checksum is
+            # checked wherever they are read (claim, get).
+            cursor = 0
+            while True:
+                cursor, batch = await self._redis.zscan(
+                    self.prefix + "all", cursor, count=_RECOVER_BATCH
+                )
+                ids = [_str(i) for i, _ in batch]
+                pipe = self._redis.pipeline(transaction=False)
+                for message_id in ids:
+                    pipe.hmget(self.prefix + "m:" + message_id, _META_FIELDS)
+                    pipe.hexists(self.prefix + "m:" + message_id, "data")
+                rows = await pipe.execute()
+                for n, message_id in enumerate(ids):
+                    values, has_data = rows[2 * n], rows[2 * n + 1]
+                    fields = {
+                        k: _bytes(v)
+                        for k, v in zip(_META_FIELDS, values, strict=True)
+                        if v is not None
+                    }
+                    if fields.get("state") == _QUARANTINED:
+                        report.quarantined.append(message_id)
+                        continue
+                    try:
+                        if not has_data:
+                            raise _Unreadable("message bytes missing")
+                        _decode(message_id, fields, with_data=False)
+                    except _Unreadable as exc:
+                        if await self._quarantine(message_id, str(exc)):
+                            report.quarantined.append(message_id)
+                if int(cursor) == 0:
+                    break
+        return report
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a wake-up was published (enqueue, release, requeue, retry from any
+        process), when the earliest due time or lease expiry arrives, or after ``timeout``.
+
+        Wake-ups are hints; the due set is the truth. A background task listens on the
+        channel, so any number of coroutines may wait at once, and it resubscribes after
+        Redis comes back (then wakes everyone, as anything may have changed meanwhile).
+        """
+        client = self._redis
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(client), name="hato-redis-wake")
+        # Only after the server confirmed SUBSCRIBE is no wake-up missed, so the due
+        # check below cannot race an enqueue.
+        with suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._subscribed.wait()
+        if not self._work.is_set():
+            # If Redis is away, wait out the timeout rather than spin.
+            with suppress(TimeoutError, rexc.RedisError, OSError):
+                deadline = min(deadline, loop.time() + await self._next_due_in())
+            with suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._work.wait()
+        self._work.clear()
+
+    async def _listen(self, client: aioredis.Redis) -> None:
+        """Turn messages on the wake channel into ``self._work``; reconnect forever."""
+        backoff, before = 0.05, False
+        while True:
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.prefix + "wake")
+                while True:
+                    # Bounded, so a quiet channel never meets the socket timeout.
+                    msg = await pubsub.get_message(timeout=10.0)
+                    if msg is None:
+                        continue
+                    if msg.get("type") == "subscribe":
+                        # A subscription again (here or inside redis-py's reconnect):
+                        # wake-ups may have been missed while it was down.
+                        if before:
+                            self._work.set()
+                        self._subscribed.set()
+                        backoff, before = 0.05, True
+                    elif msg.get("type") == "message":
+                        self._work.set()
+            except (TimeoutError, rexc.RedisError, OSError):
+                self._subscribed.clear()
+            finally:
+                with suppress(rexc.RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _next_due_in(self) -> float:
+        """Seconds until the earliest due time or lease expiry (inf when nothing waits)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.prefix + "due", 0, 0, withscores=True)
+        pipe.zrange(self.prefix + "leases", 0, 0, withscores=True)
+        scores = [float(s) for rows in await pipe.execute() for _, s in rows]
+        if not scores:
+            return math.inf
+        return max(0.0, min(scores) - self._clock())
