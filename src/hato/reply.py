@@ -99,3 +99,46 @@ BARE_LINE_ENDING = Reply(
 )
 NON_ASCII_WITHOUT_8BIT = Reply(554, "5.6.7", "8-bit data needs BODY=8BITMIME or SMTPUTF8")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+
+# Intake (smtp/protocol.py). Appended for the sans-IO server; wording pinned by dialogs.
+HELP = Reply(
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
+)
+AUTH_CHALLENGE_EMPTY = Reply(334, "", "")
+AUTH_CHALLENGE_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
+AUTH_CHALLENGE_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
+BARE_LINE_ENDING_COMMAND = Reply(
+    500, "5.5.2", "Bare CR or LF in command; use CRLF line endings (RFC 5321 2.3.8)"
+)
+INVALID_UTF8 = Reply(500, "5.5.2", "Command is not valid UTF-8")
+NUL_IN_COMMAND = Reply(501, "5.5.2", "NUL character not allowed in command")
+EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_SENDER_ADDRESS = Reply(501, "5.1.7", "Bad sender address syntax")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode authentication response")
+NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")
+NEED_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command")
+NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+PARAM_UNRECOGNIZED = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
+NEED_FQDN = Reply(553, "5.1.3", "Recipient address rejected: need fully-qualified address")
+CROSS_PROTOCOL = Reply(554, "5.7.0", "Not an SMTP command, closing connection")
+NUL_IN_DATA = Reply(554, "5.6.0", "NUL character not allowed in message data")
+TEXT_LINE_TOO_LONG = Reply(
+    554, "5.6.0", "Message has a line longer than 998 octets (RFC 5321 4.5.3.1.6)"
+)
+
+
+def queued_as(queue_id: str) -> Reply:
+    """The final DATA reply once the queue has committed the message."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -1,0 +1,806 @@
+"""Sans-IO ESMTP server: bytes in, replies and events out; no sockets, no asyncio.
+
+A :class:`ServerSession` is one SMTP conversation. The driver (``smtp/server.py``, or a
+test) feeds it the bytes the client sent with :meth:`ServerSession.receive` and acts on
+the events it returns, in order:
+
+* :class:`Send` — write ``reply`` to the client.
+* :class:`Rejected` — a policy or content rejection worth an operator log line (the
+  reply itself also comes as a :class:`Send`).
+* :class:`StartTLS` — the ``220`` is already in a :class:`Send` before it; write it,
+  upgrade the connection, then call :meth:`ServerSession.tls_started`.
+* :class:`Authenticate` — check the credentials (asynchronously), then call
+  :meth:`ServerSession.auth_result`.
+* :class:`MessageComplete` — enqueue the message, then call
+  :meth:`ServerSession.message_accepted` (only once it is durable) or
+  :meth:`ServerSession.message_rejected`.
+* :class:`Close` — close the connection once the replies before it are written.
+
+While an :class:`Authenticate` or :class:`MessageComplete` is unanswered the session
+processes no more input; bytes that arrive meanwhile are buffered and processed, in
+order, by the answering call (PIPELINING).
+
+The line-ending rule is strict: every line ends in CRLF. A bare CR or LF in a command
+is answered ``500 5.5.2`` and the connection closed; in DATA, ``554 5.6.11`` and the
+connection closed (like Postfix ``smtpd_forbid_bare_newline``), nothing queued. Only
+``CRLF.CRLF`` ends DATA, so no smuggled end-of-data (``\\n.\\n``, ``\\r.\\r``, ...) can
+split one DATA into two messages. Bytes pipelined after ``STARTTLS`` are discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from hato import reply
+from hato.message import Envelope
+from hato.reply import Reply
+from hato.smtp.auth import (
+    MECHANISMS,
+    decode_response,
+    parse_login_text,
+    parse_plain,
+)
+from hato.smtp.policy import Policy, SessionFacts
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Limits and names of a session; the driver-side limits live here too.
+
+    Defaults follow Postfix where it has one (``smtpd_hard_error_limit``,
+    ``hopcount_limit``, ``smtpd_timeout``, ``message_size_limit`` of the guide).
+    """
+
+    hostname: str = "localhost"
+    # RFC 5321 4.5.3.1.4 asks for at least 512; AUTH responses share this limit.
+    max_command_line: int = 2048
+    # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
+    max_text_line: int = 1000
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 1000
+    max_errors: int = 20
+    max_auth_failures: int = 3
+    max_received_headers: int = 50
+    # Used by the driver only. idle: the client sends nothing at all for this long;
+    # command: one command line, or one whole DATA transfer, takes longer than this
+    # from our previous reply (trickling clients).
+    idle_timeout: float = 300.0
+    command_timeout: float = 600.0
+    max_connections: int = 500
+    max_connections_per_client: int = 50
+
+
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A rejection for the operator log; ``command`` is ``MAIL``, ``RCPT``, ``DATA``,
+    ``END-OF-MESSAGE``, ``AUTH`` or ``CONNECT``."""
+
+    command: str
+    reply: Reply
+    sender: str | None = None
+    recipient: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    mechanism: str
+    authzid: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete:
+    """A message to enqueue. ``data`` already starts with our ``Received:`` header and is
+    dot-unstuffed, CRLF throughout."""
+
+    envelope: Envelope
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    pass
+
+
+Event = Send | Rejected | StartTLS | Authenticate | MessageComplete | Close
+
+_CLOSE = Close()
+_START_TLS = StartTLS()
+
+# States
+_COMMAND = 0
+_DATA = 1
+_AUTH_PLAIN = 2
+_AUTH_LOGIN_USER = 3
+_AUTH_LOGIN_PASS = 4
+_WAIT_AUTH = 5
+_WAIT_MESSAGE = 6
+_TLS_PENDING = 7
+_SKIP_LINE = 8
+_CLOSED = 9
+
+_AUTH_STATES = (_AUTH_PLAIN, _AUTH_LOGIN_USER, _AUTH_LOGIN_PASS)
+_WAITING = (_WAIT_AUTH, _WAIT_MESSAGE, _TLS_PENDING, _CLOSED)
+
+# Other protocols talking to our port (Postfix smtpd_forbidden_commands): HTTP request
+# methods, and header lines ("Host:") from a proxy that already sent its request line.
+_FOREIGN_VERBS = frozenset(
+    {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE", "PATCH", "TRACE"}
+)
+
+_PATH_RE = re.compile(r' *<((?:"(?:[^"\\]|\\[\x20-\x7e])*"|[^<>"\s])*)>')
+_PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+)?")
+_RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_HELO_UNSAFE_RE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
+_DATA_END = b"\r\n.\r\n"
+
+
+def _has_long_line(data: bytes, limit: int) -> bool:
+    """Does ``data`` (CRLF lines) hold a line longer than ``limit`` octets with its CRLF?"""
+    if len(data) <= limit:
+        return False
+    # ``split`` runs in C; far cheaper than a Python loop or a backtracking regex.
+    return max(map(len, data.split(b"\n"))) + 1 > limit
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(seconds: int) -> str:
+    return format_datetime(datetime.fromtimestamp(seconds, UTC))
+
+
+def _sanitize_helo(helo: str) -> str:
+    return _HELO_UNSAFE_RE.sub("?", helo[:255]) or "unknown"
+
+
+def _address_literal(ip: str) -> str:
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+class ServerSession:
+    """One SMTP server conversation, as a pure state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        policy: Policy,
+        *,
+        client_ip: str,
+        tls_active: bool = False,
+        tls_available: bool = False,
+        auth_available: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.facts: SessionFacts = policy.facts(client_ip, tls=tls_active)
+        self.tls_available = tls_available
+        self.auth_available = auth_available
+        self._clock = clock
+        self._buf = bytearray()
+        self._out: list[Event] = []
+        self._state = _COMMAND
+        self.helo = ""
+        self.esmtp = False
+        self.errors = 0
+        self.auth_failures = 0
+        self.messages = 0
+        # Transaction.
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self._rcpt_set: set[str] = set()
+        self._smtputf8 = False
+        # DATA scanning; see _feed_data.
+        self._scan = 0
+        self._checked = 0
+        self._size_base = 0
+        self._too_big = False
+        self._nul = False
+        # AUTH exchange.
+        self._auth_mechanism = ""
+        self._auth_username = ""
+
+    # Public API ------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        """True while message data is being received."""
+        return self._state == _DATA
+
+    @property
+    def waiting(self) -> bool:
+        """True while an Authenticate or MessageComplete answer is outstanding."""
+        return self._state in (_WAIT_AUTH, _WAIT_MESSAGE)
+
+    def greeting(self) -> Reply:
+        # RFC 2034 3: no enhanced code in the greeting.
+        return Reply(220, "", f"{self.config.hostname} ESMTP Hato")
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Feed bytes from the client; returns the events they cause, in order."""
+        state = self._state
+        if state in (_CLOSED, _TLS_PENDING):
+            # STARTTLS injection (CVE-2011-0411): nothing sent in the clear after
+            # STARTTLS may be acted upon.
+            return []
+        self._buf += data
+        if state in (_WAIT_AUTH, _WAIT_MESSAGE):
+            return []
+        out: list[Event] = []
+        self._out = out
+        self._run()
+        return out
+
+    def tls_started(self) -> list[Event]:
+        """The driver finished the TLS handshake after :class:`StartTLS`."""
+        if self._state != _TLS_PENDING:
+            return []
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        self.facts.tls = True
+        self.facts.user = ""
+        self.helo = ""
+        self.esmtp = False
+        self._reset_transaction()
+        self._buf.clear()
+        self._state = _COMMAND
+        return []
+
+    def auth_result(self, user: str | None) -> list[Event]:
+        """Answer an :class:`Authenticate`: the authenticated user, or ``None``."""
+        if self._state != _WAIT_AUTH:
+            return []
+        out: list[Event] = []
+        self._out = out
+        self._state = _COMMAND
+        if user:
+            self.facts.user = user
+            self._send(reply.AUTH_OK)
+        else:
+            self.auth_failures += 1
+            self._out.append(Rejected("AUTH", reply.AUTH_FAILED))
+            if self.auth_failures >= self.config.max_auth_failures:
+                self._send(reply.AUTH_FAILED)
+                self._send(reply.TOO_MANY_AUTH_FAILURES)
+                self._close()
+                return out
+            self._error(reply.AUTH_FAILED)
+        self._run()
+        return out
+
+    def message_accepted(self, queue_id: str) -> list[Event]:
+        """Answer a :class:`MessageComplete` once the message is durable."""
+        if self._state != _WAIT_MESSAGE:
+            return []
+        out: list[Event] = []
+        self._out = out
+        self.messages += 1
+        return self._end_message(reply.queued_as(queue_id), out)
+
+    def message_rejected(self, answer: Reply) -> list[Event]:
+        """Answer a :class:`MessageComplete` that could not be enqueued."""
+        if self._state != _WAIT_MESSAGE:
+            return []
+        out: list[Event] = []
+        self._out = out
+        out.append(Rejected("END-OF-MESSAGE", answer, self.sender))
+        return self._end_message(answer, out)
+
+    def _end_message(self, answer: Reply, out: list[Event]) -> list[Event]:
+        self._state = _COMMAND
+        self._reset_transaction()
+        self._send(answer)
+        self._run()
+        return out
+
+    # Input loop ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        buf = self._buf
+        max_line = self.config.max_command_line
+        while buf:
+            state = self._state
+            if state == _DATA:
+                if not self._feed_data():
+                    return
+                continue
+            if state in _WAITING:
+                return
+            idx = buf.find(b"\n")
+            if state == _SKIP_LINE:
+                if idx < 0:
+                    buf.clear()
+                    return
+                del buf[: idx + 1]
+                self._state = _COMMAND
+                continue
+            if idx < 0:
+                if len(buf) > max_line:
+                    buf.clear()
+                    self._state = _SKIP_LINE
+                    self._abort_auth()
+                    self._error(reply.LINE_TOO_LONG)
+                return
+            line = bytes(buf[: idx + 1])
+            del buf[: idx + 1]
+            if idx + 1 > max_line:
+                self._abort_auth()
+                self._error(reply.LINE_TOO_LONG)
+                continue
+            self._line(line)
+
+    def _abort_auth(self) -> None:
+        if self._state in _AUTH_STATES:
+            self._state = _COMMAND
+
+    def _line(self, line: bytes) -> None:
+        if len(line) < 2 or line[-2] != 0x0D or line.find(b"\r", 0, len(line) - 2) >= 0:
+            self._send(reply.BARE_LINE_ENDING_COMMAND)
+            self._close()
+            return
+        raw = line[:-2]
+        if b"\0" in raw:
+            self._abort_auth()
+            self._error(reply.NUL_IN_COMMAND)
+            return
+        if self._state != _COMMAND:
+            self._auth_line(raw)
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(reply.INVALID_UTF8)
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            if verb in _FOREIGN_VERBS or verb.endswith(":"):
+                self._out.append(Rejected("CONNECT", reply.CROSS_PROTOCOL))
+                self._send(reply.CROSS_PROTOCOL)
+                self._close()
+                return
+            self._error(reply.UNRECOGNIZED)
+            return
+        handler(self, arg.strip(" "))
+
+    # Output helpers --------------------------------------------------------------
+
+    def _send(self, answer: Reply) -> None:
+        self._out.append(Send(answer))
+
+    def _error(self, answer: Reply) -> None:
+        """Send a negative reply that counts towards the hard error limit."""
+        self._out.append(Send(answer))
+        self.errors += 1
+        if self.errors >= self.config.max_errors and self._state != _CLOSED:
+            self._send(reply.TOO_MANY_ERRORS)
+            self._close()
+
+    def _reject(self, command: str, answer: Reply, *, recipient: str | None = None) -> None:
+        self._out.append(Rejected(command, answer, self.sender, recipient))
+        if answer.is_permanent:
+            self._error(answer)
+        else:
+            self._send(answer)
+
+    def _close(self) -> None:
+        self._state = _CLOSED
+        self._buf.clear()
+        self._out.append(_CLOSE)
+
+    def _reset_transaction(self) -> None:
+        self.sender = None
+        if self.recipients:
+            self.recipients = []
+            self._rcpt_set = set()
+        self._smtputf8 = False
+
+    # Commands --------------------------------------------------------------------
+
+    def _ehlo_reply(self) -> Reply:
+        lines = [
+            self.config.hostname,
+            "PIPELINING",
+            f"SIZE {self.config.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_available and not self.facts.tls:
+            lines.append("STARTTLS")
+        if self.auth_available and self.policy.auth_permitted(self.facts) and not self.facts.user:
+            lines.append("AUTH " + " ".join(MECHANISMS))
+        # RFC 2034 3: EHLO keyword lines carry no enhanced code.
+        return Reply(250, "", "\n".join(lines))
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        if not arg:
+            self._error(reply.EHLO_SYNTAX)
+            return
+        self.helo = arg
+        self.esmtp = True
+        self._reset_transaction()
+        self._send(self._ehlo_reply())
+
+    def _cmd_helo(self, arg: str) -> None:
+        if not arg:
+            self._error(reply.HELO_SYNTAX)
+            return
+        self.helo = arg
+        self.esmtp = False
+        self._reset_transaction()
+        self._send(Reply(250, "", self.config.hostname))
+
+    def _cmd_mail(self, arg: str) -> None:
+        if not self.helo:
+            self._error(reply.NEED_HELO)
+            return
+        if self.sender is not None:
+            self._error(reply.NESTED_MAIL)
+            return
+        refusal = self.policy.mail_permitted(self.facts)
+        if refusal is not None:
+            self._reject("MAIL", refusal)
+            return
+        if arg[:5].upper() != "FROM:":
+            self._error(reply.MAIL_SYNTAX)
+            return
+        m = _PATH_RE.match(arg, 5)
+        if m is None:
+            self._error(reply.MAIL_SYNTAX)
+            return
+        smtputf8 = False
+        rest = arg[m.end() :]
+        if rest:
+            if rest[0] != " ":
+                self._error(reply.MAIL_SYNTAX)
+                return
+            for param in rest.split():
+                if _PARAM_RE.fullmatch(param) is None:
+                    self._error(reply.MAIL_SYNTAX)
+                    return
+                key, _, value = param.partition("=")
+                key = key.upper()
+                if key == "SIZE":
+                    if not value.isdigit() or len(value) > 20:
+                        self._error(reply.MAIL_SYNTAX)
+                        return
+                    if int(value) > self.config.max_message_size:
+                        self._reject("MAIL", reply.MESSAGE_TOO_BIG)
+                        return
+                elif key == "BODY":
+                    if value.upper() not in ("7BIT", "8BITMIME"):
+                        self._error(reply.PARAM_NOT_IMPLEMENTED)
+                        return
+                elif key == "SMTPUTF8":
+                    if value:
+                        self._error(reply.MAIL_SYNTAX)
+                        return
+                    smtputf8 = True
+                elif key == "AUTH":
+                    pass  # RFC 4954 5: we may ignore the claimed submitter.
+                else:
+                    self._error(reply.PARAM_UNRECOGNIZED)
+                    return
+        decision = self.policy.check_sender(self.facts, m.group(1), smtputf8=smtputf8)
+        if isinstance(decision, Reply):
+            self._reject("MAIL", decision)
+            return
+        self.sender = decision
+        self._smtputf8 = smtputf8
+        self._send(reply.SENDER_OK)
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        if self.sender is None:
+            self._error(reply.NEED_MAIL)
+            return
+        if arg[:3].upper() != "TO:":
+            self._error(reply.RCPT_SYNTAX)
+            return
+        m = _PATH_RE.match(arg, 3)
+        if m is None:
+            self._error(reply.RCPT_SYNTAX)
+            return
+        rest = arg[m.end() :]
+        if rest:
+            if rest[0] != " ":
+                self._error(reply.RCPT_SYNTAX)
+                return
+            self._error(reply.PARAM_UNRECOGNIZED)
+            return
+        if len(self.recipients) >= self.config.max_recipients:
+            self._reject("RCPT", reply.TOO_MANY_RECIPIENTS, recipient=m.group(1))
+            return
+        decision = self.policy.check_recipient(self.facts, m.group(1), smtputf8=self._smtputf8)
+        if isinstance(decision, Reply):
+            self._reject("RCPT", decision, recipient=m.group(1))
+            return
+        if decision not in self._rcpt_set:
+            self._rcpt_set.add(decision)
+            self.recipients.append(decision)
+        self._send(reply.RECIPIENT_OK)
+
+    def _cmd_data(self, arg: str) -> None:
+        if arg:
+            self._error(reply.SYNTAX_ERROR)
+            return
+        if self.sender is None:
+            self._error(reply.NEED_MAIL)
+            return
+        if not self.recipients:
+            self._reject("DATA", reply.NO_VALID_RECIPIENTS)
+            return
+        self._send(reply.START_DATA)
+        self._state = _DATA
+        # A virtual CRLF in front makes "." on the first line end DATA like any other
+        # and lets one search (and one dot-unstuffing replace) cover every line.
+        self._buf[0:0] = b"\r\n"
+        self._scan = 0
+        self._checked = 0
+        self._size_base = -2
+        self._too_big = False
+        self._nul = False
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg:
+            self._error(reply.SYNTAX_ERROR)
+            return
+        self._reset_transaction()
+        self._send(reply.RESET_OK)
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._send(reply.NOOP_OK)
+
+    def _cmd_quit(self, arg: str) -> None:
+        self._send(reply.BYE)
+        self._close()
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        self._send(reply.VRFY_DISABLED)
+
+    def _cmd_expn(self, arg: str) -> None:
+        self._send(reply.NOT_IMPLEMENTED)
+
+    def _cmd_help(self, arg: str) -> None:
+        self._send(reply.HELP)
+
+    def _cmd_not_implemented(self, arg: str) -> None:
+        self._error(reply.NOT_IMPLEMENTED)
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if arg:
+            self._error(reply.SYNTAX_ERROR)
+            return
+        if self.facts.tls:
+            self._error(reply.TLS_ALREADY_ACTIVE)
+            return
+        if not self.tls_available:
+            self._send(reply.TLS_UNAVAILABLE)
+            return
+        self._send(reply.READY_TLS)
+        self._out.append(_START_TLS)
+        self._state = _TLS_PENDING
+        self._buf.clear()
+
+    # AUTH ------------------------------------------------------------------------
+
+    def _cmd_auth(self, arg: str) -> None:
+        if not self.esmtp:
+            self._error(reply.NEED_EHLO)
+            return
+        if not self.auth_available:
+            self._error(reply.AUTH_NOT_ENABLED)
+            return
+        if self.facts.user:
+            self._error(reply.AUTH_ALREADY)
+            return
+        if self.sender is not None:
+            self._error(reply.AUTH_IN_TRANSACTION)
+            return
+        if not self.policy.auth_permitted(self.facts):
+            self._reject("AUTH", reply.AUTH_ENCRYPTION_REQUIRED)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip(" ")
+        if mechanism not in MECHANISMS:
+            self._error(reply.AUTH_MECH_UNKNOWN)
+            return
+        self._auth_mechanism = mechanism
+        if mechanism == "PLAIN":
+            if initial:
+                self._state = _AUTH_PLAIN
+                self._auth_line(initial.encode("utf-8"))
+            else:
+                self._state = _AUTH_PLAIN
+                self._send(reply.AUTH_CHALLENGE_EMPTY)
+        elif initial:
+            self._state = _AUTH_LOGIN_USER
+            self._auth_line(initial.encode("utf-8"))
+        else:
+            self._state = _AUTH_LOGIN_USER
+            self._send(reply.AUTH_CHALLENGE_USERNAME)
+
+    def _auth_line(self, raw: bytes) -> None:
+        state = self._state
+        if raw == b"*":
+            self._state = _COMMAND
+            self._error(reply.AUTH_CANCELLED)
+            return
+        blob = decode_response(raw)
+        if blob is None:
+            self._state = _COMMAND
+            self._error(reply.AUTH_BAD_RESPONSE)
+            return
+        if state == _AUTH_PLAIN:
+            creds = parse_plain(blob)
+            if creds is None:
+                self._state = _COMMAND
+                self._error(reply.AUTH_BAD_RESPONSE)
+                return
+            self._state = _WAIT_AUTH
+            self._out.append(Authenticate("PLAIN", creds.authzid, creds.username, creds.password))
+            return
+        text = parse_login_text(blob)
+        if text is None:
+            self._state = _COMMAND
+            self._error(reply.AUTH_BAD_RESPONSE)
+            return
+        if state == _AUTH_LOGIN_USER:
+            self._auth_username = text
+            self._state = _AUTH_LOGIN_PASS
+            self._send(reply.AUTH_CHALLENGE_PASSWORD)
+            return
+        username, self._auth_username = self._auth_username, ""
+        self._state = _WAIT_AUTH
+        self._out.append(Authenticate("LOGIN", "", username, text))
+
+    # DATA ------------------------------------------------------------------------
+
+    def _feed_data(self) -> bool:
+        """Scan buffered DATA; True when the message ended (state has moved on)."""
+        buf = self._buf
+        idx = buf.find(_DATA_END, self._scan)
+        if idx >= 0:
+            end = idx + 2
+        else:
+            end = len(buf)
+            if buf[end - 1] == 0x0D:
+                # A CR at the end may yet be followed by its LF.
+                end -= 1
+        start = self._checked
+        if start < end:
+            # Each CR must be followed by LF and each LF preceded by CR: counting in C
+            # is enough, because the region never starts between a CR and its LF.
+            lf = buf.count(b"\n", start, end)
+            if lf != buf.count(b"\r", start, end) or lf != buf.count(b"\r\n", start, end):
+                self._out.append(Rejected("DATA", reply.BARE_LINE_ENDING, self.sender))
+                self._send(reply.BARE_LINE_ENDING)
+                self._close()
+                return False
+            if not self._nul and buf.find(b"\0", start, end) >= 0:
+                self._nul = True
+            self._checked = end
+        if idx < 0:
+            size = self._size_base + len(buf)
+            if size > self.config.max_message_size:
+                self._too_big = True
+            if self._too_big and len(buf) > 8:
+                # Keep only what the terminator search and the CR check still need.
+                drop = min(len(buf) - 4, self._checked)
+                del buf[:drop]
+                self._size_base += drop
+                self._checked -= drop
+            self._scan = max(0, len(buf) - 4)
+            return False
+        size = self._size_base + idx + 2
+        content = bytes(buf[: idx + 2]) if not self._too_big else b""
+        del buf[: idx + 5]
+        self._state = _COMMAND
+        self._finish_message(content, size)
+        return True
+
+    def _finish_message(self, content: bytes, size: int) -> None:
+        """``content`` is the raw DATA with the virtual leading CRLF and last line's CRLF."""
+        answer: Reply | None = None
+        if self._too_big or size > self.config.max_message_size:
+            answer = reply.MESSAGE_TOO_BIG
+        elif self._nul:
+            answer = reply.NUL_IN_DATA
+        elif _has_long_line(content, self.config.max_text_line):
+            answer = reply.TEXT_LINE_TOO_LONG
+        else:
+            header_end = content.find(b"\r\n\r\n")
+            headers = content if header_end < 0 else content[:header_end]
+            limit = self.config.max_received_headers
+            # Counting "\nreceived" in C is an upper bound; the exact regex runs only
+            # when that bound is over the limit.
+            if (
+                headers.lower().count(b"\nreceived") > limit
+                and len(_RECEIVED_RE.findall(headers)) > limit
+            ):
+                answer = reply.LOOP_DETECTED
+        if answer is not None:
+            self._out.append(Rejected("END-OF-MESSAGE", answer, self.sender))
+            self._reset_transaction()
+            self._error(answer)
+            return
+        body = content.replace(b"\r\n.", b"\r\n")[2:]
+        sender = self.sender if self.sender is not None else ""
+        envelope = Envelope(
+            sender=sender,
+            recipients=self.recipients,
+            client_address=self.facts.client_ip,
+            client_helo=self.helo,
+            auth_user=self.facts.user,
+            smtputf8=self._smtputf8,
+            body_8bit=not body.isascii(),
+        )
+        self._state = _WAIT_MESSAGE
+        self._out.append(MessageComplete(envelope, self._received_header() + body))
+
+    def _received_header(self) -> bytes:
+        if self._smtputf8:
+            proto = "UTF8SMTP"
+        elif self.esmtp or self.facts.tls or self.facts.user:
+            proto = "ESMTP"
+        else:
+            proto = "SMTP"
+        if self.facts.tls:
+            proto += "S"
+        if self.facts.user:
+            proto += "A"
+        if proto == "SMTPS":  # HELO then STARTTLS: RFC 3848 has no name for it
+            proto = "ESMTPS"
+        recipient = f"\r\n\tfor <{self.recipients[0]}>" if len(self.recipients) == 1 else ""
+        date = _rfc5322_date(int(self._clock()))
+        text = (
+            f"Received: from {_sanitize_helo(self.helo)} "
+            f"({_address_literal(self.facts.client_ip)})\r\n"
+            f"\tby {self.config.hostname} (Hato) with {proto}{recipient};\r\n"
+            f"\t{date}\r\n"
+        )
+        return text.encode("utf-8")
+
+
+_HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
+    "EHLO": ServerSession._cmd_ehlo,
+    "HELO": ServerSession._cmd_helo,
+    "MAIL": ServerSession._cmd_mail,
+    "RCPT": ServerSession._cmd_rcpt,
+    "DATA": ServerSession._cmd_data,
+    "RSET": ServerSession._cmd_rset,
+    "NOOP": ServerSession._cmd_noop,
+    "QUIT": ServerSession._cmd_quit,
+    "VRFY": ServerSession._cmd_vrfy,
+    "EXPN": ServerSession._cmd_expn,
+    "HELP": ServerSession._cmd_help,
+    "STARTTLS": ServerSession._cmd_starttls,
+    "AUTH": ServerSession._cmd_auth,
+    "BDAT": ServerSession._cmd_not_implemented,
+    "ETRN": ServerSession._cmd_not_implemented,
+    "TURN": ServerSession._cmd_not_implemented,
+}

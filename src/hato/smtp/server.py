@@ -1,0 +1,539 @@
+"""The SMTP listener: a thin ``asyncio.Protocol`` that drives :class:`ServerSession`.
+
+It owns everything the pure state machine does not: sockets, TLS (``loop.start_tls`` for
+STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits, the
+credential check, the queue and the operator log. ``250`` after DATA is written only
+once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
+
+While the session waits for an answer (enqueue, credential check, TLS handshake) the
+connection stops reading, so pipelined input waits in the kernel and in the session's
+buffer and is processed in order afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from hato import reply
+from hato.errors import ConfigError, QueueError, QueueFullError
+from hato.maillog import MailLog
+from hato.message import Envelope
+from hato.queue.base import Queue
+from hato.reply import Reply
+from hato.smtp.auth import Authenticator
+from hato.smtp.policy import ListenerConfig, Policy
+from hato.smtp.protocol import (
+    Authenticate,
+    Close,
+    Event,
+    MessageComplete,
+    Rejected,
+    Send,
+    ServerSession,
+    SessionConfig,
+    StartTLS,
+)
+from hato.smtp.tls import TLSContextProvider
+
+_debug = logging.getLogger(__name__)
+
+# Reasons for which reading is paused; reading resumes when none is left.
+_ASYNC = "async"
+_WRITE = "write"
+_TLS = "tls"
+
+
+@functools.lru_cache(maxsize=256)
+def _wire(answer: Reply) -> bytes:
+    return answer.to_bytes()
+
+
+def _client_name(ip: str) -> str:
+    # No reverse DNS on the hot path; Postfix writes "unknown[ip]" in that case.
+    return f"unknown[{ip}]"
+
+
+class SMTPListener:
+    """One listening socket with its role, policy and limits. Build with
+    :func:`start_listener`."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        *,
+        queue: Queue,
+        policy: Policy,
+        authenticator: Authenticator | None,
+        tls: TLSContextProvider | None,
+        log: MailLog,
+        limits: SessionConfig,
+        hold: bool = False,
+        reuse_port: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.listener = listener
+        self.reuse_port = reuse_port
+        self.queue = queue
+        self.policy = policy
+        self.authenticator = authenticator
+        self.tls = tls
+        self.log = log
+        self.limits = limits
+        self.hold = hold
+        self.clock = clock
+        self.server: asyncio.Server | None = None
+        self.connections: set[_Connection] = set()
+        self._per_client: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    async def start(self) -> None:
+        if self.listener.implicit_tls and self.tls is None:
+            raise ConfigError(f"listener {self.address} (submissions) needs a TLS certificate")
+        ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
+        loop = asyncio.get_running_loop()
+        try:
+            self.server = await loop.create_server(
+                lambda: _Connection(self),
+                self.listener.host,
+                self.listener.port,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+
+    @property
+    def address(self) -> str:
+        return f"{self.listener.host}:{self.listener.port}"
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the listener was configured with port 0)."""
+        if self.server is None or not self.server.sockets:
+            return self.listener.port
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def host(self) -> str:
+        if self.server is None or not self.server.sockets:
+            return self.listener.host
+        return str(self.server.sockets[0].getsockname()[0])
+
+    def admit(self, ip: str) -> bool:
+        """Count a new connection; ``False`` if it is over a limit (then nothing counted).
+
+        Trusted networks are exempt from the per-client limit, as in Postfix
+        (``smtpd_client_event_limit_exceptions = $mynetworks``): an app server's
+        connection pool must not be refused by its own relay.
+        """
+        if len(self.connections) >= self.limits.max_connections:
+            return False
+        count = self._per_client.get(ip, 0)
+        if count >= self.limits.max_connections_per_client and not self.policy.is_trusted(ip):
+            return False
+        self._per_client[ip] = count + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        left = self._per_client.get(ip, 0) - 1
+        if left > 0:
+            self._per_client[ip] = left
+        else:
+            self._per_client.pop(ip, None)
+
+    def spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets, like :attr:`asyncio.Server.sockets`."""
+        return tuple(self.server.sockets) if self.server is not None else ()
+
+    def close(self) -> None:
+        """Stop accepting and say ``421 4.3.2`` to every session not waiting for the
+        queue (those get it right after their answer), like :meth:`asyncio.Server.close`."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+
+    async def wait_closed(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout`` seconds) for messages being enqueued and for the
+        sessions to end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        for conn in list(self.connections):
+            conn.shutdown()
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.abort()
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), max(0.0, deadline - loop.time()))
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """:meth:`close` then :meth:`wait_closed`."""
+        self.close()
+        await self.wait_closed(timeout)
+
+    async def __aenter__(self) -> SMTPListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def start_listener(
+    listener: ListenerConfig,
+    *,
+    queue: Queue,
+    policy: Policy,
+    authenticator: Authenticator | None = None,
+    tls: TLSContextProvider | None = None,
+    log: MailLog,
+    hostname: str | None = None,
+    limits: SessionConfig | None = None,
+    hold: bool = False,
+    reuse_port: bool = False,
+    clock: Callable[[], float] = time.time,
+    max_connections: int | None = None,
+    max_connections_per_client: int | None = None,
+    idle_timeout: float | None = None,
+    command_timeout: float | None = None,
+) -> SMTPListener:
+    """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
+    ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
+    several processes share the port (SO_REUSEPORT) to use every core. The other
+    keywords, when given, override the same fields of ``limits``. Raises
+    :class:`~hato.errors.ConfigError` if the address cannot be bound."""
+    config = limits if limits is not None else SessionConfig()
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("hostname", hostname),
+            ("max_connections", max_connections),
+            ("max_connections_per_client", max_connections_per_client),
+            ("idle_timeout", idle_timeout),
+            ("command_timeout", command_timeout),
+        )
+        if value is not None
+    }
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    smtp = SMTPListener(
+        listener,
+        queue=queue,
+        policy=policy,
+        authenticator=authenticator,
+        tls=tls,
+        log=log,
+        limits=config,
+        hold=hold,
+        reuse_port=reuse_port,
+        clock=clock,
+    )
+    await smtp.start()
+    return smtp
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, listener: SMTPListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.session: ServerSession | None = None
+        self.ip = ""
+        self.client = ""
+        self.lost = False
+        self._admitted = False
+        self._paused: set[str] = set()
+        # Set once loop.start_tls has taken the socket over: from then on data_received
+        # carries decrypted bytes, which may come before start_tls returns.
+        self._tls_upgrading = False
+        self._tls_early = bytearray()
+        self._last_reply = 0.0
+        self._last_input = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        listener = self.listener
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.client = _client_name(self.ip)
+        if listener.closing or not listener.admit(self.ip):
+            answer = reply.SHUTTING_DOWN if listener.closing else reply.TOO_MANY_CONNECTIONS
+            listener.log.rejected(self.client, "CONNECT", answer)
+            transport.write(_wire(answer))
+            transport.close()
+            return
+        self._admitted = True
+        listener.connections.add(self)
+        listener.log.connect(self.client)
+        tls_active = transport.get_extra_info("sslcontext") is not None
+        self.session = ServerSession(
+            listener.limits,
+            listener.policy,
+            client_ip=self.ip,
+            tls_active=tls_active,
+            tls_available=listener.tls is not None,
+            auth_available=listener.authenticator is not None,
+            clock=listener.clock,
+        )
+        transport.write(_wire(self.session.greeting()))
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            return
+        self._last_input = self._loop.time()
+        if self._tls_upgrading:
+            self._tls_early += data
+            return
+        self._handle(self.session.receive(data))
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; a half-open SMTP session is useless
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._admitted:
+            self._admitted = False
+            self.listener.release(self.ip)
+            self.listener.connections.discard(self)
+            session = self.session
+            self.listener.log.disconnect(
+                self.client,
+                messages=session.messages if session else 0,
+                errors=session.errors if session else 0,
+            )
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its commands.
+        self._pause(_WRITE)
+
+    def resume_writing(self) -> None:
+        self._resume(_WRITE)
+
+    # Driving the session ---------------------------------------------------------
+
+    def _handle(self, events: list[Event]) -> None:
+        transport = self.transport
+        session = self.session
+        if transport is None or session is None or self.lost:
+            return
+        out = bytearray()
+        wrote = False
+        for event in events:
+            if isinstance(event, Send):
+                out += _wire(event.reply)
+                wrote = True
+            elif isinstance(event, Rejected):
+                self._log_rejected(event)
+            elif isinstance(event, MessageComplete):
+                self._flush(out)
+                self._pause(_ASYNC)
+                self.listener.spawn(self._enqueue(event.envelope, event.data))
+            elif isinstance(event, Authenticate):
+                self._flush(out)
+                self._pause(_ASYNC)
+                self.listener.spawn(self._authenticate(event))
+            elif isinstance(event, StartTLS):
+                self._flush(out)
+                self._pause(_TLS)
+                self.listener.spawn(self._start_tls())
+            elif isinstance(event, Close):
+                self._flush(out)
+                self._cancel_timer()
+                transport.close()
+                return
+        self._flush(out)
+        if wrote and not session.waiting:
+            self._arm()
+
+    def _flush(self, out: bytearray) -> None:
+        if out and self.transport is not None and not self.lost:
+            self.transport.write(bytes(out))
+            out.clear()
+
+    def _log_rejected(self, event: Rejected) -> None:
+        fields: dict[str, object] = {}
+        if event.sender is not None:
+            fields["from"] = event.sender
+        if event.recipient is not None:
+            fields["to"] = event.recipient
+        self.listener.log.rejected(self.client, event.command, event.reply, **fields)
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None and not self.lost:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+        if reason != _WRITE:
+            self._cancel_timer()
+
+    def _resume(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    # Asynchronous answers --------------------------------------------------------
+
+    async def _enqueue(self, envelope: Envelope, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        listener = self.listener
+        try:
+            queue_id = await listener.queue.enqueue(envelope, data, held=listener.hold)
+        except QueueFullError as exc:
+            _debug.warning("queue full: %s", exc)
+            events = session.message_rejected(reply.STORAGE_FULL)
+        except QueueError as exc:
+            _debug.warning("queue error: %s", exc)
+            events = session.message_rejected(reply.QUEUE_ERROR)
+        except Exception:  # a bug in a backend must not take the listener down
+            _debug.exception("unexpected error while enqueueing")
+            events = session.message_rejected(reply.LOCAL_ERROR)
+        else:
+            listener.log.received(
+                queue_id,
+                client=self.client,
+                sender=envelope.sender,
+                size=len(data),
+                nrcpt=len(envelope.recipients),
+                sasl_username=envelope.auth_user or None,
+            )
+            events = session.message_accepted(queue_id)
+        self._resume(_ASYNC)
+        self._handle(events)
+        if listener.closing:
+            self.shutdown()
+
+    async def _authenticate(self, event: Authenticate) -> None:
+        session = self.session
+        authenticator = self.listener.authenticator
+        assert session is not None and authenticator is not None
+        try:
+            user = await authenticator.authenticate(
+                event.username, event.password, authzid=event.authzid
+            )
+        except Exception:  # a broken user store refuses, it does not crash the session
+            _debug.exception("authenticator failed")
+            user = None
+        if user is None:
+            self.listener.log.auth_failed(self.client, event.username, event.mechanism)
+        events = session.auth_result(user)
+        self._resume(_ASYNC)
+        self._handle(events)
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        tls = self.listener.tls
+        session = self.session
+        assert transport is not None and tls is not None and session is not None
+        if self.lost:
+            return
+        self._tls_upgrading = True
+        try:
+            new_transport = await self._loop.start_tls(
+                transport,
+                self,
+                tls.context(),
+                server_side=True,
+                ssl_handshake_timeout=self.listener.limits.idle_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as exc:
+            _debug.info("TLS handshake with %s failed: %s", self.client, exc)
+            transport.abort()
+            return
+        if new_transport is None:  # pragma: no cover - only for protocols that close
+            transport.abort()
+            return
+        self.transport = new_transport
+        self._tls_upgrading = False
+        session.tls_started()
+        self._paused.discard(_TLS)
+        self._arm()
+        if self._tls_early:
+            early = bytes(self._tls_early)
+            self._tls_early.clear()
+            self._handle(session.receive(early))
+        if not self._paused:
+            new_transport.resume_reading()
+
+    # Timeouts --------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        limits = self.listener.limits
+        return min(
+            max(self._last_input, self._last_reply) + limits.idle_timeout,
+            self._last_reply + limits.command_timeout,
+        )
+
+    def _arm(self) -> None:
+        """A reply went out: both clocks restart."""
+        if self.session is None or self.lost:
+            return
+        self._last_reply = self._last_input = self._loop.time()
+        deadline = self._deadline()
+        if self._timer is not None and self._timer.when() > deadline:
+            self._cancel_timer()
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.lost or self.transport is None:
+            return
+        deadline = self._deadline()
+        if self._loop.time() < deadline:
+            # Input moved the deadline on since the timer was set: sleep until then.
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self.listener.log.rejected(self.client, "TIMEOUT", reply.TIMEOUT)
+        self.transport.write(_wire(reply.TIMEOUT))
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Server stop: say 421 and close (sessions waiting for the queue finish first)."""
+        session = self.session
+        if self.lost or self.transport is None:
+            return
+        if session is not None and session.waiting:
+            return
+        self._cancel_timer()
+        self.transport.write(_wire(reply.SHUTTING_DOWN))
+        self.transport.close()
