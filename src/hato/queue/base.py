@@ -4,16 +4,18 @@ A message is stored once with its envelope and bytes, and carries one
 :class:`RecipientStatus` per recipient. Its :class:`MessageState` is derived from those
 recipients and its lease:
 
-=========  ================================================================
-state      meaning
-=========  ================================================================
-queued     has pending recipients, never tried (or released for retry)
-sending    claimed by a worker whose lease has not expired
-deferred   has pending recipients, tried at least once, waits ``next_attempt_at``
-held       kept on purpose (hold courier, no relay configured); never claimed
-sent       every recipient delivered
-failed     every recipient has an end state and at least one failed (bounced)
-=========  ================================================================
+===========  ==============================================================
+state        meaning
+===========  ==============================================================
+queued       has pending recipients, never tried (or released for retry)
+sending      claimed by a worker whose lease has not expired
+deferred     has pending recipients, tried at least once, waits ``next_attempt_at``
+held         kept on purpose (hold courier, no relay configured); never claimed
+sent         every recipient delivered
+failed       every recipient has an end state and at least one failed (bounced)
+quarantined  the stored record is unreadable (checksum or decoding failed); never
+             claimed, kept for the operator to inspect or delete
+===========  ==============================================================
 
 Contract (the suite in ``tests/contract`` checks it on every backend):
 
@@ -26,6 +28,10 @@ Contract (the suite in ``tests/contract`` checks it on every backend):
   A record from an owner whose lease was taken over is refused (returns ``None``) so a
   slow worker cannot overwrite a newer attempt.
 * Nothing is ever deleted implicitly; ``delete`` is the only way a message goes.
+* A claimed message's ``next_attempt_at`` is its lease end (when it becomes claimable
+  again). An expired lease reads as ``sending`` until it is claimed again or ``recover``
+  runs. ``release``/``record`` from a non-owner and ``record`` on a deleted message change
+  nothing; ``requeue`` touches only queued, deferred and held messages.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class MessageState(StrEnum):
     HELD = "held"
     SENT = "sent"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
 
 
 FINAL_STATES = frozenset({MessageState.SENT, MessageState.FAILED})
@@ -130,6 +137,32 @@ def derive_state(
     if any(r.state is RecipientState.FAILED for r in recipients):
         return MessageState.FAILED
     return MessageState.SENT
+
+
+def apply_outcomes(
+    recipients: Sequence[RecipientStatus], outcomes: Sequence[Outcome]
+) -> tuple[list[RecipientStatus], str]:
+    """The recipients after one attempt, and the reply to keep as ``last_reply``.
+
+    Named recipients take their outcome and one more attempt; the others are copied
+    unchanged. ``last_reply`` is the last reply of a recipient that is not sent (it says
+    why the message is not done), else the last reply. Raises :class:`ValueError`, before
+    anything changes, for an address the message does not have.
+    """
+    by_address = {o.address: o for o in outcomes}
+    unknown = set(by_address) - {r.address for r in recipients}
+    if unknown:
+        raise ValueError(f"outcomes for unknown recipients: {sorted(unknown)}")
+    updated = []
+    for r in recipients:
+        o = by_address.get(r.address)
+        if o is None:
+            updated.append(RecipientStatus(r.address, r.state, r.reply, r.relay, r.attempts))
+        else:
+            updated.append(RecipientStatus(r.address, o.state, o.reply, o.relay, r.attempts + 1))
+    unsent = [o.reply for o in outcomes if o.state is not RecipientState.SENT and o.reply]
+    replies = unsent or [o.reply for o in outcomes if o.reply]
+    return updated, replies[-1] if replies else ""
 
 
 def new_message_id(clock: Clock = time.time) -> str:

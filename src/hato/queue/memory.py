@@ -1,0 +1,289 @@
+"""The in-memory queue: the reference backend, for tests and throw-away development runs.
+
+Nothing survives the process, so ``enqueue`` is "durable" only in the sense that the
+message is in the dict before the id is returned. Every method runs to completion
+without awaiting, so within one event loop each call is atomic, which is what the other
+backends get from their transactions.
+
+Due messages sit in a heap keyed by ``next_attempt_at`` (a claimed message's
+``next_attempt_at`` is its lease end, so expired leases come back through the same
+heap). Entries are invalidated lazily: each message remembers the ticket of its live
+entry, and ``claim`` skips the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+
+from hato.errors import MessageNotFound, QueueError
+from hato.message import Envelope
+from hato.queue.base import (
+    Clock,
+    MessageState,
+    Outcome,
+    RecipientStatus,
+    RecoveryReport,
+    StoredMessage,
+    apply_outcomes,
+    derive_state,
+    new_message_id,
+)
+
+_CLAIMABLE = frozenset({MessageState.QUEUED, MessageState.DEFERRED, MessageState.SENDING})
+
+
+def _copy(msg: StoredMessage) -> StoredMessage:
+    """A copy a caller may mutate without touching the stored message."""
+    return StoredMessage(
+        id=msg.id,
+        sender=msg.sender,
+        recipients=[
+            RecipientStatus(r.address, r.state, r.reply, r.relay, r.attempts)
+            for r in msg.recipients
+        ],
+        data=msg.data,
+        state=msg.state,
+        created_at=msg.created_at,
+        next_attempt_at=msg.next_attempt_at,
+        attempts=msg.attempts,
+        last_reply=msg.last_reply,
+        lease_owner=msg.lease_owner,
+        lease_until=msg.lease_until,
+        idempotency_key=msg.idempotency_key,
+        meta=dict(msg.meta),
+    )
+
+
+class MemoryQueue:
+    """A :class:`hato.queue.base.Queue` held in process memory."""
+
+    def __init__(self, url: str = "memory://", *, clock: Clock = time.time) -> None:
+        self.url = url
+        self._clock = clock
+        self._open = False
+        self._messages: dict[str, StoredMessage] = {}
+        self._by_key: dict[str, str] = {}
+        self._due: list[tuple[float, int, str]] = []
+        self._ticket: dict[str, int] = {}
+        self._tickets = itertools.count()
+        self._work = asyncio.Event()
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise QueueError(f"queue {self.url} is not open")
+
+    def _schedule(self, msg: StoredMessage) -> None:
+        """Point the due heap at the message's current ``next_attempt_at`` (or nowhere)."""
+        if msg.state in _CLAIMABLE:
+            ticket = next(self._tickets)
+            self._ticket[msg.id] = ticket
+            heapq.heappush(self._due, (msg.next_attempt_at, ticket, msg.id))
+            # Stale entries pile up as messages move; rebuild once they dominate.
+            if len(self._due) > 64 and len(self._due) > 2 * len(self._ticket):
+                self._due = [e for e in self._due if self._ticket.get(e[2]) == e[1]]
+                heapq.heapify(self._due)
+        else:
+            self._ticket.pop(msg.id, None)
+
+    def _drop_stale_top(self) -> None:
+        while self._due and self._ticket.get(self._due[0][2]) != self._due[0][1]:
+            heapq.heappop(self._due)
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        self._check_open()
+        if idempotency_key is not None and idempotency_key in self._by_key:
+            return self._by_key[idempotency_key]
+        if not envelope.recipients:
+            raise ValueError("a message needs at least one recipient")
+        now = self._clock()
+        message_id = new_message_id(lambda: now)
+        while message_id in self._messages:
+            message_id = new_message_id(lambda: now)
+        msg = StoredMessage(
+            id=message_id,
+            sender=envelope.sender,
+            recipients=[RecipientStatus(a) for a in envelope.recipients],
+            data=bytes(data),
+            state=MessageState.HELD if held else MessageState.QUEUED,
+            created_at=now,
+            next_attempt_at=now if not_before is None else not_before,
+            idempotency_key=idempotency_key,
+            meta={**envelope.meta, **(meta or {})},
+        )
+        self._messages[message_id] = msg
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = message_id
+        self._schedule(msg)
+        self._work.set()
+        return message_id
+
+    async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
+        self._check_open()
+        now = self._clock()
+        claimed: list[StoredMessage] = []
+        while len(claimed) < limit and self._due:
+            self._drop_stale_top()
+            if not self._due or self._due[0][0] > now:
+                break
+            _, _, message_id = heapq.heappop(self._due)
+            msg = self._messages[message_id]
+            msg.state = MessageState.SENDING
+            msg.lease_owner = owner
+            msg.lease_until = now + lease_seconds
+            msg.next_attempt_at = msg.lease_until
+            self._schedule(msg)
+            claimed.append(_copy(msg))
+        return claimed
+
+    def _leased(self, message_id: str, owner: str) -> StoredMessage | None:
+        msg = self._messages.get(message_id)
+        if msg is None or msg.state is not MessageState.SENDING or msg.lease_owner != owner:
+            return None
+        return msg
+
+    async def record(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        owner: str,
+        retry_at: float | None,
+        held: bool = False,
+    ) -> MessageState | None:
+        self._check_open()
+        msg = self._leased(message_id, owner)
+        if msg is None:
+            return None
+        recipients, last_reply = apply_outcomes(msg.recipients, outcomes)
+        attempts = msg.attempts + 1
+        state = derive_state(recipients, attempts=attempts, held=held)
+        if state is MessageState.DEFERRED and retry_at is None:
+            raise ValueError("retry_at is required while recipients stay pending")
+        msg.recipients = recipients
+        msg.attempts = attempts
+        msg.last_reply = last_reply or msg.last_reply
+        msg.state = state
+        msg.lease_owner = ""
+        msg.lease_until = 0.0
+        msg.next_attempt_at = retry_at if retry_at is not None else self._clock()
+        self._schedule(msg)
+        return state
+
+    async def release(self, message_id: str, *, owner: str) -> None:
+        self._check_open()
+        msg = self._leased(message_id, owner)
+        if msg is None:
+            return
+        msg.state = derive_state(msg.recipients, attempts=msg.attempts)
+        msg.lease_owner = ""
+        msg.lease_until = 0.0
+        msg.next_attempt_at = self._clock()
+        self._schedule(msg)
+        self._work.set()
+
+    async def requeue(self, message_id: str) -> None:
+        self._check_open()
+        msg = self._messages.get(message_id)
+        if msg is None:
+            raise MessageNotFound(message_id)
+        if msg.state not in (MessageState.HELD, MessageState.DEFERRED, MessageState.QUEUED):
+            return
+        msg.state = derive_state(msg.recipients, attempts=msg.attempts)
+        msg.next_attempt_at = self._clock()
+        self._schedule(msg)
+        self._work.set()
+
+    async def get(self, message_id: str) -> StoredMessage:
+        self._check_open()
+        msg = self._messages.get(message_id)
+        if msg is None:
+            raise MessageNotFound(message_id)
+        return _copy(msg)
+
+    async def find(self, idempotency_key: str) -> str | None:
+        self._check_open()
+        return self._by_key.get(idempotency_key)
+
+    async def list(
+        self, *, states: Sequence[MessageState] | None = None, limit: int = 100
+    ) -> list[StoredMessage]:
+        self._check_open()
+        wanted = None if states is None else frozenset(states)
+        found: list[StoredMessage] = []
+        # dicts keep insertion order, so reversed() is newest first.
+        for msg in reversed(self._messages.values()):
+            if len(found) >= limit:
+                break
+            if wanted is None or msg.state in wanted:
+                found.append(_copy(msg))
+        return found
+
+    async def delete(self, message_id: str) -> None:
+        self._check_open()
+        msg = self._messages.pop(message_id, None)
+        if msg is None:
+            raise MessageNotFound(message_id)
+        if msg.idempotency_key is not None:
+            self._by_key.pop(msg.idempotency_key, None)
+        self._ticket.pop(message_id, None)
+
+    async def counts(self) -> dict[MessageState, int]:
+        self._check_open()
+        counts = dict.fromkeys(MessageState, 0)
+        for msg in self._messages.values():
+            counts[msg.state] += 1
+        return counts
+
+    async def recover(self) -> RecoveryReport:
+        self._check_open()
+        now = self._clock()
+        report = RecoveryReport()
+        for msg in self._messages.values():
+            if msg.state is MessageState.SENDING and msg.lease_until <= now:
+                msg.state = derive_state(msg.recipients, attempts=msg.attempts)
+                msg.lease_owner = ""
+                msg.lease_until = 0.0
+                self._schedule(msg)
+                report.leases_expired += 1
+        # Records in memory cannot be torn; quarantine exists for the stored backends.
+        report.quarantined = [
+            m.id for m in self._messages.values() if m.state is MessageState.QUARANTINED
+        ]
+        if report.leases_expired:
+            self._work.set()
+        return report
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a message was enqueued, released or requeued in this process, when
+        the earliest scheduled message falls due, or after ``timeout`` seconds."""
+        self._check_open()
+        if not self._work.is_set():
+            self._drop_stale_top()
+            if self._due:
+                timeout = min(timeout, self._due[0][0] - self._clock())
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._work.wait()
+                except TimeoutError:
+                    pass
+        self._work.clear()
