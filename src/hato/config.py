@@ -349,6 +349,119 @@ class Settings(BaseSettings):
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
 
+    # --- relay server role (issue 3): MX delivery, users, own domains, DKIM ------------
+    dns_servers: CommaList = Field(
+        default_factory=list, validation_alias=_env("HATO_DNS_SERVERS"),
+        description="Resolvers for MX/A/AAAA/TXT lookups as `IP[:PORT]`, comma separated. "
+        "Default: the system's (/etc/resolv.conf).",
+    )
+    outbound_port: int = Field(
+        default=25, ge=1, le=65535, validation_alias=_env("HATO_OUTBOUND_PORT"),
+        description="Port of the recipients' MX hosts. Only tests change it.",
+    )
+    allow_private_mx: bool = Field(
+        default=False, validation_alias=_env("HATO_ALLOW_PRIVATE_MX"),
+        description="Deliver to MX hosts in loopback, private or link-local space (tests).",
+    )
+    mx_tls: Literal["may", "encrypt", "verify"] = Field(
+        default="may", validation_alias=_env("HATO_MX_TLS"),
+        description="TLS towards MX hosts: `may` (opportunistic STARTTLS, Postfix's "
+        "smtp_tls_security_level=may), `encrypt` (STARTTLS required) or `verify` "
+        "(STARTTLS with a valid certificate for the MX name).",
+    )
+    mx_tls_policy: CommaList = Field(
+        default_factory=list, validation_alias=_env("HATO_MX_TLS_POLICY"),
+        description="Per-destination TLS levels: `domain=encrypt`, `domain=verify`, `domain=may`.",
+    )
+    mx_concurrency: int = Field(
+        default=10, ge=1, validation_alias=_env("HATO_MX_CONCURRENCY"),
+        description="Concurrent connections per destination domain (Postfix "
+        "default_destination_concurrency_limit = 20).",
+    )
+    users_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_USERS_FILE"),
+        description="SASL users (argon2id hashes), written by `hato user`. Default "
+        "`DATA_DIR/users.json`; re-read when it changes, no restart needed.",
+    )
+    sender_login_check: bool = Field(
+        default=True, validation_alias=_env("HATO_SENDER_LOGIN_CHECK"),
+        description="An authenticated user may only use the sender addresses it owns "
+        "(Postfix smtpd_sender_login_maps): by default every address of its own domain, "
+        "widened or narrowed per user with `hato user add --allow`.",
+    )
+    auth_failure_limit: int = Field(
+        default=5, ge=1, validation_alias=_env("HATO_AUTH_FAILURE_LIMIT"),
+        description="Failed AUTH attempts per client address (across connections) within "
+        "HATO_AUTH_FAILURE_WINDOW before it is refused with 421 4.7.0.",
+    )
+    auth_failure_window: float = Field(
+        default=600.0, gt=0, validation_alias=_env("HATO_AUTH_FAILURE_WINDOW"),
+        description="Window for counting AUTH failures per client address.",
+    )
+    maildir_root: Path | None = Field(
+        default=None, validation_alias=_env("HATO_MAILDIR_ROOT"),
+        description="Where mail for our own domains is delivered: `ROOT/DOMAIN/USER/` "
+        "Maildirs. Default `DATA_DIR/mail`.",
+    )
+    aliases_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_ALIASES_FILE"),
+        description="Aliases in the familiar `name: target, target` form. Default "
+        "`DATA_DIR/aliases` when it exists.",
+    )
+    recipient_delimiter: str = Field(
+        default="+", validation_alias=_env("HATO_RECIPIENT_DELIMITER"),
+        description="`user+tag@domain` is delivered to `user` (empty turns it off).",
+    )
+    dkim_dir: Path | None = Field(
+        default=None, validation_alias=_env("HATO_DKIM_DIR"),
+        description="DKIM keys written by `hato dkim keygen` as `DOMAIN/SELECTOR.{rsa,ed25519}.key`;"
+        " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
+    )
+
+    # --- application side (issue 4): Mailer and hato worker -----------------------------
+    default_from: str | None = Field(
+        default=None, validation_alias=_env("HATO_DEFAULT_FROM"),
+        description="Sender used by `hato.Mailer.send` when `from_` is not given.",
+    )
+    smtp_host: str = Field(
+        default="127.0.0.1", validation_alias=_env("HATO_SMTP_HOST"),
+        description="Where `hato worker` delivers: the local relay or an SMTP service.",
+    )
+    smtp_port: int = Field(
+        default=2525, ge=1, le=65535, validation_alias=_env("HATO_SMTP_PORT"),
+        description="Port of HATO_SMTP_HOST.",
+    )
+    smtp_tls: RelayTLS | None = Field(
+        default=None, validation_alias=_env("HATO_SMTP_TLS"),
+        description="TLS to HATO_SMTP_HOST (as HATO_RELAY_TLS; default `implicit` on 465, "
+        "`encrypt` with credentials, else `may`).",
+    )
+    smtp_tls_verify: bool = Field(
+        default=True, validation_alias=_env("HATO_SMTP_TLS_VERIFY"),
+        description="Verify HATO_SMTP_HOST's certificate.",
+    )
+    smtp_tls_ca_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
+        description="CA bundle for HATO_SMTP_HOST.",
+    )
+    smtp_username: str | None = Field(
+        default=None, validation_alias=_env("HATO_SMTP_USERNAME"),
+        description="SASL user for HATO_SMTP_HOST (an SMTP service such as SES).",
+    )
+    smtp_password: SecretStr | None = Field(
+        default=None, validation_alias=_env("HATO_SMTP_PASSWORD"),
+        description="SASL password for HATO_SMTP_HOST (never logged).",
+    )
+    smtp_password_file: Path | None = Field(
+        default=None, validation_alias=_env("HATO_SMTP_PASSWORD_FILE"),
+        description="File holding HATO_SMTP_PASSWORD.",
+    )
+    template_dir: Path | None = Field(
+        default=None, validation_alias=_env("HATO_TEMPLATE_DIR"),
+        description="Jinja2 templates for `Mailer.send_template` (NAME.subject.txt, "
+        "NAME.txt, NAME.html). Default `./templates`.",
+    )
+
     # --- logging ---------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(
         default="text", validation_alias=_env("HATO_LOG_FORMAT"),
@@ -356,7 +469,9 @@ class Settings(BaseSettings):
     )
 
     # --- validators ------------------------------------------------------------------
-    @field_validator("listen", "domains", "allowed_sender_domains", mode="before")
+    @field_validator(
+        "listen", "domains", "allowed_sender_domains", "dns_servers", "mx_tls_policy", mode="before"
+    )
     @classmethod
     def _split(cls, value: object) -> list[str]:
         return split_list(value)
@@ -381,12 +496,15 @@ class Settings(BaseSettings):
         return _truthy(value)
 
     @field_validator("retry_min_delay", "retry_max_delay", "max_queue_lifetime", "idle_timeout",
-                     "command_timeout", "lease_seconds", "relay_timeout", mode="before")
+                     "command_timeout", "lease_seconds", "relay_timeout", "auth_failure_window",
+                     mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
-    @field_validator("relay_host", "relay_username", "queue_url", mode="before")
+    @field_validator(
+        "relay_host", "relay_username", "queue_url", "default_from", "smtp_username", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -423,6 +541,41 @@ class Settings(BaseSettings):
         if self.route is not None:
             return self.route
         return "relay" if self.relay_host else "hold"
+
+    @property
+    def effective_users_file(self) -> Path:
+        return self.users_file or self.data_dir / "users.json"
+
+    @property
+    def effective_maildir_root(self) -> Path:
+        return self.maildir_root or self.data_dir / "mail"
+
+    @property
+    def effective_aliases_file(self) -> Path | None:
+        if self.aliases_file is not None:
+            return self.aliases_file
+        default = self.data_dir / "aliases"
+        return default if default.is_file() else None
+
+    @property
+    def effective_dkim_dir(self) -> Path:
+        return self.dkim_dir or self.data_dir / "dkim"
+
+    @property
+    def effective_smtp_password(self) -> str | None:
+        if self.smtp_password is not None and self.smtp_password.get_secret_value():
+            return self.smtp_password.get_secret_value()
+        if self.smtp_password_file:
+            return _read_secret(self.smtp_password_file, "SMTP password")
+        return None
+
+    @property
+    def effective_smtp_tls(self) -> RelayTLS:
+        if self.smtp_tls is not None:
+            return self.smtp_tls
+        if self.smtp_port == 465:
+            return "implicit"
+        return "encrypt" if self.smtp_username else "may"
 
     @property
     def effective_mynetworks(self) -> list[str]:
