@@ -1,4 +1,4 @@
-"""The ``hato`` command: serve, send, queue …, config check.
+"""The ``hato`` command: serve, send, queue …, config check; other groups live beside it.
 
 Every error a user can cause ends as one line on stderr and a non-zero exit status
 (2 for bad settings or usage, 1 for everything else), never a traceback.
