@@ -34,6 +34,34 @@ OWN = frozenset({"example.org", "Mail.Example.NET.", "bücher.example"})
         (OWN, "mx", '"user@example.org"@evil.test', RouteKind.MX),
         (OWN, "mx", "user%example.org@evil.test", RouteKind.MX),
         (OWN, "hold", "user@elsewhere.test", RouteKind.HOLD),
+        # Every default route, for own and foreign domains alike.
+        (OWN, "hold", "postmaster@example.org", RouteKind.LOCAL),
+        (OWN, "relay", "postmaster@example.org", RouteKind.LOCAL),
+        (OWN, "mx", "postmaster@example.org", RouteKind.LOCAL),
+        (OWN, "hold", "user@gmail.test", RouteKind.HOLD),
+        (OWN, "relay", "user@gmail.test", RouteKind.RELAY),
+        (OWN, "mx", "user@gmail.test", RouteKind.MX),
+        # Mixed case in the configured domains and in the address; extensions and
+        # unusual local parts do not change the route.
+        (OWN, "mx", "User+Tag@Mail.Example.Net", RouteKind.LOCAL),
+        (OWN, "mx", "user@MAIL.EXAMPLE.NET.", RouteKind.LOCAL),
+        (frozenset({"EXAMPLE.ORG"}), "mx", "a@example.org", RouteKind.LOCAL),
+        (OWN, "relay", '"quoted local"@example.org', RouteKind.LOCAL),
+        # Subdomains and parents of own domains are not own domains.
+        (OWN, "mx", "user@mail.example.org", RouteKind.MX),
+        (OWN, "mx", "user@a.b.example.org", RouteKind.MX),
+        (OWN, "hold", "user@example.net", RouteKind.HOLD),
+        (OWN, "hold", "user@net", RouteKind.HOLD),
+        (OWN, "relay", "user@xample.org", RouteKind.RELAY),
+        (OWN, "relay", "user@example.org.example", RouteKind.RELAY),
+        (OWN, "mx", "user@sub.bücher.example", RouteKind.MX),
+        # IDN both ways round: an A-label configured, a U-label in the address.
+        (frozenset({"xn--bcher-kva.example"}), "mx", "a@bücher.example", RouteKind.LOCAL),
+        (frozenset({"xn--bcher-kva.example"}), "mx", "a@XN--BCHER-KVA.EXAMPLE", RouteKind.LOCAL),
+        (frozenset({"日本.example"}), "relay", "a@xn--wgv71a.example", RouteKind.LOCAL),
+        (frozenset({"日本.example"}), "relay", "a@日本.example", RouteKind.LOCAL),
+        (frozenset({"日本.example"}), "relay", "a@日本語.example", RouteKind.RELAY),
+        (OWN, "mx", "user@bucher.example", RouteKind.MX),
     ],
 )
 def test_route_table(

@@ -1,9 +1,10 @@
 """The router: which kind of delivery a recipient gets, as a pure function of config and address.
 
-Own domains are delivered locally (Maildir comes in a later issue; until then the worker
-holds them); every other recipient takes the configured route: ``hold`` (the default when
-no relay host is set: nothing leaves the machine), ``relay`` (the smarthost) or ``mx``
-(direct delivery, only when chosen explicitly).
+Own domains (Postfix's ``mydestination``) are delivered locally, to Maildirs or through
+aliases (:mod:`hato.delivery.maildir`); every other recipient takes the configured route:
+``hold`` (the default when no relay host is set: nothing leaves the machine), ``relay``
+(the smarthost) or ``mx`` (direct delivery, only when chosen explicitly). Domains match
+exactly (no subdomains), ignoring case, a trailing dot and the IDNA form.
 """
 
 from __future__ import annotations
