@@ -374,3 +374,7 @@ def send(
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from hato.cli import tls, user  # noqa: E402, F401  (registers `hato tls` and `hato user`)
+from hato.cli import worker  # noqa: E402, F401  (registers `hato worker` and `hato queue init`)
+from hato.cli import dkim  # noqa: E402, F401  (registers `hato dkim`)
+from hato.cli import dns  # noqa: E402, F401  (registers `hato dns`)

@@ -20,9 +20,7 @@ across messages. The rules it holds to:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
-import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +30,15 @@ from typing import Literal
 import aiosmtplib
 
 from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.delivery.session import (
+    Session,
+    SessionFailure,
+    broken_reply,
+    ehlo,
+    is_ip,
+    reply_from_response,
+    transact,
+)
 from hato.errors import ConfigError
 from hato.reply import Reply
 
@@ -39,13 +46,6 @@ TlsMode = Literal["none", "may", "encrypt", "implicit"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "may", "encrypt", "implicit")
 
 DEFAULT_PORT = 25
-_MAX_REPLY_TEXT = 2000
-_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:[ \t]+|$)")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# Characters that would break the MAIL/RCPT command line; intake never queues them, but
-# a courier is a boundary and refuses them on its own.
-_BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f<>]")
-_QUOTED_LOCAL_RE = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 
 
 def parse_relayhost(text: str) -> tuple[str, int]:
@@ -135,87 +135,6 @@ class SmarthostConfig:
         return self.username is not None
 
 
-def reply_from_response(code: int, message: str) -> Reply:
-    """A remote reply as a :class:`Reply`: the enhanced code split off, control
-    characters dropped, the text bounded (it goes into logs and bounces)."""
-    lines = [_CONTROL_RE.sub("", line).strip() for line in message.split("\n")]
-    enhanced = ""
-    m = _ENHANCED_RE.match(lines[0]) if lines else None
-    if m is not None and m.group(1) == str(code)[:1]:
-        enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-        lines = [
-            line[len(enhanced) :].strip() if line.startswith(enhanced) else line for line in lines
-        ]
-    text = "\n".join(lines)[:_MAX_REPLY_TEXT]
-    return Reply(code, enhanced, text)
-
-
-def classify(reply: Reply) -> Result:
-    """4xx temporary, 5xx permanent; anything else where a success was due is temporary."""
-    if reply.is_permanent:
-        return Result.PERMANENT
-    return Result.TEMPORARY
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _bad_path(address: str) -> bool:
-    return bool(_BAD_PATH_RE.search(_QUOTED_LOCAL_RE.sub("", address, count=1))) or any(
-        c in address for c in "\r\n\0"
-    )
-
-
-def _header_section(data: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        end = data.find(sep)
-        if end >= 0:
-            return data[:end]
-    return data
-
-
-class _Failure(Exception):
-    """A session could not be set up; ``reply`` says why (always temporary)."""
-
-    def __init__(self, reply: Reply, relay: str = "") -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-        self.relay = relay
-
-
-class _Session:
-    """One open SMTP connection, ready for MAIL."""
-
-    def __init__(self, smtp: aiosmtplib.SMTP, relay: str, encrypted: bool, now: float) -> None:
-        self.smtp = smtp
-        self.relay = relay
-        self.encrypted = encrypted
-        self.opened_at = now
-        self.last_used = now
-        self.stage = "sending MAIL FROM"
-        self.messages = 0
-
-    @property
-    def alive(self) -> bool:
-        return self.smtp.is_connected
-
-    def close(self) -> None:
-        self.smtp.close()
-
-    async def quit(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.smtp.quit(), timeout)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError):
-            pass
-        finally:
-            self.smtp.close()
-
-
 class SmarthostCourier:
     """Delivers every message to the one configured upstream relay."""
 
@@ -231,7 +150,7 @@ class SmarthostCourier:
         self.config = config
         self._monotonic = monotonic
         self._context = tls_context if tls_context is not None else self._build_context()
-        self._idle: list[_Session] = []
+        self._idle: list[Session] = []
         self._slots = asyncio.Semaphore(config.pool_size)
         self._closed = False
         self.connections_opened = 0
@@ -252,7 +171,7 @@ class SmarthostCourier:
     @property
     def _unresolved_relay(self) -> str:
         host = self.config.host
-        return f"{host}[{host if _is_ip(host) else 'unknown'}]:{self.config.port}"
+        return f"{host}[{host if is_ip(host) else 'unknown'}]:{self.config.port}"
 
     async def deliver(
         self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
@@ -268,14 +187,14 @@ class SmarthostCourier:
             )
         async with self._slots:
             session = self._take_idle()
-            if session is not None and not await self._reset(session):
+            if session is not None and not await session.reset():
                 # The upstream dropped the idle connection: replace it, once.
                 session.close()
                 session = None
             if session is None:
                 try:
                     session = await self._open()
-                except _Failure as failure:
+                except SessionFailure as failure:
                     return all_results(
                         recipients,
                         Result.TEMPORARY,
@@ -292,10 +211,10 @@ class SmarthostCourier:
             results: dict[int, DeliveryResult] = {}
             keep = False
             try:
-                await self._transact(session, sender, recipients, data, results)
+                await transact(session, sender, recipients, data, results)
                 keep = session.alive
             except Exception as exc:  # any failure mid-transaction: defer what is undecided
-                reply = self._broken(exc, session)
+                reply = broken_reply(exc, session)
                 for i, rcpt in enumerate(recipients):
                     if i not in results:
                         results[i] = DeliveryResult(rcpt, Result.TEMPORARY, reply, session.relay)
@@ -319,7 +238,7 @@ class SmarthostCourier:
 
     # Connections.
 
-    def _take_idle(self) -> _Session | None:
+    def _take_idle(self) -> Session | None:
         now = self._monotonic()
         while self._idle:
             session = self._idle.pop()
@@ -332,14 +251,7 @@ class SmarthostCourier:
             session.close()
         return None
 
-    async def _reset(self, session: _Session) -> bool:
-        try:
-            response = await session.smtp.execute_command(b"RSET")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            return False
-        return response.code == 250 and session.alive
-
-    async def _open(self) -> _Session:
+    async def _open(self) -> Session:
         cfg = self.config
         smtp = aiosmtplib.SMTP(
             hostname=cfg.host,
@@ -356,7 +268,7 @@ class SmarthostCourier:
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
             remote = reply_from_response(exc.code, exc.message)
-            raise _Failure(
+            raise SessionFailure(
                 Reply(
                     451,
                     "4.4.0" if remote.is_permanent else (remote.enhanced or "4.4.0"),
@@ -369,7 +281,7 @@ class SmarthostCourier:
             smtp.close()
             raise
 
-    async def _handshake(self, smtp: aiosmtplib.SMTP) -> _Session:
+    async def _handshake(self, smtp: aiosmtplib.SMTP) -> Session:
         """EHLO, STARTTLS and AUTH on a fresh connection, by the rules of the module."""
         cfg = self.config
         peer = smtp.get_transport_info("peername")
@@ -377,7 +289,7 @@ class SmarthostCourier:
         relay = f"{cfg.host}[{ip}]:{cfg.port}"
         stage = "sending EHLO"
         try:
-            await self._ehlo(smtp)
+            await ehlo(smtp)
             encrypted = cfg.tls == "implicit"
             if cfg.tls in ("may", "encrypt"):
                 if smtp.supports_extension("starttls"):
@@ -391,7 +303,7 @@ class SmarthostCourier:
                             raise
                         if cfg.tls == "encrypt":
                             remote = reply_from_response(exc.code, exc.message)
-                            raise _Failure(
+                            raise SessionFailure(
                                 Reply(
                                     454,
                                     "4.7.5",
@@ -400,15 +312,15 @@ class SmarthostCourier:
                             ) from exc
                     else:
                         stage = "sending EHLO after STARTTLS"
-                        await self._ehlo(smtp)
+                        await ehlo(smtp)
                         encrypted = True
                 elif cfg.tls == "encrypt":
-                    raise _Failure(
+                    raise SessionFailure(
                         Reply(454, "4.7.4", f"TLS is required, but was not offered by host {relay}")
                     )
             if cfg.has_credentials:
                 if not encrypted:
-                    raise _Failure(
+                    raise SessionFailure(
                         Reply(
                             454,
                             "4.7.0",
@@ -418,39 +330,31 @@ class SmarthostCourier:
                     )
                 stage = "sending AUTH"
                 await self._auth(smtp, relay)
-        except _Failure as failure:
+        except SessionFailure as failure:
             failure.relay = relay
             raise
         except ssl.SSLError as exc:
-            raise _Failure(
+            raise SessionFailure(
                 Reply(454, "4.7.5", f"TLS with {relay} failed: {exc.reason or exc}"),
                 relay,
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
             remote = reply_from_response(exc.code, exc.message)
-            raise _Failure(
+            raise SessionFailure(
                 Reply(451, "4.4.0", f"host {relay} said: {remote} (while {stage})"),
                 relay,
             ) from exc
         except aiosmtplib.SMTPTimeoutError as exc:
-            raise _Failure(
+            raise SessionFailure(
                 Reply(451, "4.4.2", f"conversation with {relay} timed out while {stage}"),
                 relay,
             ) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _Failure(
+            raise SessionFailure(
                 Reply(451, "4.4.2", f"lost connection with {relay} while {stage}"),
                 relay,
             ) from exc
-        return _Session(smtp, relay, encrypted, self._monotonic())
-
-    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
-        try:
-            await smtp.ehlo()
-        except aiosmtplib.SMTPHeloError as exc:
-            if not smtp.is_connected or exc.code == 421:
-                raise
-            await smtp.helo()
+        return Session(smtp, relay, encrypted, self._monotonic())
 
     async def _auth(self, smtp: aiosmtplib.SMTP, relay: str) -> None:
         cfg = self.config
@@ -463,7 +367,7 @@ class SmarthostCourier:
                 await smtp.auth_login(cfg.username, cfg.password)
             else:
                 what = ", ".join(sorted(offered)) or "no AUTH at all"
-                raise _Failure(
+                raise SessionFailure(
                     Reply(
                         454,
                         "4.7.0",
@@ -476,95 +380,9 @@ class SmarthostCourier:
             # the upstream's words for the log. The password itself is never logged.
             remote = reply_from_response(exc.code, exc.message)
             enhanced = "4" + remote.enhanced[1:] if remote.enhanced else "4.7.0"
-            raise _Failure(
+            raise SessionFailure(
                 Reply(454, enhanced, f"SASL authentication failed; server {relay} said: {remote}")
             ) from exc
-
-    async def _transact(
-        self,
-        session: _Session,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes,
-        results: dict[int, DeliveryResult],
-    ) -> None:
-        """One MAIL, one RCPT per recipient, DATA if any was accepted. Fills ``results``
-        as replies come, so a connection lost half-way keeps what was decided."""
-        smtp, relay = session.smtp, session.relay
-
-        def decide(i: int, result: Result, reply: Reply) -> None:
-            results[i] = DeliveryResult(recipients[i], result, reply, relay)
-
-        if _bad_path(sender):
-            for i in range(len(recipients)):
-                decide(i, Result.PERMANENT, Reply(553, "5.1.7", f"bad sender address {sender!r}"))
-            return
-        utf8_envelope = not (sender.isascii() and all(r.isascii() for r in recipients))
-        offers_utf8 = smtp.supports_extension("smtputf8")
-        if utf8_envelope and not offers_utf8:
-            reply = Reply(
-                553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}"
-            )
-            for i in range(len(recipients)):
-                decide(i, Result.PERMANENT, reply)
-            return
-        options: list[bytes] = []
-        if smtp.supports_extension("size"):
-            options.append(b"SIZE=%d" % len(data))
-        if not data.isascii() and smtp.supports_extension("8bitmime"):
-            options.append(b"BODY=8BITMIME")
-        if offers_utf8 and (utf8_envelope or not _header_section(data).isascii()):
-            options.append(b"SMTPUTF8")
-
-        session.stage = "sending MAIL FROM"
-        response = await smtp.execute_command(
-            b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
-        )
-        if response.code != 250:
-            reply = reply_from_response(response.code, response.message)
-            for i in range(len(recipients)):
-                decide(i, classify(reply), reply)
-            return
-
-        accepted: list[int] = []
-        session.stage = "sending RCPT TO"
-        for i, rcpt in enumerate(recipients):
-            if _bad_path(rcpt):
-                decide(i, Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
-                continue
-            response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">")
-            if response.code in (250, 251):
-                accepted.append(i)
-                continue
-            reply = reply_from_response(response.code, response.message)
-            decide(i, classify(reply), reply)
-            if response.code == 421:
-                # The server is closing: whoever was not asked yet is deferred with its words.
-                for j in range(i + 1, len(recipients)):
-                    decide(j, Result.TEMPORARY, reply)
-                break
-        if not accepted or not smtp.is_connected:
-            return
-
-        session.stage = "sending message body"
-        try:
-            response = await smtp.data(data)
-        except aiosmtplib.SMTPDataError as exc:
-            response = aiosmtplib.SMTPResponse(exc.code, exc.message)
-        reply = reply_from_response(response.code, response.message)
-        result = Result.OK if response.code == 250 else classify(reply)
-        for i in accepted:
-            decide(i, result, reply)
-
-    def _broken(self, exc: Exception, session: _Session) -> Reply:
-        relay, stage = session.relay, session.stage
-        if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
-            return Reply(421, "4.4.2", f"conversation with {relay} timed out while {stage}")
-        if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
-            return Reply(421, "4.4.2", f"lost connection with {relay} while {stage}")
-        return Reply(
-            451, "4.3.0", f"error talking to {relay} while {stage}: {type(exc).__name__}: {exc}"
-        )
 
     def _connect_failure(self, exc: BaseException) -> Reply:
         target = f"connect to {self._unresolved_relay}"
