@@ -11,21 +11,29 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from hato.aliases import load_aliases
 from hato.config import Listener, Settings
 from hato.delivery.base import Courier
 from hato.delivery.hold import HoldCourier
+from hato.delivery.maildir import MaildirCourier
+from hato.delivery.mx import MXCourier, MXTLSPolicy
 from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
+from hato.dkim import DKIMSigner, from_addresses, load_signers
+from hato.dns import Resolver
 from hato.maillog import MailLog
+from hato.message import Envelope
 from hato.queue.base import Queue, open_queue
 from hato.queue.retry import RetrySchedule
+from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
-from hato.smtp.server import SMTPListener, start_listener
+from hato.smtp.server import MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.users import UserAuthenticator, UserStore
 from hato.worker import Worker
 
 
@@ -37,8 +45,53 @@ def build_log(settings: Settings, stream: TextIO | None = None) -> MailLog:
     return MailLog(stream, json=settings.log_format == "json")
 
 
-def build_couriers(settings: Settings) -> dict[RouteKind, Courier]:
+def build_users(settings: Settings) -> UserStore:
+    """The SASL user store (``hato user``); re-read when its file changes."""
+    return UserStore(settings.effective_users_file).load()
+
+
+def build_maildir(settings: Settings, queue: Queue, users: UserStore) -> MaildirCourier:
+    """Local delivery for our own domains; external alias targets are queued again."""
+
+    def user_exists(local: str, domain: str) -> bool:
+        users.refresh()
+        return users.get(f"{local}@{domain}") is not None
+
+    async def forward(sender: str, recipients: Sequence[str], data: bytes, key: str) -> str:
+        return await queue.enqueue(Envelope(sender, list(recipients)), data, idempotency_key=key)
+
+    return MaildirCourier(
+        settings.effective_maildir_root,
+        load_aliases(settings.effective_aliases_file),
+        settings.domains,
+        settings.recipient_delimiter,
+        user_exists=user_exists,
+        forward=forward,
+        hostname=settings.hostname,
+        fsync=settings.fsync,
+    )
+
+
+def build_dkim_transform(settings: Settings, users: UserStore) -> MessageTransform | None:
+    """DKIM-sign submitted mail once, before it is queued. Loading the keys here makes a
+    missing or unreadable key a start-up error, never silently unsigned mail."""
+    signer: DKIMSigner = load_signers(settings.effective_dkim_dir)
+    if not signer:
+        return None
+    check = settings.sender_login_check
+
+    async def sign(data: bytes, user: str) -> bytes:
+        if user and check and not all(users.sender_allowed(user, a) for a in from_addresses(data)):
+            return data  # a From the user does not own is not vouched for with our key
+        return await asyncio.to_thread(signer.sign, data)
+
+    return sign
+
+
+def build_couriers(settings: Settings, local: Courier | None = None) -> dict[RouteKind, Courier]:
     couriers: dict[RouteKind, Courier] = {RouteKind.HOLD: HoldCourier()}
+    if local is not None:
+        couriers[RouteKind.LOCAL] = local
     address = settings.relay_address
     if address is not None:
         host, port = address
@@ -56,13 +109,24 @@ def build_couriers(settings: Settings) -> dict[RouteKind, Courier]:
                 pool_size=settings.relay_pool_size,
             )
         )
+    if settings.effective_route == "mx":
+        couriers[RouteKind.MX] = MXCourier(
+            Resolver(settings.dns_servers),
+            helo_name=settings.hostname,
+            port=settings.outbound_port,
+            allow_private=settings.allow_private_mx,
+            tls_policy=MXTLSPolicy.parse(settings.mx_tls, settings.mx_tls_policy),
+            concurrency=settings.mx_concurrency,
+        )
     return couriers
 
 
-def build_worker(settings: Settings, queue: Queue, log: MailLog) -> Worker:
+def build_worker(
+    settings: Settings, queue: Queue, log: MailLog, local: Courier | None = None
+) -> Worker:
     return Worker(
         queue,
-        build_couriers(settings),
+        build_couriers(settings, local),
         Router(settings.domains, settings.effective_route),
         RetrySchedule(
             min_delay=settings.retry_min_delay,
@@ -91,38 +155,61 @@ def build_session_config(settings: Settings) -> SessionConfig:
     )
 
 
-def build_policy(settings: Settings, role: ListenerRole) -> Policy:
+def build_policy(
+    settings: Settings,
+    role: ListenerRole,
+    users: UserStore | None = None,
+    local: MaildirCourier | None = None,
+) -> Policy:
     return Policy(
         role=role,
         mynetworks=parse_networks(settings.effective_mynetworks),
         domains=settings.domains,
         allowed_sender_domains=settings.allowed_sender_domains,
         allow_empty_sender_domains=settings.allow_empty_sender_domains,
+        sender_allowed=(
+            users.sender_allowed if users is not None and settings.sender_login_check else None
+        ),
+        local_recipient_exists=local.local_recipient_exists if local is not None else None,
     )
 
 
 def build_tls(settings: Settings) -> TLSContextProvider | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    return TLSContextProvider(settings.tls_cert_file, settings.tls_key_file)
+    return TLSContextProvider(
+        settings.tls_cert_file, settings.tls_key_file, check_interval=2.0, notify=_say
+    )
 
 
 def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
 
-async def serve(settings: Settings, *, ready: Callable[[list[tuple[Listener, int]]], None] | None = None) -> None:
+async def serve(
+    settings: Settings, *, ready: Callable[[list[tuple[Listener, int]]], None] | None = None
+) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT."""
     log = build_log(settings)
+    # Everything that can refuse the settings comes first, before the queue is touched.
+    tls = build_tls(settings)
+    users = build_users(settings)
+    submitted = build_dkim_transform(settings, users)
+    authenticator = UserAuthenticator(users)
+    throttle = AuthThrottle(settings.auth_failure_limit, settings.auth_failure_window)
     queue = build_queue(settings)
     await queue.open()
-    report = await queue.recover()
+    try:
+        report = await queue.recover()
+        local = build_maildir(settings, queue, users) if settings.domains else None
+        worker = build_worker(settings, queue, log, local)
+    except BaseException:
+        await queue.close()
+        raise
     if report.leases_expired:
         _say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
     for message_id in report.quarantined:
         log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
-    tls = build_tls(settings)
-    worker = build_worker(settings, queue, log)
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
     try:
@@ -131,11 +218,13 @@ async def serve(settings: Settings, *, ready: Callable[[list[tuple[Listener, int
             server = await start_listener(
                 ListenerConfig(host=listener.host, port=listener.port, role=role),
                 queue=queue,
-                policy=build_policy(settings, role),
-                authenticator=None,
+                policy=build_policy(settings, role, users, local),
+                authenticator=authenticator,
                 tls=tls,
                 log=log,
                 limits=build_session_config(settings),
+                auth_throttle=throttle,
+                submitted=submitted,
             )
             servers.append(server)
             port = server.port
@@ -144,8 +233,10 @@ async def serve(settings: Settings, *, ready: Callable[[list[tuple[Listener, int
             _say(f"listener {listener.role} on {host}:{port}")
         route = settings.effective_route
         if route == "hold":
-            _say("route: hold — mail is kept in the queue and nothing leaves this machine "
-                 "(hato queue list; set RELAYHOST to relay)")
+            _say(
+                "route: hold — mail is kept in the queue and nothing leaves this machine "
+                "(hato queue list; set RELAYHOST to relay)"
+            )
         else:
             _say(f"route: {settings.role}")
         _say(f"queue: {settings.effective_queue_url}")

@@ -75,7 +75,9 @@ def _env(*names: str) -> AliasChoices:
 
 
 def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(base) / "hato"
 
 
@@ -145,7 +147,9 @@ def parse_listener(text: str) -> Listener:
     role = role.strip().lower()
     rest = rest.strip()
     if role not in LISTENER_ROLES:
-        raise ValueError(f"unknown listener role {role!r} in {text!r} (use {', '.join(LISTENER_ROLES)})")
+        raise ValueError(
+            f"unknown listener role {role!r} in {text!r} (use {', '.join(LISTENER_ROLES)})"
+        )
     m = re.match(r"^\[(?P<v6>[^\]]+)\]:(?P<port>\d+)$|^(?P<host>[^:\[\]]*):(?P<port2>\d+)$", rest)
     if m is None:
         raise ValueError(f"listener {text!r} is not HOST:PORT")
@@ -215,15 +219,13 @@ class Settings(BaseSettings):
     )
     allowed_sender_domains: CommaList = Field(
         default_factory=list,
-        validation_alias=_env("HATO_ALLOWED_SENDER_DOMAINS", "ALLOWED_SENDER_DOMAINS"
-        ),
+        validation_alias=_env("HATO_ALLOWED_SENDER_DOMAINS", "ALLOWED_SENDER_DOMAINS"),
         description="Envelope sender domains accepted (boky's ALLOWED_SENDER_DOMAINS). Empty: "
         "any, but only on a loopback-only server or with ALLOW_EMPTY_SENDER_DOMAINS.",
     )
     allow_empty_sender_domains: bool = Field(
         default=False,
-        validation_alias=_env("HATO_ALLOW_EMPTY_SENDER_DOMAINS", "ALLOW_EMPTY_SENDER_DOMAINS"
-        ),
+        validation_alias=_env("HATO_ALLOW_EMPTY_SENDER_DOMAINS", "ALLOW_EMPTY_SENDER_DOMAINS"),
         description="Accept any sender domain even when reachable from outside loopback.",
     )
 
@@ -235,50 +237,64 @@ class Settings(BaseSettings):
         description="Largest message in bytes (10 MiB as in the guide); 0 means no limit.",
     )
     max_recipients: int = Field(
-        default=1000, ge=1, validation_alias=_env("HATO_MAX_RECIPIENTS"),
+        default=1000,
+        ge=1,
+        validation_alias=_env("HATO_MAX_RECIPIENTS"),
         description="Recipients per message (Postfix smtpd_recipient_limit).",
     )
     max_connections: int = Field(
-        default=500, ge=1, validation_alias=_env("HATO_MAX_CONNECTIONS"),
+        default=500,
+        ge=1,
+        validation_alias=_env("HATO_MAX_CONNECTIONS"),
         description="Concurrent SMTP connections in total, per listener.",
     )
     max_connections_per_client: int = Field(
-        default=50, ge=1,
+        default=50,
+        ge=1,
         validation_alias=_env("HATO_MAX_CONNECTIONS_PER_CLIENT"),
         description="Concurrent SMTP connections from one client address.",
     )
     idle_timeout: float = Field(
-        default=300.0, gt=0, validation_alias=_env("HATO_IDLE_TIMEOUT"),
+        default=300.0,
+        gt=0,
+        validation_alias=_env("HATO_IDLE_TIMEOUT"),
         description="Seconds a client may stay silent between commands (Postfix smtpd_timeout).",
     )
     command_timeout: float = Field(
-        default=600.0, gt=0, validation_alias=_env("HATO_COMMAND_TIMEOUT"),
+        default=600.0,
+        gt=0,
+        validation_alias=_env("HATO_COMMAND_TIMEOUT"),
         description="Seconds one command line or one DATA transfer may take (trickling clients).",
     )
     max_received_headers: int = Field(
-        default=50, ge=1,
+        default=50,
+        ge=1,
         validation_alias=_env("HATO_MAX_RECEIVED_HEADERS"),
         description="More Received headers than this means a mail loop (Postfix hopcount_limit).",
     )
 
     # --- TLS on our listeners --------------------------------------------------------
     tls_cert_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_TLS_CERT_FILE"),
+        default=None,
+        validation_alias=_env("HATO_TLS_CERT_FILE"),
         description="Certificate chain (PEM, e.g. Let's Encrypt fullchain.pem); enables STARTTLS.",
     )
     tls_key_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_TLS_KEY_FILE"),
+        default=None,
+        validation_alias=_env("HATO_TLS_KEY_FILE"),
         description="Private key (PEM, e.g. privkey.pem).",
     )
 
     # --- where mail goes -------------------------------------------------------------
     route: Route | None = Field(
-        default=None, validation_alias=_env("HATO_ROUTE"),
+        default=None,
+        validation_alias=_env("HATO_ROUTE"),
         description="For mail not addressed to our own domains: `hold` (keep it here), "
         "`relay` (to RELAYHOST) or `mx`. Default `relay` when RELAYHOST is set, else `hold`.",
     )
     relay_host: str | None = Field(
-        default=None, validation_alias=_env("HATO_RELAY_HOST", "RELAYHOST"),
+        default=None,
+        validation_alias=_env("HATO_RELAY_HOST", "RELAYHOST"),
         description="Upstream relay as `[host]:port` (Postfix/boky form).",
     )
     relay_username: str | None = Field(
@@ -293,178 +309,223 @@ class Settings(BaseSettings):
     )
     relay_username_file: Path | None = Field(
         default=None,
-        validation_alias=_env("HATO_RELAY_USERNAME_FILE", "RELAYHOST_USERNAME_FILE"
-        ),
+        validation_alias=_env("HATO_RELAY_USERNAME_FILE", "RELAYHOST_USERNAME_FILE"),
         description="File holding the relay user (Docker secrets).",
     )
     relay_password_file: Path | None = Field(
         default=None,
-        validation_alias=_env("HATO_RELAY_PASSWORD_FILE", "RELAYHOST_PASSWORD_FILE"
-        ),
+        validation_alias=_env("HATO_RELAY_PASSWORD_FILE", "RELAYHOST_PASSWORD_FILE"),
         description="File holding the relay password (Docker secrets).",
     )
     relay_tls: RelayTLS | None = Field(
-        default=None, validation_alias=_env("HATO_RELAY_TLS"),
+        default=None,
+        validation_alias=_env("HATO_RELAY_TLS"),
         description="TLS to the relay: `none`, `may`, `encrypt` (STARTTLS required) or "
         "`implicit`. Default `implicit` on port 465, `encrypt` with credentials, else `may`.",
     )
     relay_tls_verify: bool = Field(
-        default=True, validation_alias=_env("HATO_RELAY_TLS_VERIFY"),
+        default=True,
+        validation_alias=_env("HATO_RELAY_TLS_VERIFY"),
         description="Verify the relay's certificate. Turn off only for a self-signed upstream.",
     )
     relay_tls_ca_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_RELAY_TLS_CA_FILE"),
+        default=None,
+        validation_alias=_env("HATO_RELAY_TLS_CA_FILE"),
         description="CA bundle (PEM) to verify the relay with, instead of the system's.",
     )
     relay_pool_size: int = Field(
-        default=4, ge=1, validation_alias=_env("HATO_RELAY_POOL_SIZE"),
+        default=4,
+        ge=1,
+        validation_alias=_env("HATO_RELAY_POOL_SIZE"),
         description="Connections kept open to the relay and reused across messages.",
     )
     relay_timeout: float = Field(
-        default=60.0, gt=0, validation_alias=_env("HATO_RELAY_TIMEOUT"),
+        default=60.0,
+        gt=0,
+        validation_alias=_env("HATO_RELAY_TIMEOUT"),
         description="Seconds to wait for each reply of the relay.",
     )
 
     # --- delivery worker -------------------------------------------------------------
     retry_min_delay: float = Field(
-        default=60.0, gt=0, validation_alias=_env("HATO_RETRY_MIN_DELAY"),
+        default=60.0,
+        gt=0,
+        validation_alias=_env("HATO_RETRY_MIN_DELAY"),
         description="First retry delay (doubles each attempt). Postfix: 300s.",
     )
     retry_max_delay: float = Field(
-        default=4000.0, gt=0, validation_alias=_env("HATO_RETRY_MAX_DELAY"),
+        default=4000.0,
+        gt=0,
+        validation_alias=_env("HATO_RETRY_MAX_DELAY"),
         description="Longest retry delay. Postfix: 4000s.",
     )
     max_queue_lifetime: float = Field(
-        default=5 * 86400.0, gt=0,
+        default=5 * 86400.0,
+        gt=0,
         validation_alias=_env("HATO_MAX_QUEUE_LIFETIME"),
         description="Give up and bounce after this long. Postfix: 5d.",
     )
     worker_concurrency: int = Field(
-        default=32, ge=1,
+        default=32,
+        ge=1,
         validation_alias=_env("HATO_WORKER_CONCURRENCY"),
         description="Messages delivered at once by one worker.",
     )
     lease_seconds: float = Field(
-        default=300.0, gt=0, validation_alias=_env("HATO_LEASE_SECONDS"),
+        default=300.0,
+        gt=0,
+        validation_alias=_env("HATO_LEASE_SECONDS"),
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
 
     # --- relay server role (issue 3): MX delivery, users, own domains, DKIM ------------
     dns_servers: CommaList = Field(
-        default_factory=list, validation_alias=_env("HATO_DNS_SERVERS"),
+        default_factory=list,
+        validation_alias=_env("HATO_DNS_SERVERS"),
         description="Resolvers for MX/A/AAAA/TXT lookups as `IP[:PORT]`, comma separated. "
         "Default: the system's (/etc/resolv.conf).",
     )
     outbound_port: int = Field(
-        default=25, ge=1, le=65535, validation_alias=_env("HATO_OUTBOUND_PORT"),
+        default=25,
+        ge=1,
+        le=65535,
+        validation_alias=_env("HATO_OUTBOUND_PORT"),
         description="Port of the recipients' MX hosts. Only tests change it.",
     )
     allow_private_mx: bool = Field(
-        default=False, validation_alias=_env("HATO_ALLOW_PRIVATE_MX"),
+        default=False,
+        validation_alias=_env("HATO_ALLOW_PRIVATE_MX"),
         description="Deliver to MX hosts in loopback, private or link-local space (tests).",
     )
     mx_tls: Literal["may", "encrypt", "verify"] = Field(
-        default="may", validation_alias=_env("HATO_MX_TLS"),
+        default="may",
+        validation_alias=_env("HATO_MX_TLS"),
         description="TLS towards MX hosts: `may` (opportunistic STARTTLS, Postfix's "
         "smtp_tls_security_level=may), `encrypt` (STARTTLS required) or `verify` "
         "(STARTTLS with a valid certificate for the MX name).",
     )
     mx_tls_policy: CommaList = Field(
-        default_factory=list, validation_alias=_env("HATO_MX_TLS_POLICY"),
+        default_factory=list,
+        validation_alias=_env("HATO_MX_TLS_POLICY"),
         description="Per-destination TLS levels: `domain=encrypt`, `domain=verify`, `domain=may`.",
     )
     mx_concurrency: int = Field(
-        default=10, ge=1, validation_alias=_env("HATO_MX_CONCURRENCY"),
+        default=10,
+        ge=1,
+        validation_alias=_env("HATO_MX_CONCURRENCY"),
         description="Concurrent connections per destination domain (Postfix "
         "default_destination_concurrency_limit = 20).",
     )
     users_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_USERS_FILE"),
+        default=None,
+        validation_alias=_env("HATO_USERS_FILE"),
         description="SASL users (argon2id hashes), written by `hato user`. Default "
         "`DATA_DIR/users.json`; re-read when it changes, no restart needed.",
     )
     sender_login_check: bool = Field(
-        default=True, validation_alias=_env("HATO_SENDER_LOGIN_CHECK"),
+        default=True,
+        validation_alias=_env("HATO_SENDER_LOGIN_CHECK"),
         description="An authenticated user may only use the sender addresses it owns "
         "(Postfix smtpd_sender_login_maps): by default every address of its own domain, "
         "widened or narrowed per user with `hato user add --allow`.",
     )
     auth_failure_limit: int = Field(
-        default=5, ge=1, validation_alias=_env("HATO_AUTH_FAILURE_LIMIT"),
+        default=5,
+        ge=1,
+        validation_alias=_env("HATO_AUTH_FAILURE_LIMIT"),
         description="Failed AUTH attempts per client address (across connections) within "
         "HATO_AUTH_FAILURE_WINDOW before it is refused with 421 4.7.0.",
     )
     auth_failure_window: float = Field(
-        default=600.0, gt=0, validation_alias=_env("HATO_AUTH_FAILURE_WINDOW"),
+        default=600.0,
+        gt=0,
+        validation_alias=_env("HATO_AUTH_FAILURE_WINDOW"),
         description="Window for counting AUTH failures per client address.",
     )
     maildir_root: Path | None = Field(
-        default=None, validation_alias=_env("HATO_MAILDIR_ROOT"),
+        default=None,
+        validation_alias=_env("HATO_MAILDIR_ROOT"),
         description="Where mail for our own domains is delivered: `ROOT/DOMAIN/USER/` "
         "Maildirs. Default `DATA_DIR/mail`.",
     )
     aliases_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_ALIASES_FILE"),
+        default=None,
+        validation_alias=_env("HATO_ALIASES_FILE"),
         description="Aliases in the familiar `name: target, target` form. Default "
         "`DATA_DIR/aliases` when it exists.",
     )
     recipient_delimiter: str = Field(
-        default="+", validation_alias=_env("HATO_RECIPIENT_DELIMITER"),
+        default="+",
+        validation_alias=_env("HATO_RECIPIENT_DELIMITER"),
         description="`user+tag@domain` is delivered to `user` (empty turns it off).",
     )
     dkim_dir: Path | None = Field(
-        default=None, validation_alias=_env("HATO_DKIM_DIR"),
+        default=None,
+        validation_alias=_env("HATO_DKIM_DIR"),
         description="DKIM keys written by `hato dkim keygen` as `DOMAIN/SELECTOR.{rsa,ed25519}.key`;"
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
     )
 
     # --- application side (issue 4): Mailer and hato worker -----------------------------
     default_from: str | None = Field(
-        default=None, validation_alias=_env("HATO_DEFAULT_FROM"),
+        default=None,
+        validation_alias=_env("HATO_DEFAULT_FROM"),
         description="Sender used by `hato.Mailer.send` when `from_` is not given.",
     )
     smtp_host: str = Field(
-        default="127.0.0.1", validation_alias=_env("HATO_SMTP_HOST"),
+        default="127.0.0.1",
+        validation_alias=_env("HATO_SMTP_HOST"),
         description="Where `hato worker` delivers: the local relay or an SMTP service.",
     )
     smtp_port: int = Field(
-        default=2525, ge=1, le=65535, validation_alias=_env("HATO_SMTP_PORT"),
+        default=2525,
+        ge=1,
+        le=65535,
+        validation_alias=_env("HATO_SMTP_PORT"),
         description="Port of HATO_SMTP_HOST.",
     )
     smtp_tls: RelayTLS | None = Field(
-        default=None, validation_alias=_env("HATO_SMTP_TLS"),
+        default=None,
+        validation_alias=_env("HATO_SMTP_TLS"),
         description="TLS to HATO_SMTP_HOST (as HATO_RELAY_TLS; default `implicit` on 465, "
         "`encrypt` with credentials, else `may`).",
     )
     smtp_tls_verify: bool = Field(
-        default=True, validation_alias=_env("HATO_SMTP_TLS_VERIFY"),
+        default=True,
+        validation_alias=_env("HATO_SMTP_TLS_VERIFY"),
         description="Verify HATO_SMTP_HOST's certificate.",
     )
     smtp_tls_ca_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
+        default=None,
+        validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
         description="CA bundle for HATO_SMTP_HOST.",
     )
     smtp_username: str | None = Field(
-        default=None, validation_alias=_env("HATO_SMTP_USERNAME"),
+        default=None,
+        validation_alias=_env("HATO_SMTP_USERNAME"),
         description="SASL user for HATO_SMTP_HOST (an SMTP service such as SES).",
     )
     smtp_password: SecretStr | None = Field(
-        default=None, validation_alias=_env("HATO_SMTP_PASSWORD"),
+        default=None,
+        validation_alias=_env("HATO_SMTP_PASSWORD"),
         description="SASL password for HATO_SMTP_HOST (never logged).",
     )
     smtp_password_file: Path | None = Field(
-        default=None, validation_alias=_env("HATO_SMTP_PASSWORD_FILE"),
+        default=None,
+        validation_alias=_env("HATO_SMTP_PASSWORD_FILE"),
         description="File holding HATO_SMTP_PASSWORD.",
     )
     template_dir: Path | None = Field(
-        default=None, validation_alias=_env("HATO_TEMPLATE_DIR"),
+        default=None,
+        validation_alias=_env("HATO_TEMPLATE_DIR"),
         description="Jinja2 templates for `Mailer.send_template` (NAME.subject.txt, "
         "NAME.txt, NAME.html). Default `./templates`.",
     )
 
     # --- logging ---------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(
-        default="text", validation_alias=_env("HATO_LOG_FORMAT"),
+        default="text",
+        validation_alias=_env("HATO_LOG_FORMAT"),
         description="Operator log format: Postfix-like `text` lines or `json`.",
     )
 
@@ -495,9 +556,17 @@ class Settings(BaseSettings):
         # boky: any non-empty value turns it on.
         return _truthy(value)
 
-    @field_validator("retry_min_delay", "retry_max_delay", "max_queue_lifetime", "idle_timeout",
-                     "command_timeout", "lease_seconds", "relay_timeout", "auth_failure_window",
-                     mode="before")
+    @field_validator(
+        "retry_min_delay",
+        "retry_max_delay",
+        "max_queue_lifetime",
+        "idle_timeout",
+        "command_timeout",
+        "lease_seconds",
+        "relay_timeout",
+        "auth_failure_window",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
@@ -639,8 +708,6 @@ class Settings(BaseSettings):
         route = self.effective_route
         if route == "relay" and not self.relay_host:
             raise ConfigError("HATO_ROUTE=relay needs RELAYHOST (or HATO_RELAY_HOST)")
-        if route == "mx":
-            raise ConfigError("HATO_ROUTE=mx (direct MX delivery) is not available yet in this version")
         if self.relay_host:
             parse_relayhost(self.relay_host)
         user, password = self.effective_relay_username, self.effective_relay_password
@@ -657,9 +724,17 @@ class Settings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ConfigError(f"file not found: {path}")
         public = [item for item in listeners if not item.is_loopback]
+        # Like boky/postfix: a server that relays without AUTH for clients beyond loopback
+        # must say which sender domains it relays for. A relay server whose only trusted
+        # network is loopback relays for authenticated users alone and needs no such list.
+        trusts_beyond_loopback = any(
+            not ipaddress.ip_network(net, strict=False).is_loopback
+            for net in self.effective_mynetworks
+        )
         if (
             public
             and route != "hold"
+            and trusts_beyond_loopback
             and not self.allowed_sender_domains
             and not self.allow_empty_sender_domains
         ):

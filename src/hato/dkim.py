@@ -442,8 +442,8 @@ def _headers(data: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
-def from_domains(data: bytes) -> list[str]:
-    """The domains of the ``From:`` header's addresses, normalised, in order, each once.
+def from_addresses(data: bytes) -> list[str]:
+    """The addresses of the ``From:`` header, in order.
 
     A message with no From or more than one From field has none: RFC 5322 allows
     exactly one, and signing an ambiguous author would vouch for the wrong one.
@@ -452,10 +452,15 @@ def from_domains(data: bytes) -> list[str]:
     if len(values) != 1:
         return []
     text = values[0].decode("utf-8", "replace")
+    return [addr for _name, addr in email.utils.getaddresses([text]) if "@" in addr]
+
+
+def from_domains(data: bytes) -> list[str]:
+    """The domains of the ``From:`` header's addresses, normalised, in order, each once."""
     domains: list[str] = []
-    for _name, addr in email.utils.getaddresses([text]):
-        _, at, domain = addr.rpartition("@")
-        if not at or not domain:
+    for addr in from_addresses(data):
+        domain = addr.rpartition("@")[2]
+        if not domain:
             continue
         domain = normalize_domain(domain)
         if domain not in domains:

@@ -82,8 +82,14 @@ class MailLog:
         self.event("smtpd", "", event="connect", client=client, text=f"connect from {client}")
 
     def disconnect(self, client: str, **counts: object) -> None:
-        self.event("smtpd", "", event="disconnect", client=client,
-                   text=f"disconnect from {client}", **counts)
+        self.event(
+            "smtpd",
+            "",
+            event="disconnect",
+            client=client,
+            text=f"disconnect from {client}",
+            **counts,
+        )
 
     def rejected(self, client: str, command: str, reply: object, **fields: object) -> None:
         self.event("smtpd", "NOQUEUE", reject=f"{command} from {client}: {reply}", **fields)

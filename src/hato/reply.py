@@ -142,3 +142,7 @@ TEXT_LINE_TOO_LONG = Reply(
 def queued_as(queue_id: str) -> Reply:
     """The final DATA reply once the queue has committed the message."""
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+MESSAGE_REFUSED = Reply(554, "5.6.0", "Message content rejected: cannot be signed")
+LOCAL_LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient lookup failed, try again later")

@@ -6,6 +6,7 @@ for people, and smtplib's behaviour is what many applications do.
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import socket
 import ssl
@@ -146,11 +147,16 @@ def send_test_message(options: SendOptions, *, trace: Trace | None = None) -> st
         client.quit()
         return reply
     except smtplib.SMTPResponseException as exc:
-        text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+        text = (
+            exc.smtp_error.decode("utf-8", "replace")
+            if isinstance(exc.smtp_error, bytes)
+            else str(exc.smtp_error)
+        )
         raise SendError(f"{step} failed: {exc.smtp_code} {text}") from None
     except smtplib.SMTPRecipientsRefused as exc:
         details = "; ".join(
-            f"<{rcpt}>: {code} {text.decode(errors='replace')}" for rcpt, (code, text) in exc.recipients.items()
+            f"<{rcpt}>: {code} {text.decode(errors='replace')}"
+            for rcpt, (code, text) in exc.recipients.items()
         )
         raise SendError(f"all recipients refused: {details}") from None
     except smtplib.SMTPNotSupportedError as exc:
@@ -161,7 +167,5 @@ def send_test_message(options: SendOptions, *, trace: Trace | None = None) -> st
         raise SendError(f"{step} failed talking to {host}:{port}: {exc}") from None
     finally:
         if client is not None:
-            try:
+            with contextlib.suppress(OSError):
                 client.close()
-            except OSError:
-                pass

@@ -175,3 +175,10 @@ def test_reference_lists_every_setting() -> None:
 def test_docs_config_md_is_current() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert docs.read_text() == settings_reference(), "run: python -m hato.config > docs/config.md"
+
+
+def test_relay_server_trusting_only_loopback_needs_no_sender_domains() -> None:
+    s = load_settings(listen=["smtp=0.0.0.0:25", "submission=0.0.0.0:587"], route="mx",
+                      domains=["dbmx.net"])
+    assert s.effective_mynetworks == ["127.0.0.0/8", "::1/128"]
+    s.validate_for_serve()

@@ -1,6 +1,6 @@
 """SMTP intake: a sans-IO ESMTP server (protocol), its policy, SASL, TLS and asyncio glue."""
 
-from hato.smtp.auth import Authenticator, Credentials, StaticAuthenticator
+from hato.smtp.auth import Authenticator, AuthThrottle, Credentials, StaticAuthenticator
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, SessionFacts, parse_networks
 from hato.smtp.protocol import (
     Authenticate,
@@ -17,6 +17,7 @@ from hato.smtp.server import SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider, load_server_context
 
 __all__ = [
+    "AuthThrottle",
     "Authenticate",
     "Authenticator",
     "Close",

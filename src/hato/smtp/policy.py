@@ -121,6 +121,7 @@ class Policy:
         allow_empty_sender_domains: bool = False,
         allow_plaintext_auth: bool = False,
         sender_allowed: SenderCheck | None = None,
+        local_recipient_exists: Callable[[str], bool] | None = None,
     ) -> None:
         """
         ``domains``: our own domains (mail to them is accepted from anyone).
@@ -131,7 +132,9 @@ class Policy:
         here it only documents intent. ``allow_plaintext_auth``: allow AUTH without TLS
         from loopback clients on the ``smtp`` role. ``sender_allowed(user, address)``:
         may an authenticated user use this sender address (issue 3 plugs its login maps
-        in here); ``None`` allows any.
+        in here); ``None`` allows any. ``local_recipient_exists(address)``: does a
+        recipient in our own domains exist (users and aliases, Postfix
+        ``local_recipient_maps``); unknown ones get 550 5.1.1, whoever asks.
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
@@ -143,6 +146,7 @@ class Policy:
         self.allow_empty_sender_domains = allow_empty_sender_domains
         self.allow_plaintext_auth = allow_plaintext_auth
         self.sender_allowed = sender_allowed
+        self.local_recipient_exists = local_recipient_exists
         self._client_cache: dict[str, tuple[bool, bool]] = {}
 
     # Session-level facts
@@ -220,10 +224,24 @@ class Policy:
             address = parse_address(mailbox, allow_utf8=smtputf8)
         except AddressError:
             return reply.BAD_ADDRESS
+        ours = not address.is_literal and address.domain in self._domain_set
+        if ours and not (relay and any(c in address.local for c in _ROUTING_CHARS)):
+            unknown = self._unknown_local(str(address))
+            if unknown is not None:
+                return unknown
         if relay:
             return str(address)
-        if address.is_literal or address.domain not in self._domain_set:
+        if not ours:
             return reply.RELAY_DENIED
         if any(c in address.local for c in _ROUTING_CHARS):
             return reply.RELAY_DENIED
         return str(address)
+
+    def _unknown_local(self, address: str) -> Reply | None:
+        exists = self.local_recipient_exists
+        if exists is None:
+            return None
+        try:
+            return None if exists(address) else reply.NO_SUCH_USER
+        except Exception:  # a broken user store defers, it never says "no such user"
+            return reply.LOCAL_LOOKUP_FAILED

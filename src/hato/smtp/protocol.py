@@ -268,8 +268,12 @@ class ServerSession:
         self._state = _COMMAND
         return []
 
-    def auth_result(self, user: str | None) -> list[Event]:
-        """Answer an :class:`Authenticate`: the authenticated user, or ``None``."""
+    def auth_result(self, user: str | None, *, close: bool = False) -> list[Event]:
+        """Answer an :class:`Authenticate`: the authenticated user, or ``None``.
+
+        ``close`` (with ``None``): the driver's cross-connection throttle has blocked the
+        client, so the ``535`` is followed by ``421 4.7.0`` and the connection closes.
+        """
         if self._state != _WAIT_AUTH:
             return []
         out: list[Event] = []
@@ -281,7 +285,7 @@ class ServerSession:
         else:
             self.auth_failures += 1
             self._out.append(Rejected("AUTH", reply.AUTH_FAILED))
-            if self.auth_failures >= self.config.max_auth_failures:
+            if close or self.auth_failures >= self.config.max_auth_failures:
                 self._send(reply.AUTH_FAILED)
                 self._send(reply.TOO_MANY_AUTH_FAILURES)
                 self._close()

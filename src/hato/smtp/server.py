@@ -2,8 +2,9 @@
 
 It owns everything the pure state machine does not: sockets, TLS (``loop.start_tls`` for
 STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits, the
-credential check, the queue and the operator log. ``250`` after DATA is written only
-once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
+credential check and the AUTH failure throttle shared across connections, the queue and
+the operator log. ``250`` after DATA is written only once ``await queue.enqueue(...)``
+has returned, that is once the message is durable.
 
 While the session waits for an answer (enqueue, credential check, TLS handshake) the
 connection stops reading, so pipelined input waits in the kernel and in the session's
@@ -19,17 +20,17 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from hato import reply
-from hato.errors import ConfigError, QueueError, QueueFullError
+from hato.errors import ConfigError, HatoError, QueueError, QueueFullError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue.base import Queue
 from hato.reply import Reply
-from hato.smtp.auth import Authenticator
-from hato.smtp.policy import ListenerConfig, Policy
+from hato.smtp.auth import Authenticator, AuthThrottle
+from hato.smtp.policy import ListenerConfig, ListenerRole, Policy
 from hato.smtp.protocol import (
     Authenticate,
     Close,
@@ -44,6 +45,11 @@ from hato.smtp.protocol import (
 from hato.smtp.tls import TLSContextProvider
 
 _debug = logging.getLogger(__name__)
+
+# Applied to a submitted message before it is queued (DKIM signing): given the bytes and
+# the authenticated user ("" for a trusted network), returns the bytes to queue. Raising
+# hato.errors.HatoError refuses the message with 554 5.6.0.
+MessageTransform = Callable[[bytes, str], Awaitable[bytes]]
 
 # Reasons for which reading is paused; reading resumes when none is left.
 _ASYNC = "async"
@@ -78,8 +84,12 @@ class SMTPListener:
         hold: bool = False,
         reuse_port: bool = False,
         clock: Callable[[], float] = time.time,
+        auth_throttle: AuthThrottle | None = None,
+        submitted: MessageTransform | None = None,
     ) -> None:
         self.listener = listener
+        self.auth_throttle = auth_throttle
+        self.submitted = submitted
         self.reuse_port = reuse_port
         self.queue = queue
         self.policy = policy
@@ -96,8 +106,14 @@ class SMTPListener:
         self.closing = False
 
     async def start(self) -> None:
-        if self.listener.implicit_tls and self.tls is None:
-            raise ConfigError(f"listener {self.address} (submissions) needs a TLS certificate")
+        role = self.listener.role
+        if role is not ListenerRole.SMTP and self.tls is None:
+            raise ConfigError(
+                f"listener {self.address} ({role}) needs a TLS certificate "
+                "(HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE)"
+            )
+        if role is not ListenerRole.SMTP and self.authenticator is None:
+            raise ConfigError(f"listener {self.address} ({role}) needs a user store for AUTH")
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
         loop = asyncio.get_running_loop()
         try:
@@ -213,6 +229,8 @@ async def start_listener(
     hold: bool = False,
     reuse_port: bool = False,
     clock: Callable[[], float] = time.time,
+    auth_throttle: AuthThrottle | None = None,
+    submitted: MessageTransform | None = None,
     max_connections: int | None = None,
     max_connections_per_client: int | None = None,
     idle_timeout: float | None = None,
@@ -220,7 +238,10 @@ async def start_listener(
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
-    several processes share the port (SO_REUSEPORT) to use every core. The other
+    several processes share the port (SO_REUSEPORT) to use every core;
+    ``auth_throttle`` is the AUTH failure tracker shared by all listeners;
+    ``submitted`` transforms mail from authenticated or trusted clients before it is
+    queued (DKIM signing), never mail from anyone else. The other
     keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -248,6 +269,8 @@ async def start_listener(
         hold=hold,
         reuse_port=reuse_port,
         clock=clock,
+        auth_throttle=auth_throttle,
+        submitted=submitted,
     )
     await smtp.start()
     return smtp
@@ -283,6 +306,13 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self.client = _client_name(self.ip)
+        throttle = listener.auth_throttle
+        if throttle is not None and throttle.blocked(self.ip):
+            # A password guesser: not even a greeting until its failures expire.
+            listener.log.rejected(self.client, "CONNECT", reply.TOO_MANY_AUTH_FAILURES)
+            transport.write(_wire(reply.TOO_MANY_AUTH_FAILURES))
+            transport.close()
+            return
         if listener.closing or not listener.admit(self.ip):
             answer = reply.SHUTTING_DOWN if listener.closing else reply.TOO_MANY_CONNECTIONS
             listener.log.rejected(self.client, "CONNECT", answer)
@@ -408,6 +438,8 @@ class _Connection(asyncio.Protocol):
         assert session is not None
         listener = self.listener
         try:
+            if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
+                data = await listener.submitted(data, envelope.auth_user)
             queue_id = await listener.queue.enqueue(envelope, data, held=listener.hold)
         except QueueFullError as exc:
             _debug.warning("queue full: %s", exc)
@@ -415,6 +447,9 @@ class _Connection(asyncio.Protocol):
         except QueueError as exc:
             _debug.warning("queue error: %s", exc)
             events = session.message_rejected(reply.QUEUE_ERROR)
+        except HatoError as exc:  # the submission transform (DKIM) refused the message
+            listener.log.rejected(self.client, "DATA", reply.MESSAGE_REFUSED, detail=str(exc))
+            events = session.message_rejected(reply.MESSAGE_REFUSED)
         except Exception:  # a bug in a backend must not take the listener down
             _debug.exception("unexpected error while enqueueing")
             events = session.message_rejected(reply.LOCAL_ERROR)
@@ -435,8 +470,17 @@ class _Connection(asyncio.Protocol):
 
     async def _authenticate(self, event: Authenticate) -> None:
         session = self.session
-        authenticator = self.listener.authenticator
+        listener = self.listener
+        authenticator = listener.authenticator
+        throttle = listener.auth_throttle
         assert session is not None and authenticator is not None
+        if throttle is not None and throttle.blocked(self.ip):
+            # Blocked by failures on other connections since this one began: no check.
+            listener.log.rejected(self.client, "AUTH", reply.TOO_MANY_AUTH_FAILURES)
+            events = session.auth_result(None, close=True)
+            self._resume(_ASYNC)
+            self._handle(events)
+            return
         try:
             user = await authenticator.authenticate(
                 event.username, event.password, authzid=event.authzid
@@ -444,9 +488,17 @@ class _Connection(asyncio.Protocol):
         except Exception:  # a broken user store refuses, it does not crash the session
             _debug.exception("authenticator failed")
             user = None
+        close = False
         if user is None:
-            self.listener.log.auth_failed(self.client, event.username, event.mechanism)
-        events = session.auth_result(user)
+            listener.log.auth_failed(self.client, event.username, event.mechanism)
+            if throttle is not None:
+                delay = throttle.failed(self.ip)
+                if delay is None:
+                    listener.log.rejected(self.client, "AUTH", reply.TOO_MANY_AUTH_FAILURES)
+                    close = True
+                elif delay > 0:
+                    await asyncio.sleep(delay)
+        events = session.auth_result(user, close=close)
         self._resume(_ASYNC)
         self._handle(events)
 
