@@ -8,17 +8,39 @@ from hato.errors import (
     MessageNotFound,
     QueueError,
     QueueFullError,
+    TemplateError,
+)
+from hato.mailer import (
+    AsyncMailer,
+    Attachment,
+    Composed,
+    Email,
+    Mailer,
+    MessageId,
+    State,
+    Status,
+    compose,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddressError",
+    "AsyncMailer",
+    "Attachment",
+    "Composed",
     "ConfigError",
     "DeliveryError",
+    "Email",
     "HatoError",
+    "Mailer",
+    "MessageId",
     "MessageNotFound",
     "QueueError",
     "QueueFullError",
+    "State",
+    "Status",
+    "TemplateError",
     "__version__",
+    "compose",
 ]

@@ -26,7 +26,7 @@ from hato.dkim import DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
 from hato.maillog import MailLog
 from hato.message import Envelope
-from hato.queue.base import Queue, open_queue
+from hato.queue.base import Queue, open_queue, redact_url
 from hato.queue.retry import RetrySchedule
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
@@ -121,24 +121,38 @@ def build_couriers(settings: Settings, local: Courier | None = None) -> dict[Rou
     return couriers
 
 
+def build_retry(settings: Settings) -> RetrySchedule:
+    return RetrySchedule(
+        min_delay=settings.retry_min_delay,
+        max_delay=settings.retry_max_delay,
+        max_lifetime=settings.max_queue_lifetime,
+    )
+
+
 def build_worker(
-    settings: Settings, queue: Queue, log: MailLog, local: Courier | None = None
+    settings: Settings,
+    queue: Queue,
+    log: MailLog,
+    local: Courier | None = None,
+    *,
+    couriers: dict[RouteKind, Courier] | None = None,
+    router: Router | None = None,
+    bounces: bool = True,
 ) -> Worker:
+    """The delivery worker of ``hato serve`` (or, with ``couriers``/``router``, of
+    ``hato worker``)."""
     return Worker(
         queue,
-        build_couriers(settings, local),
-        Router(settings.domains, settings.effective_route),
-        RetrySchedule(
-            min_delay=settings.retry_min_delay,
-            max_delay=settings.retry_max_delay,
-            max_lifetime=settings.max_queue_lifetime,
-        ),
+        couriers if couriers is not None else build_couriers(settings, local),
+        router if router is not None else Router(settings.domains, settings.effective_route),
+        build_retry(settings),
         log,
         hostname=settings.hostname,
         concurrency=settings.worker_concurrency,
         batch_size=max(16, settings.worker_concurrency),
         lease_seconds=settings.lease_seconds,
         idle_wait=min(5.0, settings.retry_min_delay),
+        bounces=bounces,
     )
 
 
@@ -239,7 +253,7 @@ async def serve(
             )
         else:
             _say(f"route: {settings.role}")
-        _say(f"queue: {settings.effective_queue_url}")
+        _say(f"queue: {redact_url(settings.effective_queue_url)}")
         worker_task = asyncio.create_task(worker.run(), name="hato-worker")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -267,3 +281,102 @@ async def serve(
             with contextlib.suppress(Exception):
                 await courier.close()
         await queue.close()
+
+
+# --- hato worker: the application's outbox worker ------------------------------------
+
+
+def smtp_courier(settings: Settings) -> SmarthostCourier:
+    """The courier to ``HATO_SMTP_HOST``: one pooled connection per concurrent delivery."""
+    return SmarthostCourier(
+        SmarthostConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            tls=settings.effective_smtp_tls,
+            verify=settings.smtp_tls_verify,
+            ca_file=str(settings.smtp_tls_ca_file) if settings.smtp_tls_ca_file else None,
+            username=settings.smtp_username,
+            password=settings.effective_smtp_password,
+            helo_name=settings.hostname,
+            timeout=settings.relay_timeout,
+            pool_size=max(settings.relay_pool_size, settings.worker_concurrency),
+        )
+    )
+
+
+def build_outbox_worker(
+    settings: Settings, queue: Queue, log: MailLog, *, bounces: bool = False
+) -> Worker:
+    """The worker of ``hato worker``: every recipient goes to ``HATO_SMTP_HOST``."""
+    return build_worker(
+        settings,
+        queue,
+        log,
+        couriers={RouteKind.RELAY: smtp_courier(settings)},
+        router=Router((), RouteKind.RELAY),
+        bounces=bounces,
+    )
+
+
+async def work(
+    settings: Settings,
+    *,
+    bounces: bool = False,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[Worker], None] | None = None,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """Run ``hato worker`` until SIGTERM/SIGINT (or ``stop`` is set)."""
+    settings.validate_for_worker()
+    url = settings.effective_queue_url
+    log = MailLog(json=settings.log_format == "json")
+    q = open_queue(url, fsync=settings.fsync)
+    await q.open()
+    worker = build_outbox_worker(settings, q, log, bounces=bounces)
+    try:
+        report = await q.recover()
+        if report.leases_expired:
+            say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
+        for message_id in report.quarantined:
+            log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
+        tls = settings.effective_smtp_tls
+        verify = "verify" if settings.smtp_tls_verify else "no verify"
+        auth = f", AUTH as {settings.smtp_username}" if settings.smtp_username else ""
+        say(f"worker {worker.owner}")
+        say(f"queue: {redact_url(url)}")
+        say(f"delivering to {settings.smtp_host}:{settings.smtp_port} (tls {tls}, {verify}{auth})")
+        say(
+            f"concurrency {worker.concurrency}, lease {settings.lease_seconds:g}s, "
+            f"bounces {'on' if bounces else 'off'}"
+        )
+        stopping = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handled: list[signal.Signals] = []
+        if stop is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stopping.set)
+                handled.append(sig)
+        task = asyncio.create_task(worker.run(), name="hato-worker")
+        if ready is not None:
+            ready(worker)
+        say("ready")
+        waiter = asyncio.create_task(stopping.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                task.result()  # the loop never returns on its own: surface why
+            say("stopping: no more claims; finishing deliveries in flight")
+            worker.stop()
+            await task
+        finally:
+            waiter.cancel()
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+        say("stopped")
+    finally:
+        for courier in worker.couriers.values():
+            try:
+                await courier.close()
+            except Exception as exc:  # closing idle connections must not mask the exit
+                say(f"closing {courier.name}: {type(exc).__name__}: {exc}")
+        await q.close()

@@ -745,6 +745,26 @@ class Settings(BaseSettings):
         if self.retry_min_delay > self.retry_max_delay:
             raise ConfigError("HATO_RETRY_MIN_DELAY is larger than HATO_RETRY_MAX_DELAY")
 
+    def validate_for_worker(self) -> None:
+        """Refuse settings ``hato worker`` cannot work with (ConfigError, one line)."""
+        url = self.effective_queue_url
+        if url.split(":", 1)[0].lower() == "memory":
+            raise ConfigError(
+                "HATO_QUEUE_URL=memory:// lives inside one process; hato worker needs the app's "
+                "queue: sqlite:///PATH, postgresql://... or redis://..."
+            )
+        user, password = self.smtp_username, self.effective_smtp_password
+        if bool(user) != bool(password):
+            raise ConfigError("set both HATO_SMTP_USERNAME and HATO_SMTP_PASSWORD, or neither")
+        if user and self.effective_smtp_tls in ("none", "may"):
+            raise ConfigError(
+                f"HATO_SMTP_TLS={self.effective_smtp_tls} with credentials: AUTH is never sent "
+                "without TLS; use encrypt or implicit"
+            )
+        ca_file = self.smtp_tls_ca_file
+        if ca_file is not None and not ca_file.is_file():
+            raise ConfigError(f"HATO_SMTP_TLS_CA_FILE: file not found: {ca_file}")
+
 
 def _read_secret(path: Path, what: str) -> str:
     try:

@@ -5,6 +5,7 @@
     HatoError
     ├── ConfigError            invalid settings (the CLI prints it as one line, exit 2)
     ├── AddressError           an address or header value that cannot be sent (CR/LF, syntax)
+    ├── TemplateError          a mail template is missing or fails to render
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   └── MessageNotFound    no message with that id
@@ -31,6 +32,10 @@ class ConfigError(HatoError):
 
 class AddressError(HatoError, ValueError):
     """An address or header value is malformed or unsafe (CR/LF injection, bad syntax)."""
+
+
+class TemplateError(HatoError):
+    """A mail template (``Mailer.send_template``) is missing or fails to render."""
 
 
 class QueueError(HatoError):

@@ -5,7 +5,8 @@ recipients by route, hands each group to its courier, and records one outcome pe
 recipient. A temporary failure is retried on the retry schedule until the message is too
 old, then it fails like a permanent one: a DSN goes to a non-empty envelope sender, queued
 in the same queue with the null sender (so a bounce is never bounced). Held recipients
-stay in the queue as ``held``.
+stay in the queue as ``held``. With ``bounces=False`` (``hato worker``) no DSN is
+sent: failures are only recorded, for ``Mailer.status`` and the log.
 
 Order of writes, for at-least-once: the DSN is enqueued before the outcome that causes it
 is recorded (a crash in between gives the same DSN id back, through its idempotency key,
@@ -96,6 +97,7 @@ class Worker:
         idle_wait: float = 5.0,
         stop_timeout: float = 10.0,
         error_backoff: float = 1.0,
+        bounces: bool = True,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -112,6 +114,9 @@ class Worker:
         self.idle_wait = idle_wait
         self.stop_timeout = stop_timeout
         self.error_backoff = error_backoff
+        # An application outbox (``hato worker``) turns DSNs off: its senders are
+        # noreply addresses, and the app reads failures from ``Mailer.status`` instead.
+        self.bounces = bounces
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -297,7 +302,7 @@ class Worker:
         decisions = [self._decide(kind, res, expired) for kind, res in delivered]
 
         bounced = [d for d in decisions if d.bounce]
-        if bounced and msg.sender and not await self._send_dsn(msg, bounced, now):
+        if bounced and msg.sender and self.bounces and not await self._send_dsn(msg, bounced, now):
             # No DSN could be queued: keep those recipients pending rather than fail them
             # silently; the next attempt bounces them again.
             decisions = [

@@ -66,11 +66,14 @@ def run(coro: Coroutine[Any, Any, T], *, fast: bool = False) -> T:
 # Options shared by every command that needs settings.
 def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
-        "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, dir_okay=False),
         help="TOML settings file (default: ./hato.toml if present).",
     )(func)
     func = click.option(
-        "--data-dir", type=click.Path(path_type=Path, file_okay=False),
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
         help="State directory (HATO_DATA_DIR).",
     )(func)
     func = click.option("--queue", "queue_url", help="Queue URL (HATO_QUEUE_URL).")(func)
@@ -155,8 +158,9 @@ def config_check(
     click.echo(f"mynetworks:  {', '.join(settings.effective_mynetworks)}")
     click.echo(f"domains:     {', '.join(settings.domains) or '(none)'}")
     senders = ", ".join(settings.allowed_sender_domains) or (
-        "any" if settings.allow_empty_sender_domains or all(
-            item.is_loopback for item in listeners) else "(none)"
+        "any"
+        if settings.allow_empty_sender_domains or all(item.is_loopback for item in listeners)
+        else "(none)"
     )
     click.echo(f"senders:     {senders}")
     route = settings.effective_route
@@ -268,7 +272,10 @@ def queue_list(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (message as text).")
 @friendly
 def queue_show(
-    config_file: Path | None, data_dir: Path | None, queue_url: str | None, message_id: str,
+    config_file: Path | None,
+    data_dir: Path | None,
+    queue_url: str | None,
+    message_id: str,
     as_json: bool,
 ) -> None:
     """Show one message: envelope, per-recipient state, headers and body."""
@@ -298,7 +305,9 @@ def _simple_queue_command(name: str, help_text: str, method: str, done: str) -> 
     @click.argument("message_ids", nargs=-1, required=True)
     @friendly
     def command(
-        config_file: Path | None, data_dir: Path | None, queue_url: str | None,
+        config_file: Path | None,
+        data_dir: Path | None,
+        queue_url: str | None,
         message_ids: tuple[str, ...],
     ) -> None:
         async def action(q: Any) -> None:
@@ -328,8 +337,9 @@ _simple_queue_command("delete", "Delete messages from the queue.", "delete", "de
 @click.option("--starttls", is_flag=True, help="Require STARTTLS.")
 @click.option("--tls", "implicit_tls", is_flag=True, help="Implicit TLS (port 465).")
 @click.option("--auth-user", help="SASL user.")
-@click.option("--auth-password", help="SASL password (or HATO_SEND_PASSWORD).",
-              envvar="HATO_SEND_PASSWORD")
+@click.option(
+    "--auth-password", help="SASL password (or HATO_SEND_PASSWORD).", envvar="HATO_SEND_PASSWORD"
+)
 @click.option("--insecure", is_flag=True, help="Do not verify the server's certificate.")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle.")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per reply.")
@@ -374,7 +384,10 @@ def send(
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-from hato.cli import tls, user  # noqa: E402, F401  (registers `hato tls` and `hato user`)
-from hato.cli import worker  # noqa: E402, F401  (registers `hato worker` and `hato queue init`)
-from hato.cli import dkim  # noqa: E402, F401  (registers `hato dkim`)
-from hato.cli import dns  # noqa: E402, F401  (registers `hato dns`)
+from hato.cli import (  # noqa: E402, F401  (registers `hato tls` and `hato user`)
+    dkim,
+    dns,
+    tls,
+    user,
+    worker,
+)

@@ -37,6 +37,7 @@ Contract (the suite in ``tests/contract`` checks it on every backend):
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -254,6 +255,11 @@ class Queue(Protocol):
     async def wait_for_work(self, timeout: float) -> None:
         """Return early when new work may be due (in-process event, LISTEN/NOTIFY, ...)."""
         ...
+
+
+def redact_url(url: str) -> str:
+    """A queue URL fit for a log line: the password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def open_queue(url: str, *, clock: Clock = time.time, fsync: bool = True) -> Queue:

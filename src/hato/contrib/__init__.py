@@ -1,0 +1,1 @@
+"""Integrations with web frameworks: ``hato.contrib.django`` (an email backend)."""

@@ -1,0 +1,349 @@
+"""Building messages for the outbox: structure, encodings, Bcc, header injection (pure, no I/O)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from hato import AddressError, ConfigError, compose
+from hato.mailer import IDEMPOTENCY_HEADER
+
+T0 = 1_700_000_000.0
+FROM = "App <noreply@app.example>"
+
+
+def clock() -> float:
+    return T0
+
+
+def parse(data: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert not msg.defects
+    for part in msg.walk():
+        assert not part.defects, part.defects
+    return msg
+
+
+def header_names(data: bytes) -> list[str]:
+    head = data.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    return [line.split(":", 1)[0].lower() for line in head.split("\r\n") if line[:1] not in " \t"]
+
+
+def assert_wire_clean(data: bytes) -> None:
+    """7-bit, CRLF only, no line over 998 characters."""
+    assert data.isascii()
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+
+
+def test_plain_text_message() -> None:
+    c = compose("user@example.net", "Welcome", "Hello!\n", from_=FROM, clock=clock)
+    assert c.envelope.sender == "noreply@app.example"
+    assert c.envelope.recipients == ["user@example.net"]
+    assert_wire_clean(c.data)
+    msg = parse(c.data)
+    assert msg["From"] == FROM
+    assert msg["To"] == "user@example.net"
+    assert msg["Subject"] == "Welcome"
+    assert msg["Date"].datetime == datetime.fromtimestamp(T0, UTC)
+    assert msg["Message-ID"] == c.message_id
+    assert re.fullmatch(r"<hato\.[0-9a-f]{32}@app\.example>", c.message_id)
+    assert msg["MIME-Version"] == "1.0"
+    assert msg.get_content_type() == "text/plain"
+    assert msg["Content-Transfer-Encoding"] == "7bit"
+    assert msg.get_content() == "Hello!\r\n"
+    assert c.idempotency_key is None and c.not_before is None
+
+
+def test_text_and_html_are_multipart_alternative() -> None:
+    c = compose("u@example.net", "Hi", "plain body", "<p>html body</p>", from_=FROM)
+    msg = parse(c.data)
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert parts[0].get_content().strip() == "plain body"
+    assert parts[1].get_content().strip() == "<p>html body</p>"
+    body = msg.get_body(preferencelist=("html", "plain"))
+    assert body is not None and body.get_content_type() == "text/html"
+
+
+def test_html_only_and_empty_bodies() -> None:
+    html = parse(compose("u@example.net", "Hi", html="<b>x</b>", from_=FROM).data)
+    assert html.get_content_type() == "text/html"
+    empty = parse(compose("u@example.net", "Hi", from_=FROM).data)
+    assert empty.get_content_type() == "text/plain"
+    assert empty.get_content() == ""
+
+
+def test_attachments_with_mime_types(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    c = compose(
+        "u@example.net",
+        "Files",
+        "see attached",
+        "<p>see attached</p>",
+        from_=FROM,
+        attachments=[
+            ("report.pdf", b"%PDF-1.7 \x00\xff"),
+            ("data.bin", b"\x00\x01\x02"),
+            ("notes.txt", b"line 1\nline 2\n"),
+            ("custom.dat", b"x", "application/x-custom"),
+            ("résumé.txt", "été".encode()),
+            ("mail.eml", b"Subject: inner\r\n\r\nbody\r\n"),
+            photo,
+            str(photo),
+        ],
+    )
+    assert_wire_clean(c.data)
+    msg = parse(c.data)
+    assert msg.get_content_type() == "multipart/mixed"
+    first, *files = list(msg.iter_parts())
+    assert first.get_content_type() == "multipart/alternative"
+    got = [(p.get_filename(), p.get_content_type(), p.get_payload(decode=True)) for p in files]
+    assert got == [
+        ("report.pdf", "application/pdf", b"%PDF-1.7 \x00\xff"),
+        ("data.bin", "application/octet-stream", b"\x00\x01\x02"),
+        ("notes.txt", "text/plain", b"line 1\nline 2\n"),  # bytes kept exactly
+        ("custom.dat", "application/x-custom", b"x"),
+        ("résumé.txt", "text/plain", "été".encode()),
+        # message/* may not be base64 (RFC 2046), so opaque bytes go as octet-stream
+        ("mail.eml", "application/octet-stream", b"Subject: inner\r\n\r\nbody\r\n"),
+        ("photo.png", "image/png", photo.read_bytes()),
+        ("photo.png", "image/png", photo.read_bytes()),
+    ]
+    assert all(p.get_content_disposition() == "attachment" for p in files)
+
+
+def test_attachment_errors(tmp_path: Path) -> None:
+    with pytest.raises(AddressError):
+        compose("u@x.org", "s", from_=FROM, attachments=[("a\r\nX-Evil: 1", b"x")])
+    with pytest.raises(AddressError):
+        compose("u@x.org", "s", from_=FROM, attachments=[("a.txt", b"x", "not a type")])
+    with pytest.raises(TypeError):
+        compose("u@x.org", "s", from_=FROM, attachments=[("a.txt", "not bytes")])  # type: ignore[list-item]
+    with pytest.raises(Exception, match="missing"):
+        compose("u@x.org", "s", from_=FROM, attachments=[tmp_path / "missing.pdf"])
+
+
+def test_non_ascii_subject_names_and_bodies() -> None:
+    subject = "パスワードの再設定 — Héllo " * 4
+    text = "こんにちは世界\n" * 3
+    html = "<p>Ünïcödé ça va</p>\n" + "x" * 300
+    c = compose(
+        ["Jöhn Dœ, Jr. <john@bücher.example>", Address("Zoë", "zoe", "example.org")],
+        subject,
+        text,
+        html,
+        from_="Äpp Tëam <noreply@app.example>",
+        cc="Ünïcödé <cc@example.org>",
+        reply_to='"Support, Team" <help@app.example>',
+    )
+    assert_wire_clean(c.data)
+    msg = parse(c.data)
+    assert msg["Subject"] == subject
+    assert msg["From"].addresses[0].display_name == "Äpp Tëam"
+    to = msg["To"].addresses
+    assert [(a.display_name, a.addr_spec) for a in to] == [
+        ("Jöhn Dœ, Jr.", "john@xn--bcher-kva.example"),
+        ("Zoë", "zoe@example.org"),
+    ]
+    assert msg["Cc"].addresses[0].display_name == "Ünïcödé"
+    assert msg["Reply-To"].addresses[0].display_name == "Support, Team"
+    plain, rich = list(msg.iter_parts())
+    assert plain["Content-Transfer-Encoding"] == "base64"  # mostly Japanese: smaller
+    assert plain.get_content().replace("\r\n", "\n") == text
+    assert rich["Content-Transfer-Encoding"] == "quoted-printable"
+    assert rich.get_content().replace("\r\n", "\n") == html + "\n"
+    assert c.envelope.recipients == [
+        "john@xn--bcher-kva.example",
+        "zoe@example.org",
+        "cc@example.org",
+    ]
+
+
+def test_line_endings_are_normalised_and_long_lines_encoded() -> None:
+    c = compose("u@x.org", "s", "a\nb\rc\r\nd" + "y" * 2000, from_=FROM)
+    assert_wire_clean(c.data)
+    assert parse(c.data).get_content() == "a\r\nb\r\nc\r\nd" + "y" * 2000 + "\r\n"
+
+
+def test_long_recipient_lists_fold_between_addresses() -> None:
+    to = [f"Person Number {i} <person.number.{i}@example.org>" for i in range(40)]
+    c = compose(to, "s", "x", from_=FROM)
+    assert_wire_clean(c.data)
+    head = c.data.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert len(parse(c.data)["To"].addresses) == 40
+
+
+def test_bcc_is_in_the_envelope_only() -> None:
+    c = compose(
+        "to@example.org",
+        "s",
+        "x",
+        from_=FROM,
+        cc="cc@example.org",
+        bcc=["Secret Person <secret@example.org>", "hidden@example.net"],
+    )
+    assert c.envelope.recipients == [
+        "to@example.org",
+        "cc@example.org",
+        "secret@example.org",
+        "hidden@example.net",
+    ]
+    assert "bcc" not in header_names(c.data)
+    assert b"secret" not in c.data.lower() and b"hidden" not in c.data.lower()
+
+
+def test_bcc_only_message_has_no_to_header() -> None:
+    c = compose([], "s", "x", from_=FROM, bcc="only@example.org")
+    assert c.envelope.recipients == ["only@example.org"]
+    assert "to" not in header_names(c.data)
+    assert b"only@" not in c.data
+
+
+def test_recipients_are_deduplicated_in_order() -> None:
+    c = compose(["a@x.org", "B@x.org"], "s", from_=FROM, cc="a@x.org", bcc=["b@x.org", "c@x.org"])
+    assert c.envelope.recipients == ["a@x.org", "B@x.org", "c@x.org"]
+
+
+INJECTIONS = ["\r\nBcc: victim@evil.example", "\nX-Evil: 1", "\rX-Evil: 1", "a\x00b"]
+
+
+@pytest.mark.parametrize("evil", INJECTIONS)
+@pytest.mark.parametrize(
+    "field",
+    [
+        "subject",
+        "to",
+        "to_name",
+        "cc",
+        "bcc",
+        "from_",
+        "from_name",
+        "reply_to",
+        "header_value",
+        "idempotency_key",
+        "filename",
+    ],
+)
+def test_header_injection_is_refused(field: str, evil: str) -> None:
+    kwargs: dict[str, object] = {
+        "to": "u@example.net",
+        "subject": "hello",
+        "text": "body",
+        "from_": FROM,
+    }
+    if field == "subject":
+        kwargs["subject"] = "hello" + evil
+    elif field == "to":
+        kwargs["to"] = "u@example.net" + evil
+    elif field == "to_name":
+        kwargs["to"] = f"Name{evil} <u@example.net>"
+    elif field in ("cc", "bcc", "reply_to"):
+        kwargs[field] = "x@example.net" + evil
+    elif field == "from_":
+        kwargs["from_"] = "noreply@app.example" + evil
+    elif field == "from_name":
+        kwargs["from_"] = f"App{evil} <noreply@app.example>"
+    elif field == "header_value":
+        kwargs["headers"] = {"X-Campaign": "spring" + evil}
+    elif field == "idempotency_key":
+        kwargs["idempotency_key"] = "key" + evil
+    elif field == "filename":
+        kwargs["attachments"] = [("a.txt" + evil, b"x")]
+    with pytest.raises(AddressError):
+        compose(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["X Bad", "X:Bad", "Bcc", "bcc", "To", "Content-Type", "", "Ä"])
+def test_bad_or_reserved_header_names_are_refused(name: str) -> None:
+    with pytest.raises(AddressError):
+        compose("u@x.org", "s", from_=FROM, headers={name: "v"})
+
+
+def test_extra_headers_and_replaceable_ones() -> None:
+    c = compose(
+        "u@x.org",
+        "s",
+        "x",
+        from_=FROM,
+        headers={
+            "List-Unsubscribe": "<https://app.example/unsubscribe?u=1>",
+            "X-Note": "ça va " + "long " * 30,
+            "Message-ID": "<custom-id@app.example>",
+            "Date": "Mon, 01 Jan 2024 00:00:00 +0000",
+        },
+    )
+    assert_wire_clean(c.data)
+    msg = parse(c.data)
+    assert msg["List-Unsubscribe"] == "<https://app.example/unsubscribe?u=1>"
+    assert msg["X-Note"] == "ça va " + "long " * 30
+    assert msg.get_all("Message-ID") == ["<custom-id@app.example>"]
+    assert msg.get_all("Date") == ["Mon, 01 Jan 2024 00:00:00 +0000"]
+    assert c.message_id == "<custom-id@app.example>"
+
+
+def test_idempotency_key_travels_as_a_header_and_fixes_the_message_id() -> None:
+    a = compose("u@x.org", "s", "x", from_=FROM, idempotency_key="signup:42")
+    b = compose("u@x.org", "s", "x", from_=FROM, idempotency_key="signup:42")
+    other = compose("u@x.org", "s", "x", from_=FROM, idempotency_key="signup:43")
+    assert a.idempotency_key == "signup:42"
+    assert parse(a.data)[IDEMPOTENCY_HEADER] == "signup:42"
+    assert a.message_id == b.message_id != other.message_id
+    fresh = {compose("u@x.org", "s", from_=FROM).message_id for _ in range(20)}
+    assert len(fresh) == 20
+    with pytest.raises(AddressError):
+        compose("u@x.org", "s", from_=FROM, idempotency_key="k" * 201)
+
+
+def test_sender_comes_from_the_default() -> None:
+    c = compose("u@x.org", "s", default_from="Default <d@app.example>")
+    assert c.envelope.sender == "d@app.example"
+    assert parse(c.data)["From"] == "Default <d@app.example>"
+    assert compose("u@x.org", "s", from_="o@x.org", default_from="d@x.org").envelope.sender == (
+        "o@x.org"
+    )
+    with pytest.raises(ConfigError):
+        compose("u@x.org", "s")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["no-at-sign", "a@", "@x.org", "a b@x.org", "a@x.org.", "jöhn@example.org", "<>", ""],
+)
+def test_bad_addresses_are_refused(bad: str) -> None:
+    with pytest.raises(AddressError):
+        compose(bad, "s", from_=FROM)
+
+
+def test_no_recipients_is_an_error() -> None:
+    with pytest.raises(AddressError):
+        compose([], "s", from_=FROM)
+
+
+def test_send_at() -> None:
+    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert compose("u@x.org", "s", from_=FROM, send_at=when).not_before == when.timestamp()
+    assert compose("u@x.org", "s", from_=FROM, send_at=T0 + 60).not_before == T0 + 60
+    with pytest.raises(ValueError):
+        compose("u@x.org", "s", from_=FROM, send_at=float("inf"))
+
+
+def test_quoted_local_parts_and_literals() -> None:
+    c = compose(['"john smith"@example.org', "x@[192.0.2.1]"], "s", from_=FROM)
+    assert c.envelope.recipients == ['"john smith"@example.org', "x@[192.0.2.1]"]
+    assert [a.addr_spec for a in parse(c.data)["To"].addresses] == [
+        '"john smith"@example.org',
+        "x@[192.0.2.1]",
+    ]
