@@ -309,6 +309,25 @@ def _decode_for_display(row: tuple[Any, ...], *, verify: bool) -> tuple[StoredMe
     )
 
 
+def _owner_is_gone(owner: str) -> bool:
+    """Is the lease owner (``host/pid/token``, as the worker names itself) a process that
+    no longer runs? Our own pid counts as gone: recovery runs before this process claims
+    anything, so such a lease belongs to an earlier process that had the same pid."""
+    parts = owner.split("/")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return False
+    pid = int(parts[-2])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, under another user
+        return False
+    return False
+
+
 def _quarantine(conn: sqlite3.Connection, seq: int, reason: str) -> None:
     conn.execute(
         "UPDATE messages SET state = 'quarantined', lease_owner = '', lease_until = 0,"
@@ -899,17 +918,28 @@ class SQLiteQueue:
         now = self._clock()
 
         def expire(conn: sqlite3.Connection) -> tuple[int, bool]:
-            cur = conn.execute(
+            back = (
                 "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'deferred'"
-                " ELSE 'queued' END, lease_owner = '', lease_until = 0"
-                " WHERE state = 'sending' AND lease_until <= ?",
-                (now,),
+                " ELSE 'queued' END, lease_owner = '', lease_until = 0,"
+                " next_attempt_at = min(next_attempt_at, ?) WHERE state = 'sending'"
             )
+            expired = conn.execute(back + " AND lease_until <= ?", (now, now)).rowcount
+            # A SQLite spool is local to this machine, so every lease owner is a process
+            # here: leases of processes that no longer exist (a kill -9) come back now
+            # rather than when their lease runs out, minutes later.
+            owners = [
+                str(row[0])
+                for row in conn.execute(
+                    "SELECT DISTINCT lease_owner FROM messages WHERE state = 'sending'"
+                )
+            ]
+            for owner in filter(_owner_is_gone, owners):
+                expired += conn.execute(back + " AND lease_owner = ?", (now, owner)).rowcount
             row = conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone()
             # Marked unclean until our close() says otherwise: a crash from here on
             # leaves it so, and the next start sweeps.
             conn.execute("INSERT OR REPLACE INTO hato_meta (key, value) VALUES ('clean', '0')")
-            return cur.rowcount, row is not None and row[0] == "1"
+            return expired, row is not None and row[0] == "1"
 
         def quarantine(conn: sqlite3.Connection) -> list[str]:
             for seq, message_id, reason in bad:
