@@ -214,7 +214,8 @@ def _summary(msg: Any) -> dict[str, Any]:
         "sender": msg.sender,
         "recipients": [r.address for r in msg.recipients],
         "state": str(msg.state),
-        "size": msg.size,
+        # Backends may list without the bytes; then the size is unknown here.
+        "size": msg.size if msg.data else None,
         "created_at": msg.created_at,
         "next_attempt_at": msg.next_attempt_at,
         "attempts": msg.attempts,
@@ -261,7 +262,8 @@ def queue_list(
         return
     for m in messages:
         rcpts = ", ".join(r.address for r in m.recipients)
-        click.echo(f"{m.id}  {m.state!s:9} {m.size:>8}  <{m.sender}> -> {rcpts}")
+        size = str(m.size) if m.data else "-"
+        click.echo(f"{m.id}  {m.state!s:9} {size:>8}  <{m.sender}> -> {rcpts}")
         if m.last_reply:
             click.echo(f"{'':18}({m.last_reply})")
 
@@ -382,12 +384,8 @@ def send(
     click.echo(f"sent: {reply}")
 
 
+# The other command groups register themselves on ``main`` when imported.
+from hato.cli import dkim, dns, tls, user, worker  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover
     main()
-from hato.cli import (  # noqa: E402, F401  (registers `hato tls` and `hato user`)
-    dkim,
-    dns,
-    tls,
-    user,
-    worker,
-)
