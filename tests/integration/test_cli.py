@@ -17,14 +17,20 @@ from hato.queue.base import open_queue
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-def hato(*args: str, env: dict[str, str] | None = None, input: str | None = None,
-         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def hato(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HATO_", "RELAYHOST"))}
     full_env["PYTHONPATH"] = SRC + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "hato", *args],
-        capture_output=True, text=True, env=full_env, input=input, timeout=60, cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=60,
+        cwd=cwd,
     )
 
 
@@ -37,11 +43,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: st
 
 
 def test_config_check_prints_the_effective_role(tmp_path: Path) -> None:
-    result = hato("config", "check", "--data-dir", str(tmp_path), env={
-        "RELAYHOST": "[dbmx.net]:587", "RELAYHOST_USERNAME": "postfix@dbmx.net",
-        "RELAYHOST_PASSWORD": "hunter2", "ALLOWED_SENDER_DOMAINS": "dbmx.net",
-        "HATO_LISTEN": "0.0.0.0:587",
-    }, cwd=tmp_path)
+    result = hato(
+        "config",
+        "check",
+        "--data-dir",
+        str(tmp_path),
+        env={
+            "RELAYHOST": "[dbmx.net]:587",
+            "RELAYHOST_USERNAME": "postfix@dbmx.net",
+            "RELAYHOST_PASSWORD": "hunter2",
+            "ALLOWED_SENDER_DOMAINS": "dbmx.net",
+            "HATO_LISTEN": "0.0.0.0:587",
+        },
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "local relay (relays to [dbmx.net]:587)" in out
@@ -52,9 +67,15 @@ def test_config_check_prints_the_effective_role(tmp_path: Path) -> None:
 
 
 def test_config_check_refuses_an_exposed_relay_without_sender_domains(tmp_path: Path) -> None:
-    result = hato("config", "check", env={
-        "RELAYHOST": "[dbmx.net]:587", "HATO_LISTEN": "0.0.0.0:587",
-    }, cwd=tmp_path)
+    result = hato(
+        "config",
+        "check",
+        env={
+            "RELAYHOST": "[dbmx.net]:587",
+            "HATO_LISTEN": "0.0.0.0:587",
+        },
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert_one_line_error(result, "ALLOWED_SENDER_DOMAINS")
 
@@ -73,8 +94,15 @@ def test_bad_settings_are_one_line(tmp_path: Path, env: dict[str, str], fragment
 
 
 def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
-    result = hato("serve", "--data-dir", str(tmp_path), "--listen", "0.0.0.0:0",
-                  env={"RELAYHOST": "[127.0.0.1]:9"}, cwd=tmp_path)
+    result = hato(
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        "--listen",
+        "0.0.0.0:0",
+        env={"RELAYHOST": "[127.0.0.1]:9"},
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "ALLOWED_SENDER_DOMAINS")
 
 
@@ -83,10 +111,15 @@ def _fill(url: str) -> list[str]:
         q = open_queue(url)
         await q.open()
         try:
-            one = await q.enqueue(Envelope("a@example.org", ["b@example.net"]),
-                                  b"Subject: one\r\n\r\nbody one\r\n", held=True)
-            two = await q.enqueue(Envelope("c@example.org", ["d@example.net", "e@example.net"]),
-                                  b"Subject: two\r\n\r\nbody two\r\n")
+            one = await q.enqueue(
+                Envelope("a@example.org", ["b@example.net"]),
+                b"Subject: one\r\n\r\nbody one\r\n",
+                held=True,
+            )
+            two = await q.enqueue(
+                Envelope("c@example.org", ["d@example.net", "e@example.net"]),
+                b"Subject: two\r\n\r\nbody two\r\n",
+            )
             return [one, two]
         finally:
             await q.close()
@@ -115,7 +148,9 @@ def test_queue_commands(tmp_path: Path) -> None:
 
     released = hato("queue", "release", one, *data_dir)
     assert released.returncode == 0 and f"{one}: released" in released.stdout
-    states = {i["id"]: i["state"] for i in json.loads(hato("queue", "list", "--json", *data_dir).stdout)}
+    states = {
+        i["id"]: i["state"] for i in json.loads(hato("queue", "list", "--json", *data_dir).stdout)
+    }
     assert states[one] == "queued"
 
     assert hato("queue", "delete", two, *data_dir).returncode == 0
@@ -127,12 +162,22 @@ def test_queue_commands(tmp_path: Path) -> None:
 
 
 def test_send_reports_a_refused_connection_in_one_line() -> None:
-    result = hato("send", "--server", "127.0.0.1:1", "--from", "a@example.org",
-                  "--to", "b@example.net")
+    result = hato(
+        "send", "--server", "127.0.0.1:1", "--from", "a@example.org", "--to", "b@example.net"
+    )
     assert_one_line_error(result, "connect failed")
 
 
 def test_send_refuses_header_injection() -> None:
-    result = hato("send", "--server", "127.0.0.1:1", "--from", "a@example.org",
-                  "--to", "b@example.net", "--header", "Subject: x\r\nBcc: evil@example.com")
+    result = hato(
+        "send",
+        "--server",
+        "127.0.0.1:1",
+        "--from",
+        "a@example.org",
+        "--to",
+        "b@example.net",
+        "--header",
+        "Subject: x\r\nBcc: evil@example.com",
+    )
     assert_one_line_error(result, "CR, LF")

@@ -17,10 +17,9 @@ from test_smarthost_sinks import HOST, Handler, Sink, wait_until
 
 from hato import AsyncMailer, Status
 from hato.app import build_outbox_worker, work
-from hato.queue.base import redact_url
 from hato.config import Settings, load_settings
 from hato.maillog import MailLog
-from hato.queue.base import MessageState, open_queue
+from hato.queue.base import MessageState, open_queue, redact_url
 from hato.worker import Worker
 from peers.hato import run_hato
 

@@ -17,12 +17,31 @@ from hato.config import (
 from hato.errors import ConfigError
 
 BOKY_AND_HATO_NAMES = [
-    "HATO_LISTEN", "HATO_DATA_DIR", "HATO_MYNETWORKS", "MYNETWORKS", "POSTFIX_mynetworks",
-    "RELAYHOST", "RELAYHOST_USERNAME", "RELAYHOST_PASSWORD", "RELAYHOST_PASSWORD_FILE",
-    "RELAYHOST_USERNAME_FILE", "ALLOWED_SENDER_DOMAINS", "ALLOW_EMPTY_SENDER_DOMAINS",
-    "MESSAGE_SIZE_LIMIT", "HATO_RELAY_TLS", "HATO_RELAY_TLS_VERIFY", "HATO_RELAY_TLS_CA_FILE",
-    "HATO_ROUTE", "HATO_DOMAINS", "HATO_QUEUE_URL", "HATO_HOSTNAME", "POSTFIX_myhostname",
-    "HATO_TLS_CERT_FILE", "HATO_TLS_KEY_FILE", "HATO_LOG_FORMAT", "HATO_LEASE_SECONDS",
+    "HATO_LISTEN",
+    "HATO_DATA_DIR",
+    "HATO_MYNETWORKS",
+    "MYNETWORKS",
+    "POSTFIX_mynetworks",
+    "RELAYHOST",
+    "RELAYHOST_USERNAME",
+    "RELAYHOST_PASSWORD",
+    "RELAYHOST_PASSWORD_FILE",
+    "RELAYHOST_USERNAME_FILE",
+    "ALLOWED_SENDER_DOMAINS",
+    "ALLOW_EMPTY_SENDER_DOMAINS",
+    "MESSAGE_SIZE_LIMIT",
+    "HATO_RELAY_TLS",
+    "HATO_RELAY_TLS_VERIFY",
+    "HATO_RELAY_TLS_CA_FILE",
+    "HATO_ROUTE",
+    "HATO_DOMAINS",
+    "HATO_QUEUE_URL",
+    "HATO_HOSTNAME",
+    "POSTFIX_myhostname",
+    "HATO_TLS_CERT_FILE",
+    "HATO_TLS_KEY_FILE",
+    "HATO_LOG_FORMAT",
+    "HATO_LEASE_SECONDS",
 ]
 
 
@@ -142,8 +161,12 @@ def test_postfix_style_networks(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"route": "relay"}, "needs RELAYHOST"),
         ({"relay_host": "[r.example]:587", "relay_username": "u"}, "RELAYHOST_PASSWORD"),
         (
-            {"relay_host": "[r.example]:25", "relay_username": "u", "relay_password": "p",
-             "relay_tls": "may"},
+            {
+                "relay_host": "[r.example]:25",
+                "relay_username": "u",
+                "relay_password": "p",
+                "relay_tls": "may",
+            },
             "never sent without TLS",
         ),
         ({"tls_cert_file": "/nonexistent/cert.pem"}, "HATO_TLS_KEY_FILE"),
@@ -178,7 +201,8 @@ def test_docs_config_md_is_current() -> None:
 
 
 def test_relay_server_trusting_only_loopback_needs_no_sender_domains() -> None:
-    s = load_settings(listen=["smtp=0.0.0.0:25", "submission=0.0.0.0:587"], route="mx",
-                      domains=["dbmx.net"])
+    s = load_settings(
+        listen=["smtp=0.0.0.0:25", "submission=0.0.0.0:587"], route="mx", domains=["dbmx.net"]
+    )
     assert s.effective_mynetworks == ["127.0.0.0/8", "::1/128"]
     s.validate_for_serve()

@@ -216,16 +216,21 @@ async def test_recover_returns_leases_of_processes_that_are_gone(path: Path) -> 
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(dead.stdout)
     first = SQLiteQueue(f"sqlite://{path}", str(path), fsync=False)
     await first.open()
     gone_id = await first.enqueue(ENV, DATA)
     live_id = await first.enqueue(ENV, DATA)
     [gone] = await first.claim(owner=f"relay.example/{dead_pid}/abcd", limit=1, lease_seconds=600)
-    [live] = await first.claim(owner=f"relay.example/{os.getppid()}/ef01", limit=1,
-                               lease_seconds=600)
+    [live] = await first.claim(
+        owner=f"relay.example/{os.getppid()}/ef01", limit=1, lease_seconds=600
+    )
     assert {gone.id, live.id} == {gone_id, live_id}
     await first.close()
 
