@@ -8,17 +8,8 @@ cluster runs as the ``postgres`` user.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import glob
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,91 +17,25 @@ from hato.errors import QueueError
 from hato.message import Envelope
 from hato.queue.base import Outcome, RecipientState
 from hato.queue.postgres import PostgresQueue
+from peers.datastores import PrivatePostgres, pg_bindir
 
 pytestmark = pytest.mark.slow
 
 
-def _bindir() -> Path | None:
-    candidates = []
-    if shutil.which("pg_config"):
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-        candidates.append(out.stdout.strip())
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for c in candidates:
-        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
-            return Path(c)
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivateServer:
-    def __init__(self, bindir: Path, root: Path, as_user: list[str]) -> None:
-        self.bindir, self.root, self.as_user = bindir, root, as_user
-        self.data = root / "data"
-        self.port = _free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _pg_ctl(self, *args: str) -> None:
-        subprocess.run(
-            [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", *args],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    def init(self) -> None:
-        initdb = [
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ]
-        subprocess.run(
-            [*self.as_user, *initdb, "--no-sync"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        self._pg_ctl("-o", options, "-l", str(self.root / "log"), "start")
-
-    def stop(self) -> None:
-        self._pg_ctl("-m", "fast", "stop")
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[PrivateServer]:
-    bindir = _bindir()
-    if bindir is None:
+def server() -> Iterator[PrivatePostgres]:
+    if pg_bindir() is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    root = Path(tempfile.mkdtemp(prefix="hato-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        pw = pwd.getpwnam("postgres")
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    srv = PrivateServer(bindir, root, as_user)
+    srv = PrivatePostgres()
     try:
         srv.init()
         srv.start()
         yield srv
     finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            srv.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        srv.cleanup()
 
 
-async def test_working_loop_carries_on_through_a_server_restart(server: PrivateServer) -> None:
+async def test_working_loop_carries_on_through_a_server_restart(server: PrivatePostgres) -> None:
     url = f"{server.url}?pool_timeout=1"
     queue, other = PostgresQueue(url), PostgresQueue(url)
     await queue.open()

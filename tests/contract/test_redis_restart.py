@@ -7,9 +7,6 @@ a free loopback port with AOF on (``appendfsync always``) in a temporary directo
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,77 +18,7 @@ from hato.errors import QueueError, QueueFullError
 from hato.message import Envelope
 from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.redis import RedisQueue
-
-# Not skipped when missing: CI must install it (Debian package redis-server).
-REDIS_SERVER = shutil.which("redis-server") or "redis-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-class PrivateRedis:
-    """One redis-server process on a port of its own, restartable on the same data."""
-
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.dir = directory
-        self.port = _free_port()
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.dir),
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--save", "",
-                "--daemonize", "no",
-                "--logfile", str(self.dir / "redis.log"),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {self.dir / 'redis.log'}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save, only what the AOF already holds survives."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
+from peers.datastores import PrivateRedis
 
 
 @pytest.fixture

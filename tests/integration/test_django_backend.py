@@ -19,7 +19,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from test_smarthost_sinks import HOST, Sink, wait_until
+
+from peers.asyncsinks import HOST, Sink, wait_until
 
 PROJECT = Path(__file__).resolve().parents[1] / "django_project"
 SRC = Path(__file__).resolve().parents[2] / "src"

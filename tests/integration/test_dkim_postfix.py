@@ -4,41 +4,14 @@ recorded by a sink, verified by dkimpy (RSA and Ed25519) and Mail::DKIM (RSA).""
 from __future__ import annotations
 
 import smtplib
-import subprocess
 from pathlib import Path
 
-import dkim
 import pytest
 
 from hato.dkim import DKIMSigner, dkim_txt_records, generate_key, load_signers
-from peers import missing
 from peers.postfix import PostfixInstance
 from peers.sinks import RecordingSink
-
-# Mail::DKIM with our own zone instead of the network (never resolve real names).
-PERL_VERIFIER = r"""
-use strict; use warnings;
-use Mail::DKIM::Verifier; use Net::DNS;
-my %records;
-for my $arg (@ARGV) { my ($name, $txt) = split /=/, $arg, 2; $records{lc $name} = $txt; }
-{
-    no warnings 'redefine';
-    *Mail::DKIM::DNS::query = sub {
-        my ($name, $type) = @_;
-        my $txt = $records{lc $name};
-        if (!defined $txt || uc $type ne 'TXT') { $@ = 'NXDOMAIN'; return; }
-        $@ = 'NOERROR';
-        return Net::DNS::RR->new(name => $name, type => 'TXT', txtdata => [unpack '(A255)*', $txt]);
-    };
-}
-binmode STDIN;
-my $dkim = Mail::DKIM::Verifier->new;
-while (my $line = <STDIN>) { $line =~ s/\r?\n\z/\r\n/; $dkim->PRINT($line); }
-$dkim->CLOSE;
-for my $sig ($dkim->signatures) {
-    printf "%s %s %s %s\n", $sig->domain, $sig->selector, $sig->algorithm, $sig->result;
-}
-"""
+from peers.verify import dkimpy_verdicts, mail_dkim_lines
 
 BODY = (
     b".a line that starts with a dot\r\n"
@@ -59,34 +32,6 @@ def keys(tmp_path: Path) -> tuple[DKIMSigner, dict[str, str]]:
     generate_key("dbmx.net", "hato-ed", "ed25519", directory=tmp_path)
     zone = {f"{r.name}.": r.txt for r in dkim_txt_records(tmp_path)}
     return load_signers(tmp_path), zone
-
-
-def dkimpy_results(data: bytes, zone: dict[str, str]) -> list[bool]:
-    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
-        txt = zone.get(name.decode().lower())
-        return txt.encode() if txt else None
-
-    checker = dkim.DKIM(data)
-    count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
-    verdicts = []
-    for i in range(count):
-        try:
-            verdicts.append(bool(checker.verify(idx=i, dnsfunc=dnsfunc)))
-        except dkim.DKIMException:
-            verdicts.append(False)
-    return verdicts
-
-
-def mail_dkim_results(data: bytes, zone: dict[str, str]) -> list[str]:
-    probe = subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e", "1"], capture_output=True)
-    if probe.returncode != 0:
-        missing("Mail::DKIM is not installed (apt install libmail-dkim-perl)")
-    args = [f"{name.rstrip('.')}={txt}" for name, txt in zone.items()]
-    proc = subprocess.run(
-        ["perl", "-e", PERL_VERIFIER, *args], input=data, capture_output=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode().splitlines()
 
 
 def test_signatures_verify_after_a_postfix_hop(
@@ -114,6 +59,6 @@ def test_signatures_verify_after_a_postfix_hop(
     assert received.data != signed  # Postfix added its Received header on the way
     assert received.data.endswith(signed)
 
-    assert dkimpy_results(received.data, zone) == [True, True]
-    lines = mail_dkim_results(received.data, zone)
+    assert dkimpy_verdicts(received.data, zone) == [True, True]
+    lines = mail_dkim_lines(received.data, zone)
     assert "dbmx.net hato-rsa rsa-sha256 pass" in lines, lines

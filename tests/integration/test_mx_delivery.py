@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
-from test_smarthost_sinks import Handler, Sink, wait_until
 
 from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.mx import MXCourier, MXTLSPolicy
 from hato.dns import Resolver
+from peers.asyncsinks import Handler, Sink, wait_until
 from peers.dns import TestDNS
 
 MSG = b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"

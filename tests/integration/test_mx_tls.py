@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pytest
 import trustme
 from test_mx_delivery import MSG, SENDER, Fleet, courier, deliver, fleet, test_dns, two_mx
-from test_smarthost_sinks import RawServer
 
 from hato.delivery.base import Result
+from peers.asyncsinks import RawServer
 from peers.dns import TestDNS
 
 __all__ = ["fleet", "test_dns"]  # fixtures, re-exported so pytest finds them here

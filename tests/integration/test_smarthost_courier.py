@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
-from test_smarthost_sinks import HOST, Certs, Handler, RawServer, Sink, certs, with_timeout
 
-from hato.delivery.base import Result
+from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
+from peers import free_port
+from peers.asyncsinks import HOST, Certs, Handler, RawServer, Sink, certs, with_timeout
 
 __all__ = ["certs"]  # the fixture, re-exported so pytest finds it here
 
@@ -22,17 +22,17 @@ def courier(port: int, **kwargs: object) -> SmarthostCourier:
     return SmarthostCourier(SmarthostConfig(host=HOST, port=port, **kwargs))  # type: ignore[arg-type]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+async def deliver_once(port: int, **kwargs: object) -> DeliveryResult:
+    """MSG from a@example.org to b@example.net through a new courier, closed afterwards."""
+    c = courier(port, **kwargs)
+    [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
+    await c.close()
+    return res
 
 
 async def test_plain_delivery_records_envelope_and_bytes() -> None:
     async with Sink() as sink:
-        c = courier(sink.port)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port)
     assert res.result is Result.OK
     assert (res.reply.code, res.reply.enhanced) == (250, "2.0.0")
     assert res.relay == f"{HOST}[{HOST}]:{sink.port}"
@@ -43,9 +43,7 @@ async def test_plain_delivery_records_envelope_and_bytes() -> None:
 
 async def test_starttls_with_private_ca_verifies(certs: Certs) -> None:
     async with Sink(starttls=certs.server) as sink:
-        c = courier(sink.port, tls="encrypt", ca_file=certs.ca_file)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="encrypt", ca_file=certs.ca_file)
     assert res.result is Result.OK, res.reply
     assert sink.handler.messages[0].tls
     # EHLO again after STARTTLS (RFC 3207 4.2), and nothing but EHLO before it.
@@ -54,18 +52,14 @@ async def test_starttls_with_private_ca_verifies(certs: Certs) -> None:
 
 async def test_may_uses_starttls_when_offered(certs: Certs) -> None:
     async with Sink(starttls=certs.server) as sink:
-        c = courier(sink.port, tls="may", ca_file=certs.ca_file)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="may", ca_file=certs.ca_file)
     assert res.result is Result.OK
     assert sink.handler.messages[0].tls
 
 
 async def test_may_without_starttls_sends_in_clear() -> None:
     async with Sink() as sink:
-        c = courier(sink.port, tls="may")
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="may")
     assert res.result is Result.OK
     assert not sink.handler.messages[0].tls
 
@@ -89,18 +83,14 @@ async def test_self_signed_upstream_needs_verify_off(certs: Certs) -> None:
 
 async def test_implicit_tls(certs: Certs) -> None:
     async with Sink(implicit=certs.server) as sink:
-        c = courier(sink.port, tls="implicit", ca_file=certs.ca_file)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="implicit", ca_file=certs.ca_file)
     assert res.result is Result.OK, res.reply
     assert sink.handler.messages[0].tls
 
 
 async def test_implicit_tls_against_plain_server_is_temporary() -> None:
     async with Sink() as sink:
-        c = courier(sink.port, tls="implicit", verify=False, timeout=2.0)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="implicit", verify=False, timeout=2.0)
     assert res.result is Result.TEMPORARY
     assert sink.handler.messages == []
 
@@ -125,9 +115,9 @@ async def test_auth_over_starttls(certs: Certs) -> None:
 
 async def test_auth_over_implicit_tls(certs: Certs) -> None:
     async with Sink(implicit=certs.server, users={"u": "p"}) as sink:
-        c = courier(sink.port, tls="implicit", ca_file=certs.ca_file, username="u", password="p")
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(
+            sink.port, tls="implicit", ca_file=certs.ca_file, username="u", password="p"
+        )
     assert res.result is Result.OK, res.reply
     assert sink.handler.messages[0].authenticated
 
@@ -151,9 +141,7 @@ async def test_credentials_without_tls_never_send_auth() -> None:
         # aiosmtpd offers no AUTH in clear by default; make the check ours, not theirs:
         # the courier must refuse before ever looking at what the server offers.
         for mode in ("none", "may"):
-            c = courier(sink.port, tls=mode, username="u", password="p")
-            [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-            await c.close()
+            res = await deliver_once(sink.port, tls=mode, username="u", password="p")
             assert res.result is Result.TEMPORARY
             assert "not sending AUTH" in res.reply.text
     assert sink.auth_attempts == []
@@ -163,18 +151,14 @@ async def test_credentials_without_tls_never_send_auth() -> None:
 async def test_credentials_without_tls_against_server_offering_auth_in_clear() -> None:
     raw = RawServer(ehlo=["AUTH PLAIN LOGIN", "8BITMIME"])
     async with raw:
-        c = courier(raw.port, tls="may", username="u", password="p")
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(raw.port, tls="may", username="u", password="p")
     assert res.result is Result.TEMPORARY
     assert not any(line.upper().startswith((b"AUTH", b"MAIL")) for line in raw.lines)
 
 
 async def test_encrypt_without_starttls_is_temporary_and_sends_nothing_in_clear() -> None:
     async with Sink() as sink:
-        c = courier(sink.port, tls="encrypt", username="u", password="p")
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(sink.port, tls="encrypt", username="u", password="p")
     assert res.result is Result.TEMPORARY
     assert (res.reply.code, res.reply.enhanced) == (454, "4.7.4")
     assert "TLS is required, but was not offered" in res.reply.text
@@ -286,9 +270,7 @@ async def test_mail_and_data_replies_classify(where: str, reply: str, expected: 
 
 async def test_upstream_down_is_temporary_with_connect_reply() -> None:
     port = free_port()
-    c = courier(port)
-    [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-    await c.close()
+    res = await deliver_once(port)
     assert res.result is Result.TEMPORARY
     assert (res.reply.code, res.reply.enhanced) == (451, "4.4.1")
     assert res.reply.text == f"connect to {HOST}[{HOST}]:{port}: Connection refused"
@@ -307,9 +289,7 @@ async def test_silent_server_times_out_as_temporary() -> None:
 async def test_greeting_refusal_is_temporary() -> None:
     raw = RawServer(greeting=b"554 5.3.2 go away\r\n")
     async with raw:
-        c = courier(raw.port)
-        [res] = await c.deliver("a@example.org", ["b@example.net"], MSG)
-        await c.close()
+        res = await deliver_once(raw.port)
     assert res.result is Result.TEMPORARY
     assert "554 5.3.2 go away" in res.reply.text
 

@@ -1,7 +1,7 @@
 """swaks (the guide's own test client) against the relay server's listeners, in-process.
 
 The listeners are built as ``hato serve`` builds them (see ``RelayServer`` in
-test_submission_server.py); users and certificates are changed with the real ``hato
+tests/peers/relay_intake.py); users and certificates are changed with the real ``hato
 user`` and ``hato tls`` commands while the listeners run. 127.0.0.1 is not trusted
 (mynetworks is 192.0.2.0/24), so swaks plays a client on the internet.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_submission_server import PASSWORD, USER, RelayServer
 
 from hato.smtp.policy import ListenerRole
+from peers.relay_intake import PASSWORD, USER, RelayServer, relay
+
+__all__ = ["relay"]  # the fixture, re-exported so pytest finds it here
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SUBMISSION, SUBMISSIONS, SMTP = ListenerRole.SUBMISSION, ListenerRole.SUBMISSIONS, ListenerRole.SMTP
@@ -36,13 +37,6 @@ class Run:
             for line in self.output.splitlines()
             if line.startswith(("<-", "<~", "<**", "<~*"))
         )
-
-
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[RelayServer]:
-    server = await RelayServer(tmp_path).start()
-    yield server
-    await server.aclose()
 
 
 async def run(

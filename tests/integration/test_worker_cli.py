@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_smarthost_sinks import HOST, Handler, Sink, wait_until
 
 from hato import AsyncMailer, Status
 from hato.app import build_outbox_worker, work
@@ -21,6 +20,7 @@ from hato.config import Settings, load_settings
 from hato.maillog import MailLog
 from hato.queue.base import MessageState, open_queue, redact_url
 from hato.worker import Worker
+from peers.asyncsinks import HOST, Handler, Sink, wait_until
 from peers.hato import run_hato
 
 POSTGRES_URL = os.environ.get("HATO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -8,8 +8,6 @@ import io
 import random
 import socket
 
-from test_smarthost_sinks import HOST, Handler, Sink, wait_until
-
 from hato.delivery.base import Courier
 from hato.delivery.hold import HoldCourier
 from hato.delivery.router import RouteKind, Router
@@ -20,6 +18,7 @@ from hato.queue.base import MessageState
 from hato.queue.memory import MemoryQueue
 from hato.queue.retry import RetrySchedule
 from hato.worker import Worker
+from peers.asyncsinks import HOST, Handler, Sink, wait_until
 
 T0 = 1_700_000_000.0
 MSG = b"From: app@example.org\r\nTo: user@example.net\r\nSubject: reset\r\n\r\nlink\r\n"

@@ -32,18 +32,32 @@ from peers import missing, require_tool
 
 DNSServer = tuple[str, int]
 
-# Mail::DKIM reading the message on stdin, its DNS pointed at the test server only.
+# Mail::DKIM reading the message on stdin; its DNS is never the network's: either the test
+# DNS server (``--server HOST PORT``) or the TXT records given as ``NAME=TXT`` arguments.
 # searchlist/defnames off: a name is asked as it is, never with a local domain appended.
 _PERL_VERIFIER = r"""
 use strict; use warnings;
-use Mail::DKIM::Verifier; use Mail::DKIM::DNS; use Net::DNS::Resolver;
-my ($host, $port) = @ARGV;
-my $res = Net::DNS::Resolver->new(
-    nameservers => [$host], port => $port, recurse => 1,
-    searchlist => [], defnames => 0, dnsrch => 0,
-    tcp_timeout => 10, udp_timeout => 10, retry => 2,
-);
-Mail::DKIM::DNS::resolver($res);
+use Mail::DKIM::Verifier; use Mail::DKIM::DNS; use Net::DNS;
+if (@ARGV && $ARGV[0] eq '--server') {
+    my (undef, $host, $port) = @ARGV;
+    my $res = Net::DNS::Resolver->new(
+        nameservers => [$host], port => $port, recurse => 1,
+        searchlist => [], defnames => 0, dnsrch => 0,
+        tcp_timeout => 10, udp_timeout => 10, retry => 2,
+    );
+    Mail::DKIM::DNS::resolver($res);
+} else {
+    my %records;
+    for my $arg (@ARGV) { my ($name, $txt) = split /=/, $arg, 2; $records{lc $name} = $txt; }
+    no warnings 'redefine';
+    *Mail::DKIM::DNS::query = sub {
+        my ($name, $type) = @_;
+        my $txt = $records{lc $name};
+        if (!defined $txt || uc $type ne 'TXT') { $@ = 'NXDOMAIN'; return; }
+        $@ = 'NOERROR';
+        return Net::DNS::RR->new(name => $name, type => 'TXT', txtdata => [unpack '(A255)*', $txt]);
+    };
+}
 binmode STDIN;
 my $dkim = Mail::DKIM::Verifier->new;
 while (my $line = <STDIN>) { $line =~ s/\r?\n\z/\r\n/; $dkim->PRINT($line); }
@@ -130,7 +144,7 @@ def mail_dkim_available() -> str:
     """perl's path; skip (fail under CI) when its Mail::DKIM is not installed."""
     perl = require_tool("perl", hint="apt-get install perl")
     probe = subprocess.run(
-        [perl, "-MMail::DKIM::Verifier", "-MNet::DNS::Resolver", "-e", "1"],
+        [perl, "-MMail::DKIM::Verifier", "-MNet::DNS", "-e", "1"],
         capture_output=True,
         timeout=30,
     )
@@ -149,11 +163,11 @@ def mail_dkim_version() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def verify_mail_dkim(message: bytes, server: DNSServer) -> list[SignatureResult]:
-    """Every signature's verdict from Mail::DKIM::Verifier (libmail-dkim-perl)."""
+def _run_mail_dkim(message: bytes, args: list[str]) -> tuple[str, list[SignatureResult]]:
+    """Mail::DKIM::Verifier's overall result and every signature's verdict."""
     perl = mail_dkim_available()
     proc = subprocess.run(
-        [perl, "-e", _PERL_VERIFIER, server[0], str(server[1])],
+        [perl, "-e", _PERL_VERIFIER, "--", *args],
         input=message,
         capture_output=True,
         timeout=60,
@@ -161,15 +175,34 @@ def verify_mail_dkim(message: bytes, server: DNSServer) -> list[SignatureResult]
     )
     if proc.returncode != 0:
         raise AssertionError(f"Mail::DKIM verifier failed: {proc.stderr.decode(errors='replace')}")
+    overall = ""
     results = []
     for line in proc.stdout.decode().splitlines():
         fields = line.split("\t")
-        if fields[0] == "signature":
+        if fields[0] == "overall":
+            overall = fields[1]
+        elif fields[0] == "signature":
             _, domain, selector, algorithm, result, detail = fields
             results.append(
                 SignatureResult("Mail::DKIM", domain, selector, algorithm, result, detail)
             )
-    return results
+    return overall, results
+
+
+def verify_mail_dkim(message: bytes, server: DNSServer) -> list[SignatureResult]:
+    """Every signature's verdict from Mail::DKIM::Verifier (libmail-dkim-perl)."""
+    return _run_mail_dkim(message, ["--server", server[0], str(server[1])])[1]
+
+
+def mail_dkim_lines(message: bytes, zone: dict[str, str]) -> list[str]:
+    """Mail::DKIM's verdicts with ``zone`` (``{"sel._domainkey.example.org.": txt}``) as
+    its only DNS: a line ``"domain selector algorithm detail"`` a signature (``detail``
+    starts with the result: ``"pass"``, ``"fail (body has been altered)"``), then
+    ``"result RESULT"`` for the message."""
+    args = [f"{name.rstrip('.')}={txt}" for name, txt in zone.items()]
+    overall, results = _run_mail_dkim(message, args)
+    lines = [f"{r.domain} {r.selector} {r.algorithm} {r.detail or r.result}" for r in results]
+    return [*lines, f"result {overall}"]
 
 
 # --- DKIM: dkimpy -------------------------------------------------------------------------
@@ -215,6 +248,26 @@ def verify_dkimpy(message: bytes, server: DNSServer) -> list[SignatureResult]:
             )
         )
     return results
+
+
+def dkimpy_verdicts(message: bytes, zone: dict[str, str]) -> list[bool]:
+    """dkimpy's verdict on each signature, ``zone`` (``{"sel._domainkey.example.org.":
+    txt}``) its only DNS; a failure it raises for counts as ``False``."""
+    import dkim
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        txt = zone.get(name.decode().lower())
+        return txt.encode() if txt is not None else None
+
+    checker = dkim.DKIM(message)
+    count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
+    verdicts = []
+    for idx in range(count):
+        try:
+            verdicts.append(bool(checker.verify(idx=idx, dnsfunc=dnsfunc)))
+        except dkim.DKIMException:
+            verdicts.append(False)
+    return verdicts
 
 
 # --- SPF: pyspf ---------------------------------------------------------------------------

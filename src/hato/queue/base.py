@@ -161,9 +161,38 @@ def apply_outcomes(
             updated.append(RecipientStatus(r.address, r.state, r.reply, r.relay, r.attempts))
         else:
             updated.append(RecipientStatus(r.address, o.state, o.reply, o.relay, r.attempts + 1))
+    return updated, last_reply_of(outcomes)
+
+
+def last_reply_of(outcomes: Sequence[Outcome]) -> str:
+    """The reply one attempt leaves as ``last_reply``: the last reply of a recipient that
+    is not sent (it says why the message is not done), else the last reply; ``""`` when
+    the outcomes carry none."""
     unsent = [o.reply for o in outcomes if o.state is not RecipientState.SENT and o.reply]
     replies = unsent or [o.reply for o in outcomes if o.reply]
-    return updated, replies[-1] if replies else ""
+    return replies[-1] if replies else ""
+
+
+def settle_attempt(
+    recipients: Sequence[RecipientStatus],
+    outcomes: Sequence[Outcome],
+    *,
+    attempts: int,
+    held: bool,
+    retry_at: float | None,
+) -> tuple[list[RecipientStatus], str, MessageState]:
+    """What ``record`` stores for one attempt, its pure part: the recipients after it, the
+    reply to keep as ``last_reply`` (``""``: keep the old one) and the new state.
+
+    ``attempts`` counts this attempt. Raises :class:`ValueError`, before anything changes,
+    for an address the message does not have, or when recipients stay pending (and the
+    message is not ``held``) without ``retry_at``.
+    """
+    updated, last_reply = apply_outcomes(recipients, outcomes)
+    state = derive_state(updated, attempts=attempts, held=held)
+    if state is MessageState.DEFERRED and retry_at is None:
+        raise ValueError("retry_at is required while recipients stay pending")
+    return updated, last_reply, state
 
 
 def new_message_id(clock: Clock = time.time) -> str:

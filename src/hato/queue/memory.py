@@ -28,9 +28,9 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
-    apply_outcomes,
     derive_state,
     new_message_id,
+    settle_attempt,
 )
 
 _CLAIMABLE = frozenset({MessageState.QUEUED, MessageState.DEFERRED, MessageState.SENDING})
@@ -173,11 +173,10 @@ class MemoryQueue:
         msg = self._leased(message_id, owner)
         if msg is None:
             return None
-        recipients, last_reply = apply_outcomes(msg.recipients, outcomes)
         attempts = msg.attempts + 1
-        state = derive_state(recipients, attempts=attempts, held=held)
-        if state is MessageState.DEFERRED and retry_at is None:
-            raise ValueError("retry_at is required while recipients stay pending")
+        recipients, last_reply, state = settle_attempt(
+            msg.recipients, outcomes, attempts=attempts, held=held, retry_at=retry_at
+        )
         msg.recipients = recipients
         msg.attempts = attempts
         msg.last_reply = last_reply or msg.last_reply

@@ -60,9 +60,8 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
-    apply_outcomes,
-    derive_state,
     new_message_id,
+    settle_attempt,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgresQueue", "enqueue_sync"]
@@ -761,11 +760,10 @@ class PostgresQueue:
                 row = await cur.fetchone()
             if row is None:
                 return None
-            recipients, last_reply = apply_outcomes(_parse_recipients(row[0]), outcomes)
             attempts = int(row[1]) + 1
-            state = derive_state(recipients, attempts=attempts, held=held)
-            if state is MessageState.DEFERRED and retry_at is None:
-                raise ValueError("retry_at is required while recipients stay pending")
+            recipients, last_reply, state = settle_attempt(
+                _parse_recipients(row[0]), outcomes, attempts=attempts, held=held, retry_at=retry_at
+            )
             now = self._clock()
             next_at = retry_at if retry_at is not None else now
             cur = await conn.execute(

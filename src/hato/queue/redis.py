@@ -59,6 +59,7 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    last_reply_of,
     new_message_id,
 )
 
@@ -663,8 +664,8 @@ class RedisQueue:
         retry_at: float | None,
         held: bool = False,
     ) -> MessageState | None:
-        # Same rules as base.apply_outcomes: the last outcome per address wins, and
-        # last_reply is the last reply of a recipient not sent, else the last reply.
+        # Same rules as base.apply_outcomes, applied by the script: the last outcome per
+        # address wins, and last_reply is base.last_reply_of's.
         by_address = {o.address: o for o in outcomes}
         payload = json.dumps(
             [
@@ -672,8 +673,6 @@ class RedisQueue:
                 for o in by_address.values()
             ]
         )
-        unsent = [o.reply for o in outcomes if o.state is not RecipientState.SENT and o.reply]
-        replies = unsent or [o.reply for o in outcomes if o.reply]
         with self._errors(f"recording {message_id}"):
             new = await self._write(
                 "record",
@@ -683,7 +682,7 @@ class RedisQueue:
                 payload,
                 "" if retry_at is None else _num(retry_at),
                 "1" if held else "0",
-                replies[-1] if replies else "",
+                last_reply_of(outcomes),
             )
         if new is None:
             return None

@@ -69,9 +69,8 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
-    apply_outcomes,
-    derive_state,
     new_message_id,
+    settle_attempt,
 )
 
 log = logging.getLogger(__name__)
@@ -163,13 +162,18 @@ def _encode_rcpt_state(recipients: Sequence[RecipientStatus]) -> str:
     )
 
 
-def _decode_envelope(text: object) -> tuple[str, list[str], dict[str, str]]:
+def _load_json(text: object, what: str) -> object:
     if not isinstance(text, str):
-        raise _Unreadable("envelope is not text")
+        raise _Unreadable(f"{what} is not text")
     try:
-        env = json.loads(text)
+        value: object = json.loads(text)
     except ValueError as exc:
-        raise _Unreadable(f"envelope is not JSON ({exc})") from None
+        raise _Unreadable(f"{what} is not JSON ({exc})") from None
+    return value
+
+
+def _decode_envelope(text: object) -> tuple[str, list[str], dict[str, str]]:
+    env = _load_json(text, "envelope")
     if not isinstance(env, dict):
         raise _Unreadable("envelope has the wrong shape")
     sender, rcpts, meta = env.get("s"), env.get("r"), env.get("m")
@@ -185,12 +189,7 @@ def _decode_envelope(text: object) -> tuple[str, list[str], dict[str, str]]:
 
 
 def _decode_recipients(addresses: list[str], text: object) -> list[RecipientStatus]:
-    if not isinstance(text, str):
-        raise _Unreadable("recipient state is not text")
-    try:
-        states = json.loads(text)
-    except ValueError as exc:
-        raise _Unreadable(f"recipient state is not JSON ({exc})") from None
+    states = _load_json(text, "recipient state")
     if not isinstance(states, list) or len(states) != len(addresses):
         raise _Unreadable("recipient state does not match the envelope")
     recipients = []
@@ -796,10 +795,9 @@ class SQLiteQueue:
             except _Unreadable as exc:
                 _quarantine(conn, seq, str(exc))
                 return MessageState.QUARANTINED
-            updated, reply = apply_outcomes(recipients, outcomes)
-            state = derive_state(updated, attempts=attempts + 1, held=held)
-            if state is MessageState.DEFERRED and retry_at is None:
-                raise ValueError("retry_at is required while recipients stay pending")
+            updated, reply, state = settle_attempt(
+                recipients, outcomes, attempts=attempts + 1, held=held, retry_at=retry_at
+            )
             conn.execute(
                 "UPDATE messages SET state = ?, attempts = ?, last_reply = ?, lease_owner = '',"
                 " lease_until = 0, next_attempt_at = ?, rcpt_state = ? WHERE seq = ?",
