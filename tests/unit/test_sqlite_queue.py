@@ -150,6 +150,35 @@ async def test_fsync_setting(tmp_path: Path, fsync: bool, level: int) -> None:
         await q.close()
 
 
+async def test_only_enqueues_pay_for_an_fsync(tmp_path: Path) -> None:
+    """250 means durable: an enqueue commits with synchronous=FULL. Claims and delivery
+    records commit with NORMAL (a power cut may cost a redelivery, never a message); the
+    next FULL commit's fsync covers them, the WAL being written in order."""
+    from hato.queue.base import Outcome, RecipientState
+
+    q = make(tmp_path / "q.db", fsync=True)
+    await q.open()
+
+    def level(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    try:
+        message_id = await q.enqueue(ENV, DATA)
+        [claimed] = await q.claim(owner="w/1/a", limit=1, lease_seconds=60)
+        assert await q._write(level, durable=False) == 1  # NORMAL for bookkeeping
+        state = await q.record(
+            claimed.id,
+            [Outcome("b@example.net", RecipientState.SENT, "250 ok")],
+            owner="w/1/a",
+            retry_at=None,
+        )
+        assert state is MessageState.SENT
+        assert await q._write(level) == 2  # FULL again for anything durable
+        assert (await q.get(message_id)).state is MessageState.SENT
+    finally:
+        await q.close()
+
+
 async def test_concurrent_enqueues_share_commits(tmp_path: Path) -> None:
     q = make(tmp_path / "q.db", fsync=True)
     await q.open()

@@ -340,6 +340,11 @@ class _Call:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    # False for bookkeeping whose loss a crash may cost (claims, delivery records,
+    # releases): at worst a message is delivered once more, never lost. A batch made
+    # only of such calls commits without its own fsync; the next durable commit's fsync
+    # covers it, since the WAL is written in order.
+    durable: bool = True
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -360,10 +365,17 @@ class _ConnectionThread:
     """
 
     def __init__(
-        self, name: str, connect: Callable[[], sqlite3.Connection], *, batch: bool
+        self,
+        name: str,
+        connect: Callable[[], sqlite3.Connection],
+        *,
+        batch: bool,
+        fsync: bool = False,
     ) -> None:
         self._connect = connect
         self._batch = batch
+        self._fsync = fsync
+        self._synchronous = "FULL" if fsync else "NORMAL"
         self._requests: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
@@ -374,12 +386,14 @@ class _ConnectionThread:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True
+    ) -> asyncio.Future[T]:
         if self._closed:
             raise QueueError("the queue is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._requests.put(_Call(fn, future, loop))
+        self._requests.put(_Call(fn, future, loop, durable))
         return future
 
     def stop(self) -> None:
@@ -443,6 +457,11 @@ class _ConnectionThread:
     def _run_transaction(self, conn: sqlite3.Connection, calls: list[_Call]) -> None:
         done: list[tuple[_Call, Any, BaseException | None]] = []
         try:
+            if self._fsync:
+                wanted = "FULL" if any(call.durable for call in calls) else "NORMAL"
+                if wanted != self._synchronous:  # only outside a transaction
+                    conn.execute(f"PRAGMA synchronous = {wanted}")
+                    self._synchronous = wanted
             conn.execute("BEGIN IMMEDIATE")
             for call in calls:
                 conn.execute("SAVEPOINT call")
@@ -600,10 +619,12 @@ class SQLiteQueue:
             raise
         return conn
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _write(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True
+    ) -> asyncio.Future[T]:
         if self._writer is None:
             raise QueueError(f"queue {self.url} is not open")
-        return self._writer.submit(fn)
+        return self._writer.submit(fn, durable=durable)
 
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._reader is None:
@@ -624,7 +645,7 @@ class SQLiteQueue:
         except OSError as exc:
             raise QueueError(f"cannot create {self.path}: {exc}") from exc
         writer = _ConnectionThread(
-            "hato-queue-writer", lambda: self._connect(write=True), batch=True
+            "hato-queue-writer", lambda: self._connect(write=True), batch=True, fsync=self._fsync
         )
         writer.start()
         self._writer = writer
@@ -767,7 +788,7 @@ class SQLiteQueue:
             )
             return claimed
 
-        return await self._write(claim)
+        return await self._write(claim, durable=False)
 
     async def record(
         self,
@@ -812,7 +833,7 @@ class SQLiteQueue:
             )
             return state
 
-        return await self._write(record)
+        return await self._write(record, durable=False)
 
     async def release(self, message_id: str, *, owner: str) -> None:
         now = self._clock()
@@ -825,7 +846,7 @@ class SQLiteQueue:
                 (now, message_id, owner),
             )
 
-        await self._write(release)
+        await self._write(release, durable=False)
         self._work.set()
 
     async def requeue(self, message_id: str) -> None:
