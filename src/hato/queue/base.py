@@ -196,11 +196,13 @@ def settle_attempt(
 
 
 def new_message_id(clock: Clock = time.time) -> str:
-    """A queue id: 11 upper-case hex digits of microseconds, then 5 random ones.
+    """A queue id: 11 upper-case hex digits of microseconds, then 8 random ones.
 
-    Sortable by creation time, short enough for a log line, unique across processes.
+    Sortable by creation time, short enough for a log line, unique across processes:
+    32 random bits keep ids made in the same microsecond apart (300 of them collide with
+    a chance of about one in 100,000; 20 bits made that one in 25).
     """
-    return f"{int(clock() * 1_000_000):011X}"[-11:] + secrets.token_hex(3).upper()[:5]
+    return f"{int(clock() * 1_000_000):011X}"[-11:] + secrets.token_hex(4).upper()
 
 
 @runtime_checkable
