@@ -550,6 +550,11 @@ class Settings(BaseSettings):
     def _lower_domains(cls, value: list[str]) -> list[str]:
         return [d.lower().rstrip(".") for d in value]
 
+    @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
+    @classmethod
+    def _lower_choice(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("allow_empty_sender_domains", mode="before")
     @classmethod
     def _boky_truthy(cls, value: object) -> bool:
@@ -720,6 +725,12 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("set both HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE, or neither")
+        needs_tls = [item for item in listeners if item.role != "smtp"]
+        if needs_tls and self.tls_cert_file is None:
+            raise ConfigError(
+                f"listener {needs_tls[0]} needs a TLS certificate: set HATO_TLS_CERT_FILE and "
+                "HATO_TLS_KEY_FILE (hato tls self-signed makes one for development)"
+            )
         for path in (self.tls_cert_file, self.tls_key_file, self.relay_tls_ca_file):
             if path is not None and not path.is_file():
                 raise ConfigError(f"file not found: {path}")

@@ -70,6 +70,11 @@ def _domain(address: str) -> str:
 class _TracingSMTP(smtplib.SMTP):
     trace: Trace | None = None
     data_reply: str = ""
+    ehlo_msg = "EHLO"
+
+    def putcmd(self, cmd: str, args: str = "") -> None:
+        # smtplib writes verbs in lower case; the dialog reads like swaks's with upper.
+        super().putcmd(cmd.upper(), args)
 
     def data(self, msg: Any) -> tuple[int, bytes]:
         code, text = super().data(msg)

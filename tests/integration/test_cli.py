@@ -181,3 +181,78 @@ def test_send_refuses_header_injection() -> None:
         "Subject: x\r\nBcc: evil@example.com",
     )
     assert_one_line_error(result, "CR, LF")
+
+
+def test_config_check_refuses_a_submission_listener_without_certificate(tmp_path: Path) -> None:
+    result = hato("config", "check", env={"HATO_LISTEN": "submission=127.0.0.1:587"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "needs a TLS certificate")
+
+
+def test_choices_are_case_insensitive(tmp_path: Path) -> None:
+    result = hato(
+        "config",
+        "check",
+        env={"RELAYHOST": "[r.example]:587", "HATO_RELAY_TLS": "ENCRYPT"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tls encrypt" in result.stdout
+
+
+def test_send_verbose_prints_the_dialog_like_swaks(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HATO_", "RELAYHOST"))}
+    env["PYTHONPATH"] = SRC
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hato",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        assert server.stderr is not None
+        for line in server.stderr:
+            if "ready" in line or time.monotonic() > deadline:
+                break
+        result = hato(
+            "send",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--from",
+            "a@example.org",
+            "--to",
+            "b@example.net",
+            "-v",
+        )
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        for expected in (
+            "-> EHLO",
+            "-> MAIL FROM:<a@example.org>",
+            "-> RCPT TO:<b@example.net>",
+            "-> DATA",
+            "<-  250",
+            "sent: 250 2.0.0 Ok: queued as",
+        ):
+            assert expected in out, out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stderr is not None:
+            server.stderr.close()

@@ -201,8 +201,6 @@ def test_docs_config_md_is_current() -> None:
 
 
 def test_relay_server_trusting_only_loopback_needs_no_sender_domains() -> None:
-    s = load_settings(
-        listen=["smtp=0.0.0.0:25", "submission=0.0.0.0:587"], route="mx", domains=["dbmx.net"]
-    )
+    s = load_settings(listen=["smtp=0.0.0.0:25", "smtp=[::]:25"], route="mx", domains=["dbmx.net"])
     assert s.effective_mynetworks == ["127.0.0.0/8", "::1/128"]
     s.validate_for_serve()

@@ -379,7 +379,7 @@ def send(
         ca_file=ca_file,
         timeout=timeout,
     )
-    trace = (lambda line: click.echo(line, err=True)) if verbose else None
+    trace = click.echo if verbose else None  # the dialog on stdout, as swaks prints it
     reply = send_test_message(options, trace=trace)
     click.echo(f"sent: {reply}")
 
