@@ -17,17 +17,12 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
-import glob
 import os
-import pwd
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +34,8 @@ import psycopg
 import pytest
 
 from hato import Mailer, Status
-from peers import free_port, missing
+from peers import free_port
+from peers.datastores import PrivateRedis
 from peers.hato import READY_RE, HatoServe, hato_env, run_hato
 from peers.sinks import Received, RecordingSink
 
@@ -96,116 +92,6 @@ def message_id_of(received: Received) -> str:
 
 
 # Private servers.
-
-
-def _pg_bindir() -> Path | None:
-    candidates = []
-    if shutil.which("pg_config"):
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-        candidates.append(out.stdout.strip())
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    for c in candidates:
-        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
-            return Path(c)
-    return None
-
-
-class PrivatePostgres:
-    """A throw-away cluster (initdb + pg_ctl) on a free loopback port."""
-
-    def __init__(self) -> None:
-        bindir = _pg_bindir()
-        if bindir is None:
-            missing("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-            raise AssertionError("unreachable")
-        self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="hato-outbox-pg-"))
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
-
-    def init(self) -> None:
-        initdb = self.bindir / "initdb"
-        self._run(str(initdb), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        log = str(self.root / "log")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-o", options,
-                  "-l", log, "start")  # fmt: skip
-
-    def stop(self) -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop")
-
-    def log(self) -> str:
-        path = self.root / "log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def cleanup(self) -> None:
-        with contextlib.suppress(subprocess.SubprocessError):
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-class PrivateRedis:
-    """A redis-server with AOF (appendfsync always) on a free port, restartable on its data."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            missing("redis-server is not installed (apt-get install redis-server)")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert self.binary is not None
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as s,
-            ):
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not start: {self.log()}")
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-            self.proc = None
-
-    def log(self) -> str:
-        path = self.dir / "redis.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 # The chain.

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from test_outbox_peers import (
     Chain,
-    PrivatePostgres,
     build_chain,
     parse,
     postgres_schema,
@@ -21,6 +20,7 @@ from test_outbox_peers import (
 )
 
 from hato import AddressError
+from peers.datastores import PrivatePostgres
 from peers.hato import HatoServe
 from peers.sinks import RecordingSink
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from test_outbox_peers import (
     Chain,
-    PrivateRedis,
     build_chain,
     redis_prefix,
     scenario_end_to_end,
@@ -19,6 +18,7 @@ from test_outbox_peers import (
     scenario_queue_restart,
 )
 
+from peers.datastores import PrivateRedis
 from peers.hato import HatoServe
 from peers.sinks import RecordingSink
 

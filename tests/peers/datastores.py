@@ -96,6 +96,7 @@ class PrivateRedis:
 
     def __init__(self, directory: Path, *extra: str) -> None:
         self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
