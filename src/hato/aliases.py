@@ -36,9 +36,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hato.delivery.router import normalize_domain
 from hato.errors import AddressError, ConfigError
-from hato.message import parse_address
+from hato.message import normalize_domain, parse_address
 from hato.reply import Reply
 
 # (local part without extension, lower case; our domain, normalised) -> is this a user?

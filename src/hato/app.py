@@ -26,7 +26,8 @@ from hato.dkim import DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
 from hato.maillog import MailLog
 from hato.message import Envelope
-from hato.queue.base import Queue, open_queue, redact_url
+from hato.queue import open_queue, redact_url
+from hato.queue.base import Queue
 from hato.queue.retry import RetrySchedule
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks

@@ -33,8 +33,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from hato.delivery.smarthost import parse_relayhost
 from hato.errors import ConfigError
+from hato.message import normalize_domain
 
 RelayTLS = Literal["none", "may", "encrypt", "implicit"]
 Route = Literal["hold", "relay", "mx"]
@@ -68,6 +68,51 @@ def split_list(value: object) -> list[str]:
     else:
         items = re.split(r"[,\s]+", str(value))
     return [item.strip() for item in items if item.strip()]
+
+
+DEFAULT_SMTP_PORT = 25
+
+
+def parse_relayhost(text: str) -> tuple[str, int]:
+    """Parse a Postfix/boky relay host: ``[host]:port``, ``host:port``, ``[host]``, ``host``.
+
+    The port defaults to 25. IPv6 addresses need brackets when a port is given
+    (``[::1]:2525``); Postfix's ``[ipv6:2001:db8::1]`` form is accepted too. Raises
+    :class:`~hato.errors.ConfigError` for anything else.
+    """
+    value = text.strip()
+    if not value:
+        raise ConfigError("relay host is empty")
+    port_text = ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ConfigError(f"relay host {text!r}: missing ']'")
+        host, rest = value[1:end], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"relay host {text!r}: junk after ']'")
+            port_text = rest[1:]
+            if not port_text:
+                raise ConfigError(f"relay host {text!r}: empty port")
+        if host.lower().startswith("ipv6:"):
+            host = host[5:]
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        if not port_text:
+            raise ConfigError(f"relay host {text!r}: empty port")
+    else:
+        # No colon, or a bare IPv6 address (several colons, so no port can be meant).
+        host = value
+    host = host.strip()
+    if not host or any(c.isspace() or c in "[]/@" for c in host):
+        raise ConfigError(f"relay host {text!r}: bad host name")
+    port = DEFAULT_SMTP_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"relay host {text!r}: bad port {port_text!r}")
+        port = int(port_text)
+    return host, port
 
 
 def _env(*names: str) -> AliasChoices:
@@ -548,7 +593,7 @@ class Settings(BaseSettings):
     @field_validator("domains", "allowed_sender_domains")
     @classmethod
     def _lower_domains(cls, value: list[str]) -> list[str]:
-        return [d.lower().rstrip(".") for d in value]
+        return [normalize_domain(d) for d in value]
 
     @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
     @classmethod

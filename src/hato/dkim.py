@@ -37,8 +37,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from hato.delivery.router import normalize_domain
 from hato.errors import ConfigError, HatoError
+from hato.message import normalize_domain
 
 
 class SigningError(HatoError):

@@ -75,17 +75,11 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
+from hato.clock import Clock
 from hato.errors import AddressError, ConfigError, HatoError, QueueError
 from hato.message import Envelope, check_header_value, parse_address
-from hato.queue.base import (
-    Clock,
-    MessageState,
-    Queue,
-    RecipientState,
-    RecipientStatus,
-    StoredMessage,
-    open_queue,
-)
+from hato.queue import open_queue
+from hato.queue.base import MessageState, Queue, RecipientState, RecipientStatus, StoredMessage
 
 if TYPE_CHECKING:
     from hato.templates import Templates

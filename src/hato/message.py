@@ -1,14 +1,16 @@
 """Envelopes and addresses: pure parsing and checks, no I/O.
 
 An address here is the RFC 5321 ``Mailbox`` of MAIL FROM / RCPT TO without the angle
-brackets; the null sender is ``""``. Domains are compared lower-case and without a
-trailing dot.
+brackets; the null sender is ``""``. Domains are compared in one form everywhere (policy,
+config, router, aliases, DKIM): :func:`normalize_domain`'s.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+import idna
 
 from hato.errors import AddressError
 
@@ -62,6 +64,25 @@ def parse_address(text: str, *, allow_utf8: bool = True) -> Address:
     if len(local.encode()) > MAX_LOCAL_PART or len(domain.encode()) > MAX_DOMAIN:
         raise AddressError("address part too long")
     return Address(local, domain.lower())
+
+
+def normalize_domain(domain: str) -> str:
+    """The one comparable form of a domain: lower case, no trailing dot, A-labels.
+
+    International names go through IDNA 2008 with the UTS #46 mapping (the ``idna``
+    package, non-transitional), so ``Bücher.example``, ``bücher.example`` and
+    ``xn--bcher-kva.example`` are one domain, and ``faß.de`` stays ``xn--fa-hia.de``
+    (the standard library's ``idna`` codec is IDNA 2003 and would make it ``fass.de``,
+    another domain). Address literals (``[192.0.2.1]``) and names IDNA refuses are only
+    lower-cased: they never match a configured domain by accident.
+    """
+    domain = domain.strip().rstrip(".")
+    if domain.isascii() or domain.startswith("["):
+        return domain.lower()
+    try:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain.lower()
 
 
 def domain_of(address: str) -> str:

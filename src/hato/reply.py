@@ -49,9 +49,6 @@ class Reply:
     def __str__(self) -> str:
         return " / ".join(f"{self.code} {line}" for line in self.lines())
 
-    def with_text(self, text: str) -> Reply:
-        return Reply(self.code, self.enhanced, text)
-
 
 # Named replies. Keep the wording stable: dialog tests compare bytes.
 OK = Reply(250, "2.0.0", "OK")

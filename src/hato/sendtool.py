@@ -17,7 +17,7 @@ from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, localtime, make_msgid
 from typing import Any
 
-from hato.delivery.smarthost import parse_relayhost
+from hato.config import parse_relayhost
 from hato.errors import AddressError, ConfigError, HatoError
 from hato.message import check_header_value
 

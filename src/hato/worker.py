@@ -28,12 +28,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hato.clock import Clock
 from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.delivery.hold import HoldCourier
 from hato.delivery.router import RouteKind, Router
 from hato.dsn import FailedRecipient, build_bounce
 from hato.maillog import MailLog
-from hato.queue.base import Clock, MessageState, Outcome, Queue, RecipientState, StoredMessage
+from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from hato.queue.base import Queue, open_queue
+from hato.queue import open_queue
+from hato.queue.base import Queue
 
 Factory = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[str]]
 

@@ -17,7 +17,8 @@ import pytest
 
 from hato.errors import ConfigError, MessageNotFound, QueueError
 from hato.message import Envelope
-from hato.queue.base import MessageState, Outcome, RecipientState, open_queue
+from hato.queue import open_queue
+from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.postgres import SCHEMA_VERSION, PostgresQueue, enqueue_sync
 
 SERVER = os.environ.get("HATO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

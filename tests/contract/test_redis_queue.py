@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from hato.errors import ConfigError, MessageNotFound, QueueError
 from hato.message import Envelope
-from hato.queue.base import MessageState, Outcome, RecipientState, open_queue
+from hato.queue import open_queue
+from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.redis import RedisQueue
 
 SERVER = os.environ.get("HATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

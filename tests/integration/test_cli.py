@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hato.message import Envelope
-from hato.queue.base import open_queue
+from hato.queue import open_queue
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -31,7 +31,8 @@ from pydantic import AliasChoices
 
 from hato import Mailer
 from hato.config import Settings, load_settings
-from hato.queue.base import Queue, open_queue
+from hato.queue import open_queue
+from hato.queue.base import Queue
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

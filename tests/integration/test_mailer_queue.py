@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from hato import AsyncMailer, ConfigError, Email, Mailer, MessageNotFound
-from hato.queue.base import MessageState, Queue, open_queue
+from hato.queue import open_queue
+from hato.queue.base import MessageState, Queue
 
 POSTGRES_URL = os.environ.get("HATO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("HATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hato.delivery.smarthost import SmarthostConfig, parse_relayhost, reply_from_response
+from hato.config import parse_relayhost
+from hato.delivery.smarthost import SmarthostConfig, reply_from_response
 from hato.errors import ConfigError
 from hato.reply import Reply
 

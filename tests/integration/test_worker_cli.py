@@ -18,7 +18,8 @@ from hato import AsyncMailer, Status
 from hato.app import build_outbox_worker, work
 from hato.config import Settings, load_settings
 from hato.maillog import MailLog
-from hato.queue.base import MessageState, open_queue, redact_url
+from hato.queue import open_queue, redact_url
+from hato.queue.base import MessageState
 from hato.worker import Worker
 from peers.asyncsinks import HOST, Handler, Sink, wait_until
 from peers.hato import run_hato

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hato import Mailer, TemplateError
-from hato.queue.base import open_queue
+from hato.queue import open_queue
 from hato.templates import Templates
 
 

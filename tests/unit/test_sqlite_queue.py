@@ -13,8 +13,9 @@ import pytest
 
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
 from hato.message import Envelope
+from hato.queue import open_queue
 from hato.queue import sqlite as sqlite_queue
-from hato.queue.base import MessageState, open_queue
+from hato.queue.base import MessageState
 from hato.queue.sqlite import SCHEMA_VERSION, SQLiteQueue
 
 ENV = Envelope("a@example.org", ["b@example.net"])

@@ -25,7 +25,7 @@ import click
 
 from hato.app import work
 from hato.cli import friendly, main, make_settings, queue, run, settings_options
-from hato.queue.base import open_queue, redact_url
+from hato.queue import open_queue, redact_url
 
 
 @main.command("worker")

@@ -35,8 +35,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 from hato.aliases import Aliases, Expansion, LocalRecipients, Mailbox, UserExists
+from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
-from hato.queue.base import Clock
 from hato.reply import Reply
 
 # (envelope sender, external recipients, message bytes, idempotency key) -> queued id.

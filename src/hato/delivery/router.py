@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from enum import StrEnum
 
 from hato.errors import ConfigError
-from hato.message import domain_of
+from hato.message import domain_of, normalize_domain
 
 
 class RouteKind(StrEnum):
@@ -24,18 +24,6 @@ class RouteKind(StrEnum):
 
 
 _ROUTES = frozenset({RouteKind.HOLD, RouteKind.RELAY, RouteKind.MX})
-
-
-def normalize_domain(domain: str) -> str:
-    """Lower case, no trailing dot, IDNA A-label form so ``bücher.example`` and
-    ``xn--bcher-kva.example`` name the same domain."""
-    domain = domain.strip().lower().rstrip(".")
-    if domain.startswith("[") or domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
 
 
 class Router:

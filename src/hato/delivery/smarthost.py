@@ -29,6 +29,7 @@ from typing import Literal
 
 import aiosmtplib
 
+from hato.config import DEFAULT_SMTP_PORT as DEFAULT_PORT
 from hato.delivery.base import DeliveryResult, Result, all_results
 from hato.delivery.session import (
     Session,
@@ -44,50 +45,6 @@ from hato.reply import Reply
 
 TlsMode = Literal["none", "may", "encrypt", "implicit"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "may", "encrypt", "implicit")
-
-DEFAULT_PORT = 25
-
-
-def parse_relayhost(text: str) -> tuple[str, int]:
-    """Parse a Postfix/boky relay host: ``[host]:port``, ``host:port``, ``[host]``, ``host``.
-
-    The port defaults to 25. IPv6 addresses need brackets when a port is given
-    (``[::1]:2525``); Postfix's ``[ipv6:2001:db8::1]`` form is accepted too. Raises
-    :class:`~hato.errors.ConfigError` for anything else.
-    """
-    value = text.strip()
-    if not value:
-        raise ConfigError("relay host is empty")
-    port_text = ""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ConfigError(f"relay host {text!r}: missing ']'")
-        host, rest = value[1:end], value[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigError(f"relay host {text!r}: junk after ']'")
-            port_text = rest[1:]
-            if not port_text:
-                raise ConfigError(f"relay host {text!r}: empty port")
-        if host.lower().startswith("ipv6:"):
-            host = host[5:]
-    elif value.count(":") == 1:
-        host, port_text = value.split(":")
-        if not port_text:
-            raise ConfigError(f"relay host {text!r}: empty port")
-    else:
-        # No colon, or a bare IPv6 address (several colons, so no port can be meant).
-        host = value
-    host = host.strip()
-    if not host or any(c.isspace() or c in "[]/@" for c in host):
-        raise ConfigError(f"relay host {text!r}: bad host name")
-    port = DEFAULT_PORT
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"relay host {text!r}: bad port {port_text!r}")
-        port = int(port_text)
-    return host, port
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The queue protocol every backend implements, and ``open_queue(url)`` to pick one.
+"""The queue protocol every backend implements, and the pure rules of a message's state.
 
 A message is stored once with its envelope and bytes, and carries one
 :class:`RecipientStatus` per recipient. Its :class:`MessageState` is derived from those
@@ -36,19 +36,15 @@ Contract (the suite in ``tests/contract`` checks it on every backend):
 
 from __future__ import annotations
 
-import os
-import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from hato.errors import ConfigError
+from hato.clock import Clock
 from hato.message import Envelope
-
-Clock = Callable[[], float]
 
 
 class MessageState(StrEnum):
@@ -59,9 +55,6 @@ class MessageState(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     QUARANTINED = "quarantined"
-
-
-FINAL_STATES = frozenset({MessageState.SENT, MessageState.FAILED})
 
 
 class RecipientState(StrEnum):
@@ -286,43 +279,3 @@ class Queue(Protocol):
     async def wait_for_work(self, timeout: float) -> None:
         """Return early when new work may be due (in-process event, LISTEN/NOTIFY, ...)."""
         ...
-
-
-def redact_url(url: str) -> str:
-    """A queue URL fit for a log line: the password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
-def open_queue(url: str, *, clock: Clock = time.time, fsync: bool = True) -> Queue:
-    """Build (not yet open) the queue for ``url``: ``memory://``, ``sqlite:///path``,
-    ``postgresql://...``, ``redis://...``. Drivers are imported lazily."""
-    scheme = url.split(":", 1)[0].lower()
-    if scheme == "memory":
-        from hato.queue.memory import MemoryQueue
-
-        return MemoryQueue(url, clock=clock)
-    if scheme == "sqlite":
-        from hato.queue.sqlite import SQLiteQueue
-
-        path = url.removeprefix("sqlite://")
-        # sqlite:///abs/path -> /abs/path ; sqlite://rel/path -> rel/path
-        return SQLiteQueue(url, os.path.expanduser(path), clock=clock, fsync=fsync)
-    if scheme in ("postgres", "postgresql"):
-        try:
-            from hato.queue.postgres import PostgresQueue  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:  # pragma: no cover - depends on extras
-            raise ConfigError(
-                f"queue {scheme}:// needs: pip install 'hato[postgres]' ({exc})"
-            ) from exc
-        return PostgresQueue(url, clock=clock)  # type: ignore[no-any-return,unused-ignore]
-    if scheme in ("redis", "rediss"):
-        try:
-            from hato.queue.redis import RedisQueue  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:  # pragma: no cover - depends on extras
-            raise ConfigError(
-                f"queue {scheme}:// needs: pip install 'hato[redis]' ({exc})"
-            ) from exc
-        return RedisQueue(url, clock=clock)  # type: ignore[no-any-return,unused-ignore]
-    raise ConfigError(
-        f"unknown queue URL {url!r}: use memory://, sqlite:///PATH, postgresql://... or redis://..."
-    )

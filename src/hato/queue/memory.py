@@ -19,10 +19,10 @@ import itertools
 import time
 from collections.abc import Sequence
 
+from hato.clock import Clock
 from hato.errors import MessageNotFound, QueueError
 from hato.message import Envelope
 from hato.queue.base import (
-    Clock,
     MessageState,
     Outcome,
     RecipientStatus,

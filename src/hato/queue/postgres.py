@@ -50,10 +50,10 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
 from hato.message import Envelope
 from hato.queue.base import (
-    Clock,
     MessageState,
     Outcome,
     RecipientState,

@@ -49,10 +49,10 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
 from hato.message import Envelope
 from hato.queue.base import (
-    Clock,
     MessageState,
     Outcome,
     RecipientState,

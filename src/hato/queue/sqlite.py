@@ -59,10 +59,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
 from hato.message import Envelope
 from hato.queue.base import (
-    Clock,
     MessageState,
     Outcome,
     RecipientState,

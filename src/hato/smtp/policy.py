@@ -22,7 +22,7 @@ from enum import StrEnum
 
 from hato import reply
 from hato.errors import AddressError, ConfigError
-from hato.message import parse_address
+from hato.message import normalize_domain, parse_address
 from hato.reply import Reply
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -138,10 +138,10 @@ class Policy:
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
-        self.domains = tuple(d.lower().rstrip(".") for d in domains)
+        self.domains = tuple(normalize_domain(d) for d in domains if d.strip())
         self._domain_set = frozenset(self.domains)
         self.allowed_sender_domains = frozenset(
-            d.lower().rstrip(".") for d in allowed_sender_domains
+            normalize_domain(d) for d in allowed_sender_domains if d.strip()
         )
         self.allow_empty_sender_domains = allow_empty_sender_domains
         self.allow_plaintext_auth = allow_plaintext_auth
@@ -199,7 +199,10 @@ class Policy:
             address = parse_address(mailbox, allow_utf8=smtputf8)
         except AddressError:
             return reply.BAD_SENDER_ADDRESS
-        if self.allowed_sender_domains and address.domain not in self.allowed_sender_domains:
+        if (
+            self.allowed_sender_domains
+            and normalize_domain(address.domain) not in self.allowed_sender_domains
+        ):
             return reply.SENDER_DOMAIN_DENIED
         text = str(address)
         allowed = self.sender_allowed
@@ -224,7 +227,7 @@ class Policy:
             address = parse_address(mailbox, allow_utf8=smtputf8)
         except AddressError:
             return reply.BAD_ADDRESS
-        ours = not address.is_literal and address.domain in self._domain_set
+        ours = not address.is_literal and normalize_domain(address.domain) in self._domain_set
         if ours and not (relay and any(c in address.local for c in _ROUTING_CHARS)):
             unknown = self._unknown_local(str(address))
             if unknown is not None:

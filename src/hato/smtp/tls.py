@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hato.errors import ConfigError
+from hato.message import normalize_domain
 
 _debug = logging.getLogger(__name__)
 
@@ -170,10 +171,10 @@ def self_signed_certificate(
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
-            try:
-                names.append(x509.DNSName(name.encode("idna").decode("ascii").lower()))
-            except UnicodeError as exc:
-                raise ConfigError(f"not a host name: {name!r}") from exc
+            dns_name = normalize_domain(name)
+            if not dns_name.isascii() or not dns_name or dns_name.startswith("["):
+                raise ConfigError(f"not a host name: {name!r}") from None
+            names.append(x509.DNSName(dns_name))
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0][:64])])
     cert = (
