@@ -92,10 +92,22 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
+# Control characters other than TAB, and the characters Python's str.splitlines (and so
+# the email package's header folding) treats as line breaks: \x0b \x0c \x1c-\x1e \x85
+# U+2028 U+2029. Any of them in a header value could end the header line.
+_HEADER_UNSAFE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
 def check_header_value(value: str, what: str = "header value") -> str:
-    """Refuse CR, LF and NUL in a value that goes into a header (header injection)."""
-    if any(c in value for c in "\r\n\0"):
-        raise AddressError(f"{what} contains CR, LF or NUL")
+    """Refuse a value that could break out of its header line (header injection): CR, LF,
+    NUL, any other control character but TAB, and the Unicode line separators."""
+    m = _HEADER_UNSAFE_RE.search(value)
+    if m is not None:
+        char = m.group(0)
+        name = {"\r": "CR", "\n": "LF", "\0": "NUL"}.get(char, f"U+{ord(char):04X}")
+        raise AddressError(
+            f"{what} contains {name} (CR, LF, NUL and control characters are refused)"
+        )
     return value
 
 

@@ -302,7 +302,7 @@ def fuzz_compose(data: bytes) -> None:
     assert "hidden@example.net" in composed.envelope.recipients
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     assert message["Bcc"] is None and b"hidden@example.net" not in raw
-    names = {k.lower() for k in message.keys()}
+    names = {k.lower() for k in message}
     assert names <= _ALLOWED_HEADERS, names - _ALLOWED_HEADERS
     assert len(message.get_all("Subject") or []) <= 1
 
