@@ -2,7 +2,7 @@
 
 What ``saslpasswd2`` and Postfix's ``smtpd_sender_login_maps`` are in the guide. The file
 (default ``DATA_DIR/users.json``, mode 0600) is written by ``hato user`` and read by
-``hato serve``, which notices a new version on the next AUTH (no restart)::
+``hato serve``, which picks up a new version without a restart::
 
     {"version": 1,
      "users": {"postfix@dbmx.net": {"hash": "$argon2id$v=19$…", "allow": [], "only": false}}}
@@ -20,6 +20,24 @@ Writes are atomic (temporary file, fsync, rename) and serialised by a lock file,
 server never reads half a file and two ``hato user`` commands never lose each other's
 change. Password checks run in a thread (argon2 is slow on purpose) and take the same
 time whether the user exists or not.
+
+``hato serve`` answers from an in-memory snapshot (:class:`UserStore`) and never touches
+the file on the event loop. The snapshot is brought up to date in a worker thread:
+
+* by each AUTH, before the password is checked, so a user just added can log in at once;
+* by :class:`UserWatcher`, every two seconds (as the TLS certificates are) and whenever
+  an SMTP session starts.
+
+The RCPT check of our own domains runs synchronously inside the sans-IO protocol
+(:meth:`~hato.smtp.policy.Policy.check_recipient`), so it cannot wait for a file. What it
+needs is the snapshot as of the session's start, and that is what the watcher gives it: a
+starting session takes a ticket (:meth:`UserWatcher.ask`), which wakes the watcher; one
+stat (and, if the file changed, one read) later the ticket is answered. A known recipient
+is accepted from the snapshot whatever the ticket says. An unknown one is refused
+``550 5.1.1`` only once the session's ticket is answered, so a user added before the
+connection was made is never refused; a client that reaches RCPT before one stat in a
+thread has finished (the greeting, EHLO and MAIL round trips normally take far longer) gets
+``451 4.3.0`` and retries, never a false ``550``.
 """
 
 from __future__ import annotations
@@ -239,6 +257,11 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._users)
 
+    def has(self, local: str, domain: str) -> bool:
+        """The :class:`~hato.aliases.LocalRecipients` hook: is ``local@domain`` a user of
+        the current snapshot? No file access: the RCPT check calls it on the event loop."""
+        return self.get(f"{local}@{domain}") is not None
+
     def sender_allowed(self, user: str, address: str) -> bool:
         """The :class:`~hato.smtp.policy.Policy` hook: may ``user`` (authenticated) send as
         ``address``? Uses the snapshot, which AUTH refreshed moments before."""
@@ -380,6 +403,50 @@ class UserStore:
             if key not in users:
                 raise UserError(f"no such user: {key}")
             del users[key]
+
+
+class UserWatcher:
+    """Keeps a :class:`UserStore`'s snapshot current, off the event loop.
+
+    :meth:`run` re-reads the file in a worker thread when it changed, every ``interval``
+    seconds and whenever :meth:`ask` is called; a check that starts after ``ask`` returned
+    a ticket answers that ticket (:meth:`answered`). Tickets are handed out and answered on
+    the event loop's thread only, so they need no lock; many asks while a check runs are
+    answered together by the next one. See the module docstring for why.
+    """
+
+    def __init__(self, store: UserStore, *, interval: float = 2.0) -> None:
+        self.store = store
+        self.interval = interval
+        self._asked = 0
+        self._answered = 0
+        self._wake = asyncio.Event()
+
+    def ask(self) -> int:
+        """Ask for a check now; the ticket to pass to :meth:`answered`."""
+        self._asked += 1
+        self._wake.set()
+        return self._asked
+
+    def answered(self, ticket: int) -> bool:
+        """Has a check that started after ``ticket`` was handed out finished?"""
+        return self._answered >= ticket
+
+    async def check(self) -> None:
+        """One check in a worker thread; answers every ticket handed out before it."""
+        ticket = self._asked
+        self._wake.clear()
+        await asyncio.to_thread(self.store.refresh)
+        self._answered = ticket
+
+    async def run(self) -> None:
+        """Check until cancelled (:meth:`UserStore.refresh` keeps the previous snapshot
+        when the file is broken, so nothing here ends on its own)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            await self.check()
 
 
 class UserAuthenticator:

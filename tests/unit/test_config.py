@@ -8,6 +8,7 @@ import pytest
 
 from hato.config import (
     Listener,
+    Smarthost,
     load_settings,
     parse_duration,
     parse_listener,
@@ -42,6 +43,13 @@ BOKY_AND_HATO_NAMES = [
     "HATO_TLS_KEY_FILE",
     "HATO_LOG_FORMAT",
     "HATO_LEASE_SECONDS",
+    "HATO_SMTP_HOST",
+    "HATO_SMTP_PORT",
+    "HATO_SMTP_USERNAME",
+    "HATO_SMTP_PASSWORD",
+    "HATO_SMTP_PASSWORD_FILE",
+    "HATO_SMTP_TLS",
+    "HATO_ALLOW_PLAINTEXT_AUTH",
 ]
 
 
@@ -50,6 +58,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in BOKY_AND_HATO_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray hato.toml or .env
+
+
+def relay_of(**overrides: object) -> Smarthost:
+    relay = load_settings(**overrides).relay
+    assert relay is not None
+    return relay
+
+
+def password_of(smarthost: Smarthost) -> str | None:
+    password = smarthost.resolve().password
+    return password.get_secret_value() if password is not None else None
 
 
 @pytest.mark.parametrize(
@@ -101,9 +120,11 @@ def test_boky_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HATO_LISTEN", "0.0.0.0:587")
     s = load_settings()
     assert s.effective_route == "relay"
-    assert s.relay_address == ("dbmx.net", 587)
-    assert s.effective_relay_tls == "encrypt"  # credentials: STARTTLS required
-    assert s.effective_relay_password == "secret"
+    relay = s.relay
+    assert relay is not None
+    assert (relay.host, relay.port) == ("dbmx.net", 587)
+    assert relay.tls == "encrypt"  # credentials: STARTTLS required
+    assert password_of(relay) == "secret"
     assert "secret" not in repr(s)
     assert s.allowed_sender_domains == ["dbmx.net"]
     assert "172.16.0.0/12" in s.effective_mynetworks  # the compose network is trusted
@@ -111,9 +132,9 @@ def test_boky_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relay_tls_defaults() -> None:
-    assert load_settings(relay_host="[r.example]:465").effective_relay_tls == "implicit"
-    assert load_settings(relay_host="[r.example]:25").effective_relay_tls == "may"
-    assert load_settings(relay_host="r.example:587", relay_tls="none").effective_relay_tls == "none"
+    assert relay_of(relay_host="[r.example]:465").tls == "implicit"
+    assert relay_of(relay_host="[r.example]:25").tls == "may"
+    assert relay_of(relay_host="r.example:587", relay_tls="none").tls == "none"
 
 
 def test_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +142,7 @@ def test_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret.write_text("from-file\n")
     monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(secret))
     monkeypatch.setenv("RELAYHOST_USERNAME", "u")
-    s = load_settings(relay_host="[r.example]:587")
-    assert s.effective_relay_password == "from-file"
+    assert password_of(relay_of(relay_host="[r.example]:587")) == "from-file"
 
 
 def test_precedence_cli_over_env_over_dotenv_over_toml(

@@ -11,6 +11,13 @@ only to our own domains, and then only to plain local parts: percent hacks
 (``a%b@ours``), bang paths (``b!a@ours``), quoted local parts holding ``@ % !``, source
 routes (``<@x:a@ours>``), address literals and unqualified names (except ``postmaster``,
 RFC 5321 4.5.1) are refused. Trailing-dot domains never parse.
+
+Recipients of our own domains must exist (Postfix ``local_recipient_maps``). The check is
+a lookup in memory (:class:`~hato.aliases.LocalRecipients` over the users snapshot): this
+runs on the event loop, in the middle of the synchronous state machine, and does no file
+I/O. When a :class:`Reloader` keeps that snapshot current, a session takes a ticket when it
+starts and an unknown name is refused ``550`` only once the ticket is answered, else
+deferred ``451``; :mod:`hato.users` explains why that accepts a user added a moment ago.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from hato import reply
 from hato.errors import AddressError, ConfigError
@@ -29,6 +37,23 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # (authenticated user, sender address) -> may this user send as this address?
 SenderCheck = Callable[[str, str], bool]
+
+# (address in one of our domains) -> does it name a user, an alias, postmaster or abuse?
+RecipientCheck = Callable[[str], bool]
+
+
+class Reloader(Protocol):
+    """Keeps the table behind a :data:`RecipientCheck` current, off the event loop
+    (:class:`~hato.users.UserWatcher`)."""
+
+    def ask(self) -> int:
+        """Ask for a check now; the ticket to pass to :meth:`answered`."""
+        ...
+
+    def answered(self, ticket: int) -> bool:
+        """Has a check that started after ``ticket`` was handed out finished?"""
+        ...
+
 
 _ROUTING_CHARS = ("%", "!", "@")
 
@@ -61,13 +86,15 @@ class ListenerConfig:
 
 @dataclass(slots=True)
 class SessionFacts:
-    """What the policy knows about a session; the state machine keeps it up to date."""
+    """What the policy knows about a session; the state machine keeps it up to date.
+    ``reload_ticket`` is the recipients check asked for when the session started."""
 
     client_ip: str
     trusted: bool = False
     loopback: bool = False
     tls: bool = False
     user: str = ""
+    reload_ticket: int = 0
 
 
 def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -121,7 +148,8 @@ class Policy:
         allow_empty_sender_domains: bool = False,
         allow_plaintext_auth: bool = False,
         sender_allowed: SenderCheck | None = None,
-        local_recipient_exists: Callable[[str], bool] | None = None,
+        local_recipient_exists: RecipientCheck | None = None,
+        recipients_reloader: Reloader | None = None,
     ) -> None:
         """
         ``domains``: our own domains (mail to them is accepted from anyone).
@@ -130,11 +158,14 @@ class Policy:
         ``allow_empty_sender_domains`` is boky's explicit "yes, any sender domain" switch;
         the composition root uses it to refuse an exposed relay without sender domains,
         here it only documents intent. ``allow_plaintext_auth``: allow AUTH without TLS
-        from loopback clients on the ``smtp`` role. ``sender_allowed(user, address)``:
-        may an authenticated user use this sender address (issue 3 plugs its login maps
-        in here); ``None`` allows any. ``local_recipient_exists(address)``: does a
-        recipient in our own domains exist (users and aliases, Postfix
-        ``local_recipient_maps``); unknown ones get 550 5.1.1, whoever asks.
+        from loopback clients on the ``smtp`` role (``HATO_ALLOW_PLAINTEXT_AUTH``).
+        ``sender_allowed(user, address)``: may an authenticated user use this sender
+        address (the users' login maps); ``None`` allows any.
+        ``local_recipient_exists(address)``: does a recipient in our own domains exist
+        (users and aliases, Postfix ``local_recipient_maps``), answered from memory;
+        unknown ones get 550 5.1.1, whoever asks. ``recipients_reloader``: what keeps
+        that table current; with it, an unknown name is deferred until the session's
+        ticket is answered (module docstring).
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
@@ -147,12 +178,25 @@ class Policy:
         self.allow_plaintext_auth = allow_plaintext_auth
         self.sender_allowed = sender_allowed
         self.local_recipient_exists = local_recipient_exists
+        self.recipients_reloader = recipients_reloader
         self._client_cache: dict[str, tuple[bool, bool]] = {}
 
     # Session-level facts
 
     def facts(self, client_ip: str, *, tls: bool = False) -> SessionFacts:
-        """The facts for a new session from ``client_ip``."""
+        """The facts for a new session from ``client_ip``; asks the reloader for a check."""
+        trusted, loopback = self._client(client_ip)
+        reloader = self.recipients_reloader
+        return SessionFacts(
+            client_ip=client_ip,
+            trusted=trusted,
+            loopback=loopback,
+            tls=tls,
+            reload_ticket=reloader.ask() if reloader is not None else 0,
+        )
+
+    def _client(self, client_ip: str) -> tuple[bool, bool]:
+        """(trusted, loopback) for a client address."""
         known = self._client_cache.get(client_ip)
         if known is None:
             ip = _ip(client_ip)
@@ -163,10 +207,10 @@ class Policy:
             if len(self._client_cache) >= 4096:  # bounded: many clients, few repeats
                 self._client_cache.clear()
             self._client_cache[client_ip] = known
-        return SessionFacts(client_ip=client_ip, trusted=known[0], loopback=known[1], tls=tls)
+        return known
 
     def is_trusted(self, client_ip: str) -> bool:
-        return self.facts(client_ip).trusted
+        return self._client(client_ip)[0]
 
     @property
     def requires_auth(self) -> bool:
@@ -229,7 +273,7 @@ class Policy:
             return reply.BAD_ADDRESS
         ours = not address.is_literal and normalize_domain(address.domain) in self._domain_set
         if ours and not (relay and any(c in address.local for c in _ROUTING_CHARS)):
-            unknown = self._unknown_local(str(address))
+            unknown = self._unknown_local(facts, str(address))
             if unknown is not None:
                 return unknown
         if relay:
@@ -240,11 +284,16 @@ class Policy:
             return reply.RELAY_DENIED
         return str(address)
 
-    def _unknown_local(self, address: str) -> Reply | None:
+    def _unknown_local(self, facts: SessionFacts, address: str) -> Reply | None:
         exists = self.local_recipient_exists
         if exists is None:
             return None
         try:
-            return None if exists(address) else reply.NO_SUCH_USER
+            if exists(address):
+                return None
         except Exception:  # a broken user store defers, it never says "no such user"
             return reply.LOCAL_LOOKUP_FAILED
+        reloader = self.recipients_reloader
+        if reloader is not None and not reloader.answered(facts.reload_ticket):
+            return reply.LOCAL_LOOKUP_FAILED  # the file may name it: not re-read since connect
+        return reply.NO_SUCH_USER
