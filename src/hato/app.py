@@ -225,7 +225,9 @@ def build_policy(
             users.sender_allowed if users is not None and settings.sender_login_check else None
         ),
         local_recipient_exists=recipients.exists if recipients is not None else None,
-        recipients_reloader=watcher if recipients is not None else None,
+        recipients_pending=(
+            watcher.pending if recipients is not None and watcher is not None else None
+        ),
     )
 
 

@@ -13,11 +13,11 @@ routes (``<@x:a@ours>``), address literals and unqualified names (except ``postm
 RFC 5321 4.5.1) are refused. Trailing-dot domains never parse.
 
 Recipients of our own domains must exist (Postfix ``local_recipient_maps``). The check is
-a lookup in memory (:class:`~hato.aliases.LocalRecipients` over the users snapshot): this
+a lookup in memory (:class:`~hato.aliases.LocalRecipients` over the users snapshot): it
 runs on the event loop, in the middle of the synchronous state machine, and does no file
-I/O. When a :class:`Reloader` keeps that snapshot current, a session takes a ticket when it
-starts and an unknown name is refused ``550`` only once the ticket is answered, else
-deferred ``451``; :mod:`hato.users` explains why that accepts a user added a moment ago.
+I/O. An unknown name is refused ``550``, or deferred ``451`` while a change of the users
+file is pending (seen, not yet read); :mod:`hato.users` explains why that accepts a user
+added a moment ago and never refuses one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
 
 from hato import reply
 from hato.errors import AddressError, ConfigError
@@ -41,19 +40,8 @@ SenderCheck = Callable[[str, str], bool]
 # (address in one of our domains) -> does it name a user, an alias, postmaster or abuse?
 RecipientCheck = Callable[[str], bool]
 
-
-class Reloader(Protocol):
-    """Keeps the table behind a :data:`RecipientCheck` current, off the event loop
-    (:class:`~hato.users.UserWatcher`)."""
-
-    def ask(self) -> int:
-        """Ask for a check now; the ticket to pass to :meth:`answered`."""
-        ...
-
-    def answered(self, ticket: int) -> bool:
-        """Has a check that started after ``ticket`` was handed out finished?"""
-        ...
-
+# () -> may the table behind the RecipientCheck miss a change it was told about?
+PendingCheck = Callable[[], bool]
 
 _ROUTING_CHARS = ("%", "!", "@")
 
@@ -86,15 +74,13 @@ class ListenerConfig:
 
 @dataclass(slots=True)
 class SessionFacts:
-    """What the policy knows about a session; the state machine keeps it up to date.
-    ``reload_ticket`` is the recipients check asked for when the session started."""
+    """What the policy knows about a session; the state machine keeps it up to date."""
 
     client_ip: str
     trusted: bool = False
     loopback: bool = False
     tls: bool = False
     user: str = ""
-    reload_ticket: int = 0
 
 
 def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -149,7 +135,7 @@ class Policy:
         allow_plaintext_auth: bool = False,
         sender_allowed: SenderCheck | None = None,
         local_recipient_exists: RecipientCheck | None = None,
-        recipients_reloader: Reloader | None = None,
+        recipients_pending: PendingCheck | None = None,
     ) -> None:
         """
         ``domains``: our own domains (mail to them is accepted from anyone).
@@ -163,9 +149,8 @@ class Policy:
         address (the users' login maps); ``None`` allows any.
         ``local_recipient_exists(address)``: does a recipient in our own domains exist
         (users and aliases, Postfix ``local_recipient_maps``), answered from memory;
-        unknown ones get 550 5.1.1, whoever asks. ``recipients_reloader``: what keeps
-        that table current; with it, an unknown name is deferred until the session's
-        ticket is answered (module docstring).
+        unknown ones get 550 5.1.1, whoever asks, or 451 4.3.0 while
+        ``recipients_pending()`` says the table is about to change (module docstring).
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
@@ -178,25 +163,13 @@ class Policy:
         self.allow_plaintext_auth = allow_plaintext_auth
         self.sender_allowed = sender_allowed
         self.local_recipient_exists = local_recipient_exists
-        self.recipients_reloader = recipients_reloader
+        self.recipients_pending = recipients_pending
         self._client_cache: dict[str, tuple[bool, bool]] = {}
 
     # Session-level facts
 
     def facts(self, client_ip: str, *, tls: bool = False) -> SessionFacts:
-        """The facts for a new session from ``client_ip``; asks the reloader for a check."""
-        trusted, loopback = self._client(client_ip)
-        reloader = self.recipients_reloader
-        return SessionFacts(
-            client_ip=client_ip,
-            trusted=trusted,
-            loopback=loopback,
-            tls=tls,
-            reload_ticket=reloader.ask() if reloader is not None else 0,
-        )
-
-    def _client(self, client_ip: str) -> tuple[bool, bool]:
-        """(trusted, loopback) for a client address."""
+        """The facts for a new session from ``client_ip``."""
         known = self._client_cache.get(client_ip)
         if known is None:
             ip = _ip(client_ip)
@@ -207,10 +180,10 @@ class Policy:
             if len(self._client_cache) >= 4096:  # bounded: many clients, few repeats
                 self._client_cache.clear()
             self._client_cache[client_ip] = known
-        return known
+        return SessionFacts(client_ip=client_ip, trusted=known[0], loopback=known[1], tls=tls)
 
     def is_trusted(self, client_ip: str) -> bool:
-        return self._client(client_ip)[0]
+        return self.facts(client_ip).trusted
 
     @property
     def requires_auth(self) -> bool:
@@ -273,7 +246,7 @@ class Policy:
             return reply.BAD_ADDRESS
         ours = not address.is_literal and normalize_domain(address.domain) in self._domain_set
         if ours and not (relay and any(c in address.local for c in _ROUTING_CHARS)):
-            unknown = self._unknown_local(facts, str(address))
+            unknown = self._unknown_local(str(address))
             if unknown is not None:
                 return unknown
         if relay:
@@ -284,7 +257,7 @@ class Policy:
             return reply.RELAY_DENIED
         return str(address)
 
-    def _unknown_local(self, facts: SessionFacts, address: str) -> Reply | None:
+    def _unknown_local(self, address: str) -> Reply | None:
         exists = self.local_recipient_exists
         if exists is None:
             return None
@@ -293,7 +266,7 @@ class Policy:
                 return None
         except Exception:  # a broken user store defers, it never says "no such user"
             return reply.LOCAL_LOOKUP_FAILED
-        reloader = self.recipients_reloader
-        if reloader is not None and not reloader.answered(facts.reload_ticket):
-            return reply.LOCAL_LOOKUP_FAILED  # the file may name it: not re-read since connect
+        pending = self.recipients_pending
+        if pending is not None and pending():
+            return reply.LOCAL_LOOKUP_FAILED  # the changed file, not yet read, may name it
         return reply.NO_SUCH_USER
