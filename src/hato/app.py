@@ -300,12 +300,14 @@ class _Service:
         one: until SIGTERM or SIGINT); say ``ready`` once they run. On a stop: say
         ``stopping``, ``stop_intake()``, then let the worker drain. A worker or companion
         that ends on its own ends the run with its exception. Every signal handler
-        installed here (``signals`` too) is removed before returning."""
+        installed here (``signals`` too) is removed before returning, and the one it
+        replaced put back (``asyncio.Runner``'s own SIGINT handler, say)."""
         loop = asyncio.get_running_loop()
         stopped = stop if stop is not None else asyncio.Event()
         handlers = dict(signals or {})
         if stop is None:
             handlers[signal.SIGTERM] = handlers[signal.SIGINT] = stopped.set
+        replaced = {sig: signal.getsignal(sig) for sig in handlers}
         installed: list[signal.Signals] = []
         worker_task = asyncio.create_task(self.worker.run(), name="hato-worker")
         beside = [asyncio.create_task(start()) for start in companions]
@@ -329,6 +331,8 @@ class _Service:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                if replaced[sig] is not None:
+                    signal.signal(sig, replaced[sig])
             waiter.cancel()
             for task in beside:
                 task.cancel()

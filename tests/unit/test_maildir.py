@@ -240,6 +240,24 @@ async def test_user_store_failure_is_temporary(tmp_path: Path) -> None:
     assert res.result is Result.TEMPORARY and "users.json unreadable" in res.reply.text
 
 
+async def test_unknown_recipient_is_looked_up_again_before_it_bounces(tmp_path: Path) -> None:
+    users: set[str] = set()
+    refreshes: list[str] = []
+
+    async def refresh() -> None:  # the users file named a newcomer since the last read
+        refreshes.append("refresh")
+        users.add("newcomer")
+
+    recipients = LocalRecipients(["example.org"], user_exists=lambda local, _d: local in users)
+    c = MaildirCourier(tmp_path, recipients, refresh=refresh)
+    [res] = await c.deliver("s@example.net", ["newcomer@example.org"], MSG)
+    assert res.result is Result.OK and refreshes == ["refresh"]
+    [res] = await c.deliver("s@example.net", ["stranger@example.org"], MSG)
+    assert res.result is Result.PERMANENT and res.reply.enhanced == "5.1.1"
+    [res] = await c.deliver("s@example.net", ["newcomer@example.org"], MSG)
+    assert res.result is Result.OK and len(refreshes) == 2  # known: no second look
+
+
 async def test_idn_domain_maildir_uses_the_a_label(tmp_path: Path) -> None:
     c = MaildirCourier(
         tmp_path, LocalRecipients(["bücher.example"], user_exists=lambda u, d: u == "a")
