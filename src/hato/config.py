@@ -315,7 +315,7 @@ class Smarthost(BaseModel):
 
         Called once, when the role that uses it starts. Raises ConfigError (one line) if
         a file cannot be read, or if what the files hold leaves half a credential pair
-        (an empty file). A value given directly wins over its file, as before.
+        (an empty file). A value given directly wins over its file.
         """
         if self.username_file is None and self.password_file is None:
             return self

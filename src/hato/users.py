@@ -33,8 +33,9 @@ The RCPT check of our own domains runs synchronously inside the sans-IO protocol
 wait for a thread. It answers from the snapshot and asks the watcher one question that
 needs no I/O: is a change pending, seen but not yet read? A known recipient is accepted;
 an unknown one is refused ``550 5.1.1``, or deferred ``451 4.3.0`` while a change is
-pending (the new file may name it). Asking a thread on each session instead was measured
-to lose against a client's EHLO, MAIL and RCPT round trips nearly every time.
+pending (the new file may name it). Asking a thread for a stat at each session's start
+instead would not do: one round trip to a worker thread takes longer than a client's
+EHLO, MAIL and RCPT on loopback, so nearly every unknown name would get ``451``.
 
 Why a user added with ``hato user add`` receives mail at once: the rename that installs
 the new file queues an inotify event before the command returns, so before any client
@@ -42,8 +43,9 @@ can connect afterwards. The event loop reads the event (a read on the inotify de
 not on the file) in the same or an earlier iteration than it accepts that connection,
 marks the change pending and starts the re-read, which takes a fraction of a millisecond.
 A client that still reaches RCPT first gets ``451`` and retries, never a false ``550``.
-Without inotify (not Linux) a change is seen within the two-second poll, and an RCPT in
-between is answered from the previous snapshot.
+Without inotify (not Linux, or a users directory that did not exist when ``hato serve``
+started) a change is seen within the two-second poll, and an RCPT in between is answered
+from the previous snapshot.
 """
 
 from __future__ import annotations
