@@ -8,7 +8,9 @@ What ``saslpasswd2`` and Postfix's ``smtpd_sender_login_maps`` are in the guide.
      "users": {"postfix@dbmx.net": {"hash": "$argon2id$v=19$…", "allow": [], "only": false}}}
 
 User names are ``name@domain`` (the guide's ``postfix@dbmx.net``) or bare names; they are
-compared in lower case. Sender ownership, checked at MAIL FROM after AUTH:
+compared in lower case, their domains (and those of grants and sender addresses) in
+:func:`~hato.message.normalize_domain`'s form, so ``x@Bücher.example`` is
+``x@xn--bcher-kva.example``. Sender ownership, checked at MAIL FROM after AUTH:
 
 * a ``name@domain`` user owns every address of its own domain (``postfix@dbmx.net`` may
   send as ``noreply@dbmx.net``); a bare name owns nothing by default;
@@ -69,6 +71,7 @@ from argon2.exceptions import Argon2Error, InvalidHashError
 
 from hato.errors import ConfigError, HatoError
 from hato.inotify import DirectoryWatch, watch_directory
+from hato.message import normalize_domain
 
 FORMAT_VERSION = 1
 
@@ -87,9 +90,15 @@ class UserError(HatoError):
     """A ``hato user`` request that cannot be done (unknown user, bad name, …)."""
 
 
+def _normalize_address(text: str) -> str:
+    """``local@domain`` in lower case with the domain in its one comparable form."""
+    local, at, domain = text.strip().lower().rpartition("@")
+    return f"{local}{at}{normalize_domain(domain)}"
+
+
 def normalize_name(name: str) -> str:
     """The stored form of a user name; raises :class:`UserError` if it is not one."""
-    text = name.strip().lower()
+    text = _normalize_address(name)
     if not _NAME_RE.fullmatch(text) or len(text) > 255:
         raise UserError(f"invalid user name {name!r} (use name@domain or a bare name)")
     return text
@@ -97,7 +106,7 @@ def normalize_name(name: str) -> str:
 
 def normalize_grant(grant: str) -> str:
     """``ops@x.example`` or ``@x.example`` in lower case; raises :class:`UserError`."""
-    text = grant.strip().lower().rstrip(".")
+    text = _normalize_address(grant)
     local, at, domain = text.rpartition("@")
     if not at or not _DOMAIN_RE.fullmatch(domain) or (local and not _LOCAL_RE.fullmatch(local)):
         raise UserError(f"invalid sender grant {grant!r} (use addr@domain or @domain)")
@@ -131,7 +140,7 @@ class User:
 
     def owns(self, address: str) -> bool:
         """May this user use ``address`` as its envelope sender?"""
-        text = address.lower()
+        text = _normalize_address(address)
         domain = text.rpartition("@")[2]
         if not self.only and self.domain and domain == self.domain:
             return True

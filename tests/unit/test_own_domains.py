@@ -1,5 +1,6 @@
-"""Mail for our own domains at intake: one domain form (IDNA 2008) through config, policy,
-router and local recipients; the RCPT check answers from memory; the users file watcher."""
+"""Mail for our own domains at intake: one domain form (IDNA 2008) through config, users,
+policy, router and local recipients; the RCPT check answers from memory; the users file
+watcher."""
 
 from __future__ import annotations
 
@@ -49,13 +50,13 @@ def intake(settings: Settings, *users: str) -> tuple[Policy, Router]:
 # --- one domain form ---------------------------------------------------------------
 
 
-def test_an_idn_domain_is_one_domain_in_config_policy_and_router(
+def test_an_idn_domain_is_one_domain_in_config_users_policy_and_router(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("HATO_DOMAINS", "bücher.example")
     settings = load_settings(data_dir=tmp_path)
     assert settings.domains == ["xn--bcher-kva.example"]
-    policy, router = intake(settings, "x@xn--bcher-kva.example")
+    policy, router = intake(settings, "x@BÜCHER.example")  # hato user add, in either form
     outsider = policy.facts(OUTSIDER_IP)
     for address in ("x@xn--bcher-kva.example", "x@BÜCHER.example", "x@bücher.example"):
         assert isinstance(policy.check_recipient(outsider, address, smtputf8=True), str), address
@@ -65,6 +66,14 @@ def test_an_idn_domain_is_one_domain_in_config_policy_and_router(
         assert policy.check_recipient(outsider, address, smtputf8=True) == reply.NO_SUCH_USER
     assert policy.check_recipient(outsider, "x@bucher.example", smtputf8=True) == (
         reply.RELAY_DENIED
+    )
+    # The user owns its domain's addresses in either form.
+    user = policy.facts(OUTSIDER_IP, tls=True)
+    user.user = "x@xn--bcher-kva.example"
+    for sender in ("noreply@bücher.example", "noreply@xn--bcher-kva.example"):
+        assert policy.check_sender(user, sender, smtputf8=True) == sender
+    assert policy.check_sender(user, "noreply@bucher.example", smtputf8=True) == (
+        reply.SENDER_DENIED
     )
 
 
