@@ -171,7 +171,10 @@ class _Loop(Exception):
 
 
 class LocalRecipients:
-    """Resolves addresses of our own domains. Pure apart from ``user_exists``."""
+    """Resolves addresses of our own domains. Pure apart from ``user_exists``, which must
+    answer from memory (:meth:`~hato.users.UserStore.has`): :meth:`exists` is the intake's
+    RCPT check and runs on the event loop. ``hato serve`` builds one and shares it between
+    that check and the Maildir courier."""
 
     def __init__(
         self,

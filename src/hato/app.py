@@ -1,8 +1,20 @@
 """The composition root: builds the queue, couriers, router, listeners and worker from Settings.
 
-Nothing else in Hato constructs these pieces; everything else receives them. ``serve``
-runs them until SIGTERM/SIGINT and then stops in order: listeners first (no new mail),
-then the worker (in-flight deliveries finish or are released), then the queue.
+Nothing else in Hato constructs these pieces; everything else receives them.
+
+``hato serve`` (:func:`serve`) and ``hato worker`` (:func:`work`) share one start/stop
+skeleton, :class:`_Service`. Everything that can refuse the settings is read first,
+before the queue is touched: certificates, the users file, DKIM keys, the smarthost's
+secret files. Then the queue is opened and recovered (leases of an interrupted run are
+reported), the role says what it is (serve binds its listeners), the worker runs until
+SIGTERM or SIGINT (handlers installed for the run and removed after it), and the stop is
+ordered: listeners first (no new mail), then the worker (in-flight deliveries finish or
+are released), then the couriers' idle connections, then the queue.
+
+The users file is loaded once here and shared: AUTH, sender ownership, DKIM's sender
+check, the RCPT check and the Maildir courier (the last two through one
+:class:`~hato.aliases.LocalRecipients`) read the same snapshot, which a
+:class:`~hato.users.UserWatcher` keeps current off the event loop.
 """
 
 from __future__ import annotations
@@ -11,11 +23,11 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import TextIO
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TextIO
 
-from hato.aliases import load_aliases
-from hato.config import Listener, Settings
+from hato.aliases import LocalRecipients, load_aliases
+from hato.config import Listener, Settings, Smarthost
 from hato.delivery.base import Courier
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
@@ -34,8 +46,13 @@ from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_network
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
-from hato.users import UserAuthenticator, UserStore
+from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.worker import Worker
+
+Say = Callable[[str], None]
+
+# How often the users file and the TLS certificates are looked at for changes.
+FILE_CHECK_INTERVAL = 2.0
 
 
 def build_queue(settings: Settings) -> Queue:
@@ -47,27 +64,38 @@ def build_log(settings: Settings, stream: TextIO | None = None) -> MailLog:
 
 
 def build_users(settings: Settings) -> UserStore:
-    """The SASL user store (``hato user``); re-read when its file changes."""
+    """The SASL user store (``hato user``), loaded now; see :class:`UserWatcher`."""
     return UserStore(settings.effective_users_file).load()
 
 
-def build_maildir(settings: Settings, queue: Queue, users: UserStore) -> MaildirCourier:
-    """Local delivery for our own domains; external alias targets are queued again."""
+def build_local_recipients(settings: Settings, users: UserStore) -> LocalRecipients | None:
+    """Who exists in our own domains (users, aliases); ``None`` without own domains."""
+    if not settings.domains:
+        return None
+    return LocalRecipients(
+        settings.domains,
+        load_aliases(settings.effective_aliases_file),
+        settings.recipient_delimiter,
+        user_exists=users.has,
+    )
 
-    def user_exists(local: str, domain: str) -> bool:
-        users.refresh()
-        return users.get(f"{local}@{domain}") is not None
+
+def build_maildir(
+    settings: Settings, queue: Queue, recipients: LocalRecipients, users: UserStore
+) -> MaildirCourier:
+    """Local delivery for our own domains; external alias targets are queued again."""
 
     async def forward(sender: str, recipients: Sequence[str], data: bytes, key: str) -> str:
         return await queue.enqueue(Envelope(sender, list(recipients)), data, idempotency_key=key)
 
+    async def refresh() -> bool:
+        return await asyncio.to_thread(users.refresh)
+
     return MaildirCourier(
         settings.effective_maildir_root,
-        load_aliases(settings.effective_aliases_file),
-        settings.domains,
-        settings.recipient_delimiter,
-        user_exists=user_exists,
+        recipients,
         forward=forward,
+        refresh=refresh,
         hostname=settings.hostname,
         fsync=settings.fsync,
     )
@@ -89,27 +117,34 @@ def build_dkim_transform(settings: Settings, users: UserStore) -> MessageTransfo
     return sign
 
 
+def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
+    """The courier to a smarthost, either role's: one pool of reused connections.
+    Reads the smarthost's secret files now, unless they were resolved already."""
+    resolved = smarthost.resolve()
+    return SmarthostCourier(
+        SmarthostConfig(
+            host=resolved.host,
+            port=resolved.port,
+            tls=resolved.tls,
+            verify=resolved.verify,
+            ca_file=str(resolved.ca_file) if resolved.ca_file else None,
+            username=resolved.username,
+            password=resolved.password.get_secret_value() if resolved.password else None,
+            helo_name=hostname,
+            timeout=resolved.timeout,
+            pool_size=resolved.pool_size,
+        )
+    )
+
+
 def build_couriers(settings: Settings, local: Courier | None = None) -> dict[RouteKind, Courier]:
+    """The couriers of ``hato serve``'s routes (reads the relay's secret files)."""
     couriers: dict[RouteKind, Courier] = {RouteKind.HOLD: HoldCourier()}
     if local is not None:
         couriers[RouteKind.LOCAL] = local
-    address = settings.relay_address
-    if address is not None:
-        host, port = address
-        couriers[RouteKind.RELAY] = SmarthostCourier(
-            SmarthostConfig(
-                host=host,
-                port=port,
-                tls=settings.effective_relay_tls,
-                verify=settings.relay_tls_verify,
-                ca_file=str(settings.relay_tls_ca_file) if settings.relay_tls_ca_file else None,
-                username=settings.effective_relay_username,
-                password=settings.effective_relay_password,
-                helo_name=settings.hostname,
-                timeout=settings.relay_timeout,
-                pool_size=settings.relay_pool_size,
-            )
-        )
+    relay = settings.relay
+    if relay is not None:
+        couriers[RouteKind.RELAY] = build_smarthost(relay, settings.hostname)
     if settings.effective_route == "mx":
         couriers[RouteKind.MX] = MXCourier(
             Resolver(settings.dns_servers),
@@ -174,18 +209,25 @@ def build_policy(
     settings: Settings,
     role: ListenerRole,
     users: UserStore | None = None,
-    local: MaildirCourier | None = None,
+    recipients: LocalRecipients | None = None,
+    watcher: UserWatcher | None = None,
 ) -> Policy:
+    """One listener's policy. ``recipients`` is the RCPT check of our own domains and
+    ``watcher`` what keeps the users behind it current."""
     return Policy(
         role=role,
         mynetworks=parse_networks(settings.effective_mynetworks),
         domains=settings.domains,
         allowed_sender_domains=settings.allowed_sender_domains,
         allow_empty_sender_domains=settings.allow_empty_sender_domains,
+        allow_plaintext_auth=settings.allow_plaintext_auth,
         sender_allowed=(
             users.sender_allowed if users is not None and settings.sender_login_check else None
         ),
-        local_recipient_exists=local.local_recipient_exists if local is not None else None,
+        local_recipient_exists=recipients.exists if recipients is not None else None,
+        recipients_pending=(
+            watcher.pending if recipients is not None and watcher is not None else None
+        ),
     )
 
 
@@ -193,7 +235,10 @@ def build_tls(settings: Settings) -> TLSContextProvider | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     return TLSContextProvider(
-        settings.tls_cert_file, settings.tls_key_file, check_interval=2.0, notify=_say
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        check_interval=FILE_CHECK_INTERVAL,
+        notify=_say,
     )
 
 
@@ -201,119 +246,192 @@ def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
 
+# --- the start/stop skeleton of both roles -----------------------------------------------
+
+
+class _Service:
+    """One run of a role around its worker.
+
+    ``async with _Service(queue, worker, log, say)`` opens the queue and reports what its
+    recovery found; :meth:`run` runs the worker until stopped; leaving the block closes
+    the worker's couriers, then the queue, whatever happened in between.
+    """
+
+    def __init__(self, queue: Queue, worker: Worker, log: MailLog, say: Say) -> None:
+        self.queue = queue
+        self.worker = worker
+        self.log = log
+        self.say = say
+
+    async def __aenter__(self) -> _Service:
+        await self.queue.open()
+        try:
+            report = await self.queue.recover()
+        except BaseException:
+            await self.queue.close()
+            raise
+        if report.leases_expired:
+            self.say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
+        for message_id in report.quarantined:
+            self.log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            for courier in self.worker.couriers.values():
+                try:
+                    await courier.close()
+                except Exception as error:  # closing idle connections must not mask the exit
+                    self.say(f"closing {courier.name}: {type(error).__name__}: {error}")
+        finally:
+            await self.queue.close()
+
+    async def run(
+        self,
+        *,
+        stop: asyncio.Event | None,
+        stopping: str,
+        ready: Callable[[], None] | None = None,
+        signals: Mapping[signal.Signals, Callable[[], None]] | None = None,
+        companions: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+        stop_intake: Callable[[], None] | None = None,
+    ) -> None:
+        """Run the worker, and ``companions`` beside it, until ``stop`` is set (without
+        one: until SIGTERM or SIGINT); say ``ready`` once they run. On a stop: say
+        ``stopping``, ``stop_intake()``, then let the worker drain. A worker or companion
+        that ends on its own ends the run with its exception. Every signal handler
+        installed here (``signals`` too) is removed before returning, and the one it
+        replaced put back (``asyncio.Runner``'s own SIGINT handler, say)."""
+        loop = asyncio.get_running_loop()
+        stopped = stop if stop is not None else asyncio.Event()
+        handlers = dict(signals or {})
+        if stop is None:
+            handlers[signal.SIGTERM] = handlers[signal.SIGINT] = stopped.set
+        replaced = {sig: signal.getsignal(sig) for sig in handlers}
+        installed: list[signal.Signals] = []
+        worker_task = asyncio.create_task(self.worker.run(), name="hato-worker")
+        beside = [asyncio.create_task(start()) for start in companions]
+        waiter = asyncio.create_task(stopped.wait())
+        try:
+            for sig, handler in handlers.items():
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            if ready is not None:
+                ready()
+            self.say("ready")
+            running = {worker_task, *beside}
+            done, _ = await asyncio.wait({waiter, *running}, return_when=asyncio.FIRST_COMPLETED)
+            for task in running & done:
+                task.result()  # they never end on their own: surface why
+            self.say(stopping)
+            if stop_intake is not None:
+                stop_intake()
+            self.worker.stop()
+            await worker_task
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+                if replaced[sig] is not None:
+                    signal.signal(sig, replaced[sig])
+            waiter.cancel()
+            for task in beside:
+                task.cancel()
+            if not worker_task.done():  # the run failed: still release what is in flight
+                self.worker.stop()
+            await asyncio.gather(waiter, worker_task, *beside, return_exceptions=True)
+
+
+# --- hato serve: the SMTP server and its delivery worker -----------------------------------
+
+
 async def serve(
-    settings: Settings, *, ready: Callable[[list[tuple[Listener, int]]], None] | None = None
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    ready: Callable[[list[tuple[Listener, int]]], None] | None = None,
+    say: Say = _say,
 ) -> None:
-    """Run ``hato serve`` until SIGTERM or SIGINT."""
+    """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set)."""
     log = build_log(settings)
     # Everything that can refuse the settings comes first, before the queue is touched.
     tls = build_tls(settings)
     users = build_users(settings)
     submitted = build_dkim_transform(settings, users)
+    couriers = build_couriers(settings)
+    recipients = build_local_recipients(settings, users)
+    watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
     authenticator = UserAuthenticator(users)
     throttle = AuthThrottle(settings.auth_failure_limit, settings.auth_failure_window)
     queue = build_queue(settings)
-    await queue.open()
-    try:
-        report = await queue.recover()
-        local = build_maildir(settings, queue, users) if settings.domains else None
-        worker = build_worker(settings, queue, log, local)
-    except BaseException:
-        await queue.close()
-        raise
-    if report.leases_expired:
-        _say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
-    for message_id in report.quarantined:
-        log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
+    if recipients is not None:
+        couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
+    worker = build_worker(settings, queue, log, couriers=couriers)
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
-    try:
-        for listener in settings.listeners:
-            role = ListenerRole(listener.role)
-            server = await start_listener(
-                ListenerConfig(host=listener.host, port=listener.port, role=role),
-                queue=queue,
-                policy=build_policy(settings, role, users, local),
-                authenticator=authenticator,
-                tls=tls,
-                log=log,
-                limits=build_session_config(settings),
-                auth_throttle=throttle,
-                submitted=submitted,
-            )
-            servers.append(server)
-            port = server.port
-            bound.append((listener, port))
-            host = f"[{listener.host}]" if ":" in listener.host else listener.host
-            _say(f"listener {listener.role} on {host}:{port}")
-        route = settings.effective_route
-        if route == "hold":
-            _say(
-                "route: hold — mail is kept in the queue and nothing leaves this machine "
-                "(hato queue list; set RELAYHOST to relay)"
-            )
-        else:
-            _say(f"route: {settings.role}")
-        _say(f"queue: {redact_url(settings.effective_queue_url)}")
-        worker_task = asyncio.create_task(worker.run(), name="hato-worker")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, tls.reload)
-        if ready is not None:
-            ready(bound)
-        _say("ready")
-        stop_wait = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({stop_wait, worker_task}, return_when=asyncio.FIRST_COMPLETED)
-        if worker_task in done:
-            worker_task.result()  # the worker never returns on its own: surface why
-        _say("stopping")
+
+    def stop_intake() -> None:
         for server in servers:
             server.close()
-        worker.stop()
-        await worker_task
-    finally:
-        for server in servers:
-            with contextlib.suppress(Exception):
-                await server.aclose(timeout=5)
-        for courier in worker.couriers.values():
-            with contextlib.suppress(Exception):
-                await courier.close()
-        await queue.close()
+
+    async with _Service(queue, worker, log, say) as service:
+        try:
+            for listener in settings.listeners:
+                role = ListenerRole(listener.role)
+                server = await start_listener(
+                    ListenerConfig(host=listener.host, port=listener.port, role=role),
+                    queue=queue,
+                    policy=build_policy(settings, role, users, recipients, watcher),
+                    authenticator=authenticator,
+                    tls=tls,
+                    log=log,
+                    limits=build_session_config(settings),
+                    auth_throttle=throttle,
+                    submitted=submitted,
+                )
+                servers.append(server)
+                bound.append((listener, server.port))
+                host = f"[{listener.host}]" if ":" in listener.host else listener.host
+                say(f"listener {listener.role} on {host}:{server.port}")
+            if settings.effective_route == "hold":
+                say(
+                    "route: hold — mail is kept in the queue and nothing leaves this machine "
+                    "(hato queue list; set RELAYHOST to relay)"
+                )
+            else:
+                say(f"route: {settings.role}")
+            say(f"queue: {redact_url(settings.effective_queue_url)}")
+            await service.run(
+                stop=stop,
+                stopping="stopping",
+                ready=(lambda: ready(bound)) if ready is not None else None,
+                signals={signal.SIGHUP: tls.reload} if tls is not None else None,
+                companions=[watcher.run],
+                stop_intake=stop_intake,
+            )
+        finally:
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await server.aclose(timeout=5)
 
 
 # --- hato worker: the application's outbox worker ------------------------------------
 
 
-def smtp_courier(settings: Settings) -> SmarthostCourier:
-    """The courier to ``HATO_SMTP_HOST``: one pooled connection per concurrent delivery."""
-    return SmarthostCourier(
-        SmarthostConfig(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            tls=settings.effective_smtp_tls,
-            verify=settings.smtp_tls_verify,
-            ca_file=str(settings.smtp_tls_ca_file) if settings.smtp_tls_ca_file else None,
-            username=settings.smtp_username,
-            password=settings.effective_smtp_password,
-            helo_name=settings.hostname,
-            timeout=settings.relay_timeout,
-            pool_size=max(settings.relay_pool_size, settings.worker_concurrency),
-        )
-    )
-
-
 def build_outbox_worker(
-    settings: Settings, queue: Queue, log: MailLog, *, bounces: bool = False
+    settings: Settings,
+    queue: Queue,
+    log: MailLog,
+    *,
+    bounces: bool = False,
+    smarthost: Smarthost | None = None,
 ) -> Worker:
-    """The worker of ``hato worker``: every recipient goes to ``HATO_SMTP_HOST``."""
+    """The worker of ``hato worker``: every recipient goes to ``HATO_SMTP_HOST``
+    (``smarthost``, when given, is ``settings.smtp`` with its secrets resolved)."""
     return build_worker(
         settings,
         queue,
         log,
-        couriers={RouteKind.RELAY: smtp_courier(settings)},
+        couriers={RouteKind.RELAY: build_smarthost(smarthost or settings.smtp, settings.hostname)},
         router=Router((), RouteKind.RELAY),
         bounces=bounces,
     )
@@ -325,59 +443,25 @@ async def work(
     bounces: bool = False,
     stop: asyncio.Event | None = None,
     ready: Callable[[Worker], None] | None = None,
-    say: Callable[[str], None] = _say,
+    say: Say = _say,
 ) -> None:
     """Run ``hato worker`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     settings.validate_for_worker()
-    url = settings.effective_queue_url
-    log = MailLog(json=settings.log_format == "json")
-    q = open_queue(url, fsync=settings.fsync)
-    await q.open()
-    worker = build_outbox_worker(settings, q, log, bounces=bounces)
-    try:
-        report = await q.recover()
-        if report.leases_expired:
-            say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
-        for message_id in report.quarantined:
-            log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
-        tls = settings.effective_smtp_tls
-        verify = "verify" if settings.smtp_tls_verify else "no verify"
-        auth = f", AUTH as {settings.smtp_username}" if settings.smtp_username else ""
+    smarthost = settings.smtp.resolve()
+    log = build_log(settings)
+    queue = build_queue(settings)
+    worker = build_outbox_worker(settings, queue, log, bounces=bounces, smarthost=smarthost)
+    async with _Service(queue, worker, log, say) as service:
         say(f"worker {worker.owner}")
-        say(f"queue: {redact_url(url)}")
-        say(f"delivering to {settings.smtp_host}:{settings.smtp_port} (tls {tls}, {verify}{auth})")
+        say(f"queue: {redact_url(settings.effective_queue_url)}")
+        say(f"delivering to {smarthost.host}:{smarthost.port} ({smarthost.describe()})")
         say(
             f"concurrency {worker.concurrency}, lease {settings.lease_seconds:g}s, "
             f"bounces {'on' if bounces else 'off'}"
         )
-        stopping = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        handled: list[signal.Signals] = []
-        if stop is None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stopping.set)
-                handled.append(sig)
-        task = asyncio.create_task(worker.run(), name="hato-worker")
-        if ready is not None:
-            ready(worker)
-        say("ready")
-        waiter = asyncio.create_task(stopping.wait())
-        try:
-            done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                task.result()  # the loop never returns on its own: surface why
-            say("stopping: no more claims; finishing deliveries in flight")
-            worker.stop()
-            await task
-        finally:
-            waiter.cancel()
-            for sig in handled:
-                loop.remove_signal_handler(sig)
+        await service.run(
+            stop=stop,
+            stopping="stopping: no more claims; finishing deliveries in flight",
+            ready=(lambda: ready(worker)) if ready is not None else None,
+        )
         say("stopped")
-    finally:
-        for courier in worker.couriers.values():
-            try:
-                await courier.close()
-            except Exception as exc:  # closing idle connections must not mask the exit
-                say(f"closing {courier.name}: {type(exc).__name__}: {exc}")
-        await q.close()

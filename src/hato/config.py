@@ -6,6 +6,15 @@ variants, ``ALLOWED_SENDER_DOMAINS``, ``ALLOW_EMPTY_SENDER_DOMAINS``,
 ``MESSAGE_SIZE_LIMIT``, ``MYNETWORKS`` / ``POSTFIX_mynetworks``, ``POSTFIX_myhostname``)
 are accepted too, so an existing compose file works by changing only the image.
 
+The two smarthosts, ``hato serve``'s relay route (``RELAYHOST``, ``HATO_RELAY_*``) and
+``hato worker``'s server (``HATO_SMTP_*``), are one model, :class:`Smarthost`, built from
+those flat fields by :attr:`Settings.relay` and :attr:`Settings.smtp`. Secret files
+(``RELAYHOST_PASSWORD_FILE`` and the like) are not read while settings load, nor by any
+property: :meth:`Smarthost.resolve` reads them when a role that uses them starts
+(``hato serve``, ``hato worker``), so a command that needs no secret (``hato queue list``,
+``hato user add``) never fails on an unreadable one. ``hato config check`` does read them,
+as ``hato serve`` would: it answers "would this configuration start?".
+
 This is the only module that reads the environment or configuration files.
 ``docs/config.md`` is generated from the field descriptions here
 (``python -m hato.config > docs/config.md``).
@@ -21,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -115,6 +132,14 @@ def parse_relayhost(text: str) -> tuple[str, int]:
     return host, port
 
 
+def default_tls(port: int, *, credentials: bool) -> RelayTLS:
+    """TLS towards a smarthost when not set: ``implicit`` on port 465, ``encrypt`` with
+    credentials (AUTH is never sent in clear text), else ``may``."""
+    if port == 465:
+        return "implicit"
+    return "encrypt" if credentials else "may"
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
@@ -203,6 +228,121 @@ def parse_listener(text: str) -> Listener:
     if not 0 <= port <= 65535:
         raise ValueError(f"listener port out of range in {text!r}")
     return Listener(role, host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class _SmarthostNames:
+    """The setting names one smarthost's refusals point the operator to; ``what``
+    names its secret files ("cannot read relay password file …")."""
+
+    username: str
+    password: str
+    tls: str
+    ca_file: str
+    what: str
+
+
+_SMARTHOST_NAMES = {
+    "relay": _SmarthostNames(
+        username="RELAYHOST_USERNAME",
+        password="RELAYHOST_PASSWORD",
+        tls="HATO_RELAY_TLS",
+        ca_file="HATO_RELAY_TLS_CA_FILE",
+        what="relay",
+    ),
+    "smtp": _SmarthostNames(
+        username="HATO_SMTP_USERNAME",
+        password="HATO_SMTP_PASSWORD",
+        tls="HATO_SMTP_TLS",
+        ca_file="HATO_SMTP_TLS_CA_FILE",
+        what="SMTP",
+    ),
+}
+
+
+class Smarthost(BaseModel):
+    """One SMTP server that takes all our outgoing mail, with its TLS and SASL settings.
+
+    ``source`` says which settings it comes from: ``relay`` (``RELAYHOST``,
+    ``HATO_RELAY_*``: the upstream of ``hato serve``) or ``smtp`` (``HATO_SMTP_*``: where
+    ``hato worker`` delivers). ``tls`` is the effective level (:func:`default_tls` when
+    the settings leave it out). The secret files stay unread until :meth:`resolve`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    source: Literal["relay", "smtp"]
+    host: str
+    port: int
+    tls: RelayTLS
+    verify: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    username_file: Path | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    timeout: float = 60.0
+    pool_size: int = 4
+
+    @field_validator("password")
+    @classmethod
+    def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def _names(self) -> _SmarthostNames:
+        return _SMARTHOST_NAMES[self.source]
+
+    def check(self) -> None:
+        """Refuse what can never work, with one line naming the setting (ConfigError):
+        half a credential pair, credentials without TLS, a CA file that is not there.
+        Looks at which secrets are configured, without reading their files."""
+        names = self._names
+        has_user = self.username is not None or self.username_file is not None
+        has_password = self.password is not None or self.password_file is not None
+        if has_user != has_password:
+            raise ConfigError(f"set both {names.username} and {names.password}, or neither")
+        if has_user and self.tls in ("none", "may"):
+            raise ConfigError(
+                f"{names.tls}={self.tls} with credentials: AUTH is never sent without TLS; "
+                "use encrypt or implicit"
+            )
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ConfigError(f"{names.ca_file}: file not found: {self.ca_file}")
+
+    def resolve(self) -> Smarthost:
+        """This smarthost with its secret files read into ``username`` and ``password``.
+
+        Called once, when the role that uses it starts. Raises ConfigError (one line) if
+        a file cannot be read, or if what the files hold leaves half a credential pair
+        (an empty file). A value given directly wins over its file.
+        """
+        if self.username_file is None and self.password_file is None:
+            return self
+        what = self._names.what
+        username = self.username
+        if username is None and self.username_file is not None:
+            username = _read_secret(self.username_file, f"{what} user") or None
+        password = self.password
+        if password is None and self.password_file is not None:
+            text = _read_secret(self.password_file, f"{what} password")
+            password = SecretStr(text) if text else None
+        resolved = self.model_copy(
+            update={
+                "username": username,
+                "username_file": None,
+                "password": password,
+                "password_file": None,
+            }
+        )
+        resolved.check()
+        return resolved
+
+    def describe(self) -> str:
+        """``tls encrypt, verify, AUTH as user``: how we talk to it, for start-up lines."""
+        verify = "verify" if self.verify else "no verify"
+        auth = f", AUTH as {self.username}" if self.username else ""
+        return f"tls {self.tls}, {verify}{auth}"
 
 
 class Settings(BaseSettings):
@@ -423,7 +563,7 @@ class Settings(BaseSettings):
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
 
-    # --- relay server role (issue 3): MX delivery, users, own domains, DKIM ------------
+    # --- relay server role: MX delivery, users, own domains, DKIM ----------------------
     dns_servers: CommaList = Field(
         default_factory=list,
         validation_alias=_env("HATO_DNS_SERVERS"),
@@ -474,6 +614,13 @@ class Settings(BaseSettings):
         "(Postfix smtpd_sender_login_maps): by default every address of its own domain, "
         "widened or narrowed per user with `hato user add --allow`.",
     )
+    allow_plaintext_auth: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_ALLOW_PLAINTEXT_AUTH"),
+        description="Offer AUTH without TLS to loopback clients of `smtp` listeners (an app "
+        "on the same host that logs in over plain SMTP). Never on `submission` listeners, "
+        "never to other addresses.",
+    )
     auth_failure_limit: int = Field(
         default=5,
         ge=1,
@@ -511,7 +658,7 @@ class Settings(BaseSettings):
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
     )
 
-    # --- application side (issue 4): Mailer and hato worker -----------------------------
+    # --- application side: Mailer and hato worker --------------------------------------
     default_from: str | None = Field(
         default=None,
         validation_alias=_env("HATO_DEFAULT_FROM"),
@@ -681,22 +828,6 @@ class Settings(BaseSettings):
         return self.dkim_dir or self.data_dir / "dkim"
 
     @property
-    def effective_smtp_password(self) -> str | None:
-        if self.smtp_password is not None and self.smtp_password.get_secret_value():
-            return self.smtp_password.get_secret_value()
-        if self.smtp_password_file:
-            return _read_secret(self.smtp_password_file, "SMTP password")
-        return None
-
-    @property
-    def effective_smtp_tls(self) -> RelayTLS:
-        if self.smtp_tls is not None:
-            return self.smtp_tls
-        if self.smtp_port == 465:
-            return "implicit"
-        return "encrypt" if self.smtp_username else "may"
-
-    @property
     def effective_mynetworks(self) -> list[str]:
         if self.mynetworks is not None:
             return list(self.mynetworks)
@@ -705,37 +836,47 @@ class Settings(BaseSettings):
         return [*LOOPBACK_NETWORKS, *PRIVATE_NETWORKS]
 
     @property
-    def effective_relay_username(self) -> str | None:
-        if self.relay_username:
-            return self.relay_username
-        if self.relay_username_file:
-            return _read_secret(self.relay_username_file, "relay user")
-        return None
-
-    @property
-    def effective_relay_password(self) -> str | None:
-        if self.relay_password is not None and self.relay_password.get_secret_value():
-            return self.relay_password.get_secret_value()
-        if self.relay_password_file:
-            return _read_secret(self.relay_password_file, "relay password")
-        return None
-
-    @property
-    def relay_address(self) -> tuple[str, int] | None:
-        if not self.relay_host:
+    def relay(self) -> Smarthost | None:
+        """Where ``hato serve`` relays: the smarthost of the ``relay`` route, from
+        ``RELAYHOST`` and ``HATO_RELAY_*``; ``None`` on the ``hold`` and ``mx`` routes.
+        Raises ConfigError if ``RELAYHOST`` does not parse. Secret files stay unread."""
+        if self.effective_route != "relay" or not self.relay_host:
             return None
-        return parse_relayhost(self.relay_host)
+        host, port = parse_relayhost(self.relay_host)
+        return Smarthost(
+            source="relay",
+            host=host,
+            port=port,
+            tls=self.relay_tls
+            or default_tls(port, credentials=bool(self.relay_username or self.relay_username_file)),
+            verify=self.relay_tls_verify,
+            ca_file=self.relay_tls_ca_file,
+            username=self.relay_username,
+            username_file=self.relay_username_file,
+            password=self.relay_password,
+            password_file=self.relay_password_file,
+            timeout=self.relay_timeout,
+            pool_size=self.relay_pool_size,
+        )
 
     @property
-    def effective_relay_tls(self) -> RelayTLS:
-        if self.relay_tls is not None:
-            return self.relay_tls
-        address = self.relay_address
-        if address is not None and address[1] == 465:
-            return "implicit"
-        if self.relay_username or self.relay_username_file:
-            return "encrypt"
-        return "may"
+    def smtp(self) -> Smarthost:
+        """Where ``hato worker`` delivers: ``HATO_SMTP_HOST`` and ``HATO_SMTP_*``, with the
+        relay's timeout and one pooled connection per concurrent delivery. Secret files
+        stay unread."""
+        return Smarthost(
+            source="smtp",
+            host=self.smtp_host,
+            port=self.smtp_port,
+            tls=self.smtp_tls or default_tls(self.smtp_port, credentials=bool(self.smtp_username)),
+            verify=self.smtp_tls_verify,
+            ca_file=self.smtp_tls_ca_file,
+            username=self.smtp_username,
+            password=self.smtp_password,
+            password_file=self.smtp_password_file,
+            timeout=self.relay_timeout,
+            pool_size=max(self.relay_pool_size, self.worker_concurrency),
+        )
 
     @property
     def role(self) -> str:
@@ -748,7 +889,8 @@ class Settings(BaseSettings):
         return "capture (holds mail; nothing leaves this machine)"
 
     def validate_for_serve(self) -> None:
-        """Cross-field checks that make ``hato serve`` refuse to start. Raises ConfigError."""
+        """Cross-field checks that make ``hato serve`` refuse to start. Raises ConfigError.
+        Secret files are not read here (:meth:`Smarthost.resolve` does, at start)."""
         listeners = self.listeners  # raises ValueError on bad syntax
         for net in self.effective_mynetworks:
             try:
@@ -759,15 +901,10 @@ class Settings(BaseSettings):
         if route == "relay" and not self.relay_host:
             raise ConfigError("HATO_ROUTE=relay needs RELAYHOST (or HATO_RELAY_HOST)")
         if self.relay_host:
-            parse_relayhost(self.relay_host)
-        user, password = self.effective_relay_username, self.effective_relay_password
-        if bool(user) != bool(password):
-            raise ConfigError("set both RELAYHOST_USERNAME and RELAYHOST_PASSWORD, or neither")
-        if user and self.effective_relay_tls in ("none", "may") and route == "relay":
-            raise ConfigError(
-                f"HATO_RELAY_TLS={self.effective_relay_tls} with relay credentials: AUTH is never "
-                "sent without TLS; use encrypt or implicit"
-            )
+            parse_relayhost(self.relay_host)  # a typo is an error whatever the route
+        relay = self.relay
+        if relay is not None:
+            relay.check()
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("set both HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE, or neither")
         needs_tls = [item for item in listeners if item.role != "smtp"]
@@ -776,7 +913,7 @@ class Settings(BaseSettings):
                 f"listener {needs_tls[0]} needs a TLS certificate: set HATO_TLS_CERT_FILE and "
                 "HATO_TLS_KEY_FILE (hato tls self-signed makes one for development)"
             )
-        for path in (self.tls_cert_file, self.tls_key_file, self.relay_tls_ca_file):
+        for path in (self.tls_cert_file, self.tls_key_file):
             if path is not None and not path.is_file():
                 raise ConfigError(f"file not found: {path}")
         public = [item for item in listeners if not item.is_loopback]
@@ -802,24 +939,15 @@ class Settings(BaseSettings):
             raise ConfigError("HATO_RETRY_MIN_DELAY is larger than HATO_RETRY_MAX_DELAY")
 
     def validate_for_worker(self) -> None:
-        """Refuse settings ``hato worker`` cannot work with (ConfigError, one line)."""
+        """Refuse settings ``hato worker`` cannot work with (ConfigError, one line).
+        Secret files are not read here (:meth:`Smarthost.resolve` does, at start)."""
         url = self.effective_queue_url
         if url.split(":", 1)[0].lower() == "memory":
             raise ConfigError(
                 "HATO_QUEUE_URL=memory:// lives inside one process; hato worker needs the app's "
                 "queue: sqlite:///PATH, postgresql://... or redis://..."
             )
-        user, password = self.smtp_username, self.effective_smtp_password
-        if bool(user) != bool(password):
-            raise ConfigError("set both HATO_SMTP_USERNAME and HATO_SMTP_PASSWORD, or neither")
-        if user and self.effective_smtp_tls in ("none", "may"):
-            raise ConfigError(
-                f"HATO_SMTP_TLS={self.effective_smtp_tls} with credentials: AUTH is never sent "
-                "without TLS; use encrypt or implicit"
-            )
-        ca_file = self.smtp_tls_ca_file
-        if ca_file is not None and not ca_file.is_file():
-            raise ConfigError(f"HATO_SMTP_TLS_CA_FILE: file not found: {ca_file}")
+        self.smtp.check()
 
 
 def _read_secret(path: Path, what: str) -> str:

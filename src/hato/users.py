@@ -2,13 +2,15 @@
 
 What ``saslpasswd2`` and Postfix's ``smtpd_sender_login_maps`` are in the guide. The file
 (default ``DATA_DIR/users.json``, mode 0600) is written by ``hato user`` and read by
-``hato serve``, which notices a new version on the next AUTH (no restart)::
+``hato serve``, which picks up a new version without a restart::
 
     {"version": 1,
      "users": {"postfix@dbmx.net": {"hash": "$argon2id$v=19$…", "allow": [], "only": false}}}
 
 User names are ``name@domain`` (the guide's ``postfix@dbmx.net``) or bare names; they are
-compared in lower case. Sender ownership, checked at MAIL FROM after AUTH:
+compared in lower case, their domains (and those of grants and sender addresses) in
+:func:`~hato.message.normalize_domain`'s form, so ``x@Bücher.example`` is
+``x@xn--bcher-kva.example``. Sender ownership, checked at MAIL FROM after AUTH:
 
 * a ``name@domain`` user owns every address of its own domain (``postfix@dbmx.net`` may
   send as ``noreply@dbmx.net``); a bare name owns nothing by default;
@@ -20,6 +22,32 @@ Writes are atomic (temporary file, fsync, rename) and serialised by a lock file,
 server never reads half a file and two ``hato user`` commands never lose each other's
 change. Password checks run in a thread (argon2 is slow on purpose) and take the same
 time whether the user exists or not.
+
+``hato serve`` answers from an in-memory snapshot (:class:`UserStore`) and never touches
+the file on the event loop. The snapshot is brought up to date in a worker thread:
+
+* by each AUTH, before the password is checked, so a user just added can log in at once;
+* by :class:`UserWatcher`, as soon as the file is replaced (inotify on Linux) and every two
+  seconds in any case (as the TLS certificates are).
+
+The RCPT check of our own domains runs synchronously inside the sans-IO protocol
+(:meth:`~hato.smtp.policy.Policy.check_recipient`), so it can neither read the file nor
+wait for a thread. It answers from the snapshot and asks the watcher one question that
+needs no I/O: is a change pending, seen but not yet read? A known recipient is accepted;
+an unknown one is refused ``550 5.1.1``, or deferred ``451 4.3.0`` while a change is
+pending (the new file may name it). Asking a thread for a stat at each session's start
+instead would not do: one round trip to a worker thread takes longer than a client's
+EHLO, MAIL and RCPT on loopback, so nearly every unknown name would get ``451``.
+
+Why a user added with ``hato user add`` receives mail at once: the rename that installs
+the new file queues an inotify event before the command returns, so before any client
+can connect afterwards. The event loop reads the event (a read on the inotify descriptor,
+not on the file) in the same or an earlier iteration than it accepts that connection,
+marks the change pending and starts the re-read, which takes a fraction of a millisecond.
+A client that still reaches RCPT first gets ``451`` and retries, never a false ``550``.
+Without inotify (not Linux, or a users directory that did not exist when ``hato serve``
+started) a change is seen within the two-second poll, and an RCPT in between is answered
+from the previous snapshot.
 """
 
 from __future__ import annotations
@@ -42,6 +70,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import Argon2Error, InvalidHashError
 
 from hato.errors import ConfigError, HatoError
+from hato.inotify import DirectoryWatch, watch_directory
+from hato.message import normalize_domain
 
 FORMAT_VERSION = 1
 
@@ -60,9 +90,15 @@ class UserError(HatoError):
     """A ``hato user`` request that cannot be done (unknown user, bad name, …)."""
 
 
+def _normalize_address(text: str) -> str:
+    """``local@domain`` in lower case with the domain in its one comparable form."""
+    local, at, domain = text.strip().lower().rpartition("@")
+    return f"{local}{at}{normalize_domain(domain)}"
+
+
 def normalize_name(name: str) -> str:
     """The stored form of a user name; raises :class:`UserError` if it is not one."""
-    text = name.strip().lower()
+    text = _normalize_address(name)
     if not _NAME_RE.fullmatch(text) or len(text) > 255:
         raise UserError(f"invalid user name {name!r} (use name@domain or a bare name)")
     return text
@@ -70,7 +106,7 @@ def normalize_name(name: str) -> str:
 
 def normalize_grant(grant: str) -> str:
     """``ops@x.example`` or ``@x.example`` in lower case; raises :class:`UserError`."""
-    text = grant.strip().lower().rstrip(".")
+    text = _normalize_address(grant)
     local, at, domain = text.rpartition("@")
     if not at or not _DOMAIN_RE.fullmatch(domain) or (local and not _LOCAL_RE.fullmatch(local)):
         raise UserError(f"invalid sender grant {grant!r} (use addr@domain or @domain)")
@@ -104,7 +140,7 @@ class User:
 
     def owns(self, address: str) -> bool:
         """May this user use ``address`` as its envelope sender?"""
-        text = address.lower()
+        text = _normalize_address(address)
         domain = text.rpartition("@")[2]
         if not self.only and self.domain and domain == self.domain:
             return True
@@ -238,6 +274,11 @@ class UserStore:
 
     def __len__(self) -> int:
         return len(self._users)
+
+    def has(self, local: str, domain: str) -> bool:
+        """The :class:`~hato.aliases.LocalRecipients` hook: is ``local@domain`` a user of
+        the current snapshot? No file access: the RCPT check calls it on the event loop."""
+        return self.get(f"{local}@{domain}") is not None
 
     def sender_allowed(self, user: str, address: str) -> bool:
         """The :class:`~hato.smtp.policy.Policy` hook: may ``user`` (authenticated) send as
@@ -380,6 +421,61 @@ class UserStore:
             if key not in users:
                 raise UserError(f"no such user: {key}")
             del users[key]
+
+
+class UserWatcher:
+    """Keeps a :class:`UserStore`'s snapshot current, off the event loop.
+
+    :meth:`run` re-reads the file in a worker thread when inotify says it changed (the
+    event loop watches the descriptor) and every ``interval`` seconds; :meth:`pending`
+    tells the RCPT check whether a change was seen that the snapshot does not hold yet.
+    See the module docstring for why.
+    """
+
+    def __init__(self, store: UserStore, *, interval: float = 2.0) -> None:
+        self.store = store
+        self.interval = interval
+        self.notified = False  # inotify is watching the file's directory
+        self._seen = 0  # changes notified
+        self._read = 0  # changes the snapshot holds
+        self._wake = asyncio.Event()
+
+    def pending(self) -> bool:
+        """Was a change of the file notified that the snapshot does not hold yet?"""
+        return self._seen > self._read
+
+    def _on_event(self, watch: DirectoryWatch) -> None:
+        names = watch.changed()
+        if self.store.path.name in names or "" in names:
+            self._seen += 1
+            self._wake.set()
+
+    async def check(self) -> None:
+        """Re-read the file in a worker thread if it changed."""
+        seen = self._seen
+        self._wake.clear()
+        await asyncio.to_thread(self.store.refresh)
+        self._read = seen
+
+    async def run(self) -> None:
+        """Watch and re-read until cancelled (:meth:`UserStore.refresh` keeps the
+        previous snapshot when the file is broken, so nothing here ends on its own)."""
+        loop = asyncio.get_running_loop()
+        watch = await asyncio.to_thread(watch_directory, self.store.path.parent)
+        if watch is not None:
+            loop.add_reader(watch.fd, self._on_event, watch)
+            self.notified = True
+        try:
+            while True:
+                await self.check()  # the first also covers changes made before the watch
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
+        finally:
+            if watch is not None:
+                loop.remove_reader(watch.fd)
+                watch.close()
+                self.notified = False
 
 
 class UserAuthenticator:

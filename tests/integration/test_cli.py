@@ -106,6 +106,31 @@ def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "ALLOWED_SENDER_DOMAINS")
 
 
+def test_secret_files_are_read_by_the_roles_that_use_them(tmp_path: Path) -> None:
+    missing = tmp_path / "run" / "secrets" / "password"
+    env = {
+        "RELAYHOST": "[127.0.0.1]:9",
+        "RELAYHOST_USERNAME": "postfix@dbmx.net",
+        "RELAYHOST_PASSWORD_FILE": str(missing),
+        "HATO_SMTP_USERNAME": "app",
+        "HATO_SMTP_PASSWORD_FILE": str(missing),
+        "HATO_SMTP_TLS": "encrypt",
+    }
+    data = ["--data-dir", str(tmp_path)]
+    # A command that needs no secret does not read it.
+    listed = hato("queue", "list", *data, env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    # The roles that use it refuse to start, in one line, and so does the check of serve's.
+    for args, what in (
+        (["serve", *data, "--listen", "127.0.0.1:0"], "relay password"),
+        (["worker", *data], "SMTP password"),
+        (["config", "check", *data], "relay password"),
+    ):
+        result = hato(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert_one_line_error(result, f"cannot read {what} file {missing}: No such file")
+
+
 def _fill(url: str) -> list[str]:
     async def go() -> list[str]:
         q = open_queue(url)

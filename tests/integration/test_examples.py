@@ -226,9 +226,11 @@ def test_compose_smtp_settings_pass_hato_serve_checks(
     settings = load_settings()
     settings.validate_for_serve()
     assert settings.effective_route == "relay"
-    assert settings.relay_address == ("dbmx.net", 587)
-    assert settings.effective_relay_tls == "encrypt"  # AUTH only over TLS
-    assert settings.effective_relay_username == "postfix@dbmx.net"
+    relay = settings.relay
+    assert relay is not None
+    assert (relay.host, relay.port) == ("dbmx.net", 587)
+    assert relay.tls == "encrypt"  # AUTH only over TLS
+    assert relay.resolve().username == "postfix@dbmx.net"
     assert [(item.host, item.port) for item in settings.listeners] == [("0.0.0.0", 587)]
     # The compose network is a private range: the web app and worker may relay.
     assert any(

@@ -1,4 +1,4 @@
-"""swaks against ``hato serve`` as a real subprocess, set up as an operator would.
+"""swaks (and smtplib) against ``hato serve`` as a real subprocess, set up as an operator would.
 
 ``hato tls self-signed`` makes the certificate, ``hato user add postfix@dbmx.net
 --password-stdin`` the guide's user, then ``hato serve`` runs ``submission``, ``smtp``
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
+import ssl
 import subprocess
 import sys
 import time
@@ -144,6 +146,49 @@ def test_user_added_while_running(
     add_user(data, "app@dbmx.net", "fresh-Pw-1")
     proc = swaks("submission", "--tls", *newcomer)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_user_added_while_running_receives_mail_and_authenticates_at_once(
+    hato_serve: HatoFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "relay"
+    env = prepare(data)
+    serve = hato_serve(env=env, data_dir=data)
+    name, password, outsider = "newcomer@dbmx.net", "fresh-Pw-2", "someone@elsewhere.example"
+    message = (
+        f"From: {outsider}\r\nTo: {name}\r\nSubject: welcome\r\n"
+        "Message-ID: <welcome-1@elsewhere.example>\r\n\r\nHello.\r\n"
+    )
+
+    def smtp(role: str) -> smtplib.SMTP:
+        host, port = serve.listeners[role]
+        client = smtplib.SMTP(host, port, timeout=30)
+        client.ehlo("mail.elsewhere.example")
+        return client
+
+    with smtp("smtp") as client:  # from the internet: only our own, existing recipients
+        client.mail(outsider)
+        assert client.rcpt(name)[0] == 550
+
+    add_user(data, name, password)
+    # No pause, and no AUTH before it that would re-read the file: the very next session
+    # already knows the new user.
+    with smtp("smtp") as client:
+        assert client.sendmail(outsider, [name], message) == {}
+    trust = ssl.create_default_context(cafile=env["HATO_TLS_CERT_FILE"])
+    trust.check_hostname = False  # the certificate names localhost; we dial 127.0.0.1
+    with smtp("submission") as client:
+        client.starttls(context=trust)
+        client.ehlo("app.dbmx.net")
+        assert client.login(name, password)[0] == 235
+
+    new = data / "mail" / "dbmx.net" / "newcomer" / "new"
+    deadline = time.monotonic() + 30
+    while not (new.is_dir() and any(new.iterdir())):
+        assert time.monotonic() < deadline, f"nothing delivered to {new}:\n{serve.log}"
+        time.sleep(0.1)
+    [delivered] = list(new.iterdir())
+    assert b"Message-ID: <welcome-1@elsewhere.example>" in delivered.read_bytes()
 
 
 def test_auth_failures_throttled_across_connections(

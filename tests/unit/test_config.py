@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
+from hato.app import build_policy
 from hato.config import (
     Listener,
+    Smarthost,
     load_settings,
     parse_duration,
     parse_listener,
@@ -15,6 +18,7 @@ from hato.config import (
     split_list,
 )
 from hato.errors import ConfigError
+from hato.smtp.policy import ListenerRole
 
 BOKY_AND_HATO_NAMES = [
     "HATO_LISTEN",
@@ -42,6 +46,17 @@ BOKY_AND_HATO_NAMES = [
     "HATO_TLS_KEY_FILE",
     "HATO_LOG_FORMAT",
     "HATO_LEASE_SECONDS",
+    "HATO_SMTP_HOST",
+    "HATO_SMTP_PORT",
+    "HATO_SMTP_USERNAME",
+    "HATO_SMTP_PASSWORD",
+    "HATO_SMTP_PASSWORD_FILE",
+    "HATO_SMTP_TLS",
+    "HATO_SMTP_TLS_CA_FILE",
+    "HATO_RELAY_POOL_SIZE",
+    "HATO_RELAY_TIMEOUT",
+    "HATO_WORKER_CONCURRENCY",
+    "HATO_ALLOW_PLAINTEXT_AUTH",
 ]
 
 
@@ -50,6 +65,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in BOKY_AND_HATO_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray hato.toml or .env
+
+
+def relay_of(**overrides: object) -> Smarthost:
+    relay = load_settings(**overrides).relay
+    assert relay is not None
+    return relay
+
+
+def password_of(smarthost: Smarthost) -> str | None:
+    password = smarthost.resolve().password
+    return password.get_secret_value() if password is not None else None
 
 
 @pytest.mark.parametrize(
@@ -101,9 +127,11 @@ def test_boky_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HATO_LISTEN", "0.0.0.0:587")
     s = load_settings()
     assert s.effective_route == "relay"
-    assert s.relay_address == ("dbmx.net", 587)
-    assert s.effective_relay_tls == "encrypt"  # credentials: STARTTLS required
-    assert s.effective_relay_password == "secret"
+    relay = s.relay
+    assert relay is not None
+    assert (relay.host, relay.port) == ("dbmx.net", 587)
+    assert relay.tls == "encrypt"  # credentials: STARTTLS required
+    assert password_of(relay) == "secret"
     assert "secret" not in repr(s)
     assert s.allowed_sender_domains == ["dbmx.net"]
     assert "172.16.0.0/12" in s.effective_mynetworks  # the compose network is trusted
@@ -111,9 +139,9 @@ def test_boky_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relay_tls_defaults() -> None:
-    assert load_settings(relay_host="[r.example]:465").effective_relay_tls == "implicit"
-    assert load_settings(relay_host="[r.example]:25").effective_relay_tls == "may"
-    assert load_settings(relay_host="r.example:587", relay_tls="none").effective_relay_tls == "none"
+    assert relay_of(relay_host="[r.example]:465").tls == "implicit"
+    assert relay_of(relay_host="[r.example]:25").tls == "may"
+    assert relay_of(relay_host="r.example:587", relay_tls="none").tls == "none"
 
 
 def test_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +149,7 @@ def test_password_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret.write_text("from-file\n")
     monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(secret))
     monkeypatch.setenv("RELAYHOST_USERNAME", "u")
-    s = load_settings(relay_host="[r.example]:587")
-    assert s.effective_relay_password == "from-file"
+    assert password_of(relay_of(relay_host="[r.example]:587")) == "from-file"
 
 
 def test_precedence_cli_over_env_over_dotenv_over_toml(
@@ -204,3 +231,129 @@ def test_relay_server_trusting_only_loopback_needs_no_sender_domains() -> None:
     s = load_settings(listen=["smtp=0.0.0.0:25", "smtp=[::]:25"], route="mx", domains=["dbmx.net"])
     assert s.effective_mynetworks == ["127.0.0.0/8", "::1/128"]
     s.validate_for_serve()
+
+
+# --- the smarthosts: one model, secrets read when a role starts ---------------------------
+
+
+def test_one_smarthost_model_for_both_roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "RELAYHOST": "[relay.example]:587",
+        "RELAYHOST_USERNAME": "u",
+        "RELAYHOST_PASSWORD": "relay-secret",
+        "HATO_RELAY_TLS_VERIFY": "false",
+        "HATO_SMTP_HOST": "ses.example",
+        "HATO_SMTP_PORT": "465",
+        "HATO_SMTP_USERNAME": "AKIA",
+        "HATO_SMTP_PASSWORD": "smtp-secret",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings(relay_pool_size=2, worker_concurrency=8, relay_timeout="30s")
+    assert s.relay == Smarthost(
+        source="relay",
+        host="relay.example",
+        port=587,
+        tls="encrypt",
+        verify=False,
+        username="u",
+        password=SecretStr("relay-secret"),
+        timeout=30,
+        pool_size=2,
+    )
+    # hato worker: one pooled connection per concurrent delivery.
+    assert s.smtp == Smarthost(
+        source="smtp",
+        host="ses.example",
+        port=465,
+        tls="implicit",
+        username="AKIA",
+        password=SecretStr("smtp-secret"),
+        timeout=30,
+        pool_size=8,
+    )
+    assert s.relay.describe() == "tls encrypt, no verify, AUTH as u"
+    assert s.smtp.describe() == "tls implicit, verify, AUTH as AKIA"
+    assert "secret" not in repr(s.relay) + repr(s.smtp)
+
+
+def test_the_relay_smarthost_exists_on_the_relay_route_only() -> None:
+    assert load_settings().relay is None
+    assert load_settings(relay_host="[r.example]:25").relay is not None
+    assert load_settings(relay_host="[r.example]:25", route="hold").relay is None
+    assert load_settings(relay_host="[r.example]:25", route="mx").relay is None
+
+
+def test_secret_files_are_read_when_the_role_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "missing"
+    monkeypatch.setenv("RELAYHOST_USERNAME", "u")
+    monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(missing))
+    monkeypatch.setenv("HATO_SMTP_USERNAME", "u")
+    monkeypatch.setenv("HATO_SMTP_PASSWORD_FILE", str(missing))
+    s = load_settings(relay_host="[r.example]:587")
+    s.validate_for_serve()  # nothing is read yet: only which secrets are configured
+    s.validate_for_worker()
+    relay = s.relay
+    assert relay is not None and relay.tls == "encrypt"
+    with pytest.raises(ConfigError, match=f"cannot read relay password file {missing}: "):
+        relay.resolve()
+    with pytest.raises(ConfigError, match=f"cannot read SMTP password file {missing}: "):
+        s.smtp.resolve()
+
+
+def test_secret_files_fill_both_halves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "user").write_text("postfix@dbmx.net\n")
+    (tmp_path / "password").write_text("from-file\n")
+    monkeypatch.setenv("RELAYHOST_USERNAME_FILE", str(tmp_path / "user"))
+    monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(tmp_path / "password"))
+    relay = relay_of(relay_host="[dbmx.net]:587")
+    assert relay.tls == "encrypt"  # a user file counts as credentials
+    resolved = relay.resolve()
+    assert resolved.username == "postfix@dbmx.net"
+    assert password_of(resolved) == "from-file"
+    assert resolved.resolve() is resolved  # resolved once: nothing left to read
+
+
+def test_an_empty_secret_file_leaves_half_a_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "password").write_text("\n")
+    monkeypatch.setenv("RELAYHOST_USERNAME", "u")
+    monkeypatch.setenv("RELAYHOST_PASSWORD_FILE", str(tmp_path / "password"))
+    with pytest.raises(ConfigError, match="set both RELAYHOST_USERNAME and RELAYHOST_PASSWORD"):
+        relay_of(relay_host="[r.example]:587").resolve()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"smtp_username": "u"}, "set both HATO_SMTP_USERNAME and HATO_SMTP_PASSWORD"),
+        (
+            {"smtp_username": "u", "smtp_password": "p", "smtp_tls": "may"},
+            "HATO_SMTP_TLS=may with credentials: AUTH is never sent without TLS",
+        ),
+        ({"smtp_tls_ca_file": "/nonexistent/ca.pem"}, "HATO_SMTP_TLS_CA_FILE: file not found"),
+    ],
+)
+def test_worker_refusals(overrides: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(**overrides).validate_for_worker()
+
+
+def test_relay_ca_file_refusal_names_the_setting() -> None:
+    s = load_settings(relay_host="[r.example]:587", relay_tls_ca_file="/nonexistent/ca.pem")
+    with pytest.raises(ConfigError, match="HATO_RELAY_TLS_CA_FILE: file not found"):
+        s.validate_for_serve()
+
+
+def test_plaintext_auth_for_loopback_smtp_clients_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = build_policy(load_settings(), ListenerRole.SMTP)
+    assert not default.auth_permitted(default.facts("127.0.0.1"))
+    monkeypatch.setenv("HATO_ALLOW_PLAINTEXT_AUTH", "true")
+    settings = load_settings()
+    smtp = build_policy(settings, ListenerRole.SMTP)
+    assert smtp.auth_permitted(smtp.facts("127.0.0.1"))
+    assert not smtp.auth_permitted(smtp.facts("10.0.0.1"))  # trusted, but not loopback
+    submission = build_policy(settings, ListenerRole.SUBMISSION)
+    assert not submission.auth_permitted(submission.facts("127.0.0.1"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hato.aliases import parse_aliases
+from hato.aliases import LocalRecipients, parse_aliases
 from hato.delivery.base import Result
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
@@ -63,11 +63,13 @@ class Forwards:
 def courier(root: Path, forwards: Forwards | None = None, **kw: object) -> MaildirCourier:
     return MaildirCourier(
         root,
-        ALIASES,
-        ["example.org", "Example.NET"],
-        "+",
+        LocalRecipients(
+            ["example.org", "Example.NET"],
+            ALIASES,
+            "+",
+            user_exists=lambda local, _domain: local in USERS,
+        ),
         clock=lambda: T0,
-        user_exists=lambda local, _domain: local in USERS,
         forward=forwards,
         hostname="mx.example.org",
         **kw,  # type: ignore[arg-type]
@@ -139,10 +141,10 @@ async def test_postmaster_resolves_through_root(tmp_path: Path) -> None:
     assert res.result is Result.OK
     [data] = messages(tmp_path, "example.org", "alice")
     assert b"Delivered-To: postmaster@example.org\n" in data
-    assert c.local_recipient_exists("abuse@example.net")
-    assert c.local_recipient_exists("Alice+x@EXAMPLE.ORG")
-    assert not c.local_recipient_exists("carol@example.org")
-    assert not c.local_recipient_exists("alice@elsewhere.test")
+    assert c.recipients.exists("abuse@example.net")
+    assert c.recipients.exists("Alice+x@EXAMPLE.ORG")
+    assert not c.recipients.exists("carol@example.org")
+    assert not c.recipients.exists("alice@elsewhere.test")
 
 
 async def test_forward_key_is_stable_across_retries(tmp_path: Path) -> None:
@@ -233,13 +235,33 @@ async def test_user_store_failure_is_temporary(tmp_path: Path) -> None:
     def broken(_local: str, _domain: str) -> bool:
         raise OSError("users.json unreadable")
 
-    c = MaildirCourier(tmp_path, None, ["example.org"], user_exists=broken)
+    c = MaildirCourier(tmp_path, LocalRecipients(["example.org"], user_exists=broken))
     [res] = await c.deliver("s@example.net", ["alice@example.org"], MSG)
     assert res.result is Result.TEMPORARY and "users.json unreadable" in res.reply.text
 
 
+async def test_unknown_recipient_is_looked_up_again_before_it_bounces(tmp_path: Path) -> None:
+    users: set[str] = set()
+    refreshes: list[str] = []
+
+    async def refresh() -> None:  # the users file named a newcomer since the last read
+        refreshes.append("refresh")
+        users.add("newcomer")
+
+    recipients = LocalRecipients(["example.org"], user_exists=lambda local, _d: local in users)
+    c = MaildirCourier(tmp_path, recipients, refresh=refresh)
+    [res] = await c.deliver("s@example.net", ["newcomer@example.org"], MSG)
+    assert res.result is Result.OK and refreshes == ["refresh"]
+    [res] = await c.deliver("s@example.net", ["stranger@example.org"], MSG)
+    assert res.result is Result.PERMANENT and res.reply.enhanced == "5.1.1"
+    [res] = await c.deliver("s@example.net", ["newcomer@example.org"], MSG)
+    assert res.result is Result.OK and len(refreshes) == 2  # known: no second look
+
+
 async def test_idn_domain_maildir_uses_the_a_label(tmp_path: Path) -> None:
-    c = MaildirCourier(tmp_path, None, ["bücher.example"], user_exists=lambda u, d: u == "a")
+    c = MaildirCourier(
+        tmp_path, LocalRecipients(["bücher.example"], user_exists=lambda u, d: u == "a")
+    )
     [res] = await c.deliver("s@example.net", ["a@BÜCHER.example"], MSG)
     assert res.result is Result.OK
     assert len(messages(tmp_path, "xn--bcher-kva.example", "a")) == 1

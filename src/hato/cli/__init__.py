@@ -163,17 +163,12 @@ def config_check(
         else "(none)"
     )
     click.echo(f"senders:     {senders}")
-    route = settings.effective_route
-    if route == "relay":
-        user = settings.effective_relay_username
-        auth = f", AUTH as {user}" if user else ""
-        verify = "verify" if settings.relay_tls_verify else "no verify"
-        click.echo(
-            f"route:       relay to {settings.relay_host} (tls {settings.effective_relay_tls}, "
-            f"{verify}{auth})"
-        )
+    relay = settings.relay
+    if relay is not None:
+        # Reads the secret files, as hato serve would at start: "would it start?"
+        click.echo(f"route:       relay to {settings.relay_host} ({relay.resolve().describe()})")
     else:
-        click.echo(f"route:       {route}")
+        click.echo(f"route:       {settings.effective_route}")
     click.echo(f"queue:       {settings.effective_queue_url}")
     click.echo(f"size limit:  {settings.message_size_limit} bytes")
     click.echo("ok")

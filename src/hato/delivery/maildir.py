@@ -1,7 +1,10 @@
 """The Maildir courier: delivers mail for our own domains to ``ROOT/DOMAIN/USER/`` Maildirs.
 
 Each recipient is resolved by :class:`~hato.aliases.LocalRecipients` (users, aliases,
-recipient delimiter, postmaster and abuse). Local targets are written the Maildir way:
+recipient delimiter, postmaster and abuse), the same instance the intake's RCPT check
+uses; before a recipient is bounced as unknown, ``refresh`` brings the users snapshot up
+to date (in a thread) and it is resolved once more, so mail for a user added a moment ago
+is never bounced. Local targets are written the Maildir way:
 into ``tmp/`` under a unique name ``SECONDS.M<usec>P<pid>Q<n>.<host>``, fsync'd, linked
 into ``new/`` and the directory fsync'd, so a reader never sees a partial message and a
 message counted as delivered survives a crash. Files get Unix line endings (what Maildir
@@ -31,16 +34,19 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from hato.aliases import Aliases, Expansion, LocalRecipients, Mailbox, UserExists
+from hato.aliases import UNKNOWN_USER, Expansion, LocalRecipients, Mailbox
 from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
 from hato.reply import Reply
 
 # (envelope sender, external recipients, message bytes, idempotency key) -> queued id.
 Forward = Callable[[str, Sequence[str], bytes, str], Awaitable[str]]
+
+# Brings the users snapshot behind LocalRecipients up to date (off the event loop).
+Refresh = Callable[[], Awaitable[object]]
 
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full or disk quota exceeded")
@@ -86,36 +92,24 @@ class MaildirCourier:
     def __init__(
         self,
         root: Path,
-        aliases: Aliases | None,
-        domains: Iterable[str],
-        recipient_delimiter: str = "+",
+        recipients: LocalRecipients,
         *,
         clock: Clock = time.time,
-        user_exists: UserExists | None = None,
         forward: Forward | None = None,
-        postmaster: str | None = None,
+        refresh: Refresh | None = None,
         hostname: str | None = None,
         fsync: bool = True,
     ) -> None:
         self.root = Path(root)
-        self.recipients = LocalRecipients(
-            domains,
-            aliases,
-            recipient_delimiter,
-            user_exists=user_exists,
-            postmaster=postmaster,
-        )
+        self.recipients = recipients
         self.forward = forward
+        self.refresh = refresh
         self.fsync = fsync
         self._clock = clock
         self._host = _safe_host(hostname if hostname is not None else socket.gethostname())
         self._pid = os.getpid()
         self._counter = itertools.count(1)
         self._ready: set[Path] = set()
-
-    def local_recipient_exists(self, address: str) -> bool:
-        """For the intake's RCPT check: does ``address`` (of our domains) resolve?"""
-        return self.recipients.exists(address)
 
     async def deliver(
         self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
@@ -141,6 +135,9 @@ class MaildirCourier:
     ) -> Reply:
         try:
             expansion = self.recipients.expand(rcpt)
+            if expansion.error is UNKNOWN_USER and self.refresh is not None:
+                await self.refresh()
+                expansion = self.recipients.expand(rcpt)
         except Exception as exc:  # the user store failed: retry rather than bounce
             return Reply(451, "4.3.0", f"cannot resolve recipient: {type(exc).__name__}: {exc}")
         if expansion.error is not None:

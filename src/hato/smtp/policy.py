@@ -11,6 +11,13 @@ only to our own domains, and then only to plain local parts: percent hacks
 (``a%b@ours``), bang paths (``b!a@ours``), quoted local parts holding ``@ % !``, source
 routes (``<@x:a@ours>``), address literals and unqualified names (except ``postmaster``,
 RFC 5321 4.5.1) are refused. Trailing-dot domains never parse.
+
+Recipients of our own domains must exist (Postfix ``local_recipient_maps``). The check is
+a lookup in memory (:class:`~hato.aliases.LocalRecipients` over the users snapshot): it
+runs on the event loop, in the middle of the synchronous state machine, and does no file
+I/O. An unknown name is refused ``550``, or deferred ``451`` while a change of the users
+file is pending (seen, not yet read); :mod:`hato.users` explains why that accepts a user
+added a moment ago and never refuses one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # (authenticated user, sender address) -> may this user send as this address?
 SenderCheck = Callable[[str, str], bool]
+
+# (address in one of our domains) -> does it name a user, an alias, postmaster or abuse?
+RecipientCheck = Callable[[str], bool]
+
+# () -> may the table behind the RecipientCheck miss a change it was told about?
+PendingCheck = Callable[[], bool]
 
 _ROUTING_CHARS = ("%", "!", "@")
 
@@ -121,7 +134,8 @@ class Policy:
         allow_empty_sender_domains: bool = False,
         allow_plaintext_auth: bool = False,
         sender_allowed: SenderCheck | None = None,
-        local_recipient_exists: Callable[[str], bool] | None = None,
+        local_recipient_exists: RecipientCheck | None = None,
+        recipients_pending: PendingCheck | None = None,
     ) -> None:
         """
         ``domains``: our own domains (mail to them is accepted from anyone).
@@ -130,11 +144,13 @@ class Policy:
         ``allow_empty_sender_domains`` is boky's explicit "yes, any sender domain" switch;
         the composition root uses it to refuse an exposed relay without sender domains,
         here it only documents intent. ``allow_plaintext_auth``: allow AUTH without TLS
-        from loopback clients on the ``smtp`` role. ``sender_allowed(user, address)``:
-        may an authenticated user use this sender address (issue 3 plugs its login maps
-        in here); ``None`` allows any. ``local_recipient_exists(address)``: does a
-        recipient in our own domains exist (users and aliases, Postfix
-        ``local_recipient_maps``); unknown ones get 550 5.1.1, whoever asks.
+        from loopback clients on the ``smtp`` role (``HATO_ALLOW_PLAINTEXT_AUTH``).
+        ``sender_allowed(user, address)``: may an authenticated user use this sender
+        address (the users' login maps); ``None`` allows any.
+        ``local_recipient_exists(address)``: does a recipient in our own domains exist
+        (users and aliases, Postfix ``local_recipient_maps``), answered from memory;
+        unknown ones get 550 5.1.1, whoever asks, or 451 4.3.0 while
+        ``recipients_pending()`` says the table is about to change (module docstring).
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
@@ -147,6 +163,7 @@ class Policy:
         self.allow_plaintext_auth = allow_plaintext_auth
         self.sender_allowed = sender_allowed
         self.local_recipient_exists = local_recipient_exists
+        self.recipients_pending = recipients_pending
         self._client_cache: dict[str, tuple[bool, bool]] = {}
 
     # Session-level facts
@@ -245,6 +262,11 @@ class Policy:
         if exists is None:
             return None
         try:
-            return None if exists(address) else reply.NO_SUCH_USER
+            if exists(address):
+                return None
         except Exception:  # a broken user store defers, it never says "no such user"
             return reply.LOCAL_LOOKUP_FAILED
+        pending = self.recipients_pending
+        if pending is not None and pending():
+            return reply.LOCAL_LOOKUP_FAILED  # the changed file, not yet read, may name it
+        return reply.NO_SUCH_USER
