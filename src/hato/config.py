@@ -423,7 +423,7 @@ class Settings(BaseSettings):
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
 
-    # --- relay server role (issue 3): MX delivery, users, own domains, DKIM ------------
+    # --- relay server role: MX delivery, users, own domains, DKIM --------------------
     dns_servers: CommaList = Field(
         default_factory=list,
         validation_alias=_env("HATO_DNS_SERVERS"),
@@ -511,7 +511,7 @@ class Settings(BaseSettings):
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
     )
 
-    # --- application side (issue 4): Mailer and hato worker -----------------------------
+    # --- application side: Mailer and hato worker ------------------------------------
     default_from: str | None = Field(
         default=None,
         validation_alias=_env("HATO_DEFAULT_FROM"),

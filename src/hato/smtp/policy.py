@@ -131,8 +131,8 @@ class Policy:
         the composition root uses it to refuse an exposed relay without sender domains,
         here it only documents intent. ``allow_plaintext_auth``: allow AUTH without TLS
         from loopback clients on the ``smtp`` role. ``sender_allowed(user, address)``:
-        may an authenticated user use this sender address (issue 3 plugs its login maps
-        in here); ``None`` allows any. ``local_recipient_exists(address)``: does a
+        may an authenticated user use this sender address (the users file's grants, as
+        Postfix's login maps); ``None`` allows any. ``local_recipient_exists(address)``: does a
         recipient in our own domains exist (users and aliases, Postfix
         ``local_recipient_maps``); unknown ones get 550 5.1.1, whoever asks.
         """
