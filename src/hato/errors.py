@@ -6,6 +6,9 @@
     ├── ConfigError            invalid settings (the CLI prints it as one line, exit 2)
     ├── AddressError           an address or header value that cannot be sent (CR/LF, syntax)
     ├── TemplateError          a mail template is missing or fails to render
+    ├── UserError              (hato.users) a ``hato user`` request that cannot be done
+    ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
+    ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   └── MessageNotFound    no message with that id
@@ -13,8 +16,25 @@
         ├── TemporaryDeliveryError   4xx, connection refused, timeout, unknown: retry
         └── PermanentDeliveryError   5xx: bounce
 
+A class marked with a module lives beside the code that raises it and is not re-exported
+here. ``HatoError`` itself is raised for an attachment ``Mailer.send`` cannot read.
+
 Foreign exceptions (sqlite3, aiosmtplib, dnspython, redis, psycopg, OSError) are caught
 in the module that calls the foreign library and re-raised as one of these.
+
+Outside the tree, on purpose:
+
+* Misuse of the library API raises the builtin Python code expects: ``TypeError`` for an
+  argument of the wrong type (a ``Mailer.send`` attachment, a ``send_many`` item, a
+  ``connection=`` that is not psycopg's), ``ValueError`` for an impossible value (no
+  recipients, a ``send_at`` that is not finite, a worker, retry schedule or AUTH
+  throttle with limits below one, a listener ``Settings.listeners`` cannot parse),
+  ``RuntimeError`` for an ``AsyncMailer`` used from a second event loop or a ``Mailer``
+  called from inside its own, and ``Mailer.wait`` raises ``TimeoutError`` at its deadline.
+* ``SessionFailure`` (hato.delivery.session) carries the reply of an SMTP session that
+  could not be set up from the session code to its courier, which turns it into a
+  temporary result; it never leaves ``delivery/``. Private exceptions (a leading
+  underscore) never leave their module.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ __all__ = [
 T = TypeVar("T")
 
 MessageId: TypeAlias = str
-"""A queue id as ``send`` returns it (16 upper-case hex digits)."""
+"""A queue id as ``send`` returns it: 19 upper-case hex digits (11 of time, 8 random)."""
 
 State = Literal["queued", "sending", "deferred", "sent", "failed"]
 STATES: tuple[State, ...] = ("queued", "sending", "deferred", "sent", "failed")

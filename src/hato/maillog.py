@@ -2,8 +2,8 @@
 
 Lines look like::
 
-    hato/smtpd[1234]: 0193A2F4C11B7E2: client=localhost[127.0.0.1], from=<a@b>, size=2048, nrcpt=1
-    hato/relay[1234]: 0193A2F4C11B7E2: to=<c@d>, relay=mx.d[127.0.0.1]:25, delay=0.21, attempts=1, dsn=2.0.0, status=sent (250 2.0.0 Ok)
+    hato/smtpd[1234]: 1A546C5B2807E2A93C4: client=localhost[127.0.0.1], from=<a@b>, size=2048, nrcpt=1
+    hato/relay[1234]: 1A546C5B2807E2A93C4: to=<c@d>, relay=mx.d[127.0.0.1]:25, delay=0.21, attempts=1, dsn=2.0.0, status=sent (250 2.0.0 Ok)
 
 With ``json=True`` each line is a JSON object with the same fields. Secrets never go
 through here: callers pass user names, never passwords.

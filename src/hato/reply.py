@@ -97,7 +97,7 @@ BARE_LINE_ENDING = Reply(
 NON_ASCII_WITHOUT_8BIT = Reply(554, "5.6.7", "8-bit data needs BODY=8BITMIME or SMTPUTF8")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 
-# Intake (smtp/protocol.py). Appended for the sans-IO server; wording pinned by dialogs.
+# Intake (smtp/protocol.py); the dialogs in tests/dialogs/ pin their exact wording.
 HELP = Reply(
     214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
 )

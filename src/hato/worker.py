@@ -242,7 +242,10 @@ class Worker:
     def _courier_for(self, kind: RouteKind) -> Courier | None:
         courier = self.couriers.get(kind)
         if courier is None and kind is RouteKind.LOCAL:
-            # Maildir delivery comes later; until then own domains are held.
+            # Only a worker built without a Maildir courier gets here (app.py builds one
+            # whenever HATO_DOMAINS is set, the only case in which its router picks LOCAL):
+            # such mail is held rather than failed, and `hato queue release` delivers it
+            # once local delivery is configured.
             courier = self.couriers.get(RouteKind.HOLD) or self._local_hold
         return courier
 

@@ -1,4 +1,4 @@
-"""The record texts and comparisons of ``hato dns``, without DNS."""
+"""The record texts and comparisons of :mod:`hato.records`, without DNS."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from hato.cli.dns import dkim_tags, dmarc_record, records_text, spf_record, spf_verdict
 from hato.dkim import DKIMRecord
+from hato.records import (
+    address_line,
+    dkim_tags,
+    dmarc_record,
+    mx_line,
+    ptr_line,
+    records_text,
+    spf_record,
+    spf_verdict,
+    txt_line,
+)
 
 V4 = ipaddress.ip_address("203.0.113.7")
 V6 = ipaddress.ip_address("2001:db8::7")
@@ -65,3 +75,17 @@ def test_records_text_zone_and_words() -> None:
     )
     assert "7.113.0.203.in-addr.arpa. IN PTR dbmx.net." in lines
     assert 'DKIM (ed25519): a TXT record named "s1._domainkey.dbmx.net"' in text
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (mx_line("dbmx.net", "mail.dbmx.net"), "dbmx.net. IN MX 10 mail.dbmx.net."),
+        (address_line("mail.dbmx.net", V4), "mail.dbmx.net. IN A 203.0.113.7"),
+        (address_line("mail.dbmx.net", V6), "mail.dbmx.net. IN AAAA 2001:db8::7"),
+        (txt_line("dbmx.net", 'say "hi" \\o/'), 'dbmx.net. IN TXT "say \\"hi\\" \\\\o/"'),
+        (ptr_line(V4, "mail.dbmx.net"), "7.113.0.203.in-addr.arpa. IN PTR mail.dbmx.net."),
+    ],
+)
+def test_zone_lines(line: str, expected: str) -> None:
+    assert line == expected

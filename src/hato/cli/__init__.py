@@ -1,4 +1,11 @@
-"""The ``hato`` command: serve, send, queue …, config check; other groups live beside it.
+"""The ``hato`` command: ``serve``, ``config check`` and what every command shares.
+
+Each other command or group is a module beside this one (``send``, ``queue``,
+``worker``, ``user``, ``dkim``, ``dns``, ``tls``) that registers itself on :func:`main`
+when imported. The modules of ``cli/`` parse arguments and print; what a command does
+lives in the room it belongs to (:mod:`hato.app` builds, :mod:`hato.records` knows the
+DNS records, :mod:`hato.users` the users file, …). ``hato send`` is the exception: a
+test client for people, its small smtplib client is part of the command.
 
 Every error a user can cause ends as one line on stderr and a non-zero exit status
 (2 for bad settings or usage, 1 for everything else), never a traceback.
@@ -8,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -174,213 +180,8 @@ def config_check(
     click.echo("ok")
 
 
-# --- queue ------------------------------------------------------------------------------
-
-
-@main.group()
-def queue() -> None:
-    """Look at and act on queued messages."""
-
-
-def _with_queue(
-    config_file: Path | None,
-    data_dir: Path | None,
-    queue_url: str | None,
-    action: Callable[[Any], Awaitable[T]],
-) -> T:
-    from hato.app import build_queue
-
-    settings = make_settings(config_file, data_dir=data_dir, queue_url=queue_url)
-
-    async def go() -> T:
-        q = build_queue(settings)
-        await q.open()
-        try:
-            return await action(q)
-        finally:
-            await q.close()
-
-    return run(go())
-
-
-def _summary(msg: Any) -> dict[str, Any]:
-    return {
-        "id": msg.id,
-        "sender": msg.sender,
-        "recipients": [r.address for r in msg.recipients],
-        "state": str(msg.state),
-        # Backends may list without the bytes; then the size is unknown here.
-        "size": msg.size if msg.data else None,
-        "created_at": msg.created_at,
-        "next_attempt_at": msg.next_attempt_at,
-        "attempts": msg.attempts,
-        "last_reply": msg.last_reply,
-        "recipient_status": [
-            {"address": r.address, "state": str(r.state), "reply": r.reply, "relay": r.relay}
-            for r in msg.recipients
-        ],
-    }
-
-
-@queue.command("list")
-@settings_options
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option("--state", "states", multiple=True, help="Only these states; repeatable.")
-@click.option("--limit", default=1000, show_default=True, help="At most this many.")
-@friendly
-def queue_list(
-    config_file: Path | None,
-    data_dir: Path | None,
-    queue_url: str | None,
-    as_json: bool,
-    states: tuple[str, ...],
-    limit: int,
-) -> None:
-    """List messages, newest first."""
-    from hato.queue.base import MessageState
-
-    try:
-        wanted = [MessageState(s) for s in states] or None
-    except ValueError as exc:
-        raise ConfigError(f"unknown state: {exc}") from exc
-
-    async def action(q: Any) -> list[Any]:
-        result: list[Any] = await q.list(states=wanted, limit=limit)
-        return result
-
-    messages = _with_queue(config_file, data_dir, queue_url, action)
-    if as_json:
-        click.echo(json.dumps([_summary(m) for m in messages], indent=2, ensure_ascii=False))
-        return
-    if not messages:
-        click.echo("queue is empty")
-        return
-    for m in messages:
-        rcpts = ", ".join(r.address for r in m.recipients)
-        size = str(m.size) if m.data else "-"
-        click.echo(f"{m.id}  {m.state!s:9} {size:>8}  <{m.sender}> -> {rcpts}")
-        if m.last_reply:
-            click.echo(f"{'':18}({m.last_reply})")
-
-
-@queue.command("show")
-@settings_options
-@click.argument("message_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (message as text).")
-@friendly
-def queue_show(
-    config_file: Path | None,
-    data_dir: Path | None,
-    queue_url: str | None,
-    message_id: str,
-    as_json: bool,
-) -> None:
-    """Show one message: envelope, per-recipient state, headers and body."""
-
-    async def action(q: Any) -> Any:
-        return await q.get(message_id)
-
-    m = _with_queue(config_file, data_dir, queue_url, action)
-    text = m.data.decode("utf-8", "replace")
-    if as_json:
-        click.echo(json.dumps({**_summary(m), "message": text}, indent=2, ensure_ascii=False))
-        return
-    click.echo(f"id:       {m.id}")
-    click.echo(f"state:    {m.state}")
-    click.echo(f"from:     <{m.sender}>")
-    for r in m.recipients:
-        reply = f" ({r.reply})" if r.reply else ""
-        click.echo(f"to:       <{r.address}> {r.state}{reply}")
-    click.echo(f"attempts: {m.attempts}")
-    click.echo("")
-    click.echo(text.replace("\r\n", "\n"), nl=False)
-
-
-def _simple_queue_command(name: str, help_text: str, method: str, done: str) -> None:
-    @queue.command(name, help=help_text)
-    @settings_options
-    @click.argument("message_ids", nargs=-1, required=True)
-    @friendly
-    def command(
-        config_file: Path | None,
-        data_dir: Path | None,
-        queue_url: str | None,
-        message_ids: tuple[str, ...],
-    ) -> None:
-        async def action(q: Any) -> None:
-            for message_id in message_ids:
-                await getattr(q, method)(message_id)
-                click.echo(f"{message_id}: {done}")
-
-        _with_queue(config_file, data_dir, queue_url, action)
-
-
-_simple_queue_command(
-    "release", "Deliver held messages now (route them as the settings say).", "requeue", "released"
-)
-_simple_queue_command("retry", "Retry deferred messages now.", "requeue", "due now")
-_simple_queue_command("delete", "Delete messages from the queue.", "delete", "deleted")
-
-
-# --- send -------------------------------------------------------------------------------
-
-
-@main.command()
-@click.option("--server", default="127.0.0.1:2525", show_default=True, help="HOST:PORT.")
-@click.option("--from", "sender", required=True, help="Envelope and From: address.")
-@click.option("--to", "recipients", multiple=True, required=True, help="Recipient; repeatable.")
-@click.option("--header", "headers", multiple=True, help="'Name: value'; repeatable.")
-@click.option("--body", default="This is a test mailing from hato send.", help="Body text.")
-@click.option("--starttls", is_flag=True, help="Require STARTTLS.")
-@click.option("--tls", "implicit_tls", is_flag=True, help="Implicit TLS (port 465).")
-@click.option("--auth-user", help="SASL user.")
-@click.option(
-    "--auth-password", help="SASL password (or HATO_SEND_PASSWORD).", envvar="HATO_SEND_PASSWORD"
-)
-@click.option("--insecure", is_flag=True, help="Do not verify the server's certificate.")
-@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle.")
-@click.option("--timeout", default=30.0, show_default=True, help="Seconds per reply.")
-@click.option("-v", "--verbose", is_flag=True, help="Print the SMTP dialog.")
-@friendly
-def send(
-    server: str,
-    sender: str,
-    recipients: tuple[str, ...],
-    headers: tuple[str, ...],
-    body: str,
-    starttls: bool,
-    implicit_tls: bool,
-    auth_user: str | None,
-    auth_password: str | None,
-    insecure: bool,
-    ca_file: str | None,
-    timeout: float,
-    verbose: bool,
-) -> None:
-    """Send a test message, like swaks."""
-    from hato.sendtool import SendOptions, send_test_message
-
-    options = SendOptions(
-        server=server,
-        sender=sender,
-        recipients=list(recipients),
-        headers=list(headers),
-        body=body,
-        starttls=starttls,
-        implicit_tls=implicit_tls,
-        auth_user=auth_user,
-        auth_password=auth_password,
-        verify=not insecure,
-        ca_file=ca_file,
-        timeout=timeout,
-    )
-    trace = click.echo if verbose else None  # the dialog on stdout, as swaks prints it
-    reply = send_test_message(options, trace=trace)
-    click.echo(f"sent: {reply}")
-
-
 # The other command groups register themselves on ``main`` when imported.
-from hato.cli import dkim, dns, tls, user, worker  # noqa: E402, F401
+from hato.cli import dkim, dns, queue, send, tls, user, worker  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,4 +1,4 @@
-"""``hato worker`` (the application's mail worker) and ``hato queue init`` (create the schema).
+"""``hato worker``: the application's mail worker, which delivers the outbox over SMTP.
 
 ``hato worker`` is the guide's ``mailworker`` service: it claims due messages from the
 outbox (``HATO_QUEUE_URL``) under a lease (``HATO_LEASE_SECONDS``) and delivers every one
@@ -24,8 +24,7 @@ from pathlib import Path
 import click
 
 from hato.app import work
-from hato.cli import friendly, main, make_settings, queue, run, settings_options
-from hato.queue import open_queue, redact_url
+from hato.cli import friendly, main, make_settings, run, settings_options
 
 
 @main.command("worker")
@@ -68,27 +67,3 @@ def worker_command(
         log_format=log_format,
     )
     run(work(settings, bounces=bounces), fast=True)
-
-
-@queue.command("init")
-@settings_options
-@friendly
-def queue_init(config_file: Path | None, data_dir: Path | None, queue_url: str | None) -> None:
-    """Create or upgrade the queue's schema (PostgreSQL tables, SQLite file)."""
-    settings = make_settings(config_file, data_dir=data_dir, queue_url=queue_url)
-    url = settings.effective_queue_url
-    # The pool logs each failed connection attempt; the one error below says it all.
-    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-
-    async def init() -> int | None:
-        q = open_queue(url, fsync=settings.fsync)
-        await q.open()  # every backend creates or upgrades its schema here
-        try:
-            migrate = getattr(q, "migrate", None)
-            return int(await migrate()) if migrate is not None else None
-        finally:
-            await q.close()
-
-    version = run(init())
-    suffix = f" (schema version {version})" if version is not None else ""
-    click.echo(f"queue ready: {redact_url(url)}{suffix}")

@@ -1,7 +1,8 @@
-"""The ``hato send`` test client: a swaks-like one-shot SMTP sender with a dialog trace.
+"""``hato send``: a swaks-like test client that sends one message and can show the dialog.
 
 It uses the standard library's smtplib (blocking, one message) on purpose: it is a tool
-for people, and smtplib's behaviour is what many applications do.
+for people, and smtplib's behaviour is what many applications do. With ``-v`` the dialog
+goes to stdout as swaks prints it (verbs in upper case, AUTH arguments masked).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, localtime, make_msgid
 from typing import Any
 
+import click
+
+from hato.cli import friendly, main
 from hato.config import parse_relayhost
 from hato.errors import AddressError, ConfigError, HatoError
 from hato.message import check_header_value
@@ -174,3 +178,55 @@ def send_test_message(options: SendOptions, *, trace: Trace | None = None) -> st
         if client is not None:
             with contextlib.suppress(OSError):
                 client.close()
+
+
+@main.command()
+@click.option("--server", default="127.0.0.1:2525", show_default=True, help="HOST:PORT.")
+@click.option("--from", "sender", required=True, help="Envelope and From: address.")
+@click.option("--to", "recipients", multiple=True, required=True, help="Recipient; repeatable.")
+@click.option("--header", "headers", multiple=True, help="'Name: value'; repeatable.")
+@click.option("--body", default="This is a test mailing from hato send.", help="Body text.")
+@click.option("--starttls", is_flag=True, help="Require STARTTLS.")
+@click.option("--tls", "implicit_tls", is_flag=True, help="Implicit TLS (port 465).")
+@click.option("--auth-user", help="SASL user.")
+@click.option(
+    "--auth-password", help="SASL password (or HATO_SEND_PASSWORD).", envvar="HATO_SEND_PASSWORD"
+)
+@click.option("--insecure", is_flag=True, help="Do not verify the server's certificate.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="CA bundle.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds per reply.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the SMTP dialog.")
+@friendly
+def send(
+    server: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    headers: tuple[str, ...],
+    body: str,
+    starttls: bool,
+    implicit_tls: bool,
+    auth_user: str | None,
+    auth_password: str | None,
+    insecure: bool,
+    ca_file: str | None,
+    timeout: float,
+    verbose: bool,
+) -> None:
+    """Send a test message, like swaks."""
+    options = SendOptions(
+        server=server,
+        sender=sender,
+        recipients=list(recipients),
+        headers=list(headers),
+        body=body,
+        starttls=starttls,
+        implicit_tls=implicit_tls,
+        auth_user=auth_user,
+        auth_password=auth_password,
+        verify=not insecure,
+        ca_file=ca_file,
+        timeout=timeout,
+    )
+    trace = click.echo if verbose else None  # the dialog on stdout, as swaks prints it
+    reply = send_test_message(options, trace=trace)
+    click.echo(f"sent: {reply}")
