@@ -563,11 +563,7 @@ class Settings(BaseSettings):
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
 
-<<<<<<< HEAD
     # --- relay server role: MX delivery, users, own domains, DKIM ----------------------
-=======
-    # --- relay server role: MX delivery, users, own domains, DKIM --------------------
->>>>>>> h4-cli
     dns_servers: CommaList = Field(
         default_factory=list,
         validation_alias=_env("HATO_DNS_SERVERS"),
@@ -662,11 +658,7 @@ class Settings(BaseSettings):
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
     )
 
-<<<<<<< HEAD
     # --- application side: Mailer and hato worker --------------------------------------
-=======
-    # --- application side: Mailer and hato worker ------------------------------------
->>>>>>> h4-cli
     default_from: str | None = Field(
         default=None,
         validation_alias=_env("HATO_DEFAULT_FROM"),
