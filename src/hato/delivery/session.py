@@ -191,6 +191,8 @@ class Plan:
 
 
 class FailureKind(StrEnum):
+    """Why a session could not be set up, as far as the MX fallback rules care."""
+
     UNREACHABLE = "unreachable"
     HANDSHAKE = "handshake"
     ANSWERED = "answered"
