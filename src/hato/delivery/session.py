@@ -30,9 +30,10 @@ The :class:`Pool` keeps idle sessions by destination, closes those idle or open 
 long, and hands one out again only after RSET and only when its TLS meets the level asked
 for. :func:`send` runs one mail transaction (MAIL, one RCPT per recipient, DATA) and
 records a per-recipient result as each reply comes, so a connection lost half-way keeps
-what was already decided. The body goes out with CRLF line endings and dot-stuffing
-(aiosmtplib's ``data``), so no end-of-data sequence other than the final ``CRLF.CRLF``
-can leave Hato.
+what was already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
+or none of it (5.6.3, see :mod:`hato.mime7bit`). The body goes out with CRLF line
+endings and dot-stuffing (aiosmtplib's ``data``), so no end-of-data sequence other than
+the final ``CRLF.CRLF`` can leave Hato.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import aiosmtplib
 
 from hato.delivery.base import DeliveryResult, Result, all_results
 from hato.errors import ConfigError
+from hato.mime7bit import NotConvertible, to_7bit
 from hato.reply import Reply
 
 _MAX_REPLY_TEXT = 2000
@@ -587,7 +589,8 @@ async def _transact(
 ) -> Reply | None:
     """One MAIL, one RCPT per recipient, DATA if any was accepted.
 
-    Fills ``results`` (recipient index → result) as replies come. Returns the reply to
+    8-bit data goes to a server without 8BITMIME converted to 7 bit (:mod:`hato.mime7bit`),
+    or not at all: every recipient then fails with 5.6.3. Fills ``results`` (recipient index → result) as replies come. Returns the reply to
     MAIL when MAIL was refused (then every recipient carries that reply and nothing else
     was sent), else None.
     """
@@ -607,6 +610,19 @@ async def _transact(
         for i in range(len(recipients)):
             decide(i, Result.PERMANENT, reply)
         return None
+    if not data.isascii() and not smtp.supports_extension("8bitmime"):
+        try:
+            data = to_7bit(data)
+        except NotConvertible as exc:
+            reply = Reply(
+                554,
+                "5.6.3",
+                f"host {relay} does not offer 8BITMIME, and the message cannot be "
+                f"converted to 7 bit: {exc}",
+            )
+            for i in range(len(recipients)):
+                decide(i, Result.PERMANENT, reply)
+            return None
     options: list[bytes] = []
     if smtp.supports_extension("size"):
         options.append(b"SIZE=%d" % len(data))

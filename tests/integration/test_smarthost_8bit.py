@@ -1,0 +1,152 @@
+"""8-bit mail to a next hop without 8BITMIME: converted to 7 bit, or returned with 5.6.3.
+
+The next hop is Debian's Postfix told not to offer 8BITMIME or SMTPUTF8
+(``smtpd_discard_ehlo_keywords``); it relays what it gets to a recording sink, where the
+message is parsed back with ``email``.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim  # type: ignore[import-untyped]
+import pytest
+
+from conftest import attach_log
+from hato.delivery.base import Result
+from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
+from hato.dkim import generate_key, load_signers
+from peers.postfix import PostfixInstance, plain_relay
+from peers.sinks import RecordingSink
+
+SUBJECT = "Grüße aus Köln — 8 bit"
+BODY = "Hällo Wörld,\r\n.\r\nein Punkt oben, ü am Ende ü\r\n"
+PLAIN = (
+    "From: Jörg <joerg@example.org>\r\n"
+    "To: someone@example.net\r\n"
+    f"Subject: {SUBJECT}\r\n"
+    "Message-ID: <8bit-1@example.org>\r\n"
+    "\r\n" + BODY
+).encode()
+MULTIPART = (
+    b"From: app@example.org\r\nTo: someone@example.net\r\nSubject: parts\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+    b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + BODY.encode()
+    + b"--b1\r\nContent-Type: text/csv; charset=utf-8\r\n"
+    b'Content-Disposition: attachment; filename="' + "übersicht.csv".encode() + b'"\r\n'
+    b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    + "name;ort\r\nJörg;Köln\r\n".encode()
+    + b"--b1--\r\n"
+)
+
+
+@pytest.fixture
+def relay_without_8bitmime(
+    request: pytest.FixtureRequest, recording_sink: RecordingSink
+) -> Iterator[PostfixInstance]:
+    instance = plain_relay(
+        recording_sink.address,
+        main={"smtpd_discard_ehlo_keywords": "8bitmime, smtputf8, chunking"},
+    )
+    attach_log(request, "postfix (relay without 8BITMIME)", instance.log)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.cleanup()
+
+
+def courier(relay: PostfixInstance) -> SmarthostCourier:
+    return SmarthostCourier(
+        SmarthostConfig(host="127.0.0.1", port=relay.port("smtp"), tls="none", timeout=30.0)
+    )
+
+
+async def relay_once(relay: PostfixInstance, data: bytes, sender: str = "app@example.org") -> str:
+    c = courier(relay)
+    [res] = await c.deliver(sender, ["someone@example.net"], data)
+    await c.close()
+    assert res.result is Result.OK, res.reply
+    return str(res.reply)
+
+
+def parse(data: bytes) -> email.message.EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, email.message.EmailMessage)
+    return msg
+
+
+async def test_8bit_subject_and_body_are_converted(
+    relay_without_8bitmime: PostfixInstance, recording_sink: RecordingSink
+) -> None:
+    await relay_once(relay_without_8bitmime, PLAIN)
+    [got] = recording_sink.wait_for_count(1, timeout=30)
+    assert got.data.isascii()
+    msg = parse(got.data)
+    assert msg["Subject"] == SUBJECT
+    assert msg["From"] == "Jörg <joerg@example.org>"
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert msg.get_content_charset() == "utf-8"
+    assert msg.get_content().replace("\r\n", "\n") == BODY.replace("\r\n", "\n")
+
+
+async def test_each_8bit_part_of_a_multipart_is_converted(
+    relay_without_8bitmime: PostfixInstance, recording_sink: RecordingSink
+) -> None:
+    await relay_once(relay_without_8bitmime, MULTIPART)
+    [got] = recording_sink.wait_for_count(1, timeout=30)
+    assert got.data.isascii()
+    text, table = parse(got.data).iter_parts()
+    # The line break before a boundary belongs to the boundary (RFC 2046 5.1.1).
+    assert text.get_content().replace("\r\n", "\n") == BODY.replace("\r\n", "\n")[:-1]
+    assert table.get_filename() == "übersicht.csv"
+    assert table.get_content().replace("\r\n", "\n") == "name;ort\nJörg;Köln"
+    assert {p["Content-Transfer-Encoding"] for p in (text, table)} == {"quoted-printable"}
+
+
+async def test_a_foreign_signature_is_not_broken_but_returned(
+    relay_without_8bitmime: PostfixInstance, tmp_path: Path
+) -> None:
+    generate_key("elsewhere.example", "s1", "rsa", directory=tmp_path, bits=1024)
+    [key] = load_signers(tmp_path).keys
+    message = PLAIN.replace(b"example.org", b"elsewhere.example")
+    signature = dkim.sign(message, b"s1", b"elsewhere.example", key.private, linesep=b"\r\n")
+    c = courier(relay_without_8bitmime)
+    [res] = await c.deliver("joerg@elsewhere.example", ["someone@example.net"], signature + message)
+    await c.close()
+    assert res.result is Result.PERMANENT
+    assert (res.reply.code, res.reply.enhanced) == (554, "5.6.3")
+    assert "does not offer 8BITMIME" in res.reply.text
+    assert "DKIM signature of elsewhere.example" in res.reply.text
+    assert "from=<" not in relay_without_8bitmime.log()  # no MAIL was sent
+
+
+async def test_an_unconvertible_message_is_returned(
+    relay_without_8bitmime: PostfixInstance,
+) -> None:
+    forwarded = (
+        b"From: a@example.org\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n"
+        b"\r\n--x\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\n"
+        + "größer\r\n".encode()
+        + b"--x--\r\n"
+    )
+    c = courier(relay_without_8bitmime)
+    [res] = await c.deliver("a@example.org", ["someone@example.net"], forwarded)
+    await c.close()
+    assert res.result is Result.PERMANENT
+    assert (res.reply.code, res.reply.enhanced) == (554, "5.6.3")
+    assert "message/rfc822" in res.reply.text
+
+
+async def test_a_next_hop_with_8bitmime_gets_the_bytes_unchanged(
+    postfix_plain_relay: PostfixInstance, recording_sink: RecordingSink
+) -> None:
+    await relay_once(postfix_plain_relay, PLAIN)
+    [got] = recording_sink.wait_for_count(1, timeout=30)
+    assert f"Subject: {SUBJECT}\r\n".encode() in got.data
+    assert got.data.endswith(b"\r\n\r\n" + BODY.encode())
