@@ -19,9 +19,10 @@ import pytest
 from conftest import attach_log
 from hato.delivery.base import Result
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
-from hato.dkim import generate_key, load_signers
+from hato.dkim import dkim_txt_records, generate_key, load_signers
 from peers.postfix import PostfixInstance, plain_relay
 from peers.sinks import RecordingSink
+from peers.verify import dkimpy_verdicts, mail_dkim_lines
 
 SUBJECT = "Grüße aus Köln — 8 bit"
 BODY = "Hällo Wörld,\r\n.\r\nein Punkt oben, ü am Ende ü\r\n"
@@ -107,6 +108,21 @@ async def test_each_8bit_part_of_a_multipart_is_converted(
     assert table.get_filename() == "übersicht.csv"
     assert table.get_content().replace("\r\n", "\n") == "name;ort\nJörg;Köln"
     assert {p["Content-Transfer-Encoding"] for p in (text, table)} == {"quoted-printable"}
+
+
+async def test_our_signature_on_8bit_mail_survives_the_hop(
+    relay_without_8bitmime: PostfixInstance, recording_sink: RecordingSink, tmp_path: Path
+) -> None:
+    generate_key("example.org", "hato-rsa", "rsa", directory=tmp_path)
+    generate_key("example.org", "hato-ed", "ed25519", directory=tmp_path)
+    zone = {f"{r.name}.": r.txt for r in dkim_txt_records(tmp_path)}
+    signed = load_signers(tmp_path).sign(PLAIN)
+    await relay_once(relay_without_8bitmime, signed, sender="joerg@example.org")
+    [got] = recording_sink.wait_for_count(1, timeout=30)
+    assert got.data.isascii()
+    assert parse(got.data)["Subject"] == SUBJECT
+    assert dkimpy_verdicts(got.data, zone) == [True, True]
+    assert "example.org hato-rsa rsa-sha256 pass" in mail_dkim_lines(got.data, zone)
 
 
 async def test_a_foreign_signature_is_not_broken_but_returned(
