@@ -28,9 +28,10 @@ smarthost's name is resolved by the connection).
 
 The :class:`Pool` keeps idle sessions by destination, closes those idle or open for too
 long, and hands one out again only after RSET and only when its TLS meets the level asked
-for. :func:`send` runs one mail transaction (MAIL, one RCPT per recipient, DATA) and
-records a per-recipient result as each reply comes, so a connection lost half-way keeps
-what was already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
+for. :func:`send` runs a mail transaction (MAIL, one RCPT per recipient, DATA; more on
+the same connection when the server's recipient limit leaves some over) and records a
+per-recipient result as each reply comes, so a connection lost half-way keeps what was
+already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
 or none of it (5.6.3, see :mod:`hato.mime7bit`). The body goes out with CRLF line
 endings and dot-stuffing (aiosmtplib's ``data``), so no end-of-data sequence other than
 the final ``CRLF.CRLF`` can leave Hato.
@@ -44,7 +45,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -63,6 +64,9 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f<>]")
 _QUOTED_LOCAL_RE = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 _SENDING_MAIL = "sending MAIL FROM"
+# A 452 to RCPT with one of these enhanced codes is the server's recipient limit; with
+# another (4.2.2 mailbox full, 4.3.1 no space) it is about that recipient alone.
+_TOO_MANY_RECIPIENTS = ("4.5.3", "")
 
 
 def reply_from_response(code: int, message: str) -> Reply:
@@ -551,8 +555,8 @@ class Transaction:
 async def send(
     session: Session, sender: str, recipients: Sequence[str], data: bytes
 ) -> Transaction:
-    """One mail transaction on ``session``; a session that broke, or was cancelled
-    half-way, is closed."""
+    """Deliver to ``recipients`` on ``session`` (see :func:`_transact`); a session that
+    broke, or was cancelled half-way, is closed."""
     results: dict[int, DeliveryResult] = {}
     deferred_at_mail: Reply | None = None
     relay = session.relay
@@ -587,90 +591,134 @@ async def _transact(
     data: bytes,
     results: dict[int, DeliveryResult],
 ) -> Reply | None:
-    """One MAIL, one RCPT per recipient, DATA if any was accepted.
+    """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
+    the same connection, for the recipients a server's recipient limit left over.
 
-    8-bit data goes to a server without 8BITMIME converted to 7 bit (:mod:`hato.mime7bit`),
-    or not at all: every recipient then fails with 5.6.3. Fills ``results`` (recipient index → result) as replies come. Returns the reply to
-    MAIL when MAIL was refused (then every recipient carries that reply and nothing else
-    was sent), else None.
+    A ``452`` (``4.5.3`` or no enhanced code) to RCPT after at least one recipient was
+    accepted is that limit (RFC 5321 4.5.3.1.8 and 4.5.3.1.10): the accepted ones get the
+    message, and the rest go at once in a further transaction, as Postfix does, rather
+    than waiting for the next retry. Any other ``452``, and one to the first RCPT of a
+    transaction, is that recipient's own temporary failure.
+
+    8-bit data goes to a server without 8BITMIME converted to 7 bit
+    (:mod:`hato.mime7bit`), or not at all: every recipient then fails with 5.6.3.
+
+    Fills ``results`` (recipient index → result) as replies come. Returns the reply to
+    the first MAIL when it was refused (then every recipient carries that reply and
+    nothing else was sent), else None.
     """
     smtp, relay = session.smtp, session.relay
 
-    def decide(i: int, result: Result, reply: Reply) -> None:
-        results[i] = DeliveryResult(recipients[i], result, reply, relay)
+    def decide(indexes: Iterable[int], result: Result, reply: Reply) -> None:
+        for i in indexes:
+            results[i] = DeliveryResult(recipients[i], result, reply, relay)
 
-    if bad_path(sender):
-        for i in range(len(recipients)):
-            decide(i, Result.PERMANENT, Reply(553, "5.1.7", f"bad sender address {sender!r}"))
-        return None
+    everyone = range(len(recipients))
     utf8_envelope = not (sender.isascii() and all(r.isascii() for r in recipients))
-    offers_utf8 = smtp.supports_extension("smtputf8")
-    if utf8_envelope and not offers_utf8:
-        reply = Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
-        for i in range(len(recipients)):
-            decide(i, Result.PERMANENT, reply)
-        return None
-    if not data.isascii() and not smtp.supports_extension("8bitmime"):
+    refusal = _refusal(smtp, relay, sender, utf8_envelope=utf8_envelope)
+    if refusal is None and not data.isascii() and not smtp.supports_extension("8bitmime"):
         try:
             data = to_7bit(data)
         except NotConvertible as exc:
-            reply = Reply(
+            refusal = Reply(
                 554,
                 "5.6.3",
                 f"host {relay} does not offer 8BITMIME, and the message cannot be "
                 f"converted to 7 bit: {exc}",
             )
-            for i in range(len(recipients)):
-                decide(i, Result.PERMANENT, reply)
+    if refusal is not None:
+        decide(everyone, Result.PERMANENT, refusal)
+        return None
+    options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
+
+    pending = list(everyone)
+    while pending:
+        first = not results
+        session.stage = _SENDING_MAIL
+        response = await smtp.execute_command(
+            b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
+        )
+        if response.code != 250:
+            reply = reply_from_response(response.code, response.message)
+            decide(pending, classify(reply), reply)
+            return reply if first else None
+        accepted, pending = await _recipients(session, recipients, pending, decide)
+        if not accepted or not smtp.is_connected:
             return None
+        session.stage = "sending message body"
+        if not await _data(smtp, data, accepted, decide) and pending:
+            await smtp.execute_command(b"RSET")  # whatever the server kept of it goes
+    return None
+
+
+def _refusal(
+    smtp: aiosmtplib.SMTP, relay: str, sender: str, *, utf8_envelope: bool
+) -> Reply | None:
+    """Why no MAIL can be sent for this envelope (a permanent reply), or None."""
+    if bad_path(sender):
+        return Reply(553, "5.1.7", f"bad sender address {sender!r}")
+    if utf8_envelope and not smtp.supports_extension("smtputf8"):
+        return Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
+    return None
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, data: bytes, *, utf8_envelope: bool) -> list[bytes]:
     options: list[bytes] = []
     if smtp.supports_extension("size"):
         options.append(b"SIZE=%d" % len(data))
     if not data.isascii() and smtp.supports_extension("8bitmime"):
         options.append(b"BODY=8BITMIME")
-    if offers_utf8 and (utf8_envelope or not header_section(data).isascii()):
+    if smtp.supports_extension("smtputf8") and (
+        utf8_envelope or not header_section(data).isascii()
+    ):
         options.append(b"SMTPUTF8")
+    return options
 
-    session.stage = _SENDING_MAIL
-    response = await smtp.execute_command(
-        b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
-    )
-    if response.code != 250:
-        reply = reply_from_response(response.code, response.message)
-        for i in range(len(recipients)):
-            decide(i, classify(reply), reply)
-        return reply
 
-    accepted: list[int] = []
+async def _recipients(
+    session: Session,
+    recipients: Sequence[str],
+    pending: list[int],
+    decide: Callable[[Iterable[int], Result, Reply], None],
+) -> tuple[list[int], list[int]]:
+    """RCPT for each pending recipient: (accepted, left over for another transaction)."""
+    smtp = session.smtp
     session.stage = "sending RCPT TO"
-    for i, rcpt in enumerate(recipients):
+    accepted: list[int] = []
+    for n, i in enumerate(pending):
+        rcpt = recipients[i]
         if bad_path(rcpt):
-            decide(i, Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
+            decide([i], Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
             continue
         response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">")
         if response.code in (250, 251):
             accepted.append(i)
             continue
         reply = reply_from_response(response.code, response.message)
-        decide(i, classify(reply), reply)
+        if accepted and reply.code == 452 and reply.enhanced in _TOO_MANY_RECIPIENTS:
+            return accepted, pending[n:]
+        decide([i], classify(reply), reply)
         if response.code == 421:
             # The server is closing: whoever was not asked yet is deferred with its words.
-            for j in range(i + 1, len(recipients)):
-                decide(j, Result.TEMPORARY, reply)
+            decide(pending[n + 1 :], Result.TEMPORARY, reply)
             break
-    if not accepted or not smtp.is_connected:
-        return None
+    return accepted, []
 
-    session.stage = "sending message body"
+
+async def _data(
+    smtp: aiosmtplib.SMTP,
+    data: bytes,
+    accepted: list[int],
+    decide: Callable[[Iterable[int], Result, Reply], None],
+) -> bool:
+    """DATA for the accepted recipients; whether the server took the message."""
     try:
         response = await smtp.data(data)
     except aiosmtplib.SMTPDataError as exc:
         response = aiosmtplib.SMTPResponse(exc.code, exc.message)
     reply = reply_from_response(response.code, response.message)
-    result = Result.OK if response.code == 250 else classify(reply)
-    for i in accepted:
-        decide(i, result, reply)
-    return None
+    decide(accepted, Result.OK if response.code == 250 else classify(reply), reply)
+    return response.code == 250
 
 
 def broken_reply(exc: Exception, session: Session) -> Reply:
