@@ -10,17 +10,16 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import dkim  # type: ignore[import-untyped]
 import pytest
 
-from conftest import attach_log
-from hato.delivery.base import Result
+from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from hato.dkim import dkim_txt_records, generate_key, load_signers
-from peers.postfix import PostfixInstance, plain_relay
+from peers.postfix import PostfixInstance
 from peers.sinks import RecordingSink
 from peers.verify import dkimpy_verdicts, mail_dkim_lines
 
@@ -48,18 +47,9 @@ MULTIPART = (
 
 @pytest.fixture
 def relay_without_8bitmime(
-    request: pytest.FixtureRequest, recording_sink: RecordingSink
-) -> Iterator[PostfixInstance]:
-    instance = plain_relay(
-        recording_sink.address,
-        main={"smtpd_discard_ehlo_keywords": "8bitmime, smtputf8, chunking"},
-    )
-    attach_log(request, "postfix (relay without 8BITMIME)", instance.log)
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.cleanup()
+    postfix_relay_with: Callable[[Mapping[str, str]], PostfixInstance],
+) -> PostfixInstance:
+    return postfix_relay_with({"smtpd_discard_ehlo_keywords": "8bitmime, smtputf8, chunking"})
 
 
 def courier(relay: PostfixInstance) -> SmarthostCourier:
@@ -68,12 +58,31 @@ def courier(relay: PostfixInstance) -> SmarthostCourier:
     )
 
 
-async def relay_once(relay: PostfixInstance, data: bytes, sender: str = "app@example.org") -> str:
+async def deliver(relay: PostfixInstance, data: bytes, sender: str) -> DeliveryResult:
     c = courier(relay)
     [res] = await c.deliver(sender, ["someone@example.net"], data)
     await c.close()
+    return res
+
+
+async def relayed(
+    relay: PostfixInstance, sink: RecordingSink, data: bytes, sender: str = "app@example.org"
+) -> bytes:
+    """What the sink behind ``relay`` got when Hato sent it ``data``."""
+    res = await deliver(relay, data, sender)
     assert res.result is Result.OK, res.reply
-    return str(res.reply)
+    [got] = sink.wait_for_count(1, timeout=30)
+    return got.data
+
+
+async def returned(relay: PostfixInstance, data: bytes, sender: str) -> str:
+    """The text of the 5.6.3 that Hato gave instead of sending ``data`` to ``relay``."""
+    res = await deliver(relay, data, sender)
+    assert res.result is Result.PERMANENT
+    assert (res.reply.code, res.reply.enhanced) == (554, "5.6.3")
+    assert "does not offer 8BITMIME" in res.reply.text
+    assert "from=<" not in relay.log()  # no MAIL was sent
+    return res.reply.text
 
 
 def parse(data: bytes) -> email.message.EmailMessage:
@@ -85,10 +94,9 @@ def parse(data: bytes) -> email.message.EmailMessage:
 async def test_8bit_subject_and_body_are_converted(
     relay_without_8bitmime: PostfixInstance, recording_sink: RecordingSink
 ) -> None:
-    await relay_once(relay_without_8bitmime, PLAIN)
-    [got] = recording_sink.wait_for_count(1, timeout=30)
-    assert got.data.isascii()
-    msg = parse(got.data)
+    data = await relayed(relay_without_8bitmime, recording_sink, PLAIN)
+    assert data.isascii()
+    msg = parse(data)
     assert msg["Subject"] == SUBJECT
     assert msg["From"] == "Jörg <joerg@example.org>"
     assert msg["Content-Transfer-Encoding"] == "quoted-printable"
@@ -99,10 +107,9 @@ async def test_8bit_subject_and_body_are_converted(
 async def test_each_8bit_part_of_a_multipart_is_converted(
     relay_without_8bitmime: PostfixInstance, recording_sink: RecordingSink
 ) -> None:
-    await relay_once(relay_without_8bitmime, MULTIPART)
-    [got] = recording_sink.wait_for_count(1, timeout=30)
-    assert got.data.isascii()
-    text, table = parse(got.data).iter_parts()
+    data = await relayed(relay_without_8bitmime, recording_sink, MULTIPART)
+    assert data.isascii()
+    text, table = parse(data).iter_parts()
     # The line break before a boundary belongs to the boundary (RFC 2046 5.1.1).
     assert text.get_content().replace("\r\n", "\n") == BODY.replace("\r\n", "\n")[:-1]
     assert table.get_filename() == "übersicht.csv"
@@ -117,12 +124,11 @@ async def test_our_signature_on_8bit_mail_survives_the_hop(
     generate_key("example.org", "hato-ed", "ed25519", directory=tmp_path)
     zone = {f"{r.name}.": r.txt for r in dkim_txt_records(tmp_path)}
     signed = load_signers(tmp_path).sign(PLAIN)
-    await relay_once(relay_without_8bitmime, signed, sender="joerg@example.org")
-    [got] = recording_sink.wait_for_count(1, timeout=30)
-    assert got.data.isascii()
-    assert parse(got.data)["Subject"] == SUBJECT
-    assert dkimpy_verdicts(got.data, zone) == [True, True]
-    assert "example.org hato-rsa rsa-sha256 pass" in mail_dkim_lines(got.data, zone)
+    data = await relayed(relay_without_8bitmime, recording_sink, signed, "joerg@example.org")
+    assert data.isascii()
+    assert parse(data)["Subject"] == SUBJECT
+    assert dkimpy_verdicts(data, zone) == [True, True]
+    assert "example.org hato-rsa rsa-sha256 pass" in mail_dkim_lines(data, zone)
 
 
 async def test_a_foreign_signature_is_not_broken_but_returned(
@@ -132,14 +138,8 @@ async def test_a_foreign_signature_is_not_broken_but_returned(
     [key] = load_signers(tmp_path).keys
     message = PLAIN.replace(b"example.org", b"elsewhere.example")
     signature = dkim.sign(message, b"s1", b"elsewhere.example", key.private, linesep=b"\r\n")
-    c = courier(relay_without_8bitmime)
-    [res] = await c.deliver("joerg@elsewhere.example", ["someone@example.net"], signature + message)
-    await c.close()
-    assert res.result is Result.PERMANENT
-    assert (res.reply.code, res.reply.enhanced) == (554, "5.6.3")
-    assert "does not offer 8BITMIME" in res.reply.text
-    assert "DKIM signature of elsewhere.example" in res.reply.text
-    assert "from=<" not in relay_without_8bitmime.log()  # no MAIL was sent
+    why = await returned(relay_without_8bitmime, signature + message, "joerg@elsewhere.example")
+    assert "DKIM signature of elsewhere.example" in why
 
 
 async def test_an_unconvertible_message_is_returned(
@@ -151,18 +151,12 @@ async def test_an_unconvertible_message_is_returned(
         + "größer\r\n".encode()
         + b"--x--\r\n"
     )
-    c = courier(relay_without_8bitmime)
-    [res] = await c.deliver("a@example.org", ["someone@example.net"], forwarded)
-    await c.close()
-    assert res.result is Result.PERMANENT
-    assert (res.reply.code, res.reply.enhanced) == (554, "5.6.3")
-    assert "message/rfc822" in res.reply.text
+    assert "message/rfc822" in await returned(relay_without_8bitmime, forwarded, "a@example.org")
 
 
 async def test_a_next_hop_with_8bitmime_gets_the_bytes_unchanged(
     postfix_plain_relay: PostfixInstance, recording_sink: RecordingSink
 ) -> None:
-    await relay_once(postfix_plain_relay, PLAIN)
-    [got] = recording_sink.wait_for_count(1, timeout=30)
-    assert f"Subject: {SUBJECT}\r\n".encode() in got.data
-    assert got.data.endswith(b"\r\n\r\n" + BODY.encode())
+    data = await relayed(postfix_plain_relay, recording_sink, PLAIN)
+    assert f"Subject: {SUBJECT}\r\n".encode() in data
+    assert data.endswith(b"\r\n\r\n" + BODY.encode())

@@ -8,7 +8,7 @@ refused) in the one delivery attempt, over one connection.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP
 from hato.delivery.base import Result
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from peers.asyncsinks import HOST, Handler, Sink
-from peers.postfix import PostfixInstance, plain_relay
+from peers.postfix import PostfixInstance
 from peers.sinks import RecordingSink
 
 MSG = b"From: a@example.org\r\nTo: list@example.net\r\nSubject: many\r\n\r\nHello all.\r\n"
@@ -91,26 +91,17 @@ async def test_a_limit_of_nothing_defers_the_rest() -> None:
 
 @pytest.fixture
 def limited_postfix(
-    request: pytest.FixtureRequest, recording_sink: RecordingSink
-) -> Iterator[PostfixInstance]:
-    from conftest import attach_log
-
-    instance = plain_relay(
-        recording_sink.address,
-        main={
+    postfix_relay_with: Callable[[Mapping[str, str]], PostfixInstance],
+) -> PostfixInstance:
+    return postfix_relay_with(
+        {
             "smtpd_recipient_limit": "4",
             "smtpd_recipient_restrictions": (
                 "check_recipient_access inline:{ bad@example.net=REJECT }, "
                 "permit_mynetworks, reject"
             ),
-        },
+        }
     )
-    attach_log(request, "postfix (recipient limit 4)", instance.log)
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.cleanup()
 
 
 async def test_postfix_recipient_limit(
