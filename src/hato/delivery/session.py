@@ -494,8 +494,7 @@ class Pool:
     def prune(self) -> None:
         """Close every idle session that is too old to reuse."""
         for key in list(self._idle):
-            if not self._fresh(key):
-                del self._idle[key]
+            self._fresh(key)
 
     async def close(self, timeout: float) -> None:
         """QUIT every idle session; sessions released later are closed."""
