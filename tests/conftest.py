@@ -96,17 +96,33 @@ def guide_relay(
 
 
 @pytest.fixture
-def postfix_plain_relay(
+def postfix_relay_with(
     request: pytest.FixtureRequest, recording_sink: RecordingSink
-) -> Iterator[PostfixInstance]:
-    """Postfix as a plain local relay (trusts 127.0.0.0/8), relaying to ``recording_sink``."""
-    instance = plain_relay(recording_sink.address)
-    attach_log(request, "postfix (plain relay)", instance.log)
-    try:
+) -> Iterator[Callable[[Mapping[str, str]], PostfixInstance]]:
+    """Start plain Postfix relays to ``recording_sink`` with more ``main.cf`` settings:
+    ``postfix_relay_with({"smtpd_recipient_limit": "4"})`` → a started instance."""
+    started: list[PostfixInstance] = []
+
+    def start(main: Mapping[str, str]) -> PostfixInstance:
+        instance = plain_relay(recording_sink.address, main=main)
+        started.append(instance)
+        attach_log(request, f"postfix (plain relay, {dict(main)})", instance.log)
         instance.start()
-        yield instance
+        return instance
+
+    try:
+        yield start
     finally:
-        instance.cleanup()
+        for instance in started:
+            instance.cleanup()
+
+
+@pytest.fixture
+def postfix_plain_relay(
+    postfix_relay_with: Callable[[Mapping[str, str]], PostfixInstance],
+) -> PostfixInstance:
+    """Postfix as a plain local relay (trusts 127.0.0.0/8), relaying to ``recording_sink``."""
+    return postfix_relay_with({})
 
 
 # hato serve.

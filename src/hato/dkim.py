@@ -11,7 +11,8 @@ Keys are read and checked once, by :func:`load_signers`, at start-up: a key that
 be read or parsed, or a file that does not belong in the directory, is a
 :class:`~hato.errors.ConfigError`, never silently unsigned mail. :meth:`DKIMSigner.sign`
 does no I/O: relaxed/relaxed canonicalisation, the usual header set with ``From``
-over-signed, the signatures prepended to the message bytes unchanged otherwise.
+over-signed, the signatures prepended to the message bytes, which are unchanged otherwise
+unless they hold 8-bit data: that is converted to 7 bit first (RFC 6376 5.3).
 
 dkimpy computes the signatures (its Ed25519 support needs PyNaCl); ``cryptography``
 generates and parses the keys. Their exceptions do not leave this module.
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from hato.errors import ConfigError, HatoError
 from hato.message import normalize_domain
+from hato.mime7bit import NotConvertible, to_7bit
 
 
 class SigningError(HatoError):
@@ -521,12 +523,18 @@ class DKIMSigner:
         unchanged when the From domain has no key. ``domains`` (normalised, lower-case)
         limits signing to From domains the submitter may use, so one user cannot get
         mail signed for another hosted domain. Raises :class:`SigningError` when a
-        message that should be signed cannot be."""
+        message that should be signed cannot be.
+
+        A message with 8-bit data is converted to 7 bit before it is signed (RFC 6376
+        5.3, :mod:`hato.mime7bit`), so that no next hop without 8BITMIME has to change
+        what the signature covers; one that cannot be converted is signed as it is."""
         if not self._by_domain:
             return data
         keys = self.keys_for(data, domains)
         if not keys:
             return data
+        with contextlib.suppress(NotConvertible):  # then signed as it is, 8-bit
+            data = to_7bit(data)
         present = [name for name, _ in _headers(data) if name in _SIGNED]
         include = [n.encode("ascii") for n in present]
         include += [n.encode("ascii") for n in dict.fromkeys(present) if n in OVERSIGNED_HEADERS]

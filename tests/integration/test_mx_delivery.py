@@ -470,6 +470,42 @@ async def test_dropped_idle_connection_is_replaced(test_dns: TestDNS, fleet: Fle
     assert mx1.connections == 2
 
 
+async def test_an_idle_connection_past_idle_seconds_is_not_reused(
+    test_dns: TestDNS, fleet: Fleet
+) -> None:
+    two_mx(test_dns)
+    [mx1] = await fleet.start(["127.0.0.2"])
+    now = [0.0]
+    c = courier(test_dns, fleet.port, idle_seconds=30.0, monotonic=lambda: now[0])
+    try:
+        [first] = await c.deliver(SENDER, ["b@example.test"], MSG)
+        now[0] += 30.0
+        [second] = await c.deliver(SENDER, ["c@example.test"], MSG)
+    finally:
+        await c.close()
+    assert first.ok and second.ok, second.reply
+    assert c.connections_opened == mx1.connections == 2
+
+
+async def test_a_connection_past_its_max_age_is_not_reused(test_dns: TestDNS, fleet: Fleet) -> None:
+    two_mx(test_dns)
+    [mx1] = await fleet.start(["127.0.0.2"])
+    now = [0.0]
+    c = courier(
+        test_dns, fleet.port, idle_seconds=30.0, max_age_seconds=60.0, monotonic=lambda: now[0]
+    )
+    results = []
+    try:
+        for _ in range(4):  # used every 29 s: never idle too long, too old at 87 s
+            results += await c.deliver(SENDER, ["b@example.test"], MSG)
+            now[0] += 29.0
+    finally:
+        await c.close()
+    assert all(r.ok for r in results), results
+    assert c.connections_opened == mx1.connections == 2
+    assert len(mx1.messages) == 4
+
+
 async def test_concurrency_per_destination(test_dns: TestDNS, fleet: Fleet) -> None:
     two_mx(test_dns)
     gate = asyncio.Event()

@@ -374,16 +374,19 @@ def relay_server(onward: tuple[str, int], *, password: str = "guide-secret") -> 
     )
 
 
-def plain_relay(onward: tuple[str, int], *, port: int | None = None) -> PostfixInstance:
+def plain_relay(
+    onward: tuple[str, int], *, port: int | None = None, main: Mapping[str, str] | None = None
+) -> PostfixInstance:
     """Postfix as a local relay: smtpd trusting 127.0.0.0/8, relaying to ``onward``.
 
-    Listener: ``smtp``. Not started yet.
+    ``main``: more ``main.cf`` settings (e.g. ``smtpd_discard_ehlo_keywords``). Listener:
+    ``smtp``. Not started yet.
     """
     require_tool("postfix", hint="apt-get install postfix")
     root = _make_root()
     try:
         port = port or free_port()
-        _write_config(root, onward, {}, f"127.0.0.1:{port} inet n - n - - smtpd\n")
+        _write_config(root, onward, main or {}, f"127.0.0.1:{port} inet n - n - - smtpd\n")
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

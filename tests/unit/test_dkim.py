@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import re
 import stat
@@ -43,6 +45,10 @@ MESSAGE = (
     b"trailing spaces   \r\n"
     b"\r\n"
     b"\r\n"
+)
+# MESSAGE without its 8-bit line: signing leaves it byte for byte as it is.
+ASCII_MESSAGE = MESSAGE.replace(
+    b"Hello \xe3\x81\x93\xe3\x82\x93\xe3\x81\xab\xe3\x81\xa1\xe3\x81\xaf\r\n", b"Hello\r\n"
 )
 
 
@@ -94,9 +100,9 @@ def test_rsa_and_ed25519_sign_one_message_and_both_verify(
 
 
 def test_message_is_unchanged_below_the_signatures(signer: DKIMSigner) -> None:
-    signed = signer.sign(MESSAGE)
-    assert signed.endswith(MESSAGE)
-    prefix = signed[: -len(MESSAGE)]
+    signed = signer.sign(ASCII_MESSAGE)
+    assert signed.endswith(ASCII_MESSAGE)
+    prefix = signed[: -len(ASCII_MESSAGE)]
     assert prefix.startswith(b"DKIM-Signature: ")
     # CRLF only, every line of the signatures folded with CRLF + whitespace.
     assert b"\n" not in prefix.replace(b"\r\n", b"")
@@ -214,7 +220,29 @@ def test_idn_from_domain_signs_with_the_a_label(tmp_path: Path) -> None:
 
 
 def test_lf_only_message_keeps_its_line_endings(signer: DKIMSigner, zone: dict[str, str]) -> None:
-    message = MESSAGE.replace(b"\r\n", b"\n")
+    message = ASCII_MESSAGE.replace(b"\r\n", b"\n")
+    signed = signer.sign(message)
+    assert signed.endswith(message)
+    assert dkimpy_verdicts(signed, zone) == [True, True]
+
+
+def test_an_8bit_body_is_converted_to_7bit_before_signing(
+    signer: DKIMSigner, zone: dict[str, str]
+) -> None:
+    signed = signer.sign(MESSAGE)
+    assert signed.isascii()
+    got = email.message_from_bytes(signed, policy=email.policy.default)
+    sent = email.message_from_bytes(MESSAGE, policy=email.policy.default)
+    assert got["Content-Transfer-Encoding"] == "quoted-printable"
+    assert got.get_content() == sent.get_content()
+    assert dkimpy_verdicts(signed, zone) == [True, True]
+    assert "example.org rsa1 rsa-sha256 pass" in mail_dkim_lines(signed, zone)
+
+
+def test_an_8bit_message_that_cannot_be_converted_is_signed_as_it_is(
+    signer: DKIMSigner, zone: dict[str, str]
+) -> None:
+    message = MESSAGE.replace(b"Cc: other@example.net", "Cc: jörg@example.net".encode())
     signed = signer.sign(message)
     assert signed.endswith(message)
     assert dkimpy_verdicts(signed, zone) == [True, True]

@@ -30,7 +30,8 @@ One message may name recipients in several domains; each domain is delivered on 
   ``none``
       Never STARTTLS (for a peer whose TLS is broken).
 
-* AUTH is never sent to an MX host.
+* AUTH is never sent to an MX host. How sessions are opened, checked and pooled is
+  :mod:`hato.delivery.session`'s; this module chooses the plan for each address.
 * At most ``concurrency`` deliveries run at once per destination domain; sessions are
   kept open after a message (per MX host and address, up to ``concurrency`` idle ones) and
   reused, after RSET, for the next message to the same host, when their TLS satisfies
@@ -43,23 +44,23 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
-import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Literal
 
-import aiosmtplib
-
-from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.session import (
+    FailureKind,
+    Plan,
+    Pool,
     Session,
     SessionFailure,
-    broken_reply,
-    ehlo,
-    reply_from_response,
-    transact,
+    Tls,
+    client_context,
+    send,
+    shut_down,
 )
 from hato.dns import NO_RELAY, MXHost, NullMX, Resolver, is_private
 from hato.errors import ConfigError, DeliveryError
@@ -119,14 +120,6 @@ class MXTLSPolicy:
         return self.default
 
 
-def _satisfies(session: Session, level: MXTLSLevel) -> bool:
-    if level == "verify":
-        return session.verified
-    if level == "encrypt":
-        return session.encrypted
-    return True
-
-
 @dataclass(slots=True)
 class _Next:
     """This address did not take the mail: try the next one. ``reply`` says why;
@@ -140,6 +133,37 @@ class _Next:
         # The last reason is reported, but "connection refused" from a later MX must not
         # hide what an earlier one said (a certificate problem, a 4xx).
         return other is None or self.answered or not other.answered
+
+
+@dataclass(slots=True)
+class _Tried:
+    """What one domain's MX hosts came to when none of them took the mail."""
+
+    domain: str
+    failure: _Next | None = None
+    refused: list[str] = field(default_factory=list)  # ``host[ip]`` in private space
+    without_address: list[str] = field(default_factory=list)
+
+    def note(self, outcome: _Next) -> None:
+        if outcome.worth_reporting_over(self.failure):
+            self.failure = outcome
+
+    def verdict(self) -> tuple[Result, Reply, str]:
+        """A failure defers; with none, only refused or missing addresses: bounce."""
+        if self.failure is not None:
+            return Result.TEMPORARY, self.failure.reply, self.failure.relay
+        if self.refused:
+            why = (
+                f"mail for {self.domain} would go to a loopback, private or reserved address "
+                f"({', '.join(self.refused)}); refusing to deliver there"
+            )
+        else:
+            names = ", ".join(self.without_address) or self.domain
+            why = (
+                f"Host or domain name not found: no address for the mail exchanger(s) of "
+                f"{self.domain} ({names})"
+            )
+        return Result.PERMANENT, Reply(550, "5.4.4", why), NO_RELAY
 
 
 @dataclass(slots=True)
@@ -159,6 +183,12 @@ def _domain_literal(domain: str) -> str | None:
         return str(ipaddress.ip_address(inner))
     except ValueError:
         return None
+
+
+def _every(
+    items: list[tuple[int, str]], result: Result, reply: Reply, relay: str
+) -> dict[int, DeliveryResult]:
+    return {i: DeliveryResult(rcpt, result, reply, relay) for i, rcpt in items}
 
 
 class MXCourier:
@@ -200,50 +230,30 @@ class MXCourier:
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self.max_age_seconds = max_age_seconds
-        self._monotonic = monotonic
-        self._opportunistic = self._build_context(verify=False, ca_file=None)
-        self._verifying = self._build_context(verify=True, ca_file=ca_file)
-        self._idle: dict[tuple[str, str], list[Session]] = {}
+        what = "MX TLS CA file"
+        self._opportunistic = client_context(verify=False, ca_file=None, what=what)
+        self._verifying = client_context(verify=True, ca_file=ca_file, what=what)
+        self._pool = Pool(
+            max_idle=concurrency,
+            idle_seconds=idle_seconds,
+            max_age_seconds=max_age_seconds,
+            monotonic=monotonic,
+        )
         self._limits: dict[str, _Limit] = {}
-        self._closed = False
-        self.connections_opened = 0
-
-    @staticmethod
-    def _build_context(*, verify: bool, ca_file: str | None) -> ssl.SSLContext:
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-            if ca_file:
-                context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"MX TLS CA file {ca_file!r}: {exc}") from exc
-        if not verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
     # The Courier protocol.
 
     async def deliver(
         self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
     ) -> list[DeliveryResult]:
-        if not recipients:
-            return []
-        if self._closed:
-            return all_results(
-                recipients,
-                Result.TEMPORARY,
-                Reply(451, "4.3.0", "MX courier is shut down"),
-                NO_RELAY,
-            )
-        self._prune()
-        by_domain: dict[str, list[int]] = {}
+        if self._pool.closed or not recipients:
+            return shut_down("MX", recipients, NO_RELAY)
+        self._pool.prune()
+        by_domain: dict[str, list[tuple[int, str]]] = {}
         for i, rcpt in enumerate(recipients):
-            by_domain.setdefault(domain_of(rcpt), []).append(i)
+            by_domain.setdefault(domain_of(rcpt), []).append((i, rcpt))
         outcomes = await asyncio.gather(
-            *(
-                self._guarded(domain, sender, [(i, recipients[i]) for i in indexes], data)
-                for domain, indexes in by_domain.items()
-            )
+            *(self._guarded(domain, sender, items, data) for domain, items in by_domain.items())
         )
         results: dict[int, DeliveryResult] = {}
         for outcome in outcomes:
@@ -251,10 +261,7 @@ class MXCourier:
         return [results[i] for i in range(len(recipients))]
 
     async def close(self) -> None:
-        self._closed = True
-        idle = [s for sessions in self._idle.values() for s in sessions]
-        self._idle.clear()
-        await asyncio.gather(*(s.quit(min(self.timeout, 5.0)) for s in idle))
+        await self._pool.close(min(self.timeout, 5.0))
 
     # One destination domain.
 
@@ -267,79 +274,66 @@ class MXCourier:
             reply = Reply(
                 451, "4.3.0", f"internal error delivering to {domain}: {type(exc).__name__}: {exc}"
             )
-            return {i: DeliveryResult(r, Result.TEMPORARY, reply, NO_RELAY) for i, r in items}
+            return _every(items, Result.TEMPORARY, reply, NO_RELAY)
 
     async def _deliver_domain(
         self, domain: str, sender: str, items: list[tuple[int, str]], data: bytes
     ) -> dict[int, DeliveryResult]:
-        def every(result: Result, reply: Reply, relay: str) -> dict[int, DeliveryResult]:
-            return {i: DeliveryResult(r, result, reply, relay) for i, r in items}
+        hosts = await self._mx_hosts(domain)
+        if isinstance(hosts, tuple):
+            return _every(items, *hosts)
+        level = self.tls_policy.level_for(domain)
+        tried = _Tried(domain)
+        async with self._limit(domain), aclosing(self._addresses(domain, hosts, tried)) as each:
+            async for host, ip in each:
+                outcome = await self._attempt(host, ip, level, sender, items, data)
+                if not isinstance(outcome, _Next):
+                    return outcome
+                tried.note(outcome)
+        return _every(items, *tried.verdict())
 
+    async def _mx_hosts(self, domain: str) -> list[MXHost] | tuple[Result, Reply, str]:
+        """Where mail for ``domain`` goes, or the verdict when it goes nowhere."""
         literal = _domain_literal(domain)
         if literal is not None:
-            hosts: list[MXHost] = [MXHost(literal, 0, implicit=True)]
-        elif not domain:
-            return every(Result.PERMANENT, Reply(550, "5.1.3", "recipient has no domain"), NO_RELAY)
-        else:
-            try:
-                found = await self.resolver.mx_hosts(domain)
-            except DeliveryError as exc:
-                result = Result.TEMPORARY if exc.temporary else Result.PERMANENT
-                return every(result, exc.reply, NO_RELAY)
-            if isinstance(found, NullMX):
-                return every(Result.PERMANENT, NullMX(domain).reply, NO_RELAY)
-            hosts = found
+            return [MXHost(literal, 0, implicit=True)]
+        if not domain:
+            return Result.PERMANENT, Reply(550, "5.1.3", "recipient has no domain"), NO_RELAY
+        try:
+            found = await self.resolver.mx_hosts(domain)
+        except DeliveryError as exc:
+            result = Result.TEMPORARY if exc.temporary else Result.PERMANENT
+            return result, exc.reply, NO_RELAY
+        if isinstance(found, NullMX):
+            return Result.PERMANENT, NullMX(domain).reply, NO_RELAY
+        return found
 
-        level = self.tls_policy.level_for(domain)
-        async with self._limit(domain):
-            failure: _Next | None = None
-            refused: list[str] = []
-            without_address: list[str] = []
-            for host in hosts:
-                if literal is not None:
-                    addresses = [literal]
+    async def _addresses(
+        self, domain: str, hosts: list[MXHost], tried: _Tried
+    ) -> AsyncGenerator[tuple[str, str], None]:
+        """``(host, ip)`` to try, in order: each MX host's addresses in turn, those in
+        private space left out (and noted in ``tried``) unless allowed."""
+        literal = _domain_literal(domain)
+        for host in hosts:
+            addresses = [literal] if literal is not None else await self._lookup(host, tried)
+            for ip in addresses:
+                if self.allow_private or not is_private(ip):
+                    yield host.name, ip
                 else:
-                    try:
-                        addresses = await self.resolver.addresses(host.name)
-                    except DeliveryError as exc:
-                        if exc.temporary:
-                            lookup = _Next(exc.reply, NO_RELAY, answered=False)
-                            if lookup.worth_reporting_over(failure):
-                                failure = lookup
-                        else:
-                            without_address.append(host.name)
-                        continue
-                if not addresses:
-                    without_address.append(host.name)
-                    continue
-                for ip in addresses:
-                    if not self.allow_private and is_private(ip):
-                        refused.append(f"{host.name}[{ip}]")
-                        continue
-                    outcome = await self._attempt(host.name, ip, level, sender, items, data)
-                    if isinstance(outcome, _Next):
-                        if outcome.worth_reporting_over(failure):
-                            failure = outcome
-                        continue
-                    return outcome
-        if failure is not None:
-            return every(Result.TEMPORARY, failure.reply, failure.relay)
-        if refused:
-            reply = Reply(
-                550,
-                "5.4.4",
-                f"mail for {domain} would go to a loopback, private or reserved address "
-                f"({', '.join(refused)}); refusing to deliver there",
-            )
-            return every(Result.PERMANENT, reply, NO_RELAY)
-        names = ", ".join(without_address) or domain
-        reply = Reply(
-            550,
-            "5.4.4",
-            f"Host or domain name not found: no address for the mail exchanger(s) of "
-            f"{domain} ({names})",
-        )
-        return every(Result.PERMANENT, reply, NO_RELAY)
+                    tried.refused.append(f"{host.name}[{ip}]")
+
+    async def _lookup(self, host: MXHost, tried: _Tried) -> list[str]:
+        try:
+            addresses = await self.resolver.addresses(host.name)
+        except DeliveryError as exc:
+            if exc.temporary:
+                tried.note(_Next(exc.reply, NO_RELAY, answered=False))
+            else:
+                tried.without_address.append(host.name)
+            return []
+        if not addresses:
+            tried.without_address.append(host.name)
+        return addresses
 
     def _limit(self, domain: str) -> _DomainSlot:
         limit = self._limits.get(domain)
@@ -358,192 +352,43 @@ class MXCourier:
         items: list[tuple[int, str]],
         data: bytes,
     ) -> dict[int, DeliveryResult] | _Next:
-        session = self._take_idle(host, ip, level)
-        if session is not None and not await session.reset():
-            session.close()
-            session = None
-        if session is None:
-            try:
-                session = await self._open(host, ip, level)
-            except SessionFailure as failure:
-                return _Next(
-                    failure.reply, failure.relay, answered=not isinstance(failure, _Unreachable)
-                )
-        recipients = [rcpt for _, rcpt in items]
-        results: dict[int, DeliveryResult] = {}
-        keep = False
+        key = (host, ip)
         try:
-            mail_reply = await transact(session, sender, recipients, data, results)
-            keep = session.alive
-            if mail_reply is not None and mail_reply.is_temporary:
-                return _Next(mail_reply, session.relay)
-        except Exception as exc:  # anything mid-transaction: defer what is undecided
-            reply = broken_reply(exc, session)
-            if not results and session.stage == "sending MAIL FROM":
-                return _Next(reply, session.relay)
-            for j, rcpt in enumerate(recipients):
-                if j not in results:
-                    results[j] = DeliveryResult(rcpt, Result.TEMPORARY, reply, session.relay)
-        finally:
-            if keep and not self._closed:
-                self._put_idle(host, ip, session)
-            else:
-                session.close()
-        undecided = Reply(451, "4.3.0", f"no reply from {session.relay} for this recipient")
-        return {
-            i: results.get(j) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, session.relay)
-            for j, (i, rcpt) in enumerate(items)
-        }
+            session = await self._session(key, self._plan(host, ip, level))
+        except SessionFailure as failure:
+            answered = failure.kind is not FailureKind.UNREACHABLE
+            return _Next(failure.reply, failure.relay, answered=answered)
+        transaction = await send(session, sender, [rcpt for _, rcpt in items], data)
+        self._pool.release(key, session)
+        if transaction.deferred_at_mail is not None:
+            return _Next(transaction.deferred_at_mail, session.relay)
+        return {i: result for (i, _), result in zip(items, transaction.results, strict=True)}
 
-    # Connections.
-
-    def _take_idle(self, host: str, ip: str, level: MXTLSLevel) -> Session | None:
-        sessions = self._idle.get((host, ip))
-        if not sessions:
-            return None
-        for k in range(len(sessions) - 1, -1, -1):
-            if _satisfies(sessions[k], level):
-                return sessions.pop(k)
-        return None
-
-    def _put_idle(self, host: str, ip: str, session: Session) -> None:
-        session.last_used = self._monotonic()
-        session.messages += 1
-        sessions = self._idle.setdefault((host, ip), [])
-        sessions.append(session)
-        while len(sessions) > self.concurrency:
-            sessions.pop(0).close()
-
-    def _prune(self) -> None:
-        now = self._monotonic()
-        for key in list(self._idle):
-            keep = []
-            for session in self._idle[key]:
-                if (
-                    session.alive
-                    and now - session.last_used < self.idle_seconds
-                    and now - session.opened_at < self.max_age_seconds
-                ):
-                    keep.append(session)
-                else:
-                    session.close()
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-
-    async def _open(self, host: str, ip: str, level: MXTLSLevel) -> Session:
-        """Connect, EHLO and STARTTLS as ``level`` says. For ``may``, a failed TLS
-        handshake is followed by one plaintext connection to the same address."""
+    async def _session(self, key: tuple[str, str], plan: Plan) -> Session:
+        """A session as ``plan`` says; under ``may``, a failed TLS handshake is followed
+        by one plaintext connection to the same address."""
         try:
-            return await self._connect(host, ip, level, plaintext=level == "none")
-        except _HandshakeFailed as failed:
-            if level != "may":
-                raise SessionFailure(failed.reply, failed.relay) from failed
-        return await self._connect(host, ip, level, plaintext=True)
+            return await self._pool.session(key, plan)
+        except SessionFailure as failure:
+            if failure.kind is not FailureKind.HANDSHAKE or plan.tls is not Tls.MAY:
+                raise
+        return await self._pool.open(plan.in_plaintext())
 
-    async def _connect(self, host: str, ip: str, level: MXTLSLevel, *, plaintext: bool) -> Session:
-        relay = f"{host}[{ip}]:{self.port}"
-        smtp = aiosmtplib.SMTP(
-            hostname=ip,
+    def _plan(self, host: str, ip: str, level: MXTLSLevel) -> Plan:
+        return Plan(
+            host=host,
+            address=ip,
             port=self.port,
-            local_hostname=self.helo_name,
+            helo_name=self.helo_name,
+            tls=Tls(level),
+            context=self._verifying if level == "verify" else self._opportunistic,
             timeout=self.timeout,
-            use_tls=False,
-            start_tls=False,
+            connect_timeout=self.connect_timeout,
         )
-        self.connections_opened += 1
-        try:
-            await smtp.connect(timeout=self.connect_timeout)
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            smtp.close()
-            remote = reply_from_response(exc.code, exc.message)
-            raise SessionFailure(
-                Reply(
-                    451,
-                    "4.4.0" if remote.is_permanent else (remote.enhanced or "4.4.0"),
-                    f"host {relay} refused to talk to me: {remote}",
-                ),
-                relay,
-            ) from exc
-        except Exception as exc:
-            smtp.close()
-            raise _Unreachable(_connect_failure(exc, relay), relay) from exc
-        try:
-            return await self._handshake(smtp, host, relay, level, plaintext=plaintext)
-        except BaseException:
-            smtp.close()
-            raise
 
-    async def _handshake(
-        self, smtp: aiosmtplib.SMTP, host: str, relay: str, level: MXTLSLevel, *, plaintext: bool
-    ) -> Session:
-        stage = "sending EHLO"
-        encrypted = verified = False
-        try:
-            await ehlo(smtp)
-            if not plaintext and smtp.supports_extension("starttls"):
-                stage = "sending STARTTLS"
-                context = self._verifying if level == "verify" else self._opportunistic
-                try:
-                    # aiosmtplib drops any plaintext that follows the 220 before the
-                    # handshake, so an injected reply cannot steer the encrypted session.
-                    await smtp.starttls(server_hostname=host, tls_context=context)
-                except aiosmtplib.SMTPResponseException as exc:
-                    if not smtp.is_connected:
-                        raise
-                    remote = reply_from_response(exc.code, exc.message)
-                    if level in ("encrypt", "verify"):
-                        raise SessionFailure(
-                            Reply(
-                                454, "4.7.5", f"TLS is required, but host {relay} said: {remote}"
-                            ),
-                            relay,
-                        ) from exc
-                    # ``may``: the server declined STARTTLS; go on in plaintext.
-                except Exception as exc:
-                    raise _HandshakeFailed(
-                        Reply(454, "4.7.5", f"TLS with {relay} failed: {_tls_reason(exc)}"), relay
-                    ) from exc
-                else:
-                    stage = "sending EHLO after STARTTLS"
-                    await ehlo(smtp)
-                    encrypted = True
-                    verified = level == "verify"
-            if level in ("encrypt", "verify") and not encrypted:
-                raise SessionFailure(
-                    Reply(454, "4.7.4", f"TLS is required, but was not offered by host {relay}"),
-                    relay,
-                )
-        except (SessionFailure, _HandshakeFailed):
-            raise
-        except aiosmtplib.SMTPResponseException as exc:
-            remote = reply_from_response(exc.code, exc.message)
-            raise SessionFailure(
-                Reply(451, "4.4.0", f"host {relay} said: {remote} (while {stage})"), relay
-            ) from exc
-        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
-            raise SessionFailure(
-                Reply(451, "4.4.2", f"conversation with {relay} timed out while {stage}"), relay
-            ) from exc
-        except Exception as exc:
-            raise SessionFailure(
-                Reply(451, "4.4.2", f"lost connection with {relay} while {stage}"), relay
-            ) from exc
-        return Session(smtp, relay, encrypted, self._monotonic(), verified=verified)
-
-
-class _Unreachable(SessionFailure):
-    """No SMTP server answered at that address (refused, timed out, no route)."""
-
-
-class _HandshakeFailed(Exception):
-    """The TLS handshake failed after STARTTLS was accepted (``may`` retries in plaintext)."""
-
-    def __init__(self, reply: Reply, relay: str) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-        self.relay = relay
+    @property
+    def connections_opened(self) -> int:
+        return self._pool.opened
 
 
 class _DomainSlot:
@@ -570,19 +415,3 @@ class _DomainSlot:
         self._limit.users -= 1
         if self._limit.users == 0 and self._limits.get(self._domain) is self._limit:
             del self._limits[self._domain]
-
-
-def _tls_reason(exc: BaseException) -> str:
-    for candidate in (exc, exc.__cause__, exc.__context__):
-        if isinstance(candidate, ssl.SSLError):
-            return str(candidate.reason or candidate)
-    return str(exc) or type(exc).__name__
-
-
-def _connect_failure(exc: BaseException, target: str) -> Reply:
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or isinstance(cause, TimeoutError):
-        return Reply(451, "4.4.1", f"connect to {target}: Connection timed out")
-    if isinstance(cause, OSError) and cause.errno:
-        return Reply(451, "4.4.1", f"connect to {target}: {os.strerror(cause.errno)}")
-    return Reply(451, "4.4.1", f"connect to {target}: {str(cause) or type(cause).__name__}")

@@ -1,26 +1,59 @@
-"""One outbound SMTP session (aiosmtplib), shared by the smarthost and MX couriers.
+"""Outbound SMTP sessions (aiosmtplib) and their idle pool, shared by the smarthost and MX couriers.
 
-What both couriers do the same way lives here: turning a remote reply into a
-:class:`~hato.reply.Reply`, EHLO with the HELO fallback, RSET before reusing a pooled
-connection, and one mail transaction (MAIL, one RCPT per recipient, DATA) that records a
+A courier says how to reach a destination in a :class:`Plan` (host and port, which TLS,
+the SSL context, AUTH or not) and gets back a connected :class:`Session` ready for MAIL,
+or a :class:`SessionFailure` carrying a temporary reply. The TLS rules hold for both
+couriers because they exist only here:
+
+* ``none`` never sends STARTTLS; ``may`` sends it when offered and goes on in plaintext
+  when the server declines it (a 4xx/5xx to STARTTLS); ``encrypt`` and ``verify``
+  require it (not offered: 454 4.7.4; declined: 454 4.7.5), and ``verify`` marks the
+  session as checked against the host name, so a pooled session is only reused for a
+  destination whose level it meets; ``implicit`` is TLS from the first byte (port 465).
+* Whether a certificate is checked is the SSL context's business (:func:`client_context`):
+  the smarthost checks by default, MX levels other than ``verify`` do not (as Postfix).
+* Anything sent after the server's ``220`` to STARTTLS is discarded (aiosmtplib drops the
+  plaintext buffer before the handshake), so it cannot steer the encrypted session; EHLO
+  is sent again after the handshake (RFC 3207 4.2).
+* AUTH (PLAIN, else LOGIN) is never sent on an unencrypted session: credentials without
+  TLS defer the mail. A refused password defers too (an operator's mistake: keep the mail);
+  the password is never logged.
+
+A failure says what kind it was, for the MX courier's fallback rules: ``unreachable`` (no
+SMTP server answered: refused, timed out, no route), ``handshake`` (the TLS handshake
+itself failed; ``may`` towards an MX retries in plaintext) or ``answered`` (a server
+answered and then would not go on: a 4xx/5xx greeting, a refused EHLO, TLS required but
+missing, AUTH). ``relay`` is ``host[ip]:port`` as in Postfix's log (``[unknown]`` before a
+smarthost's name is resolved by the connection).
+
+The :class:`Pool` keeps idle sessions by destination, closes those idle or open for too
+long, and hands one out again only after RSET and only when its TLS meets the level asked
+for. :func:`send` runs a mail transaction (MAIL, one RCPT per recipient, DATA; more on
+the same connection when the server's recipient limit leaves some over) and records a
 per-recipient result as each reply comes, so a connection lost half-way keeps what was
-already decided. How a session is opened (which TLS, AUTH or not) is the courier's own
-business.
-
-The body goes out with CRLF line endings and dot-stuffing (aiosmtplib's ``data``), so no
-end-of-data sequence other than the final ``CRLF.CRLF`` can leave Hato.
+already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
+or none of it (5.6.3, see :mod:`hato.mime7bit`). The body goes out with CRLF line
+endings and dot-stuffing (aiosmtplib's ``data``), so no end-of-data sequence other than
+the final ``CRLF.CRLF`` can leave Hato.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
-from collections.abc import Sequence
+import ssl
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import aiosmtplib
 
-from hato.delivery.base import DeliveryResult, Result
+from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.errors import ConfigError
+from hato.mime7bit import NotConvertible, to_7bit
 from hato.reply import Reply
 
 _MAX_REPLY_TEXT = 2000
@@ -30,6 +63,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # a courier is a boundary and refuses them on its own.
 _BAD_PATH_RE = re.compile(r"[\x00-\x20\x7f<>]")
 _QUOTED_LOCAL_RE = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+_SENDING_MAIL = "sending MAIL FROM"
+# A 452 to RCPT with one of these enhanced codes is the server's recipient limit; with
+# another (4.2.2 mailbox full, 4.3.1 no space) it is about that recipient alone.
+_TOO_MANY_RECIPIENTS = ("4.5.3", "")
 
 
 def reply_from_response(code: int, message: str) -> Reply:
@@ -77,13 +114,104 @@ def header_section(data: bytes) -> bytes:
     return data
 
 
+# What to ask for.
+
+
+class Tls(StrEnum):
+    """What to do about TLS on a new session (see the module docstring)."""
+
+    NONE = "none"
+    MAY = "may"
+    ENCRYPT = "encrypt"
+    VERIFY = "verify"
+    IMPLICIT = "implicit"
+
+
+_STARTTLS = (Tls.MAY, Tls.ENCRYPT, Tls.VERIFY)
+_REQUIRED = (Tls.ENCRYPT, Tls.VERIFY)
+
+
+def client_context(*, verify: bool, ca_file: str | None, what: str) -> ssl.SSLContext:
+    """A client context: the system's CAs (and ``ca_file``), or no checks at all.
+
+    ``what`` names the CA file setting in the :class:`~hato.errors.ConfigError` raised
+    when the file cannot be read.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ca_file:
+            context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{what} {ca_file!r}: {exc}") from exc
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How to open a session to one destination.
+
+    ``host`` is the name in ``relay=`` and the one the certificate is checked against;
+    the connection goes to ``address`` when given (an MX host's IP), else to ``host``.
+    ``verify`` needs a context that checks the certificate and its name.
+    ``connect_timeout`` bounds the TCP connect and greeting (default ``timeout``, which
+    bounds every later reply).
+    """
+
+    host: str
+    port: int
+    helo_name: str
+    tls: Tls
+    context: ssl.SSLContext
+    address: str | None = None
+    auth: Credentials | None = None
+    timeout: float = 60.0
+    connect_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls is Tls.IMPLICIT and self.address is not None:
+            raise ValueError("implicit TLS connects to the host by name, not to an address")
+        if self.tls is Tls.VERIFY and not _checks_name(self.context):
+            raise ValueError("TLS level verify needs a context that checks the host name")
+
+    @property
+    def relay(self) -> str:
+        """``host[ip]:port`` before connecting: the IP only when it is known already."""
+        host = self.host
+        ip = self.address or (host if is_ip(host) else "unknown")
+        return f"{host}[{ip}]:{self.port}"
+
+    def in_plaintext(self) -> Plan:
+        return replace(self, tls=Tls.NONE)
+
+
+# What comes back.
+
+
+class FailureKind(StrEnum):
+    """Why a session could not be set up, as far as the MX fallback rules care."""
+
+    UNREACHABLE = "unreachable"
+    HANDSHAKE = "handshake"
+    ANSWERED = "answered"
+
+
 class SessionFailure(Exception):
     """A session could not be set up; ``reply`` says why (always temporary)."""
 
-    def __init__(self, reply: Reply, relay: str = "") -> None:
+    def __init__(self, reply: Reply, relay: str, kind: FailureKind = FailureKind.ANSWERED) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.relay = relay
+        self.kind = kind
 
 
 class Session:
@@ -108,12 +236,20 @@ class Session:
         self.verified = verified
         self.opened_at = now
         self.last_used = now
-        self.stage = "sending MAIL FROM"
+        self.stage = _SENDING_MAIL
         self.messages = 0
 
     @property
     def alive(self) -> bool:
         return self.smtp.is_connected
+
+    def satisfies(self, tls: Tls) -> bool:
+        """Whether this session may carry mail that asks for ``tls``."""
+        if tls is Tls.VERIFY:
+            return self.verified
+        if tls in (Tls.ENCRYPT, Tls.IMPLICIT):
+            return self.encrypted
+        return True
 
     def close(self) -> None:
         self.smtp.close()
@@ -135,6 +271,86 @@ class Session:
         return response.code == 250 and self.alive
 
 
+# Opening a session.
+
+
+async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.monotonic) -> Session:
+    """Connect, EHLO, STARTTLS and AUTH as ``plan`` says; raises :class:`SessionFailure`."""
+    relay = plan.relay
+    smtp = aiosmtplib.SMTP(
+        hostname=plan.address or plan.host,
+        port=plan.port,
+        local_hostname=plan.helo_name,
+        timeout=plan.timeout,
+        use_tls=plan.tls is Tls.IMPLICIT,
+        start_tls=False,
+        tls_context=plan.context,
+    )
+    try:
+        await smtp.connect(timeout=plan.connect_timeout or plan.timeout)
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        smtp.close()
+        remote = reply_from_response(exc.code, exc.message)
+        enhanced = "4.4.0" if remote.is_permanent else (remote.enhanced or "4.4.0")
+        raise SessionFailure(
+            Reply(451, enhanced, f"host {relay} refused to talk to me: {remote}"), relay
+        ) from exc
+    except Exception as exc:
+        smtp.close()
+        raise _connect_failure(exc, relay) from exc
+    if plan.address is None:
+        peer = smtp.get_transport_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        relay = f"{plan.host}[{ip}]:{plan.port}"
+    try:
+        encrypted = await _handshake(smtp, plan, relay)
+    except BaseException:
+        smtp.close()
+        raise
+    verified = encrypted and _checks_name(plan.context)
+    return Session(smtp, relay, encrypted, monotonic(), verified=verified)
+
+
+def _checks_name(context: ssl.SSLContext) -> bool:
+    return context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+async def _handshake(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
+    """EHLO, STARTTLS and AUTH on a fresh connection; whether the session is encrypted."""
+    stage = "sending EHLO"
+    encrypted = plan.tls is Tls.IMPLICIT
+    try:
+        await ehlo(smtp)
+        if plan.tls in _STARTTLS and smtp.supports_extension("starttls"):
+            stage = "sending STARTTLS"
+            encrypted = await _starttls(smtp, plan, relay)
+            if encrypted:
+                stage = "sending EHLO after STARTTLS"
+                await ehlo(smtp)
+        if plan.tls in _REQUIRED and not encrypted:
+            reply = Reply(454, "4.7.4", f"TLS is required, but was not offered by host {relay}")
+            raise SessionFailure(reply, relay)
+        if plan.auth is not None:
+            stage = "sending AUTH"
+            await _auth(smtp, plan, relay, encrypted=encrypted)
+    except SessionFailure:
+        raise
+    except ssl.SSLError as exc:
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {exc.reason or exc}")
+        raise SessionFailure(reply, relay) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        remote = reply_from_response(exc.code, exc.message)
+        reply = Reply(451, "4.4.0", f"host {relay} said: {remote} (while {stage})")
+        raise SessionFailure(reply, relay) from exc
+    except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
+        reply = Reply(451, "4.4.2", f"conversation with {relay} timed out while {stage}")
+        raise SessionFailure(reply, relay) from exc
+    except Exception as exc:
+        reply = Reply(451, "4.4.2", f"lost connection with {relay} while {stage}")
+        raise SessionFailure(reply, relay) from exc
+    return encrypted
+
+
 async def ehlo(smtp: aiosmtplib.SMTP) -> None:
     """EHLO, or HELO when the server refuses EHLO (but not when it is closing)."""
     try:
@@ -145,84 +361,363 @@ async def ehlo(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-async def transact(
+async def _starttls(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
+    """STARTTLS; False when the server declined it and ``plan`` allows plaintext."""
+    try:
+        # aiosmtplib drops any plaintext that follows the 220 before the handshake, so an
+        # injected reply cannot steer the encrypted session.
+        await smtp.starttls(server_hostname=plan.host, tls_context=plan.context)
+    except aiosmtplib.SMTPResponseException as exc:
+        if not smtp.is_connected:
+            raise
+        if plan.tls not in _REQUIRED:
+            return False
+        remote = reply_from_response(exc.code, exc.message)
+        reply = Reply(454, "4.7.5", f"TLS is required, but host {relay} said: {remote}")
+        raise SessionFailure(reply, relay) from exc
+    except Exception as exc:
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {_tls_reason(exc)}")
+        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE) from exc
+    return True
+
+
+async def _auth(smtp: aiosmtplib.SMTP, plan: Plan, relay: str, *, encrypted: bool) -> None:
+    assert plan.auth is not None
+    if not encrypted:
+        reply = Reply(
+            454,
+            "4.7.0",
+            f"not sending AUTH to {relay} over an unencrypted session "
+            f"(relay TLS mode is {plan.tls.value!r}); mail deferred",
+        )
+        raise SessionFailure(reply, relay)
+    username, password = plan.auth.username, plan.auth.password
+    offered = {m.upper() for m in smtp.server_auth_methods}
+    try:
+        if "PLAIN" in offered:
+            await smtp.auth_plain(username, password)
+        elif "LOGIN" in offered:
+            await smtp.auth_login(username, password)
+        else:
+            what = ", ".join(sorted(offered)) or "no AUTH at all"
+            reply = Reply(
+                454,
+                "4.7.0",
+                f"relay credentials are set, but host {relay} offers {what} (need PLAIN or LOGIN)",
+            )
+            raise SessionFailure(reply, relay)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        remote = reply_from_response(exc.code, exc.message)
+        enhanced = "4" + remote.enhanced[1:] if remote.enhanced else "4.7.0"
+        reply = Reply(454, enhanced, f"SASL authentication failed; server {relay} said: {remote}")
+        raise SessionFailure(reply, relay) from exc
+
+
+def _tls_reason(exc: BaseException) -> str:
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, ssl.SSLError):
+            return str(candidate.reason or candidate)
+    return str(exc) or type(exc).__name__
+
+
+def _connect_failure(exc: BaseException, relay: str) -> SessionFailure:
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLError):  # implicit TLS
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {cause.reason or cause}")
+        return SessionFailure(reply, relay, FailureKind.HANDSHAKE)
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or isinstance(cause, TimeoutError):
+        why = "Connection timed out"
+    elif isinstance(cause, OSError) and cause.errno:
+        why = os.strerror(cause.errno)
+    else:
+        why = str(cause) or type(cause).__name__
+    return SessionFailure(
+        Reply(451, "4.4.1", f"connect to {relay}: {why}"), relay, FailureKind.UNREACHABLE
+    )
+
+
+# Keeping sessions.
+
+
+class Pool:
+    """Idle sessions by destination key, reused after RSET.
+
+    At most ``max_idle`` idle sessions per key (the oldest is closed first); a session
+    unused for ``idle_seconds`` or open for ``max_age_seconds`` is closed rather than
+    reused (servers drop idle clients after a few minutes; the age bound is Postfix's
+    ``smtp_connection_reuse_time_limit``). ``opened`` counts connection attempts.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_idle: int,
+        idle_seconds: float,
+        max_age_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self.max_age_seconds = max_age_seconds
+        self._monotonic = monotonic
+        self._idle: dict[Hashable, list[Session]] = {}
+        self.closed = False
+        self.opened = 0
+
+    async def session(self, key: Hashable, plan: Plan) -> Session:
+        """An idle session for ``key`` that meets ``plan.tls`` and answers RSET, else a
+        new one (one try: a dropped idle connection is replaced, not retried)."""
+        session = self._take(key, plan.tls)
+        if session is not None:
+            if await session.reset():
+                return session
+            session.close()
+        return await self.open(plan)
+
+    async def open(self, plan: Plan) -> Session:
+        self.opened += 1
+        return await open_session(plan, monotonic=self._monotonic)
+
+    def release(self, key: Hashable, session: Session) -> None:
+        """Keep ``session`` for the next message to ``key``, or close it when it is
+        broken or the pool is closed."""
+        if self.closed or not session.alive:
+            session.close()
+            return
+        session.last_used = self._monotonic()
+        session.messages += 1
+        sessions = self._idle.setdefault(key, [])
+        sessions.append(session)
+        while len(sessions) > self.max_idle:
+            sessions.pop(0).close()
+
+    def prune(self) -> None:
+        """Close every idle session that is too old to reuse."""
+        for key in list(self._idle):
+            self._fresh(key)
+
+    async def close(self, timeout: float) -> None:
+        """QUIT every idle session; sessions released later are closed."""
+        self.closed = True
+        idle = [s for sessions in self._idle.values() for s in sessions]
+        self._idle.clear()
+        await asyncio.gather(*(s.quit(timeout) for s in idle))
+
+    def _take(self, key: Hashable, tls: Tls) -> Session | None:
+        sessions = self._fresh(key)
+        for k in range(len(sessions) - 1, -1, -1):
+            if sessions[k].satisfies(tls):
+                return sessions.pop(k)
+        return None
+
+    def _fresh(self, key: Hashable) -> list[Session]:
+        """The sessions of ``key`` still fit for reuse; the others are closed."""
+        now = self._monotonic()
+        keep: list[Session] = []
+        for session in self._idle.get(key, []):
+            if (
+                session.alive
+                and now - session.last_used < self.idle_seconds
+                and now - session.opened_at < self.max_age_seconds
+            ):
+                keep.append(session)
+            else:
+                session.close()
+        if keep:
+            self._idle[key] = keep
+        else:
+            self._idle.pop(key, None)
+        return keep
+
+
+def shut_down(courier: str, recipients: Sequence[str], relay: str) -> list[DeliveryResult]:
+    """Every recipient deferred: the courier is closed (the worker is stopping)."""
+    reply = Reply(451, "4.3.0", f"{courier} courier is shut down")
+    return all_results(recipients, Result.TEMPORARY, reply, relay)
+
+
+# One mail transaction.
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """The outcome of :func:`send`: one result per recipient, in order.
+
+    ``deferred_at_mail`` is set when no recipient was reached because MAIL got a 4xx or
+    the session broke while sending it: the MX courier then tries the next host.
+    """
+
+    results: list[DeliveryResult]
+    deferred_at_mail: Reply | None = None
+
+
+async def send(
+    session: Session, sender: str, recipients: Sequence[str], data: bytes
+) -> Transaction:
+    """Deliver to ``recipients`` on ``session`` (see :func:`_transact`); a session that
+    broke, or was cancelled half-way, is closed."""
+    results: dict[int, DeliveryResult] = {}
+    deferred_at_mail: Reply | None = None
+    relay = session.relay
+    try:
+        mail_reply = await _transact(session, sender, recipients, data, results)
+        if mail_reply is not None and mail_reply.is_temporary:
+            deferred_at_mail = mail_reply
+    except asyncio.CancelledError:
+        session.close()
+        raise
+    except Exception as exc:  # any failure mid-transaction: defer what is undecided
+        session.close()
+        reply = broken_reply(exc, session)
+        if not results and session.stage == _SENDING_MAIL:
+            deferred_at_mail = reply
+        for i, rcpt in enumerate(recipients):
+            results.setdefault(i, DeliveryResult(rcpt, Result.TEMPORARY, reply, relay))
+    undecided = Reply(451, "4.3.0", f"no reply from {relay} for this recipient")
+    return Transaction(
+        [
+            results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+            for i, rcpt in enumerate(recipients)
+        ],
+        deferred_at_mail,
+    )
+
+
+async def _transact(
     session: Session,
     sender: str,
     recipients: Sequence[str],
     data: bytes,
     results: dict[int, DeliveryResult],
 ) -> Reply | None:
-    """One MAIL, one RCPT per recipient, DATA if any was accepted.
+    """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
+    the same connection, for the recipients a server's recipient limit left over.
 
-    Fills ``results`` (recipient index → result) as replies come, so a connection lost
-    half-way keeps what was decided. Returns the reply to MAIL when MAIL was refused (then
-    every recipient carries that reply and nothing else was sent), else None; the MX
-    courier uses it to try the next MX on a 4xx.
+    A ``452`` (``4.5.3`` or no enhanced code) to RCPT after at least one recipient was
+    accepted is that limit (RFC 5321 4.5.3.1.8 and 4.5.3.1.10): the accepted ones get the
+    message, and the rest go at once in a further transaction, as Postfix does, rather
+    than waiting for the next retry. Any other ``452``, and one to the first RCPT of a
+    transaction, is that recipient's own temporary failure.
+
+    8-bit data goes to a server without 8BITMIME converted to 7 bit
+    (:mod:`hato.mime7bit`), or not at all: every recipient then fails with 5.6.3.
+
+    Fills ``results`` (recipient index → result) as replies come. Returns the reply to
+    the first MAIL when it was refused (then every recipient carries that reply and
+    nothing else was sent), else None.
     """
     smtp, relay = session.smtp, session.relay
 
-    def decide(i: int, result: Result, reply: Reply) -> None:
-        results[i] = DeliveryResult(recipients[i], result, reply, relay)
+    def decide(indexes: Iterable[int], result: Result, reply: Reply) -> None:
+        for i in indexes:
+            results[i] = DeliveryResult(recipients[i], result, reply, relay)
 
-    if bad_path(sender):
-        for i in range(len(recipients)):
-            decide(i, Result.PERMANENT, Reply(553, "5.1.7", f"bad sender address {sender!r}"))
-        return None
+    everyone = range(len(recipients))
     utf8_envelope = not (sender.isascii() and all(r.isascii() for r in recipients))
-    offers_utf8 = smtp.supports_extension("smtputf8")
-    if utf8_envelope and not offers_utf8:
-        reply = Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
-        for i in range(len(recipients)):
-            decide(i, Result.PERMANENT, reply)
+    refusal = _refusal(smtp, relay, sender, utf8_envelope=utf8_envelope)
+    if refusal is None and not data.isascii() and not smtp.supports_extension("8bitmime"):
+        try:
+            data = to_7bit(data)
+        except NotConvertible as exc:
+            refusal = Reply(
+                554,
+                "5.6.3",
+                f"host {relay} does not offer 8BITMIME, and the message cannot be "
+                f"converted to 7 bit: {exc}",
+            )
+    if refusal is not None:
+        decide(everyone, Result.PERMANENT, refusal)
         return None
+    options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
+
+    pending = list(everyone)
+    while pending:
+        first = not results
+        session.stage = _SENDING_MAIL
+        response = await smtp.execute_command(
+            b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
+        )
+        if response.code != 250:
+            reply = reply_from_response(response.code, response.message)
+            decide(pending, classify(reply), reply)
+            return reply if first else None
+        accepted, pending = await _recipients(session, recipients, pending, decide)
+        if not accepted or not smtp.is_connected:
+            return None
+        session.stage = "sending message body"
+        if not await _data(smtp, data, accepted, decide) and pending:
+            await smtp.execute_command(b"RSET")  # whatever the server kept of it goes
+    return None
+
+
+def _refusal(
+    smtp: aiosmtplib.SMTP, relay: str, sender: str, *, utf8_envelope: bool
+) -> Reply | None:
+    """Why no MAIL can be sent for this envelope (a permanent reply), or None."""
+    if bad_path(sender):
+        return Reply(553, "5.1.7", f"bad sender address {sender!r}")
+    if utf8_envelope and not smtp.supports_extension("smtputf8"):
+        return Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
+    return None
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, data: bytes, *, utf8_envelope: bool) -> list[bytes]:
     options: list[bytes] = []
     if smtp.supports_extension("size"):
         options.append(b"SIZE=%d" % len(data))
     if not data.isascii() and smtp.supports_extension("8bitmime"):
         options.append(b"BODY=8BITMIME")
-    if offers_utf8 and (utf8_envelope or not header_section(data).isascii()):
+    if smtp.supports_extension("smtputf8") and (
+        utf8_envelope or not header_section(data).isascii()
+    ):
         options.append(b"SMTPUTF8")
+    return options
 
-    session.stage = "sending MAIL FROM"
-    response = await smtp.execute_command(
-        b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
-    )
-    if response.code != 250:
-        reply = reply_from_response(response.code, response.message)
-        for i in range(len(recipients)):
-            decide(i, classify(reply), reply)
-        return reply
 
-    accepted: list[int] = []
+async def _recipients(
+    session: Session,
+    recipients: Sequence[str],
+    pending: list[int],
+    decide: Callable[[Iterable[int], Result, Reply], None],
+) -> tuple[list[int], list[int]]:
+    """RCPT for each pending recipient: (accepted, left over for another transaction)."""
+    smtp = session.smtp
     session.stage = "sending RCPT TO"
-    for i, rcpt in enumerate(recipients):
+    accepted: list[int] = []
+    for n, i in enumerate(pending):
+        rcpt = recipients[i]
         if bad_path(rcpt):
-            decide(i, Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
+            decide([i], Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
             continue
         response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">")
         if response.code in (250, 251):
             accepted.append(i)
             continue
         reply = reply_from_response(response.code, response.message)
-        decide(i, classify(reply), reply)
+        if accepted and reply.code == 452 and reply.enhanced in _TOO_MANY_RECIPIENTS:
+            return accepted, pending[n:]
+        decide([i], classify(reply), reply)
         if response.code == 421:
             # The server is closing: whoever was not asked yet is deferred with its words.
-            for j in range(i + 1, len(recipients)):
-                decide(j, Result.TEMPORARY, reply)
+            decide(pending[n + 1 :], Result.TEMPORARY, reply)
             break
-    if not accepted or not smtp.is_connected:
-        return None
+    return accepted, []
 
-    session.stage = "sending message body"
+
+async def _data(
+    smtp: aiosmtplib.SMTP,
+    data: bytes,
+    accepted: list[int],
+    decide: Callable[[Iterable[int], Result, Reply], None],
+) -> bool:
+    """DATA for the accepted recipients; whether the server took the message."""
     try:
         response = await smtp.data(data)
     except aiosmtplib.SMTPDataError as exc:
         response = aiosmtplib.SMTPResponse(exc.code, exc.message)
     reply = reply_from_response(response.code, response.message)
-    result = Result.OK if response.code == 250 else classify(reply)
-    for i in accepted:
-        decide(i, result, reply)
-    return None
+    decide(accepted, Result.OK if response.code == 250 else classify(reply), reply)
+    return response.code == 250
 
 
 def broken_reply(exc: Exception, session: Session) -> Reply:
