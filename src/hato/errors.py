@@ -33,8 +33,11 @@ Outside the tree, on purpose:
   called from inside its own, and ``Mailer.wait`` raises ``TimeoutError`` at its deadline.
 * ``SessionFailure`` (hato.delivery.session) carries the reply of an SMTP session that
   could not be set up from the session code to its courier, which turns it into a
-  temporary result; it never leaves ``delivery/``. Private exceptions (a leading
-  underscore) never leave their module.
+  temporary result; it never leaves ``delivery/``.
+* ``NotConvertible`` (hato.mime7bit) says an 8-bit message has no faithful 7-bit form;
+  the session turns it into a 554 5.6.3 result and DKIM signing into "sign as it is".
+  It never leaves the package. Private exceptions (a leading underscore) never leave
+  their module.
 """
 
 from __future__ import annotations
