@@ -37,7 +37,7 @@ from hato import AddressError, Mailer  # noqa: E402
 from hato.app import work  # noqa: E402
 from hato.config import load_settings  # noqa: E402
 from hato.contrib.django import EmailBackend, close_mailers  # noqa: E402
-from hato.queue.base import StoredMessage, open_queue  # noqa: E402
+from hato.queue import StoredMessage, open_queue  # noqa: E402
 
 django.setup()
 
