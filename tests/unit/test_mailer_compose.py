@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -465,3 +466,21 @@ def test_compose_is_compose_email_of_one_email() -> None:
         by_value.message_id,
         by_value.not_before,
     )
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        0.0,
+        T0,
+        T0 + 0.999_999_7,  # rounds up to the next second, as datetime does
+        datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC).timestamp(),
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC).timestamp(),
+        datetime(2038, 1, 19, 3, 14, 8, tzinfo=UTC).timestamp(),
+        datetime(2100, 3, 1, tzinfo=UTC).timestamp(),
+    ],
+)
+def test_date_header_is_what_the_email_package_writes(when: float) -> None:
+    expected = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
+    c = compose("u@x.org", "s", from_=FROM, clock=lambda: when)
+    assert f"\r\nDate: {expected}\r\n".encode() in c.data

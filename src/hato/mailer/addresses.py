@@ -76,15 +76,16 @@ def mailboxes(value: AddressLike | Iterable[AddressLike] | None, what: str) -> l
 
 def mailbox(value: AddressLike, what: str) -> Mailbox:
     """One address, checked strictly; the domain in IDNA 2008 (ASCII) form."""
-    if isinstance(value, HeaderAddress):
-        display, spec = value.display_name, value.addr_spec
-    elif isinstance(value, str):
-        check_header_value(value, what)
+    if isinstance(value, str):
+        check_header_value(value, what)  # and so every part of it
         display, spec = _split(value.strip(), what)
+    elif isinstance(value, HeaderAddress):
+        display, spec = value.display_name, value.addr_spec
+        check_header_value(display, f"{what} display name")
+        check_header_value(spec, what)
     else:
         raise AddressError(f"{what}: expected an address string, not {type(value).__name__}")
-    check_header_value(display, f"{what} display name")
-    parsed = parse_address(check_header_value(spec, what))
+    parsed = parse_address(spec)
     if not parsed.local.isascii():
         raise AddressError(f"{what}: non-ASCII local part in {spec!r} needs SMTPUTF8")
     domain = parsed.domain

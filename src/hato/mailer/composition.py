@@ -38,7 +38,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
-from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -214,7 +213,7 @@ def compose_email(
     not_before = _not_before(message.send_at, now)
 
     message_id = _message_id(sender.domain, idempotency_key, sender.addr_spec)
-    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    date = _date(now)
     if "message-id" in extra:
         message_id = extra["message-id"][1]
     lines = [_address_header("From", [sender])]
@@ -306,11 +305,25 @@ def _message_id(domain: str, idempotency_key: str | None, sender: str) -> str:
 # The structure (text, HTML, multipart/alternative, multipart/mixed with attachments) is
 # written here, with the email package's own encoders for the parts that need care:
 # email.header.Header for RFC 2047 words and folding, email.quoprimime and base64 for
-# bodies, email.utils for RFC 2231 parameters and the Date. EmailMessage with policy.SMTP
+# bodies, email.utils for RFC 2231 parameters. EmailMessage with policy.SMTP
 # builds the same shapes but costs ~0.8 ms for a text + HTML message (most of the 2 ms
 # budget of send()), and its refolding of long non-ASCII subjects drops spaces and emits
 # whitespace-only lines (CPython 3.11). The tests parse every shape back with the email
 # package and compare.
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _date(now: float) -> str:
+    """The Date header value: what ``email.utils.format_datetime`` writes for ``now`` in
+    UTC, at a tenth of its cost (it goes through ``timetuple`` and ``strftime("%z")``)."""
+    d = datetime.fromtimestamp(now, UTC)
+    return (
+        f"{_DAYS[d.weekday()]}, {d.day:02d} {_MONTHS[d.month - 1]} {d.year:04d}"
+        f" {d.hour:02d}:{d.minute:02d}:{d.second:02d} +0000"
+    )
 
 
 def _header(name: str, value: str) -> str:
