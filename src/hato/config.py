@@ -1018,5 +1018,37 @@ def settings_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True, slots=True)
+class MailerEnvironment:
+    """What :func:`mailer_environment` read; see there."""
+
+    queue_url: str
+    default_from: str | None
+    template_dir: Path | None
+    data_dir: Path
+
+
+def mailer_environment() -> MailerEnvironment:
+    """The fallbacks of ``hato.Mailer`` / ``AsyncMailer``, from the environment only.
+
+    Exactly these variables are read (an empty value counts as unset); no ``hato.toml``
+    and no ``.env`` file, since an application's working directory is not Hato's:
+
+    * ``HATO_QUEUE_URL``: the queue; else ``sqlite:///DATA_DIR/queue.db``;
+    * ``HATO_DATA_DIR``: that ``DATA_DIR``; else ``$XDG_DATA_HOME/hato``
+      (``~/.local/share/hato``);
+    * ``HATO_DEFAULT_FROM``: the sender of messages without ``from_``; else none;
+    * ``HATO_TEMPLATE_DIR``: the folder of ``send_template``; else none (``./templates``).
+    """
+    data_dir = Path(os.environ.get("HATO_DATA_DIR") or _default_data_dir())
+    template_dir = os.environ.get("HATO_TEMPLATE_DIR")
+    return MailerEnvironment(
+        queue_url=os.environ.get("HATO_QUEUE_URL") or f"sqlite:///{data_dir / 'queue.db'}",
+        default_from=os.environ.get("HATO_DEFAULT_FROM") or None,
+        template_dir=Path(template_dir) if template_dir else None,
+        data_dir=data_dir,
+    )
+
+
 if __name__ == "__main__":
     print(settings_reference(), end="")

@@ -31,22 +31,9 @@ import pytest
 
 from hato.queue import open_queue
 from hato.queue.base import Queue
+from hato.testing import FakeClock
 
 Factory = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[str]]
-
-
-class FakeClock:
-    """A clock tests move by hand: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
 
 
 @dataclass(frozen=True)

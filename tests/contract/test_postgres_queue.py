@@ -20,6 +20,7 @@ from hato.message import Envelope
 from hato.queue import open_queue
 from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.postgres import SCHEMA_VERSION, PostgresQueue, enqueue_sync
+from hato.testing import FakeClock
 
 SERVER = os.environ.get("HATO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -27,14 +28,6 @@ SERVER = os.environ.get("HATO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0
 def _with_query(url: str, **params: str) -> str:
     query = "&".join(f"{k}={v}" for k, v in params.items())
     return f"{url}{'&' if '?' in url else '?'}{query}"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ from hato.queue.base import (
     RecipientState,
     StoredMessage,
 )
-
-from .conftest import FakeClock
+from hato.testing import FakeClock
 
 OpenQueue = Callable[[], Awaitable[Queue]]
 

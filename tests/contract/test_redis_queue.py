@@ -21,16 +21,9 @@ from hato.message import Envelope
 from hato.queue import open_queue
 from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.redis import RedisQueue
+from hato.testing import FakeClock
 
 SERVER = os.environ.get("HATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _url(prefix: str, extra: str = "") -> str:
@@ -60,7 +53,7 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture

@@ -17,19 +17,12 @@ from hato.message import Envelope
 from hato.queue.base import MessageState
 from hato.queue.memory import MemoryQueue
 from hato.queue.retry import RetrySchedule
+from hato.testing import FakeClock
 from hato.worker import Worker
 from peers.asyncsinks import HOST, Handler, Sink, wait_until
 
 T0 = 1_700_000_000.0
 MSG = b"From: app@example.org\r\nTo: user@example.net\r\nSubject: reset\r\n\r\nlink\r\n"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def free_port() -> int:
@@ -42,7 +35,7 @@ class Rig:
     """A worker relaying to ``port`` (or holding, with ``route="hold"``)."""
 
     def __init__(self, port: int, *, route: str = "relay", lifetime: float = 3600.0) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(T0)
         self.queue = MemoryQueue(clock=self.clock)
         self.out = io.StringIO()
         self.smarthost = SmarthostCourier(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from datetime import UTC, datetime
 from email.headerregistry import Address
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hato import AddressError, ConfigError, compose
-from hato.mailer import IDEMPOTENCY_HEADER
+from hato.mailer import IDEMPOTENCY_HEADER, MAX_SEND_AT_DELAY, Email, Mailer, compose_email
 
 T0 = 1_700_000_000.0
 FROM = "App <noreply@app.example>"
@@ -333,11 +334,25 @@ def test_no_recipients_is_an_error() -> None:
 
 
 def test_send_at() -> None:
-    when = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert compose("u@x.org", "s", from_=FROM, send_at=when).not_before == when.timestamp()
+    when = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)  # seven weeks after T0
+    c = compose("u@x.org", "s", from_=FROM, send_at=when, clock=clock)
+    assert c.not_before == when.timestamp()
     assert compose("u@x.org", "s", from_=FROM, send_at=T0 + 60).not_before == T0 + 60
     with pytest.raises(ValueError):
         compose("u@x.org", "s", from_=FROM, send_at=float("inf"))
+
+
+def test_send_at_more_than_a_year_ahead_is_refused() -> None:
+    """A year is 366 days, so "the same day next year" always fits."""
+    year = MAX_SEND_AT_DELAY
+    assert year == 366 * 86_400
+    ok = compose("u@x.org", "s", from_=FROM, send_at=T0 + year, clock=clock)
+    assert ok.not_before == T0 + year
+    past = compose("u@x.org", "s", from_=FROM, send_at=T0 - 10 * year, clock=clock)
+    assert past.not_before == T0 - 10 * year  # due at once
+    for late in (T0 + year + 1, T0 * 1000, datetime(2030, 1, 2, tzinfo=UTC)):
+        with pytest.raises(ValueError, match="days ahead"):
+            compose("u@x.org", "s", from_=FROM, send_at=late, clock=clock)
 
 
 def test_quoted_local_parts_and_literals() -> None:
@@ -347,3 +362,125 @@ def test_quoted_local_parts_and_literals() -> None:
         '"john smith"@example.org',
         "x@[192.0.2.1]",
     ]
+
+
+def test_international_domains_are_idna_2008() -> None:
+    """UTS #46 non-transitional: ß stays ß (xn--fa-hia), where IDNA 2003 made it "ss"."""
+    c = compose(["anna@faß.de", "Bü <b@BÜCHER.example>"], "s", from_="noreply@café.example")
+    assert c.envelope.sender == "noreply@xn--caf-dma.example"
+    assert c.envelope.recipients == ["anna@xn--fa-hia.de", "b@xn--bcher-kva.example"]
+    assert [a.addr_spec for a in parse(c.data)["To"].addresses] == [
+        "anna@xn--fa-hia.de",
+        "b@xn--bcher-kva.example",
+    ]
+    assert_wire_clean(c.data)
+
+
+@pytest.mark.parametrize("bad", ["a@☃.example", "a@x\u0080.example", "a@😀.example"])
+def test_domains_idna_2008_refuses_are_refused(bad: str) -> None:
+    """IDNA 2003 took the snowman; IDNA 2008 allows no symbols, emoji or controls."""
+    with pytest.raises(AddressError, match="international domain"):
+        compose(bad, "s", from_=FROM)
+
+
+# Input a person and a program could read as different addresses: refused, not guessed at.
+AMBIGUOUS = [
+    "alice@good.example <bob@evil.example> <c@x.example>",  # two <...>, the last one won
+    "Alice <bob@evil.example> <c@x.example>",
+    "alice@good.example <c@x.example>",  # an @ in an unquoted name
+    "Alice <c@x.example> bob@evil.example",  # text after >
+    "Alice <c@x.example>>",
+    "Alice <<c@x.example>",
+    "Alice> <c@x.example>",
+    "c@x.example>",
+    '"Alice <c@x.example>',  # no closing quote
+    '"Alice" bob@evil.example <c@x.example>',  # text between the quoted name and <
+    '"Alice" <c@x.example> <d@x.example>',
+    "<bob@evil.example> <c@x.example>",
+]
+
+
+@pytest.mark.parametrize("field", ["to", "cc", "bcc", "reply_to", "from_"])
+@pytest.mark.parametrize("value", AMBIGUOUS)
+def test_ambiguous_addresses_are_refused(field: str, value: str) -> None:
+    kwargs: dict[str, object] = {"to": "u@example.net", "subject": "s", "from_": FROM}
+    kwargs[field] = value
+    with pytest.raises(AddressError):
+        compose(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "display", "addr_spec"),
+    [
+        ("c@x.example", "", "c@x.example"),
+        ("<c@x.example>", "", "c@x.example"),
+        ("  Carol  < c@x.example >  ", "Carol", "c@x.example"),
+        ('"alice@good.example" <c@x.example>', "alice@good.example", "c@x.example"),
+        ('"Carol <the boss>" <c@x.example>', "Carol <the boss>", "c@x.example"),
+        ('"Say \\"hi\\"" <c@x.example>', 'Say "hi"', "c@x.example"),
+        ("Yamada, Taro <c@x.example>", "Yamada, Taro", "c@x.example"),
+        ('"a<b"@x.example', "", '"a<b"@x.example'),
+    ],
+)
+def test_unambiguous_address_forms(value: str, display: str, addr_spec: str) -> None:
+    c = compose(value, "s", from_=FROM)
+    assert c.envelope.recipients == [addr_spec]
+    [to] = parse(c.data)["To"].addresses
+    assert (to.display_name, to.addr_spec) == (display, addr_spec)
+
+
+def test_mailer_send_refuses_an_ambiguous_address_and_stores_nothing() -> None:
+    with Mailer("memory://", default_from=FROM) as mailer:
+        with pytest.raises(AddressError, match="more than one"):
+            mailer.send("alice@good.example <bob@evil.example> <c@x.example>", "s", "x")
+
+        async def count() -> int:
+            queue = await mailer._inner._open_queue()
+            return sum((await queue.counts()).values())
+
+        assert mailer._call(count()) == 0
+
+
+def test_compose_is_compose_email_of_one_email() -> None:
+    """compose(...) and compose_email(Email(...)) are the same message."""
+    fields: dict[str, object] = {
+        "to": ["a@x.org", "B <b@x.org>"],
+        "subject": "s",
+        "text": "t",
+        "html": "<p>h</p>",
+        "from_": FROM,
+        "cc": "c@x.org",
+        "bcc": ["d@x.org"],
+        "reply_to": "r@x.org",
+        "headers": {"X-Tag": "1"},
+        "attachments": [("a.txt", b"a")],
+        "send_at": T0 + 60,
+        "idempotency_key": "k",
+    }
+    by_args = compose(**fields, clock=clock)  # type: ignore[arg-type]
+    by_value = compose_email(Email(**fields), clock=clock)  # type: ignore[arg-type]
+    boundary = re.compile(rb"=_hato_[0-9a-f]+")
+    assert boundary.sub(b"B", by_args.data) == boundary.sub(b"B", by_value.data)
+    assert (by_args.envelope, by_args.message_id, by_args.not_before) == (
+        by_value.envelope,
+        by_value.message_id,
+        by_value.not_before,
+    )
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        0.0,
+        T0,
+        T0 + 0.999_999_7,  # rounds up to the next second, as datetime does
+        datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC).timestamp(),
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC).timestamp(),
+        datetime(2038, 1, 19, 3, 14, 8, tzinfo=UTC).timestamp(),
+        datetime(2100, 3, 1, tzinfo=UTC).timestamp(),
+    ],
+)
+def test_date_header_is_what_the_email_package_writes(when: float) -> None:
+    expected = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
+    c = compose("u@x.org", "s", from_=FROM, clock=lambda: when)
+    assert f"\r\nDate: {expected}\r\n".encode() in c.data

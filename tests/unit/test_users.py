@@ -25,6 +25,7 @@ from hato.errors import ConfigError
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import Policy
 from hato.smtp.tls import TLSContextProvider, self_signed_certificate
+from hato.testing import FakeClock
 from hato.users import (
     User,
     UserAuthenticator,
@@ -328,16 +329,8 @@ def test_policy_sender_hook(store: UserStore) -> None:
 # The throttle.
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_throttle_delays_then_blocks_then_forgets() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     t = AuthThrottle(limit=4, window=60, base_delay=0.5, max_delay=1.5, clock=clock)
     assert not t.blocked("192.0.2.1")
     assert [t.failed("192.0.2.1") for _ in range(3)] == [0.5, 1.0, 1.5]
@@ -354,7 +347,7 @@ def test_throttle_delays_then_blocks_then_forgets() -> None:
 
 
 def test_throttle_sliding_window() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     t = AuthThrottle(limit=2, window=10, base_delay=0, clock=clock)
     t.failed("192.0.2.1")
     clock.now += 8
@@ -365,7 +358,7 @@ def test_throttle_sliding_window() -> None:
 
 
 def test_throttle_keys() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     t = AuthThrottle(limit=2, window=10, clock=clock)
     assert AuthThrottle.key("2001:db8::1") == AuthThrottle.key("2001:db8::ffff") == "2001:db8::/64"
     assert AuthThrottle.key("::ffff:192.0.2.1") == "192.0.2.1"
@@ -377,7 +370,7 @@ def test_throttle_keys() -> None:
 
 
 def test_throttle_is_bounded() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     t = AuthThrottle(limit=3, window=100, max_clients=10, clock=clock)
     for i in range(50):
         clock.now += 1
@@ -448,7 +441,7 @@ def test_provider_detects_renamed_files_and_reports(tmp_path: Path) -> None:
 
 
 def test_provider_check_interval(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     cert_file, key_file = _write_pair(
         *self_signed_certificate(["a.test"], days=1, now=NOW), tmp_path
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from hato.delivery.base import DeliveryResult, Result, all_results
 from hato.delivery.hold import HoldCourier
@@ -22,39 +22,11 @@ from hato.queue.base import MessageState, RecipientState
 from hato.queue.memory import MemoryQueue
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
+from hato.testing import FakeClock, ScriptedCourier
 from hato.worker import Worker
 
 T0 = 1_700_000_000.0
 MSG = b"From: a@example.org\r\nSubject: t\r\n\r\nbody\r\n"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Scripted:
-    """A courier answering from a function of the recipient; records its calls."""
-
-    def __init__(self, name: str, answer: Callable[[str], tuple[Result, Reply]]) -> None:
-        self.name = name
-        self.answer = answer
-        self.calls: list[tuple[str, list[str]]] = []
-
-    async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
-    ) -> list[DeliveryResult]:
-        self.calls.append((sender, list(recipients)))
-        return [
-            DeliveryResult(r, *self.answer(r), relay=f"{self.name}[192.0.2.1]:25")
-            for r in recipients
-        ]
-
-    async def close(self) -> None:
-        return None
 
 
 OK = (Result.OK, Reply(250, "2.0.0", "Ok: queued"))
@@ -73,7 +45,7 @@ class Rig:
         queue: MemoryQueue | None = None,
         clock: FakeClock | None = None,
     ) -> None:
-        self.clock = clock or FakeClock()
+        self.clock = clock or FakeClock(T0)
         self.queue = queue or MemoryQueue(clock=self.clock)
         self.out = io.StringIO()
         self.worker = Worker(
@@ -104,7 +76,7 @@ async def start(rig: Rig) -> Rig:
 
 
 async def test_sent_message_is_logged_like_postfix() -> None:
-    relay = Scripted("relay.test", lambda r: OK)
+    relay = ScriptedCourier("relay.test", lambda r: OK)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("a@example.org", "b@example.net")
     rig.clock.now += 2.5
@@ -118,7 +90,7 @@ async def test_sent_message_is_logged_like_postfix() -> None:
 
 
 async def test_recipients_grouped_by_route_and_local_is_held_for_now() -> None:
-    relay = Scripted("relay.test", lambda r: OK)
+    relay = ScriptedCourier("relay.test", lambda r: OK)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("a@example.org", "x@example.net", "me@example.org", "y@example.com")
     await rig.worker.run_once()
@@ -131,7 +103,7 @@ async def test_recipients_grouped_by_route_and_local_is_held_for_now() -> None:
 
 
 async def test_temporary_failure_is_rescheduled_with_jitter() -> None:
-    relay = Scripted("relay.test", lambda r: BUSY)
+    relay = ScriptedCourier("relay.test", lambda r: BUSY)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("a@example.org", "b@example.net")
     await rig.worker.run_once()
@@ -148,7 +120,7 @@ async def test_temporary_failure_is_rescheduled_with_jitter() -> None:
 
 
 async def test_courier_exception_counts_as_temporary() -> None:
-    class Broken(Scripted):
+    class Broken(ScriptedCourier):
         async def deliver(
             self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
         ) -> list[DeliveryResult]:
@@ -163,7 +135,7 @@ async def test_courier_exception_counts_as_temporary() -> None:
 
 
 async def test_missing_results_and_missing_courier_are_temporary() -> None:
-    class Forgetful(Scripted):
+    class Forgetful(ScriptedCourier):
         async def deliver(
             self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
         ) -> list[DeliveryResult]:
@@ -184,7 +156,7 @@ async def test_missing_results_and_missing_courier_are_temporary() -> None:
 
 
 async def test_permanent_failure_bounces_to_sender() -> None:
-    relay = Scripted("relay.test", lambda r: UNKNOWN if r.startswith("nobody") else OK)
+    relay = ScriptedCourier("relay.test", lambda r: UNKNOWN if r.startswith("nobody") else OK)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("app@example.org", "nobody@example.net", "ok@example.net")
     await rig.worker.run_once()
@@ -202,7 +174,7 @@ async def test_permanent_failure_bounces_to_sender() -> None:
 
 
 async def test_bounce_of_a_bounce_is_never_sent() -> None:
-    relay = Scripted("relay.test", lambda r: UNKNOWN)
+    relay = ScriptedCourier("relay.test", lambda r: UNKNOWN)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("", "nobody@example.net")
     await rig.worker.run_once()
@@ -211,7 +183,7 @@ async def test_bounce_of_a_bounce_is_never_sent() -> None:
 
 
 async def test_give_up_after_lifetime_bounces_with_reason() -> None:
-    relay = Scripted("relay.test", lambda r: BUSY)
+    relay = ScriptedCourier("relay.test", lambda r: BUSY)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("app@example.org", "b@example.net")
     await rig.worker.run_once()
@@ -234,8 +206,8 @@ async def test_dsn_enqueue_failure_keeps_recipient_pending() -> None:
                 raise QueueError("disk full")
             return await super().enqueue(envelope, data, **kwargs)  # type: ignore[arg-type]
 
-    clock = FakeClock()
-    relay = Scripted("relay.test", lambda r: UNKNOWN)
+    clock = FakeClock(T0)
+    relay = ScriptedCourier("relay.test", lambda r: UNKNOWN)
     rig = Rig({RouteKind.RELAY: relay}, queue=NoRoom(clock=clock), clock=clock)
     await start(rig)
     mid = await rig.enqueue("app@example.org", "nobody@example.net")
@@ -247,7 +219,7 @@ async def test_dsn_enqueue_failure_keeps_recipient_pending() -> None:
 
 async def test_held_and_temporary_mix_retries_then_holds() -> None:
     answers = {"b@example.net": BUSY}
-    relay = Scripted("relay.test", lambda r: answers.get(r, OK))
+    relay = ScriptedCourier("relay.test", lambda r: answers.get(r, OK))
     rig = await start(Rig({RouteKind.RELAY: relay, RouteKind.HOLD: HoldCourier()}))
     mid = await rig.enqueue("a@example.org", "b@example.net", "me@example.org")
     await rig.worker.run_once()
@@ -262,7 +234,7 @@ async def test_held_and_temporary_mix_retries_then_holds() -> None:
 
 
 async def test_lost_lease_is_not_overwritten() -> None:
-    relay = Scripted("relay.test", lambda r: OK)
+    relay = ScriptedCourier("relay.test", lambda r: OK)
     rig = await start(Rig({RouteKind.RELAY: relay}))
     mid = await rig.enqueue("a@example.org", "b@example.net")
     [claimed] = await rig.queue.claim(owner="w1", limit=1, lease_seconds=10)
@@ -282,7 +254,7 @@ async def test_run_loop_survives_errors_and_stops() -> None:
             raise RuntimeError("courier bug")
         return OK
 
-    rig = await start(Rig({RouteKind.RELAY: Scripted("relay.test", answer)}))
+    rig = await start(Rig({RouteKind.RELAY: ScriptedCourier("relay.test", answer)}))
     crash = await rig.enqueue("a@example.org", "crash@example.net")
     task = asyncio.create_task(rig.worker.run())
     ok = await rig.enqueue("a@example.org", "fine@example.net")
@@ -301,7 +273,7 @@ async def test_graceful_stop_releases_what_is_still_in_flight() -> None:
     gate = asyncio.Event()
     started = asyncio.Event()
 
-    class Slow(Scripted):
+    class Slow(ScriptedCourier):
         async def deliver(
             self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
         ) -> list[DeliveryResult]:
@@ -335,8 +307,8 @@ async def test_claim_failures_do_not_end_the_loop() -> None:
                 raise QueueError("database restarting")
             return await super().claim(**kwargs)  # type: ignore[arg-type]
 
-    clock = FakeClock()
-    relay = Scripted("relay.test", lambda r: OK)
+    clock = FakeClock(T0)
+    relay = ScriptedCourier("relay.test", lambda r: OK)
     rig = Rig({RouteKind.RELAY: relay}, queue=Flaky(clock=clock), clock=clock)
     rig.worker.error_backoff = 0.01
     await start(rig)

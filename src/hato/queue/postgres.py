@@ -18,9 +18,11 @@ from the injected clock, never the server's ``now()``, so a fake clock works.
   ``pg_notify`` in the same statement, so in the same transaction: a rolled-back enqueue
   wakes nobody. A listener connection, opened by the first ``wait_for_work``, wakes the
   waiters; the waiter's timeout is the polling fallback.
-* **Transactional outbox**: ``enqueue(..., connection=conn)`` and :func:`enqueue_sync`
-  run the same INSERT on the caller's connection and never commit, so the caller's
-  commit or rollback decides whether the message exists.
+* **Transactional outbox**: :meth:`PostgresQueue.enqueue_in` (an ``AsyncConnection``, or
+  a sync ``Connection`` from a worker thread), :meth:`PostgresQueue.enqueue_sync` and
+  :func:`enqueue_sync` (a sync ``Connection`` in the calling thread) run the same INSERT
+  on the caller's connection and never commit, so the caller's commit or rollback decides
+  whether the message exists. The queue need not be open for them.
 * **Restarts**: an operation that fails on a dead connection is retried once after the
   pool has replaced its broken connections, else it raises
   :class:`hato.errors.QueueError` and the caller's loop retries later. The listener
@@ -575,9 +577,53 @@ class PostgresQueue:
     ) -> str:
         """Store a message and return its id (see :class:`hato.queue.base.Queue`).
 
-        With ``connection`` (a psycopg ``AsyncConnection`` or ``Connection``) the INSERT
-        runs in the caller's transaction and is not committed here: the caller's commit
-        makes it durable, a rollback discards it.
+        ``connection``: as :meth:`enqueue_in` (a psycopg ``AsyncConnection`` or
+        ``Connection``; :class:`TypeError` for anything else).
+        """
+        if connection is not None:
+            if not isinstance(connection, psycopg.AsyncConnection | psycopg.Connection):
+                raise TypeError(
+                    "connection must be a psycopg Connection or AsyncConnection,"
+                    f" not {type(connection).__name__}"
+                )
+            return await self.enqueue_in(
+                connection,
+                envelope,
+                data,
+                held=held,
+                not_before=not_before,
+                idempotency_key=idempotency_key,
+                meta=meta,
+            )
+        params = _enqueue_params(
+            self._names,
+            envelope,
+            data,
+            clock=self._clock,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+            meta=meta,
+        )
+        return await self._enqueue_grouped(params)
+
+    async def enqueue_in(
+        self,
+        connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+        envelope: Envelope,
+        data: bytes,
+        *,
+        held: bool = False,
+        not_before: float | None = None,
+        idempotency_key: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> str:
+        """Store a message inside the caller's open transaction on ``connection``; its id.
+
+        Nothing is committed here: the caller's commit makes the message exist and wakes
+        the workers, a rollback discards it (in autocommit mode the INSERT commits at
+        once). A sync ``Connection`` is used from a worker thread, so the loop is not
+        blocked. The queue need not be open; its tables must exist.
         """
         params = _enqueue_params(
             self._names,
@@ -589,19 +635,12 @@ class PostgresQueue:
             idempotency_key=idempotency_key,
             meta=meta,
         )
-        if connection is None:
-            return await self._enqueue_grouped(params)
         if isinstance(connection, psycopg.AsyncConnection):
             try:
                 return await _enqueue_on_async(connection, self._names, params)
             except psycopg.Error as exc:
                 raise _translate(exc, "enqueue") from exc
-        if isinstance(connection, psycopg.Connection):
-            return await asyncio.to_thread(_enqueue_on_sync, connection, self._names, params)
-        raise TypeError(
-            "connection must be a psycopg Connection or AsyncConnection,"
-            f" not {type(connection).__name__}"
-        )
+        return await asyncio.to_thread(_enqueue_on_sync, connection, self._names, params)
 
     async def _enqueue_grouped(self, params: dict[str, object]) -> str:
         """Join the next group commit; the first enqueue of an idle queue goes alone."""
@@ -675,18 +714,19 @@ class PostgresQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
     ) -> str:
-        """:func:`enqueue_sync` with this queue's tables and clock."""
-        return enqueue_sync(
-            conn,
+        """:meth:`enqueue_in` for sync code: the INSERT runs in the calling thread, on the
+        caller's sync connection, and is not committed (see :func:`enqueue_sync`)."""
+        params = _enqueue_params(
+            self._names,
             envelope,
             data,
-            queue_url=self.url,
             clock=self._clock,
             held=held,
             not_before=not_before,
             idempotency_key=idempotency_key,
             meta=meta,
         )
+        return _enqueue_on_sync(conn, self._names, params)
 
     async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
         if limit <= 0:
