@@ -42,6 +42,7 @@ from hato.mailer.composition import (
     Attachment,
     Composed,
     Email,
+    EmailOptions,
     compose,
     compose_email,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "Attachment",
     "Composed",
     "Email",
+    "EmailOptions",
     "Mailer",
     "MailerBase",
     "MessageId",

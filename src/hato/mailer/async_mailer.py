@@ -24,17 +24,18 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from hato.clock import Clock
 from hato.errors import ConfigError, QueueError
 from hato.mailer.addresses import AddressLike
-from hato.mailer.composition import Attachment, Composed, Email, as_email, compose_email
+from hato.mailer.composition import Composed, Composer, Email, EmailOptions
 from hato.queue import open_queue, redact_url
 from hato.queue.base import MessageState, Queue, RecipientState, RecipientStatus, StoredMessage
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from hato.mailer.transaction import CallerTransaction
     from hato.templates import Templates
 
@@ -147,7 +148,7 @@ def caller_transaction(queue_url: str, clock: Clock) -> CallerTransaction:
     return CallerTransaction(queue_url, clock)
 
 
-class AsyncMailer:
+class AsyncMailer(Composer):
     """:class:`~hato.Mailer` for asyncio: the same methods, as coroutines.
 
     One instance belongs to the event loop it is first used in (the queue's connections
@@ -228,14 +229,6 @@ class AsyncMailer:
 
     # Sending.
 
-    def compose(
-        self, to: AddressLike | Iterable[AddressLike], subject: str, **kwargs: Any
-    ) -> Composed:
-        """:func:`~hato.mailer.compose` with this mailer's default sender and clock."""
-        return compose_email(
-            Email(to, subject, **kwargs), default_from=self.default_from, clock=self._clock
-        )
-
     async def send(
         self,
         to: AddressLike | Iterable[AddressLike],
@@ -243,36 +236,15 @@ class AsyncMailer:
         text: str | None = None,
         html: str | None = None,
         *,
-        from_: AddressLike | None = None,
-        cc: AddressLike | Iterable[AddressLike] = (),
-        bcc: AddressLike | Iterable[AddressLike] = (),
-        reply_to: AddressLike | Iterable[AddressLike] | None = None,
-        headers: Mapping[str, str] | None = None,
-        attachments: Iterable[Attachment] = (),
-        send_at: datetime | float | None = None,
-        idempotency_key: str | None = None,
         connection: object | None = None,
+        **options: Unpack[EmailOptions],
     ) -> MessageId:
         """Enqueue one message; its id once it is durable (see the module docstring).
 
         ``connection``: a psycopg ``AsyncConnection`` (or ``Connection``) with an open
         transaction, PostgreSQL queues only; the message exists once the caller commits.
         """
-        message = Email(
-            to=to,
-            subject=subject,
-            text=text,
-            html=html,
-            from_=from_,
-            cc=cc,
-            bcc=bcc,
-            reply_to=reply_to,
-            headers=headers,
-            attachments=attachments,
-            send_at=send_at,
-            idempotency_key=idempotency_key,
-        )
-        composed = compose_email(message, default_from=self.default_from, clock=self._clock)
+        composed = self.compose(to, subject, text, html, **options)
         return await self.enqueue(composed, connection=connection)
 
     async def send_many(
@@ -285,10 +257,7 @@ class AsyncMailer:
         backends commit them in groups); if one fails, others may be stored: call again
         with the same idempotency keys to finish without duplicates.
         """
-        composed = [
-            compose_email(as_email(m), default_from=self.default_from, clock=self._clock)
-            for m in messages
-        ]
+        composed = self.compose_all(messages)
         return await self.enqueue_many(composed, connection=connection)
 
     async def send_template(

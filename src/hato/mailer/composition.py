@@ -39,12 +39,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 from hato.clock import Clock
 from hato.errors import AddressError, ConfigError, HatoError
 from hato.mailer.addresses import AddressLike, Mailbox, mailbox, mailboxes
 from hato.message import Envelope, check_header_value
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "IDEMPOTENCY_HEADER",
@@ -53,7 +56,9 @@ __all__ = [
     "MAX_SEND_AT_DELAY",
     "Attachment",
     "Composed",
+    "Composer",
     "Email",
+    "EmailOptions",
     "as_email",
     "compose",
     "compose_email",
@@ -112,6 +117,21 @@ class Email:
     idempotency_key: str | None = None
 
 
+class EmailOptions(TypedDict, total=False):
+    """The keyword options of ``send`` and ``compose``: the :class:`Email` fields after
+    ``to``, ``subject``, ``text`` and ``html``. ``send(to, subject, **options)`` is
+    ``Email(to, subject, **options)``: a new field is added here and to :class:`Email`."""
+
+    from_: AddressLike | None
+    cc: AddressLike | Iterable[AddressLike]
+    bcc: AddressLike | Iterable[AddressLike]
+    reply_to: AddressLike | Iterable[AddressLike] | None
+    headers: Mapping[str, str] | None
+    attachments: Iterable[Attachment]
+    send_at: datetime | float | None
+    idempotency_key: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Composed:
     """A message ready for the queue: envelope, bytes and queue options."""
@@ -138,38 +158,51 @@ def compose(
     text: str | None = None,
     html: str | None = None,
     *,
-    from_: AddressLike | None = None,
-    cc: AddressLike | Iterable[AddressLike] = (),
-    bcc: AddressLike | Iterable[AddressLike] = (),
-    reply_to: AddressLike | Iterable[AddressLike] | None = None,
-    headers: Mapping[str, str] | None = None,
-    attachments: Iterable[Attachment] = (),
-    send_at: datetime | float | None = None,
-    idempotency_key: str | None = None,
     default_from: str | None = None,
     clock: Clock = time.time,
+    **options: Unpack[EmailOptions],
 ) -> Composed:
     """Build a message and its envelope without storing it (what ``send`` stores).
 
-    :func:`compose_email` with ``send``'s parameters. Raises
+    :func:`compose_email` with ``send``'s parameters (:class:`EmailOptions`). Raises
     :class:`~hato.errors.AddressError` for a bad or unsafe address or header,
     :class:`~hato.errors.ConfigError` when there is no sender at all.
     """
-    message = Email(
-        to=to,
-        subject=subject,
-        text=text,
-        html=html,
-        from_=from_,
-        cc=cc,
-        bcc=bcc,
-        reply_to=reply_to,
-        headers=headers,
-        attachments=attachments,
-        send_at=send_at,
-        idempotency_key=idempotency_key,
+    return compose_email(
+        Email(to, subject, text, html, **options), default_from=default_from, clock=clock
     )
-    return compose_email(message, default_from=default_from, clock=clock)
+
+
+class Composer:
+    """The half of a mailer that composes: a default sender, a clock, and :meth:`compose`.
+
+    :class:`~hato.mailer.AsyncMailer` and the synchronous mailers share it.
+    """
+
+    default_from: str | None
+    _clock: Clock
+
+    def compose(
+        self,
+        to: AddressLike | Iterable[AddressLike],
+        subject: str,
+        text: str | None = None,
+        html: str | None = None,
+        **options: Unpack[EmailOptions],
+    ) -> Composed:
+        """:func:`compose` with this mailer's default sender and clock."""
+        return compose_email(
+            Email(to, subject, text, html, **options),
+            default_from=self.default_from,
+            clock=self._clock,
+        )
+
+    def compose_all(self, messages: Iterable[Email | Mapping[str, Any]]) -> list[Composed]:
+        """Compose every message (``send_many``'s input) before anything is stored."""
+        return [
+            compose_email(as_email(m), default_from=self.default_from, clock=self._clock)
+            for m in messages
+        ]
 
 
 def compose_email(

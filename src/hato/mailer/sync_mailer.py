@@ -20,13 +20,13 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from hato.clock import Clock
 from hato.errors import HatoError, QueueError
@@ -40,7 +40,7 @@ from hato.mailer.async_mailer import (
     caller_transaction,
     templates_of,
 )
-from hato.mailer.composition import Attachment, Composed, Email, as_email, compose_email
+from hato.mailer.composition import Composed, Composer, Email
 from hato.queue import redact_url
 
 if TYPE_CHECKING:
@@ -50,9 +50,23 @@ if TYPE_CHECKING:
 __all__ = ["Mailer", "MailerBase"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-class MailerBase(abc.ABC):
+def blocking_twin(
+    twin: Callable[Concatenate[Any, P], Coroutine[Any, Any, T]],
+) -> Callable[[Callable[..., T]], Callable[Concatenate[Any, P], T]]:
+    """Give a blocking method the parameters of its asyncio twin (``AsyncMailer``'s): one
+    signature for both APIs, checked by mypy at the call site and shown by ``help()``."""
+
+    def decorate(method: Callable[..., T]) -> Callable[Concatenate[Any, P], T]:
+        method.__signature__ = inspect.signature(twin)  # type: ignore[attr-defined]
+        return method
+
+    return decorate
+
+
+class MailerBase(Composer, abc.ABC):
     """The synchronous sending API, built on a subclass's :meth:`enqueue`,
     :meth:`enqueue_many` and :meth:`status`.
 
@@ -102,62 +116,21 @@ class MailerBase(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def compose(
-        self, to: AddressLike | Iterable[AddressLike], subject: str, **kwargs: Any
-    ) -> Composed:
-        """:func:`~hato.mailer.compose` with this mailer's default sender and clock."""
-        return compose_email(
-            Email(to, subject, **kwargs), default_from=self.default_from, clock=self._clock
-        )
-
-    def send(
-        self,
-        to: AddressLike | Iterable[AddressLike],
-        subject: str,
-        text: str | None = None,
-        html: str | None = None,
-        *,
-        from_: AddressLike | None = None,
-        cc: AddressLike | Iterable[AddressLike] = (),
-        bcc: AddressLike | Iterable[AddressLike] = (),
-        reply_to: AddressLike | Iterable[AddressLike] | None = None,
-        headers: Mapping[str, str] | None = None,
-        attachments: Iterable[Attachment] = (),
-        send_at: datetime | float | None = None,
-        idempotency_key: str | None = None,
-        connection: object | None = None,
-    ) -> MessageId:
+    @blocking_twin(AsyncMailer.send)
+    def send(self, *args: Any, connection: object | None = None, **options: Any) -> MessageId:
         """Enqueue one message and return its id once it is durable.
 
         ``connection``: a psycopg ``Connection`` with an open transaction (PostgreSQL
         queues only): the INSERT runs on it, in the calling thread, and is not committed
         here; the caller's commit makes the message exist, a rollback discards it.
         """
-        message = Email(
-            to=to,
-            subject=subject,
-            text=text,
-            html=html,
-            from_=from_,
-            cc=cc,
-            bcc=bcc,
-            reply_to=reply_to,
-            headers=headers,
-            attachments=attachments,
-            send_at=send_at,
-            idempotency_key=idempotency_key,
-        )
-        composed = compose_email(message, default_from=self.default_from, clock=self._clock)
-        return self.enqueue(composed, connection=connection)
+        return self.enqueue(self.compose(*args, **options), connection=connection)
 
     def send_many(
         self, messages: Iterable[Email | Mapping[str, Any]], *, connection: object | None = None
     ) -> list[MessageId]:
         """Enqueue several messages; see :meth:`AsyncMailer.send_many`."""
-        composed = [
-            compose_email(as_email(m), default_from=self.default_from, clock=self._clock)
-            for m in messages
-        ]
+        composed = self.compose_all(messages)
         return self.enqueue_many(composed, connection=connection)
 
     def send_template(
