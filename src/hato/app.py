@@ -211,7 +211,12 @@ async def serve(
     users = build_users(settings)
     submitted = build_dkim_transform(settings, users)
     authenticator = UserAuthenticator(users)
-    throttle = AuthThrottle(settings.auth_failure_limit, settings.auth_failure_window)
+    throttle = AuthThrottle(
+        settings.auth_failure_limit,
+        settings.auth_failure_window,
+        user_limit=settings.auth_user_failure_limit,
+        user_window=settings.auth_user_failure_window,
+    )
     queue = build_queue(settings)
     await queue.open()
     try:

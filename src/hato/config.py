@@ -318,6 +318,29 @@ class Settings(BaseSettings):
         description="More Received headers than this means a mail loop (Postfix hopcount_limit).",
     )
 
+    # --- intake defences: password guessing, early talkers, junk, reserve, disk -------
+    auth_user_failure_limit: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("HATO_AUTH_USER_FAILURE_LIMIT"),
+        description="Failed AUTH attempts per user name, from all clients together, within "
+        "HATO_AUTH_USER_FAILURE_WINDOW before the name is locked: AUTH as it gets "
+        "454 4.7.0 whatever the password, existing user or not, until the failures age out. "
+        "Trusted networks and addresses that logged in as the user within the window are "
+        "never locked out. Postfix and Dovecot count per client only.",
+    )
+    auth_user_failure_window: float = Field(
+        default=600.0,
+        gt=0,
+        validation_alias=_env("HATO_AUTH_USER_FAILURE_WINDOW"),
+        description="Window for counting AUTH failures per user name; a lock lasts at most this.",
+    )
+
+    @field_validator("auth_user_failure_window", mode="before")
+    @classmethod
+    def _intake_duration(cls, value: object) -> float:
+        return parse_duration(value)
+
     # --- TLS on our listeners --------------------------------------------------------
     tls_cert_file: Path | None = Field(
         default=None,

@@ -141,6 +141,14 @@ class MailLog:
             sasl_username=user,
         )
 
+    def auth_locked(self, user: str, seconds: float) -> None:
+        self.event(
+            "smtpd",
+            "",
+            warning=f"SASL login name locked for up to {seconds:g}s after repeated failures",
+            sasl_username=user,
+        )
+
     def received(
         self, queue_id: str, *, client: str, sender: str, size: int, nrcpt: int, **fields: object
     ) -> None:

@@ -106,6 +106,8 @@ AUTH_CHALLENGE_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
 AUTH_CHALLENGE_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+# RFC 4954 6: the per-user lock; the same words whether the user exists or not.
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
 BARE_LINE_ENDING_COMMAND = Reply(
     500, "5.5.2", "Bare CR or LF in command; use CRLF line endings (RFC 5321 2.3.8)"

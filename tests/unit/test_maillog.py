@@ -62,6 +62,7 @@ CALLS: list[tuple[str, Call]] = [
     ("auth_failed.client", lambda log, v: log.auth_failed(v, "user", "PLAIN")),
     ("auth_failed.user", lambda log, v: log.auth_failed("c", v, "PLAIN")),
     ("auth_failed.mechanism", lambda log, v: log.auth_failed("c", "user", v)),
+    ("auth_locked.user", lambda log, v: log.auth_locked(v, 600)),
     ("received.queue_id", lambda log, v: log.received(v, client="c", sender="s", size=1, nrcpt=1)),
     ("received.client", lambda log, v: log.received("Q1", client=v, sender="s", size=1, nrcpt=1)),
     ("received.sender", lambda log, v: log.received("Q1", client="c", sender=v, size=1, nrcpt=1)),

@@ -268,11 +268,14 @@ class ServerSession:
         self._state = _COMMAND
         return []
 
-    def auth_result(self, user: str | None, *, close: bool = False) -> list[Event]:
+    def auth_result(
+        self, user: str | None, *, close: bool = False, refusal: Reply = reply.AUTH_FAILED
+    ) -> list[Event]:
         """Answer an :class:`Authenticate`: the authenticated user, or ``None``.
 
-        ``close`` (with ``None``): the driver's cross-connection throttle has blocked the
-        client, so the ``535`` is followed by ``421 4.7.0`` and the connection closes.
+        ``refusal`` is the reply for ``None`` (``454 4.7.0`` when the driver's throttle has
+        locked the user name). ``close`` (with ``None``): the throttle has blocked the
+        client, so the refusal is followed by ``421 4.7.0`` and the connection closes.
         """
         if self._state != _WAIT_AUTH:
             return []
@@ -284,13 +287,13 @@ class ServerSession:
             self._send(reply.AUTH_OK)
         else:
             self.auth_failures += 1
-            self._out.append(Rejected("AUTH", reply.AUTH_FAILED))
+            self._out.append(Rejected("AUTH", refusal))
             if close or self.auth_failures >= self.config.max_auth_failures:
-                self._send(reply.AUTH_FAILED)
+                self._send(refusal)
                 self._send(reply.TOO_MANY_AUTH_FAILURES)
                 self._close()
                 return out
-            self._error(reply.AUTH_FAILED)
+            self._error(refusal)
         self._run()
         return out
 

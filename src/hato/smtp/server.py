@@ -141,6 +141,12 @@ class SMTPListener:
         return int(self.server.sockets[0].getsockname()[1])
 
     @property
+    def label(self) -> str:
+        """``role=host:port``, as in ``HATO_LISTEN``: the listener's name in counters."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.listener.role}={host}:{self.port}"
+
+    @property
     def host(self) -> str:
         if self.server is None or not self.server.sockets:
             return self.listener.host
@@ -481,24 +487,36 @@ class _Connection(asyncio.Protocol):
             self._resume(_ASYNC)
             self._handle(events)
             return
-        try:
-            user = await authenticator.authenticate(
-                event.username, event.password, authzid=event.authzid
-            )
-        except Exception:  # a broken user store refuses, it does not crash the session
-            _debug.exception("authenticator failed")
-            user = None
+        trusted = session.facts.trusted
+        locked = throttle is not None and throttle.locked(event.username, self.ip, trusted=trusted)
+        user: str | None = None
+        if not locked:
+            try:
+                user = await authenticator.authenticate(
+                    event.username, event.password, authzid=event.authzid
+                )
+            except Exception:  # a broken user store refuses, it does not crash the session
+                _debug.exception("authenticator failed")
         close = False
-        if user is None:
+        if user is not None:
+            if throttle is not None:
+                throttle.succeeded(self.ip, event.username)
+        else:
             listener.log.auth_failed(self.client, event.username, event.mechanism)
             if throttle is not None:
-                delay = throttle.failed(self.ip)
+                locks = throttle.user_locks
+                delay = throttle.failed(
+                    self.ip, event.username, trusted=trusted, listener=listener.label, locked=locked
+                )
+                if throttle.user_locks != locks:
+                    listener.log.auth_locked(event.username, throttle.user_window)
                 if delay is None:
                     listener.log.rejected(self.client, "AUTH", reply.TOO_MANY_AUTH_FAILURES)
                     close = True
                 elif delay > 0:
                     await asyncio.sleep(delay)
-        events = session.auth_result(user, close=close)
+        refusal = reply.AUTH_TEMPORARY_FAILURE if locked else reply.AUTH_FAILED
+        events = session.auth_result(user, close=close, refusal=refusal)
         self._resume(_ASYNC)
         self._handle(events)
 
