@@ -186,6 +186,8 @@ def build_policy(
             users.sender_allowed if users is not None and settings.sender_login_check else None
         ),
         local_recipient_exists=local.local_recipient_exists if local is not None else None,
+        route=settings.effective_route,
+        allow_private_mx=settings.allow_private_mx,
     )
 
 

@@ -89,6 +89,12 @@ SENDER_DENIED = Reply(553, "5.7.1", "Sender address rejected: not owned by user"
 SENDER_DOMAIN_DENIED = Reply(553, "5.7.1", "Sender address rejected: domain not allowed")
 NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 BAD_ADDRESS = Reply(553, "5.1.3", "Address syntax error")
+BAD_ADDRESS_LITERAL = Reply(501, "5.1.3", "Bad recipient address syntax: invalid address literal")
+PRIVATE_ADDRESS_LITERAL = Reply(
+    550,
+    "5.4.4",
+    "Recipient address rejected: address literal in loopback, private or reserved space",
+)
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
 BARE_LINE_ENDING = Reply(

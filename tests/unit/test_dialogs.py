@@ -132,6 +132,8 @@ def _settings(lines: list[str]) -> Harness:
         sender_allowed=(
             (lambda user, address: address == user) if opts.get("own_sender") == "yes" else None
         ),
+        route=opts.get("route"),
+        allow_private_mx=opts.get("allow_private_mx") == "yes",
     )
     tls = opts.get("tls", "no")
     session = ServerSession(
