@@ -163,6 +163,7 @@ def build_session_config(settings: Settings) -> SessionConfig:
         max_message_size=settings.message_size_limit,
         max_recipients=settings.max_recipients,
         max_received_headers=settings.max_received_headers,
+        max_junk_commands=settings.junk_command_limit,
         idle_timeout=settings.idle_timeout,
         command_timeout=settings.command_timeout,
         max_connections=settings.max_connections,

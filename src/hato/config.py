@@ -335,6 +335,14 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_AUTH_USER_FAILURE_WINDOW"),
         description="Window for counting AUTH failures per user name; a lock lasts at most this.",
     )
+    junk_command_limit: int = Field(
+        default=100,
+        ge=1,
+        validation_alias=_env("HATO_JUNK_COMMAND_LIMIT"),
+        description="NOOP, VRFY, ETRN and RSET commands a session may send between two "
+        "accepted messages; the next one gets 421 4.7.0 and the connection closes (Postfix "
+        "smtpd_junk_command_limit, 100).",
+    )
 
     @field_validator("auth_user_failure_window", mode="before")
     @classmethod

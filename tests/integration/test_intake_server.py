@@ -369,6 +369,24 @@ async def test_http_request_is_refused_and_closed(harness: Harness) -> None:
     assert await client.closed()
 
 
+@pytest.mark.parametrize("junk", [b"NOOP", b"VRFY postmaster"])
+async def test_junk_command_flood_is_cut_off(harness: Harness, junk: bytes) -> None:
+    # 200 junk commands in one write: the default limit (100) answers 100, then 421.
+    listener = await harness.start()
+    client = await harness.connect(listener.port)
+    await client.reply()
+    await client.send((junk + b"\r\n") * 200)
+    answers = await client.replies(101)
+    assert all(answer[:1] == b"2" for answer in answers[:100])
+    assert answers[100] == b"421 4.7.0 Too many junk commands, closing connection\r\n"
+    assert await client.closed()
+    verb = junk.split()[0].decode()
+    assert (
+        f"reject={verb} from unknown[127.0.0.1]: 421 4.7.0 Too many junk commands"
+        in harness.logbuf.getvalue()
+    )
+
+
 async def test_declared_and_undeclared_oversize(harness: Harness) -> None:
     listener = await harness.start(max_message_size=1000)
     client = await harness.connect(listener.port)

@@ -112,6 +112,7 @@ def _settings(lines: list[str]) -> Harness:
             "max_message_size",
             "max_recipients",
             "max_errors",
+            "max_junk_commands",
             "max_auth_failures",
             "max_received_headers",
         )

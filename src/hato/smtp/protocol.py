@@ -65,6 +65,9 @@ class SessionConfig:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
     max_errors: int = 20
+    # Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN and RSET between two accepted
+    # messages; one more gets 421 4.7.0 and the connection closes.
+    max_junk_commands: int = 100
     max_auth_failures: int = 3
     max_received_headers: int = 50
     # Used by the driver only. idle: the client sends nothing at all for this long;
@@ -87,7 +90,8 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A rejection for the operator log; ``command`` is ``MAIL``, ``RCPT``, ``DATA``,
-    ``END-OF-MESSAGE``, ``AUTH`` or ``CONNECT``."""
+    ``END-OF-MESSAGE``, ``AUTH``, ``CONNECT``, or the junk command that was one too many
+    (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
 
     command: str
     reply: Reply
@@ -202,6 +206,7 @@ class ServerSession:
         self.helo = ""
         self.esmtp = False
         self.errors = 0
+        self.junk_commands = 0
         self.auth_failures = 0
         self.messages = 0
         # Transaction.
@@ -304,6 +309,7 @@ class ServerSession:
         out: list[Event] = []
         self._out = out
         self.messages += 1
+        self.junk_commands = 0  # as Postfix: a client that delivers mail is no junk talker
         return self._end_message(reply.queued_as(queue_id), out)
 
     def message_rejected(self, answer: Reply) -> list[Event]:
@@ -412,6 +418,16 @@ class ServerSession:
             self._error(answer)
         else:
             self._send(answer)
+
+    def _junk(self, verb: str) -> bool:
+        """Count a junk command; True when it is one too many (421 sent, closing)."""
+        self.junk_commands += 1
+        if self.junk_commands > self.config.max_junk_commands:
+            self._out.append(Rejected(verb, reply.TOO_MANY_JUNK_COMMANDS))
+            self._send(reply.TOO_MANY_JUNK_COMMANDS)
+            self._close()
+            return True
+        return False
 
     def _close(self) -> None:
         self._state = _CLOSED
@@ -572,6 +588,8 @@ class ServerSession:
         self._nul = False
 
     def _cmd_rset(self, arg: str) -> None:
+        if self._junk("RSET"):
+            return
         if arg:
             self._error(reply.SYNTAX_ERROR)
             return
@@ -579,6 +597,8 @@ class ServerSession:
         self._send(reply.RESET_OK)
 
     def _cmd_noop(self, arg: str) -> None:
+        if self._junk("NOOP"):
+            return
         self._send(reply.NOOP_OK)
 
     def _cmd_quit(self, arg: str) -> None:
@@ -586,7 +606,14 @@ class ServerSession:
         self._close()
 
     def _cmd_vrfy(self, arg: str) -> None:
+        if self._junk("VRFY"):
+            return
         self._send(reply.VRFY_DISABLED)
+
+    def _cmd_etrn(self, arg: str) -> None:
+        if self._junk("ETRN"):
+            return
+        self._error(reply.NOT_IMPLEMENTED)
 
     def _cmd_expn(self, arg: str) -> None:
         self._send(reply.NOT_IMPLEMENTED)
@@ -808,6 +835,6 @@ _HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
     "STARTTLS": ServerSession._cmd_starttls,
     "AUTH": ServerSession._cmd_auth,
     "BDAT": ServerSession._cmd_not_implemented,
-    "ETRN": ServerSession._cmd_not_implemented,
+    "ETRN": ServerSession._cmd_etrn,
     "TURN": ServerSession._cmd_not_implemented,
 }
