@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from hato.aliases import load_aliases
@@ -32,7 +34,7 @@ from hato.queue.retry import RetrySchedule
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
-from hato.smtp.server import MessageTransform, SMTPListener, start_listener
+from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
 from hato.users import UserAuthenticator, UserStore
 from hato.worker import Worker
@@ -158,12 +160,23 @@ def build_worker(
 
 
 def build_session_config(settings: Settings) -> SessionConfig:
+    queue_url = settings.effective_queue_url
+    free_space: FreeSpace | None = None
+    if queue_url.split(":", 1)[0].lower() == "sqlite":
+        # The filesystem SQLite writes the database and its WAL to (as open_queue reads it).
+        database = Path(os.path.expanduser(queue_url.removeprefix("sqlite://")))
+        free_space = FreeSpace(database.parent)
+    min_free = settings.queue_minfree
+    if min_free is None:
+        min_free = settings.message_size_limit * 3 // 2
     return SessionConfig(
         hostname=settings.hostname,
         max_message_size=settings.message_size_limit,
         max_recipients=settings.max_recipients,
         max_received_headers=settings.max_received_headers,
         max_junk_commands=settings.junk_command_limit,
+        queue_free_space=free_space,
+        queue_min_free=min_free,
         idle_timeout=settings.idle_timeout,
         command_timeout=settings.command_timeout,
         max_connections=settings.max_connections,

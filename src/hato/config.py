@@ -343,6 +343,16 @@ class Settings(BaseSettings):
         "accepted messages; the next one gets 421 4.7.0 and the connection closes (Postfix "
         "smtpd_junk_command_limit, 100).",
     )
+    queue_minfree: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_env("HATO_QUEUE_MINFREE"),
+        description="Bytes that must stay free on the SQLite queue's filesystem: MAIL is "
+        "answered 452 4.3.1 (before any data is sent) when less would be left after the "
+        "declared SIZE. Default 1.5 × HATO_MESSAGE_SIZE_LIMIT, the least Postfix advises "
+        "for its queue_minfree; 0 checks the declared SIZE only. Not used with "
+        "PostgreSQL, Redis or memory queues.",
+    )
 
     @field_validator("auth_user_failure_window", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import smtplib
 import ssl
@@ -31,7 +32,7 @@ from hato.queue.memory import MemoryQueue
 from hato.smtp.auth import StaticAuthenticator
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
-from hato.smtp.server import SMTPListener, start_listener
+from hato.smtp.server import FreeSpace, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
@@ -385,6 +386,44 @@ async def test_junk_command_flood_is_cut_off(harness: Harness, junk: bytes) -> N
         f"reject={verb} from unknown[127.0.0.1]: 421 4.7.0 Too many junk commands"
         in harness.logbuf.getvalue()
     )
+
+
+async def test_full_disk_is_refused_at_mail_before_any_data(harness: Harness) -> None:
+    free = [50_000]
+    listener = await harness.start(queue_free_space=lambda: free[0], queue_min_free=40_000)
+    client = await harness.connect(listener.port)
+    await client.reply()
+    await client.send(b"EHLO c\r\nMAIL FROM:<a@example.com> SIZE=20000\r\n")
+    _ehlo, mail = await client.replies(2)
+    assert mail == b"452 4.3.1 Insufficient system storage\r\n"
+    free[0] = 70_000
+    await client.send(b"MAIL FROM:<a@example.com> SIZE=20000\r\n")
+    assert await client.reply() == b"250 2.1.0 Sender OK\r\n"
+    await client.close()
+    assert "reject=MAIL from unknown[127.0.0.1]: 452 4.3.1" in harness.logbuf.getvalue()
+
+
+def test_free_space_is_statvfs_cached_for_a_second(tmp_path: Path) -> None:
+    calls: list[str] = []
+    now = [100.0]
+
+    def statvfs(path: str) -> os.statvfs_result:
+        calls.append(path)
+        return os.statvfs(path)
+
+    free = FreeSpace(tmp_path, clock=lambda: now[0], statvfs=statvfs)
+    first = free()
+    assert isinstance(first, int) and first >= 0
+    for _ in range(100):
+        assert free() == first
+    now[0] += 0.5
+    free()
+    assert calls == [str(tmp_path)]
+    now[0] += 0.6
+    free()
+    assert len(calls) == 2
+    # A filesystem that cannot be asked: unknown, never a refusal.
+    assert FreeSpace(tmp_path / "gone")() is None
 
 
 async def test_declared_and_undeclared_oversize(harness: Harness) -> None:

@@ -3,7 +3,8 @@
 Format of a ``.dialog`` file (one item per line)::
 
     # comment
-    @ key=value            session settings (see _settings), before the first S:/C:
+    @ key=value            session settings (see _settings), before the first S:/C:;
+                           free_space=N is what the queue's filesystem reports free
     S: text                a line the server must send (CRLF added)
     C: text                a line the client sends (CRLF added)
     C~ text                bytes the client sends as they are (no CRLF added)
@@ -115,10 +116,16 @@ def _settings(lines: list[str]) -> Harness:
             "max_junk_commands",
             "max_auth_failures",
             "max_received_headers",
+            "queue_min_free",
         )
         if k in opts
     }
-    config = SessionConfig(hostname=opts.get("hostname", "mail.example.org"), **ints)
+    free_space = int(opts["free_space"]) if "free_space" in opts else None
+    config = SessionConfig(
+        hostname=opts.get("hostname", "mail.example.org"),
+        queue_free_space=(lambda: free_space) if free_space is not None else None,
+        **ints,
+    )
 
     def split(key: str) -> list[str]:
         return [x for x in opts.get(key, "").split(",") if x]

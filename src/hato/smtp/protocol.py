@@ -70,6 +70,11 @@ class SessionConfig:
     max_junk_commands: int = 100
     max_auth_failures: int = 3
     max_received_headers: int = 50
+    # Free bytes on the queue's filesystem, as the driver last saw them (a cheap cached
+    # call; None: unknown). MAIL is answered 452 4.3.1 when less than queue_min_free
+    # would be left once the declared SIZE is written (Postfix queue_minfree).
+    queue_free_space: Callable[[], int | None] | None = None
+    queue_min_free: int = 0
     # Used by the driver only. idle: the client sends nothing at all for this long;
     # command: one command line, or one whole DATA transfer, takes longer than this
     # from our previous reply (trickling clients).
@@ -496,6 +501,7 @@ class ServerSession:
             self._error(reply.MAIL_SYNTAX)
             return
         smtputf8 = False
+        declared = 0
         rest = arg[m.end() :]
         if rest:
             if rest[0] != " ":
@@ -511,7 +517,8 @@ class ServerSession:
                     if not value.isdigit() or len(value) > 20:
                         self._error(reply.MAIL_SYNTAX)
                         return
-                    if int(value) > self.config.max_message_size:
+                    declared = int(value)
+                    if declared > self.config.max_message_size:
                         self._reject("MAIL", reply.MESSAGE_TOO_BIG)
                         return
                 elif key == "BODY":
@@ -528,6 +535,12 @@ class ServerSession:
                 else:
                     self._error(reply.PARAM_UNRECOGNIZED)
                     return
+        free_space = self.config.queue_free_space
+        if free_space is not None:
+            free = free_space()
+            if free is not None and free - declared < self.config.queue_min_free:
+                self._reject("MAIL", reply.STORAGE_FULL)
+                return
         decision = self.policy.check_sender(self.facts, m.group(1), smtputf8=smtputf8)
         if isinstance(decision, Reply):
             self._reject("MAIL", decision)

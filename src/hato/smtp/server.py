@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,44 @@ def _wire(answer: Reply) -> bytes:
 def _client_name(ip: str) -> str:
     # No reverse DNS on the hot path; Postfix writes "unknown[ip]" in that case.
     return f"unknown[{ip}]"
+
+
+class FreeSpace:
+    """Free bytes on the filesystem holding ``path``, for the check at MAIL
+    (:attr:`SessionConfig.queue_free_space`).
+
+    Asked on every MAIL, so the answer is cached: ``statvfs`` runs at most once per
+    ``interval`` seconds, and every other MAIL only reads the clock. Counts the space an
+    unprivileged process may use (``f_bavail``). ``None`` when the filesystem cannot be
+    asked, and then the check is skipped: not knowing never refuses mail.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.interval = interval
+        self._clock = clock
+        self._statvfs = statvfs
+        self._free: int | None = None
+        self._next = float("-inf")
+
+    def __call__(self) -> int | None:
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self.interval
+            try:
+                st = self._statvfs(self.path)
+            except OSError:
+                self._free = None
+            else:
+                self._free = st.f_bavail * st.f_frsize
+        return self._free
 
 
 class SMTPListener:
