@@ -169,6 +169,9 @@ def build_session_config(settings: Settings) -> SessionConfig:
     min_free = settings.queue_minfree
     if min_free is None:
         min_free = settings.message_size_limit * 3 // 2
+    reserve = settings.trusted_connection_reserve
+    if reserve is None:
+        reserve = settings.max_connections // 10
     return SessionConfig(
         hostname=settings.hostname,
         max_message_size=settings.message_size_limit,
@@ -181,6 +184,7 @@ def build_session_config(settings: Settings) -> SessionConfig:
         command_timeout=settings.command_timeout,
         max_connections=settings.max_connections,
         max_connections_per_client=settings.max_connections_per_client,
+        trusted_connection_reserve=reserve,
     )
 
 

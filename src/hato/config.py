@@ -343,6 +343,15 @@ class Settings(BaseSettings):
         "accepted messages; the next one gets 421 4.7.0 and the connection closes (Postfix "
         "smtpd_junk_command_limit, 100).",
     )
+    trusted_connection_reserve: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_env("HATO_TRUSTED_CONNECTION_RESERVE"),
+        description="Of HATO_MAX_CONNECTIONS on an `smtp` listener, how many only clients "
+        "in HATO_MYNETWORKS may use, so that idle strangers cannot lock the application's "
+        "own mail out. Default a tenth (50 of 500). Submission listeners have no reserve: "
+        "their clients authenticate.",
+    )
     queue_minfree: int | None = Field(
         default=None,
         ge=0,

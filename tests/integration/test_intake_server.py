@@ -77,8 +77,10 @@ class Harness:
         self.listeners: list[SMTPListener] = []
         self.clients: list[RawClient] = []
 
-    async def connect(self, port: int) -> RawClient:
-        client = await RawClient.connect(port)
+    async def connect(
+        self, port: int, *, source: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> RawClient:
+        client = await RawClient.connect(port, source=source, tls=tls)
         self.clients.append(client)
         return client
 
@@ -132,8 +134,17 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(
+        cls, port: int, *, source: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> RawClient:
+        """Connect to 127.0.0.1, from the loopback address ``source`` if given."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0) if source else None,
+            ssl=tls,
+            server_hostname="localhost" if tls else None,
+        )
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
@@ -492,6 +503,45 @@ async def test_connection_limit_in_total(harness: Harness) -> None:
     assert (await second.reply())[:3] == b"421"
     assert await second.closed()
     await first.close()
+
+
+async def test_idle_strangers_cannot_lock_trusted_clients_out(harness: Harness) -> None:
+    # 127.0.0.2 is the trusted network (the application); 127.0.0.1 a stranger.
+    policy = Policy(mynetworks=parse_networks(["127.0.0.2/32"]))
+    listener = await harness.start(policy=policy, max_connections=4, trusted_connection_reserve=2)
+    strangers = [await harness.connect(listener.port, source="127.0.0.1") for _ in range(3)]
+    assert [(await c.reply())[:4] for c in strangers] == [b"220 ", b"220 ", b"421 "]
+    assert await strangers[2].closed()
+    apps = [await harness.connect(listener.port, source="127.0.0.2") for _ in range(3)]
+    # The reserve is theirs; the total still holds for everyone.
+    assert [(await c.reply())[:4] for c in apps] == [b"220 ", b"220 ", b"421 "]
+    # The application's mail flows while the strangers sit idle.
+    await apps[0].send(b"HELO app\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+    assert [r[:3] for r in await apps[0].replies(3)] == [b"250", b"250", b"250"]
+    # A stranger that leaves frees a place for a stranger again, as long as the total
+    # has room.
+    await strangers[0].close()
+    await wait_for(lambda: len(listener.connections) == 3)
+    again = await harness.connect(listener.port, source="127.0.0.1")
+    assert (await again.reply())[:4] == b"220 "
+    late = await harness.connect(listener.port, source="127.0.0.2")
+    assert (await late.reply())[:4] == b"421 "
+
+
+async def test_submission_listeners_have_no_trusted_reserve(
+    harness: Harness, tls: TLSContextProvider
+) -> None:
+    # Everyone on a submission port is about to authenticate: the whole total is theirs.
+    listener = await harness.start(
+        role=ListenerRole.SUBMISSION,
+        tls=tls,
+        auth=True,
+        policy=Policy(role=ListenerRole.SUBMISSION),
+        max_connections=3,
+        trusted_connection_reserve=2,
+    )
+    clients = [await harness.connect(listener.port) for _ in range(4)]
+    assert [(await c.reply())[:4] for c in clients] == [b"220 ", b"220 ", b"220 ", b"421 "]
 
 
 async def test_idle_timeout(harness: Harness) -> None:

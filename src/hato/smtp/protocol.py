@@ -82,6 +82,9 @@ class SessionConfig:
     command_timeout: float = 600.0
     max_connections: int = 500
     max_connections_per_client: int = 50
+    # Of max_connections, on an smtp listener, this many are kept for trusted networks:
+    # idle strangers must not lock the application's own mail out.
+    trusted_connection_reserve: int = 0
 
 
 # Events

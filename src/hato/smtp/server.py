@@ -141,6 +141,8 @@ class SMTPListener:
         self.server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
         self._per_client: dict[str, int] = {}
+        self._strangers = 0  # connections from outside the trusted networks
+        self._reserve_applies = listener.role is ListenerRole.SMTP
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
@@ -196,13 +198,25 @@ class SMTPListener:
 
         Trusted networks are exempt from the per-client limit, as in Postfix
         (``smtpd_client_event_limit_exceptions = $mynetworks``): an app server's
-        connection pool must not be refused by its own relay.
+        connection pool must not be refused by its own relay. On an ``smtp`` listener
+        clients outside them share at most ``max_connections -
+        trusted_connection_reserve`` connections, so that idle strangers cannot lock the
+        application's own mail out. Submission listeners keep their whole total for
+        clients that will authenticate (connections are counted per listener, so
+        port 25 never uses them up).
         """
-        if len(self.connections) >= self.limits.max_connections:
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections:
             return False
         count = self._per_client.get(ip, 0)
-        if count >= self.limits.max_connections_per_client and not self.policy.is_trusted(ip):
-            return False
+        stranger = not self.policy.is_trusted(ip)
+        if stranger:
+            if count >= limits.max_connections_per_client:
+                return False
+            share = limits.max_connections - limits.trusted_connection_reserve
+            if self._reserve_applies and self._strangers >= share:
+                return False
+            self._strangers += 1
         self._per_client[ip] = count + 1
         return True
 
@@ -212,6 +226,8 @@ class SMTPListener:
             self._per_client[ip] = left
         else:
             self._per_client.pop(ip, None)
+        if not self.policy.is_trusted(ip):
+            self._strangers -= 1
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
