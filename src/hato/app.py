@@ -182,6 +182,7 @@ def build_session_config(settings: Settings) -> SessionConfig:
         queue_min_free=min_free,
         idle_timeout=settings.idle_timeout,
         command_timeout=settings.command_timeout,
+        greet_delay=settings.greet_delay,
         max_connections=settings.max_connections,
         max_connections_per_client=settings.max_connections_per_client,
         trusted_connection_reserve=reserve,

@@ -335,6 +335,15 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_AUTH_USER_FAILURE_WINDOW"),
         description="Window for counting AUTH failures per user name; a lock lasts at most this.",
     )
+    greet_delay: float = Field(
+        default=1.0,
+        ge=0,
+        validation_alias=_env("HATO_GREET_DELAY"),
+        description="Seconds the greeting of an `smtp` listener not bound to loopback is held "
+        "back from clients outside HATO_MYNETWORKS; a client that talks before it is a bot "
+        "and gets 554 5.5.1 (Postfix postscreen's pregreet test, which waits 6s). Never on "
+        "submission ports or loopback listeners; 0 turns it off.",
+    )
     junk_command_limit: int = Field(
         default=100,
         ge=1,
@@ -363,7 +372,7 @@ class Settings(BaseSettings):
         "PostgreSQL, Redis or memory queues.",
     )
 
-    @field_validator("auth_user_failure_window", mode="before")
+    @field_validator("auth_user_failure_window", "greet_delay", mode="before")
     @classmethod
     def _intake_duration(cls, value: object) -> float:
         return parse_duration(value)

@@ -111,6 +111,7 @@ AUTH_CHALLENGE_EMPTY = Reply(334, "", "")
 AUTH_CHALLENGE_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
 AUTH_CHALLENGE_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+PREGREET = Reply(554, "5.5.1", "Protocol error: talking before the greeting, closing connection")
 TOO_MANY_JUNK_COMMANDS = Reply(421, "4.7.0", "Too many junk commands, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 # RFC 4954 6: the per-user lock; the same words whether the user exists or not.

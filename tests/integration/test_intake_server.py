@@ -93,6 +93,7 @@ class Harness:
         auth: bool = False,
         queue: Any = None,
         hold: bool = False,
+        greet_delay: float | None = None,
         **limits: Any,
     ) -> SMTPListener:
         if queue is not None:
@@ -108,6 +109,7 @@ class Harness:
             hostname="mx.test",
             limits=SessionConfig(**limits),
             hold=hold,
+            greet_delay=greet_delay,
         )
         self.listeners.append(listener)
         return listener
@@ -542,6 +544,84 @@ async def test_submission_listeners_have_no_trusted_reserve(
     )
     clients = [await harness.connect(listener.port) for _ in range(4)]
     assert [(await c.reply())[:4] for c in clients] == [b"220 ", b"220 ", b"220 ", b"421 "]
+
+
+# Early talkers (Postfix postscreen's pregreet test). The listeners here are bound to
+# loopback, where the delay never applies by default, so the tests ask for it explicitly.
+
+STRANGERS_ONLY = Policy(mynetworks=parse_networks(["192.0.2.0/24"]))
+GREETING = b"220 mx.test ESMTP Hato\r\n"
+
+
+async def test_a_client_talking_before_the_greeting_is_refused(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=60)
+    client = await harness.connect(listener.port)
+    assert await client.reader.readline() == b"220-mx.test ESMTP Hato\r\n"
+    await client.send(b"EHLO bot.example\r\nMAIL FROM:<spam@example.com>\r\n")
+    assert await client.reply() == (
+        b"554 5.5.1 Protocol error: talking before the greeting, closing connection\r\n"
+    )
+    assert await client.closed()
+    await wait_for(lambda: not listener.connections)
+    log = harness.logbuf.getvalue()
+    assert "reject=CONNECT from unknown[127.0.0.1]: 554 5.5.1 Protocol error" in log
+
+
+async def test_a_client_that_talks_at_once_is_refused(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=60)
+    client = await harness.connect(listener.port)
+    await client.send(b"HELO bot.example\r\n")
+    assert await client.reply() == b"220-mx.test ESMTP Hato\r\n" + (
+        b"554 5.5.1 Protocol error: talking before the greeting, closing connection\r\n"
+    )
+    assert await client.closed()
+
+
+async def test_a_patient_client_gets_the_whole_greeting_and_is_served(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=0.2)
+    client = await harness.connect(listener.port)
+    assert await client.reply() == b"220-mx.test ESMTP Hato\r\n" + GREETING
+    await client.send(b"HELO mta.example\r\n")
+    assert await client.reply() == b"250 mx.test\r\n"
+    # Libraries read a multi-line greeting as one.
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listener.port, start_tls=False)
+    greeting = await smtp.connect()
+    assert greeting.code == 220 and greeting.message.endswith("mx.test ESMTP Hato")
+    assert (await smtp.ehlo()).code == 250
+    await smtp.quit()
+
+
+async def test_trusted_clients_are_greeted_at_once(harness: Harness) -> None:
+    listener = await harness.start(greet_delay=60)  # loopback is trusted here
+    client = await harness.connect(listener.port)
+    assert await client.reply() == GREETING
+
+
+@pytest.mark.parametrize(
+    ("host", "role", "applies"),
+    [
+        ("0.0.0.0", ListenerRole.SMTP, True),
+        ("::", ListenerRole.SMTP, True),
+        ("192.0.2.25", ListenerRole.SMTP, True),
+        ("127.0.0.1", ListenerRole.SMTP, False),
+        ("::1", ListenerRole.SMTP, False),
+        ("localhost", ListenerRole.SMTP, False),
+        ("0.0.0.0", ListenerRole.SUBMISSION, False),
+        ("0.0.0.0", ListenerRole.SUBMISSIONS, False),
+    ],
+)
+def test_where_the_greeting_waits_by_default(host: str, role: ListenerRole, applies: bool) -> None:
+    # Built, never started: nothing is bound.
+    listener = SMTPListener(
+        ListenerConfig(host, 25, role),
+        queue=MemoryQueue(),
+        policy=Policy(role=role),
+        authenticator=None,
+        tls=None,
+        log=MailLog(io.StringIO()),
+        limits=SessionConfig(greet_delay=1.5),
+    )
+    assert listener.greet_delay == (1.5 if applies else 0.0)
 
 
 async def test_idle_timeout(harness: Harness) -> None:

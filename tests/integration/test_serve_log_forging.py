@@ -14,14 +14,12 @@ import base64
 import json
 import smtplib
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from peers import free_port
-from peers.hato import HatoFactory, HatoServe, hato_env, run_hato
+from peers.hato import HatoFactory, HatoServe, operator_setup
 
 FAKE = "Jan  1 00:00:00 hato/smtpd[1]: 0FAKE0: to=<victim@example.org>, status=sent (250 ok)"
 USER_NAME = f"ghost\r\n{FAKE}\r\n\x1b[2J\x1b]0;owned\x07\rcr\u2028ls\u2029ps\x85nel"
@@ -29,15 +27,7 @@ RECIPIENT = "\x1b[31mred\x9bcsi\x7fdel@example.net"
 
 
 def start(hato_serve: HatoFactory, data: Path, log_format: str) -> HatoServe:
-    data.mkdir(parents=True)
-    out = run_hato(["tls", "self-signed", "--hostname", "localhost"], data_dir=data).stdout
-    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("HATO_TLS_"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "hato", "user", "add", "postfix@dbmx.net", "--password-stdin"],
-        input="guide-Secret-42\n", capture_output=True, text=True, timeout=60,
-        env=hato_env(data), cwd=data,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    env = operator_setup(data, {"postfix@dbmx.net": "guide-Secret-42"})
     env.update(
         HATO_LISTEN=f"smtp=127.0.0.1:{free_port()},submissions=127.0.0.1:{free_port()}",
         HATO_DOMAINS="dbmx.net",

@@ -80,6 +80,9 @@ class SessionConfig:
     # from our previous reply (trickling clients).
     idle_timeout: float = 300.0
     command_timeout: float = 600.0
+    # Seconds the greeting is held back from untrusted clients on a public smtp listener;
+    # a client that talks meanwhile is a bot (Postfix postscreen's pregreet test).
+    greet_delay: float = 0.0
     max_connections: int = 500
     max_connections_per_client: int = 50
     # Of max_connections, on an smtp listener, this many are kept for trusted networks:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import logging
 import os
 import ssl
@@ -61,6 +62,15 @@ _TLS = "tls"
 @functools.lru_cache(maxsize=256)
 def _wire(answer: Reply) -> bytes:
     return answer.to_bytes()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client_name(ip: str) -> str:
@@ -125,8 +135,15 @@ class SMTPListener:
         clock: Callable[[], float] = time.time,
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
+        greet_delay: float | None = None,
     ) -> None:
         self.listener = listener
+        if greet_delay is None:
+            # Only where strangers arrive and speak second: not on submission ports (465:
+            # the client speaks first, in TLS), not on a listener bound to loopback.
+            public = listener.role is ListenerRole.SMTP and not _is_loopback(listener.host)
+            greet_delay = limits.greet_delay if public else 0.0
+        self.greet_delay = greet_delay
         self.auth_throttle = auth_throttle
         self.submitted = submitted
         self.reuse_port = reuse_port
@@ -296,14 +313,17 @@ async def start_listener(
     max_connections_per_client: int | None = None,
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
+    greet_delay: float | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
     several processes share the port (SO_REUSEPORT) to use every core;
     ``auth_throttle`` is the AUTH failure tracker shared by all listeners;
     ``submitted`` transforms mail from authenticated or trusted clients before it is
-    queued (DKIM signing), never mail from anyone else. The other
-    keywords, when given, override the same fields of ``limits``. Raises
+    queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
+    the greeting back from untrusted clients (the pregreet test); by default
+    ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
     overrides: dict[str, Any] = {
@@ -332,6 +352,7 @@ async def start_listener(
         clock=clock,
         auth_throttle=auth_throttle,
         submitted=submitted,
+        greet_delay=greet_delay,
     )
     await smtp.start()
     return smtp
@@ -356,6 +377,9 @@ class _Connection(asyncio.Protocol):
         self._last_reply = 0.0
         self._last_input = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # Set while the greeting is held back: its last line, and the timer that sends it.
+        self._greeting = b""
+        self._greet_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # asyncio callbacks -----------------------------------------------------------
@@ -393,17 +417,48 @@ class _Connection(asyncio.Protocol):
             auth_available=listener.authenticator is not None,
             clock=listener.clock,
         )
-        transport.write(_wire(self.session.greeting()))
+        greeting = _wire(self.session.greeting())
+        if listener.greet_delay > 0 and not self.session.facts.trusted:
+            # Postfix postscreen's pregreet test: the first line of a multi-line greeting
+            # now, the last one later. A client must wait for the last line; bots that
+            # talk before it are refused.
+            transport.write(b"220-" + greeting[4:])
+            self._greeting = greeting
+            self._greet_timer = self._loop.call_later(listener.greet_delay, self._greet)
+            return
+        transport.write(greeting)
+        self._arm()
+
+    def _greet(self) -> None:
+        self._greet_timer = None
+        if self.lost or self.transport is None:
+            return
+        self.transport.write(self._greeting)
+        self._greeting = b""
         self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.session is None:
+            return
+        if self._greeting:
+            self._refuse_early_talker()
             return
         self._last_input = self._loop.time()
         if self._tls_upgrading:
             self._tls_early += data
             return
         self._handle(self.session.receive(data))
+
+    def _refuse_early_talker(self) -> None:
+        assert self.transport is not None
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
+        self._greeting = b""
+        self.session = None  # nothing the client said is ever acted upon
+        self.listener.log.rejected(self.client, "CONNECT", reply.PREGREET)
+        self.transport.write(_wire(reply.PREGREET))
+        self.transport.close()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; a half-open SMTP session is useless
@@ -413,6 +468,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
         if self._admitted:
             self._admitted = False
             self.listener.release(self.ip)
@@ -660,5 +718,8 @@ class _Connection(asyncio.Protocol):
         if session is not None and session.waiting:
             return
         self._cancel_timer()
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
         self.transport.write(_wire(reply.SHUTTING_DOWN))
         self.transport.close()
