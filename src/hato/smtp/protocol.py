@@ -30,6 +30,7 @@ split one DATA into two messages. Bytes pipelined after ``STARTTLS`` are discard
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -170,12 +171,16 @@ _HELO_UNSAFE_RE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
 _DATA_END = b"\r\n.\r\n"
 
 
-def _has_long_line(data: bytes, limit: int) -> bool:
-    """Does ``data`` (CRLF lines) hold a line longer than ``limit`` octets with its CRLF?"""
+def _has_long_line(data: bytes, limit: int, skip: int = 0) -> bool:
+    """Does ``data`` (CRLF lines) hold a line longer than ``limit`` octets with its CRLF,
+    not counting its first ``skip`` lines?"""
     if len(data) <= limit:
         return False
     # ``split`` runs in C; far cheaper than a Python loop or a backtracking regex.
-    return max(map(len, data.split(b"\n"))) + 1 > limit
+    lines = data.split(b"\n")
+    if max(map(len, lines)) + 1 <= limit:
+        return False
+    return max(map(len, itertools.islice(lines, skip, None)), default=0) + 1 > limit
 
 
 @functools.lru_cache(maxsize=4)
@@ -770,30 +775,42 @@ class ServerSession:
             self._scan = max(0, len(buf) - 4)
             return False
         size = self._size_base + idx + 2
-        content = bytes(buf[: idx + 2]) if not self._too_big else b""
+        header = raw = b""
+        if not self._too_big:
+            # The one copy of the message: our Received header, then the data as sent.
+            header = self._received_header()
+            with memoryview(buf) as view:
+                raw = header + view[2 : idx + 2]
+        # Deleting from the front shrinks a bytearray to what is left, so the buffer does
+        # not keep the size of the largest message.
         del buf[: idx + 5]
         self._state = _COMMAND
-        self._finish_message(content, size)
+        self._finish_message(header, raw, size)
         return True
 
-    def _finish_message(self, content: bytes, size: int) -> None:
-        """``content`` is the raw DATA with the virtual leading CRLF and last line's CRLF."""
+    def _finish_message(self, header: bytes, raw: bytes, size: int) -> None:
+        """``raw`` is our ``header`` followed by the DATA as sent (dot-stuffed, with its
+        last line's CRLF): ``raw[len(header) - 2:]`` reads like DATA after a CRLF, so one
+        search for ``CRLF.`` unstuffs the first line too."""
         answer: Reply | None = None
+        start = len(header) - 2
         if self._too_big or size > self.config.max_message_size:
             answer = reply.MESSAGE_TOO_BIG
         elif self._nul:
             answer = reply.NUL_IN_DATA
-        elif _has_long_line(content, self.config.max_text_line):
+        elif _has_long_line(raw, self.config.max_text_line, header.count(b"\n")):
             answer = reply.TEXT_LINE_TOO_LONG
         else:
-            header_end = content.find(b"\r\n\r\n")
-            headers = content if header_end < 0 else content[:header_end]
+            end = raw.find(b"\r\n\r\n", start)
+            if end < 0:
+                end = len(raw)
             limit = self.config.max_received_headers
-            # Counting "\nreceived" in C is an upper bound; the exact regex runs only
-            # when that bound is over the limit.
+            # Counting the header lines that start with "r" or "R", in C and without a
+            # copy, is an upper bound; the exact regex runs only when that bound is over
+            # the limit.
             if (
-                headers.lower().count(b"\nreceived") > limit
-                and len(_RECEIVED_RE.findall(headers)) > limit
+                raw.count(b"\nr", start, end) + raw.count(b"\nR", start, end) > limit
+                and len(_RECEIVED_RE.findall(raw, start, end)) > limit
             ):
                 answer = reply.LOOP_DETECTED
         if answer is not None:
@@ -801,7 +818,12 @@ class ServerSession:
             self._reset_transaction()
             self._error(answer)
             return
-        body = content.replace(b"\r\n.", b"\r\n")[2:]
+        # Our header holds no "CRLF." of its own. Without dot-stuffed lines replace()
+        # returns raw itself: no copy.
+        data = raw.replace(b"\r\n.", b"\r\n")
+        del raw  # when replace() did copy, the original goes before anything else
+        # A non-ASCII host name of ours says nothing about the client's data.
+        body_8bit = not (data if header.isascii() else data[len(header) :]).isascii()
         sender = self.sender if self.sender is not None else ""
         envelope = Envelope(
             sender=sender,
@@ -810,10 +832,10 @@ class ServerSession:
             client_helo=self.helo,
             auth_user=self.facts.user,
             smtputf8=self._smtputf8,
-            body_8bit=not body.isascii(),
+            body_8bit=body_8bit,
         )
         self._state = _WAIT_MESSAGE
-        self._out.append(MessageComplete(envelope, self._received_header() + body))
+        self._out.append(MessageComplete(envelope, data))
 
     def _received_header(self) -> bytes:
         if self._smtputf8:

@@ -1,10 +1,11 @@
 """The SMTP listener: a thin ``asyncio.Protocol`` that drives :class:`ServerSession`.
 
 It owns everything the pure state machine does not: sockets, TLS (``loop.start_tls`` for
-STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits, the
-credential check and the AUTH failure throttle shared across connections, the queue and
-the operator log. ``250`` after DATA is written only once ``await queue.enqueue(...)``
-has returned, that is once the message is durable.
+STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits (with
+a reserve for trusted networks), the greeting delay that catches early talkers, the
+credential check and the AUTH failure throttle shared across connections, the free space
+of the queue's filesystem, the queue and the operator log. ``250`` after DATA is written
+only once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
 
 While the session waits for an answer (enqueue, credential check, TLS handshake) the
 connection stops reading, so pipelined input waits in the kernel and in the session's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import ipaddress
@@ -62,6 +64,28 @@ _TLS = "tls"
 @functools.lru_cache(maxsize=256)
 def _wire(answer: Reply) -> bytes:
     return answer.to_bytes()
+
+
+# glibc's mallopt() parameter, from <malloc.h>.
+_M_MMAP_THRESHOLD = -3
+_LARGE_BLOCK = 1024 * 1024
+
+
+def _give_large_blocks_back() -> None:
+    """Have the C allocator serve blocks of 1 MiB and more from mappings of their own,
+    which go back to the system when freed.
+
+    glibc raises this threshold each time it frees such a block (up to 32 MiB), after which
+    the buffers of a 10 MiB message come from the heap, and the heap keeps them: after 20
+    messages of 10 MiB the process stayed about 100 MiB larger. Setting the threshold once
+    keeps it where it is; messages of ordinary size never come near it. Allocators
+    without ``mallopt`` (or without this parameter) are left as they are.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK)
 
 
 def _is_loopback(host: str) -> bool:
@@ -173,6 +197,7 @@ class SMTPListener:
         if role is not ListenerRole.SMTP and self.authenticator is None:
             raise ConfigError(f"listener {self.address} ({role}) needs a user store for AUTH")
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
+        _give_large_blocks_back()
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
