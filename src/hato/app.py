@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
@@ -44,7 +46,7 @@ from hato.queue.retry import RetrySchedule
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
-from hato.smtp.server import MessageTransform, SMTPListener, start_listener
+from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
 from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.worker import Worker
@@ -193,15 +195,32 @@ def build_worker(
 
 
 def build_session_config(settings: Settings) -> SessionConfig:
+    queue_url = settings.effective_queue_url
+    free_space: FreeSpace | None = None
+    if queue_url.split(":", 1)[0].lower() == "sqlite":
+        # The filesystem SQLite writes the database and its WAL to (as open_queue reads it).
+        database = Path(os.path.expanduser(queue_url.removeprefix("sqlite://")))
+        free_space = FreeSpace(database.parent)
+    min_free = settings.queue_minfree
+    if min_free is None:
+        min_free = settings.message_size_limit * 3 // 2
+    reserve = settings.trusted_connection_reserve
+    if reserve is None:
+        reserve = settings.max_connections // 10
     return SessionConfig(
         hostname=settings.hostname,
         max_message_size=settings.message_size_limit,
         max_recipients=settings.max_recipients,
         max_received_headers=settings.max_received_headers,
+        max_junk_commands=settings.junk_command_limit,
+        queue_free_space=free_space,
+        queue_min_free=min_free,
         idle_timeout=settings.idle_timeout,
         command_timeout=settings.command_timeout,
+        greet_delay=settings.greet_delay,
         max_connections=settings.max_connections,
         max_connections_per_client=settings.max_connections_per_client,
+        trusted_connection_reserve=reserve,
     )
 
 
@@ -228,6 +247,8 @@ def build_policy(
         recipients_pending=(
             watcher.pending if recipients is not None and watcher is not None else None
         ),
+        route=settings.effective_route,
+        allow_private_mx=settings.allow_private_mx,
     )
 
 
@@ -361,7 +382,12 @@ async def serve(
     recipients = build_local_recipients(settings, users)
     watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
     authenticator = UserAuthenticator(users)
-    throttle = AuthThrottle(settings.auth_failure_limit, settings.auth_failure_window)
+    throttle = AuthThrottle(
+        settings.auth_failure_limit,
+        settings.auth_failure_window,
+        user_limit=settings.auth_user_failure_limit,
+        user_window=settings.auth_user_failure_window,
+    )
     queue = build_queue(settings)
     if recipients is not None:
         couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)

@@ -458,6 +458,65 @@ class Settings(BaseSettings):
         description="More Received headers than this means a mail loop (Postfix hopcount_limit).",
     )
 
+    # --- intake defences: password guessing, early talkers, junk, reserve, disk -------
+    auth_user_failure_limit: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("HATO_AUTH_USER_FAILURE_LIMIT"),
+        description="Failed AUTH attempts per user name, from all clients together, within "
+        "HATO_AUTH_USER_FAILURE_WINDOW before the name is locked: AUTH as it gets "
+        "454 4.7.0 whatever the password, existing user or not, until the failures age out. "
+        "Trusted networks and addresses that logged in as the user within the window are "
+        "never locked out. Postfix and Dovecot count per client only.",
+    )
+    auth_user_failure_window: float = Field(
+        default=600.0,
+        gt=0,
+        validation_alias=_env("HATO_AUTH_USER_FAILURE_WINDOW"),
+        description="Window for counting AUTH failures per user name; a lock lasts at most this.",
+    )
+    greet_delay: float = Field(
+        default=1.0,
+        ge=0,
+        validation_alias=_env("HATO_GREET_DELAY"),
+        description="Seconds the greeting of an `smtp` listener not bound to loopback is held "
+        "back from clients outside HATO_MYNETWORKS; a client that talks before it is a bot "
+        "and gets 554 5.5.1 (Postfix postscreen's pregreet test, which waits 6s). Never on "
+        "submission ports or loopback listeners; 0 turns it off.",
+    )
+    junk_command_limit: int = Field(
+        default=100,
+        ge=1,
+        validation_alias=_env("HATO_JUNK_COMMAND_LIMIT"),
+        description="NOOP, VRFY, ETRN and RSET commands a session may send between two "
+        "accepted messages; the next one gets 421 4.7.0 and the connection closes (Postfix "
+        "smtpd_junk_command_limit, 100).",
+    )
+    trusted_connection_reserve: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_env("HATO_TRUSTED_CONNECTION_RESERVE"),
+        description="Of HATO_MAX_CONNECTIONS on an `smtp` listener, how many only clients "
+        "in HATO_MYNETWORKS may use, so that idle strangers cannot lock the application's "
+        "own mail out. Default a tenth (50 of 500). Submission listeners have no reserve: "
+        "their clients authenticate.",
+    )
+    queue_minfree: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=_env("HATO_QUEUE_MINFREE"),
+        description="Bytes that must stay free on the SQLite queue's filesystem: MAIL is "
+        "answered 452 4.3.1 (before any data is sent) when less would be left after the "
+        "declared SIZE. Default 1.5 × HATO_MESSAGE_SIZE_LIMIT, the least Postfix advises "
+        "for its queue_minfree; 0 checks the declared SIZE only. Not used with "
+        "PostgreSQL, Redis or memory queues.",
+    )
+
+    @field_validator("auth_user_failure_window", "greet_delay", mode="before")
+    @classmethod
+    def _intake_duration(cls, value: object) -> float:
+        return parse_duration(value)
+
     # --- TLS on our listeners --------------------------------------------------------
     tls_cert_file: Path | None = Field(
         default=None,

@@ -7,16 +7,51 @@ Lines look like::
 
 With ``json=True`` each line is a JSON object with the same fields. Secrets never go
 through here: callers pass user names, never passwords.
+
+Nothing a client sends or a remote server answers can forge a line: :meth:`MailLog.event`,
+the one place lines are built, escapes every value. In the text log each C0 and C1
+control character, DEL, U+2028 and U+2029 becomes ``\\xNN`` or ``\\uNNNN`` and a backslash
+becomes ``\\\\`` (so the escaping can be read back unambiguously); in the JSON log the
+same characters are JSON escapes. A line of this log therefore never holds a line break
+of any kind that the code did not put there. Lone surrogates, which no stream could
+encode, are escaped alike.
 """
 
 from __future__ import annotations
 
 import json as _json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+# What may not reach the text log as itself: C0 controls, DEL and the C1 controls, the
+# Unicode line and paragraph separators, lone surrogates, and the backslash that starts
+# our own escapes.
+_TEXT_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029\ud800-\udfff]")
+# json.dumps escapes C0, quotes and backslashes itself; with ensure_ascii=False it leaves
+# these as they are. Raw, they can only stand inside a JSON string, where \uNNNN is valid.
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _text_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` as the text log writes it: controls, DEL, U+2028/U+2029, lone surrogates
+    and the backslash escaped, so that no value can end a line or start one of its own."""
+    return _TEXT_UNSAFE.sub(_text_escape, text)
 
 
 class MailLog:
@@ -47,7 +82,9 @@ class MailLog:
                 "queue_id": queue_id,
             }
             record.update({k: v for k, v in fields.items() if v is not None})
-            line = _json.dumps(record, ensure_ascii=False, default=str)
+            line = _JSON_UNSAFE.sub(
+                _json_escape, _json.dumps(record, ensure_ascii=False, default=str)
+            )
         else:
             detail = fields.pop("detail", None)
             lead = fields.pop("text", None)
@@ -69,7 +106,9 @@ class MailLog:
                 text += f" ({detail})"
             stamp = time.strftime("%b %d %H:%M:%S", time.localtime(self._clock()))
             prefix = f"{queue_id}: " if queue_id else ""
-            line = f"{stamp} hato/{service}[{self._pid}]: {prefix}{text}"
+            # Escaping the whole line escapes every value in it: the frame around the
+            # values holds no character that escape() changes.
+            line = escape(f"{stamp} hato/{service}[{self._pid}]: {prefix}{text}")
         try:
             self._stream.write(line + "\n")
             self._stream.flush()
@@ -99,6 +138,14 @@ class MailLog:
             "smtpd",
             "",
             warning=f"{client}: SASL {mechanism} authentication failed",
+            sasl_username=user,
+        )
+
+    def auth_locked(self, user: str, seconds: float) -> None:
+        self.event(
+            "smtpd",
+            "",
+            warning=f"SASL login name locked for up to {seconds:g}s after repeated failures",
             sasl_username=user,
         )
 

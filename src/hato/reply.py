@@ -89,6 +89,12 @@ SENDER_DENIED = Reply(553, "5.7.1", "Sender address rejected: not owned by user"
 SENDER_DOMAIN_DENIED = Reply(553, "5.7.1", "Sender address rejected: domain not allowed")
 NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 BAD_ADDRESS = Reply(553, "5.1.3", "Address syntax error")
+BAD_ADDRESS_LITERAL = Reply(501, "5.1.3", "Bad recipient address syntax: invalid address literal")
+PRIVATE_ADDRESS_LITERAL = Reply(
+    550,
+    "5.4.4",
+    "Recipient address rejected: address literal in loopback, private or reserved space",
+)
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
 BARE_LINE_ENDING = Reply(
@@ -105,7 +111,11 @@ AUTH_CHALLENGE_EMPTY = Reply(334, "", "")
 AUTH_CHALLENGE_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
 AUTH_CHALLENGE_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+PREGREET = Reply(554, "5.5.1", "Protocol error: talking before the greeting, closing connection")
+TOO_MANY_JUNK_COMMANDS = Reply(421, "4.7.0", "Too many junk commands, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+# RFC 4954 6: the per-user lock; the same words whether the user exists or not.
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Server shutting down, closing connection")
 BARE_LINE_ENDING_COMMAND = Reply(
     500, "5.5.2", "Bare CR or LF in command; use CRLF line endings (RFC 5321 2.3.8)"

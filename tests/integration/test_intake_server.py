@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import smtplib
 import ssl
@@ -31,7 +32,7 @@ from hato.queue.memory import MemoryQueue
 from hato.smtp.auth import StaticAuthenticator
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
-from hato.smtp.server import SMTPListener, start_listener
+from hato.smtp.server import FreeSpace, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
 
 LOOPBACK = parse_networks(["127.0.0.0/8", "::1/128"])
@@ -76,8 +77,10 @@ class Harness:
         self.listeners: list[SMTPListener] = []
         self.clients: list[RawClient] = []
 
-    async def connect(self, port: int) -> RawClient:
-        client = await RawClient.connect(port)
+    async def connect(
+        self, port: int, *, source: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> RawClient:
+        client = await RawClient.connect(port, source=source, tls=tls)
         self.clients.append(client)
         return client
 
@@ -90,6 +93,7 @@ class Harness:
         auth: bool = False,
         queue: Any = None,
         hold: bool = False,
+        greet_delay: float | None = None,
         **limits: Any,
     ) -> SMTPListener:
         if queue is not None:
@@ -105,6 +109,7 @@ class Harness:
             hostname="mx.test",
             limits=SessionConfig(**limits),
             hold=hold,
+            greet_delay=greet_delay,
         )
         self.listeners.append(listener)
         return listener
@@ -131,8 +136,17 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(
+        cls, port: int, *, source: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> RawClient:
+        """Connect to 127.0.0.1, from the loopback address ``source`` if given."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0) if source else None,
+            ssl=tls,
+            server_hostname="localhost" if tls else None,
+        )
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
@@ -369,6 +383,62 @@ async def test_http_request_is_refused_and_closed(harness: Harness) -> None:
     assert await client.closed()
 
 
+@pytest.mark.parametrize("junk", [b"NOOP", b"VRFY postmaster"])
+async def test_junk_command_flood_is_cut_off(harness: Harness, junk: bytes) -> None:
+    # 200 junk commands in one write: the default limit (100) answers 100, then 421.
+    listener = await harness.start()
+    client = await harness.connect(listener.port)
+    await client.reply()
+    await client.send((junk + b"\r\n") * 200)
+    answers = await client.replies(101)
+    assert all(answer[:1] == b"2" for answer in answers[:100])
+    assert answers[100] == b"421 4.7.0 Too many junk commands, closing connection\r\n"
+    assert await client.closed()
+    verb = junk.split()[0].decode()
+    assert (
+        f"reject={verb} from unknown[127.0.0.1]: 421 4.7.0 Too many junk commands"
+        in harness.logbuf.getvalue()
+    )
+
+
+async def test_full_disk_is_refused_at_mail_before_any_data(harness: Harness) -> None:
+    free = [50_000]
+    listener = await harness.start(queue_free_space=lambda: free[0], queue_min_free=40_000)
+    client = await harness.connect(listener.port)
+    await client.reply()
+    await client.send(b"EHLO c\r\nMAIL FROM:<a@example.com> SIZE=20000\r\n")
+    _ehlo, mail = await client.replies(2)
+    assert mail == b"452 4.3.1 Insufficient system storage\r\n"
+    free[0] = 70_000
+    await client.send(b"MAIL FROM:<a@example.com> SIZE=20000\r\n")
+    assert await client.reply() == b"250 2.1.0 Sender OK\r\n"
+    await client.close()
+    assert "reject=MAIL from unknown[127.0.0.1]: 452 4.3.1" in harness.logbuf.getvalue()
+
+
+def test_free_space_is_statvfs_cached_for_a_second(tmp_path: Path) -> None:
+    calls: list[str] = []
+    now = [100.0]
+
+    def statvfs(path: str) -> os.statvfs_result:
+        calls.append(path)
+        return os.statvfs(path)
+
+    free = FreeSpace(tmp_path, clock=lambda: now[0], statvfs=statvfs)
+    first = free()
+    assert isinstance(first, int) and first >= 0
+    for _ in range(100):
+        assert free() == first
+    now[0] += 0.5
+    free()
+    assert calls == [str(tmp_path)]
+    now[0] += 0.6
+    free()
+    assert len(calls) == 2
+    # A filesystem that cannot be asked: unknown, never a refusal.
+    assert FreeSpace(tmp_path / "gone")() is None
+
+
 async def test_declared_and_undeclared_oversize(harness: Harness) -> None:
     listener = await harness.start(max_message_size=1000)
     client = await harness.connect(listener.port)
@@ -435,6 +505,123 @@ async def test_connection_limit_in_total(harness: Harness) -> None:
     assert (await second.reply())[:3] == b"421"
     assert await second.closed()
     await first.close()
+
+
+async def test_idle_strangers_cannot_lock_trusted_clients_out(harness: Harness) -> None:
+    # 127.0.0.2 is the trusted network (the application); 127.0.0.1 a stranger.
+    policy = Policy(mynetworks=parse_networks(["127.0.0.2/32"]))
+    listener = await harness.start(policy=policy, max_connections=4, trusted_connection_reserve=2)
+    strangers = [await harness.connect(listener.port, source="127.0.0.1") for _ in range(3)]
+    assert [(await c.reply())[:4] for c in strangers] == [b"220 ", b"220 ", b"421 "]
+    assert await strangers[2].closed()
+    apps = [await harness.connect(listener.port, source="127.0.0.2") for _ in range(3)]
+    # The reserve is theirs; the total still holds for everyone.
+    assert [(await c.reply())[:4] for c in apps] == [b"220 ", b"220 ", b"421 "]
+    # The application's mail flows while the strangers sit idle.
+    await apps[0].send(b"HELO app\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+    assert [r[:3] for r in await apps[0].replies(3)] == [b"250", b"250", b"250"]
+    # A stranger that leaves frees a place for a stranger again, as long as the total
+    # has room.
+    await strangers[0].close()
+    await wait_for(lambda: len(listener.connections) == 3)
+    again = await harness.connect(listener.port, source="127.0.0.1")
+    assert (await again.reply())[:4] == b"220 "
+    late = await harness.connect(listener.port, source="127.0.0.2")
+    assert (await late.reply())[:4] == b"421 "
+
+
+async def test_submission_listeners_have_no_trusted_reserve(
+    harness: Harness, tls: TLSContextProvider
+) -> None:
+    # Everyone on a submission port is about to authenticate: the whole total is theirs.
+    listener = await harness.start(
+        role=ListenerRole.SUBMISSION,
+        tls=tls,
+        auth=True,
+        policy=Policy(role=ListenerRole.SUBMISSION),
+        max_connections=3,
+        trusted_connection_reserve=2,
+    )
+    clients = [await harness.connect(listener.port) for _ in range(4)]
+    assert [(await c.reply())[:4] for c in clients] == [b"220 ", b"220 ", b"220 ", b"421 "]
+
+
+# Early talkers (Postfix postscreen's pregreet test). The listeners here are bound to
+# loopback, where the delay never applies by default, so the tests ask for it explicitly.
+
+STRANGERS_ONLY = Policy(mynetworks=parse_networks(["192.0.2.0/24"]))
+GREETING = b"220 mx.test ESMTP Hato\r\n"
+
+
+async def test_a_client_talking_before_the_greeting_is_refused(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=60)
+    client = await harness.connect(listener.port)
+    assert await client.reader.readline() == b"220-mx.test ESMTP Hato\r\n"
+    await client.send(b"EHLO bot.example\r\nMAIL FROM:<spam@example.com>\r\n")
+    assert await client.reply() == (
+        b"554 5.5.1 Protocol error: talking before the greeting, closing connection\r\n"
+    )
+    assert await client.closed()
+    await wait_for(lambda: not listener.connections)
+    log = harness.logbuf.getvalue()
+    assert "reject=CONNECT from unknown[127.0.0.1]: 554 5.5.1 Protocol error" in log
+
+
+async def test_a_client_that_talks_at_once_is_refused(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=60)
+    client = await harness.connect(listener.port)
+    await client.send(b"HELO bot.example\r\n")
+    assert await client.reply() == b"220-mx.test ESMTP Hato\r\n" + (
+        b"554 5.5.1 Protocol error: talking before the greeting, closing connection\r\n"
+    )
+    assert await client.closed()
+
+
+async def test_a_patient_client_gets_the_whole_greeting_and_is_served(harness: Harness) -> None:
+    listener = await harness.start(policy=STRANGERS_ONLY, greet_delay=0.2)
+    client = await harness.connect(listener.port)
+    assert await client.reply() == b"220-mx.test ESMTP Hato\r\n" + GREETING
+    await client.send(b"HELO mta.example\r\n")
+    assert await client.reply() == b"250 mx.test\r\n"
+    # Libraries read a multi-line greeting as one.
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=listener.port, start_tls=False)
+    greeting = await smtp.connect()
+    assert greeting.code == 220 and greeting.message.endswith("mx.test ESMTP Hato")
+    assert (await smtp.ehlo()).code == 250
+    await smtp.quit()
+
+
+async def test_trusted_clients_are_greeted_at_once(harness: Harness) -> None:
+    listener = await harness.start(greet_delay=60)  # loopback is trusted here
+    client = await harness.connect(listener.port)
+    assert await client.reply() == GREETING
+
+
+@pytest.mark.parametrize(
+    ("host", "role", "applies"),
+    [
+        ("0.0.0.0", ListenerRole.SMTP, True),
+        ("::", ListenerRole.SMTP, True),
+        ("192.0.2.25", ListenerRole.SMTP, True),
+        ("127.0.0.1", ListenerRole.SMTP, False),
+        ("::1", ListenerRole.SMTP, False),
+        ("localhost", ListenerRole.SMTP, False),
+        ("0.0.0.0", ListenerRole.SUBMISSION, False),
+        ("0.0.0.0", ListenerRole.SUBMISSIONS, False),
+    ],
+)
+def test_where_the_greeting_waits_by_default(host: str, role: ListenerRole, applies: bool) -> None:
+    # Built, never started: nothing is bound.
+    listener = SMTPListener(
+        ListenerConfig(host, 25, role),
+        queue=MemoryQueue(),
+        policy=Policy(role=role),
+        authenticator=None,
+        tls=None,
+        log=MailLog(io.StringIO()),
+        limits=SessionConfig(greet_delay=1.5),
+    )
+    assert listener.greet_delay == (1.5 if applies else 0.0)
 
 
 async def test_idle_timeout(harness: Harness) -> None:

@@ -25,7 +25,7 @@ import pytest
 from hato.errors import ConfigError
 from hato.maillog import MailLog
 from hato.queue.memory import MemoryQueue
-from hato.smtp.auth import encode_plain
+from hato.smtp.auth import AuthThrottle, encode_plain
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy
 from hato.smtp.server import start_listener
 from hato.smtp.tls import self_signed_certificate
@@ -39,8 +39,17 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    async def connect(
+        cls, port: int, tls: ssl.SSLContext | None = None, *, source: str | None = None
+    ) -> Raw:
+        """Connect to 127.0.0.1, from the loopback address ``source`` if given."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=tls,
+            server_hostname="localhost" if tls else None,
+            local_addr=(source, 0) if source else None,
+        )
         return cls(reader, writer)
 
     async def reply(self) -> str:
@@ -344,3 +353,72 @@ async def test_new_certificate_for_new_connections(relay: RelayServer) -> None:
     for role in ListenerRole:
         got = await peer_cert(role)
         assert got == want and got != before[role], role
+
+
+# Guessing spread over many client addresses (issue 8, item 4). Each address is a loopback
+# address of its own (127.0.0.0/8 is all on lo), each guess a connection of its own.
+
+
+async def guess(relay: RelayServer, source: str, user: str, password: str) -> str:
+    raw = await Raw.connect(relay.port(ListenerRole.SUBMISSIONS), relay.client_tls(), source=source)
+    assert (await raw.reply()).startswith("220 ")
+    await raw.cmd("EHLO client.test")
+    answer = await raw.cmd(f"AUTH PLAIN {encode_plain(user, password)}")
+    await raw.close()
+    return answer
+
+
+FAILED = "535 5.7.8 Authentication credentials invalid\r\n"
+LOCKED = "454 4.7.0 Temporary authentication failure, try again later\r\n"
+
+
+async def test_guessing_one_user_from_many_addresses_locks_the_name(tmp_path: Path) -> None:
+    throttle = AuthThrottle(
+        limit=5, window=60, user_limit=10, user_window=60, base_delay=0.001, max_delay=0.002
+    )
+    relay = await RelayServer(tmp_path, throttle=throttle, mynetworks=["127.0.9.9/32"]).start()
+    try:
+        # The site's own relay logs in before the attack.
+        assert (await guess(relay, "127.0.8.1", USER, PASSWORD)).startswith("235 ")
+        # 8 addresses x 4 guesses at a real user, then at a name that does not exist:
+        # the same replies in the same order, 10 failures and then the lock.
+        for user, net in ((USER, "127.0.1"), ("ghost@dbmx.net", "127.0.2")):
+            answers = [
+                await guess(relay, f"{net}.{host}", user, f"guess-{host}-{n}")
+                for host in range(1, 9)
+                for n in range(4)
+            ]
+            assert answers == [FAILED] * 10 + [LOCKED] * 22, user
+        # While the name is locked, the right password from a new address changes nothing.
+        assert await guess(relay, "127.0.3.1", USER, PASSWORD) == LOCKED
+        # Not locked out: the address that logged in within the window, a trusted client.
+        assert (await guess(relay, "127.0.8.1", USER, PASSWORD)).startswith("235 ")
+        assert (await guess(relay, "127.0.9.9", USER, PASSWORD)).startswith("235 ")
+        # Other users are not affected.
+        assert (await guess(relay, "127.0.3.2", "other@example.org", "other-pw")).startswith("235")
+        # Counters for /metrics, and a log line per lock.
+        label = relay.listeners[ListenerRole.SUBMISSIONS].label
+        assert throttle.failure_counts == {label: 65}
+        assert throttle.user_locks == 2
+        assert throttle.locked_refusals == 45
+        assert throttle.client_blocks == 0
+        log = relay.logbuf.getvalue()
+        assert log.count("SASL login name locked") == 2
+        assert "reject=AUTH from unknown[127.0.1.8]: 454 4.7.0" in log
+    finally:
+        await relay.aclose()
+
+
+async def test_user_lock_expires_with_its_window(tmp_path: Path) -> None:
+    clock = [1000.0]
+    throttle = AuthThrottle(
+        limit=50, window=60, user_limit=3, user_window=60, base_delay=0, clock=lambda: clock[0]
+    )
+    relay = await RelayServer(tmp_path, throttle=throttle).start()
+    try:
+        answers = [await guess(relay, f"127.0.4.{n}", USER, "wrong") for n in range(1, 5)]
+        assert answers == [FAILED] * 3 + [LOCKED]
+        clock[0] += 61
+        assert (await guess(relay, "127.0.4.9", USER, PASSWORD)).startswith("235 ")
+    finally:
+        await relay.aclose()

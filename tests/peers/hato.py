@@ -78,6 +78,28 @@ def run_hato(
     return proc
 
 
+def operator_setup(data_dir: Path, users: Mapping[str, str]) -> dict[str, str]:
+    """An operator's steps before ``hato serve`` as a relay server: a certificate from
+    ``hato tls self-signed`` and each user by ``hato user add NAME --password-stdin``.
+    Returns the ``HATO_TLS_*`` variables to start it with."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = run_hato(["tls", "self-signed", "--hostname", "localhost"], data_dir=data_dir).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("HATO_TLS_"))
+    for name, password in users.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "hato", "user", "add", name, "--password-stdin"],
+            input=password + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=hato_env(data_dir),
+            cwd=data_dir,
+        )
+        if proc.returncode != 0:
+            raise HatoError(f"hato user add {name} exited {proc.returncode}: {proc.stderr}")
+    return env
+
+
 class HatoServe:
     """One ``hato serve`` process on a fixed loopback port, restartable on the same data dir."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import io
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,14 @@ UNTRUSTED = ("192.0.2.0/24",)
 class RelayServer:
     """What app.py wires for the relay server role, in-process."""
 
-    def __init__(self, directory: Path, *, sender_login_check: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        sender_login_check: bool = True,
+        throttle: AuthThrottle | None = None,
+        mynetworks: Sequence[str] = UNTRUSTED,
+    ) -> None:
         self.directory = directory
         self.logbuf = io.StringIO()
         self.log = MailLog(self.logbuf)
@@ -46,7 +53,10 @@ class RelayServer:
         self.store.add(USER, PASSWORD)
         self.store.add("other@example.org", "other-pw")
         self.authenticator = UserAuthenticator(self.store)
-        self.throttle = AuthThrottle(limit=4, window=60, base_delay=0.01, max_delay=0.05)
+        self.throttle = throttle or AuthThrottle(
+            limit=4, window=60, base_delay=0.01, max_delay=0.05
+        )
+        self.mynetworks = tuple(mynetworks)
         cert, key = self_signed_certificate(
             ["localhost", "127.0.0.1"], days=1, now=datetime.datetime.now(datetime.UTC)
         )
@@ -65,7 +75,7 @@ class RelayServer:
                 queue=self.queue,
                 policy=Policy(
                     role=role,
-                    mynetworks=parse_networks(UNTRUSTED),
+                    mynetworks=parse_networks(self.mynetworks),
                     domains=["dbmx.net"],
                     sender_allowed=self.store.sender_allowed if self.sender_login_check else None,
                 ),

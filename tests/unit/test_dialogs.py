@@ -3,7 +3,8 @@
 Format of a ``.dialog`` file (one item per line)::
 
     # comment
-    @ key=value            session settings (see _settings), before the first S:/C:
+    @ key=value            session settings (see _settings), before the first S:/C:;
+                           free_space=N is what the queue's filesystem reports free
     S: text                a line the server must send (CRLF added)
     C: text                a line the client sends (CRLF added)
     C~ text                bytes the client sends as they are (no CRLF added)
@@ -112,12 +113,19 @@ def _settings(lines: list[str]) -> Harness:
             "max_message_size",
             "max_recipients",
             "max_errors",
+            "max_junk_commands",
             "max_auth_failures",
             "max_received_headers",
+            "queue_min_free",
         )
         if k in opts
     }
-    config = SessionConfig(hostname=opts.get("hostname", "mail.example.org"), **ints)
+    free_space = int(opts["free_space"]) if "free_space" in opts else None
+    config = SessionConfig(
+        hostname=opts.get("hostname", "mail.example.org"),
+        queue_free_space=(lambda: free_space) if free_space is not None else None,
+        **ints,
+    )
 
     def split(key: str) -> list[str]:
         return [x for x in opts.get(key, "").split(",") if x]
@@ -132,6 +140,8 @@ def _settings(lines: list[str]) -> Harness:
         sender_allowed=(
             (lambda user, address: address == user) if opts.get("own_sender") == "yes" else None
         ),
+        route=opts.get("route"),
+        allow_private_mx=opts.get("allow_private_mx") == "yes",
     )
     tls = opts.get("tls", "no")
     session = ServerSession(

@@ -12,6 +12,7 @@ from hato.smtp.policy import (
     ListenerRole,
     Policy,
     SessionFacts,
+    literal_address,
     parse_networks,
     split_source_route,
 )
@@ -187,3 +188,93 @@ def test_listener_config() -> None:
     assert ListenerConfig("0.0.0.0", 465, ListenerRole.SUBMISSIONS).implicit_tls
     assert not ListenerConfig().implicit_tls
     assert ListenerConfig().port == 2525
+
+
+# Address literals at RCPT: refused when delivery would refuse them.
+
+MX = Policy(domains=["example.org"], mynetworks=parse_networks(["10.0.0.0/8"]), route="mx")
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("[192.0.2.1]", "192.0.2.1"),
+        ("[IPv6:2001:db8::1]", "2001:db8::1"),
+        ("[ipv6:::1]", "::1"),
+        ("[IPv6:::ffff:127.0.0.1]", "::ffff:7f00:1"),
+        ("[300.1.1.1]", None),
+        ("[1.2.3]", None),
+        ("[010.0.0.1]", None),  # octal or decimal? neither
+        ("[::1]", None),  # IPv6 needs its tag
+        ("[IPv6:192.0.2.1]", None),
+        ("[IPv6:fe80::1%eth0]", None),
+        ("[IPv6:not-an-address]", None),
+        ("[x-tag:whatever]", None),
+        ("[]", None),
+        ("[IPv6:]", None),
+        ("example.org", None),
+    ],
+)
+def test_literal_address(domain: str, expected: str | None) -> None:
+    ip = literal_address(domain)
+    assert (str(ip) if ip is not None else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("x@[127.0.0.1]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[IPv6:::1]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[10.0.0.5]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[169.254.1.1]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[0.0.0.0]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[IPv6:::ffff:10.0.0.5]", reply.PRIVATE_ADDRESS_LITERAL),
+        ("x@[198.51.100.7]", reply.PRIVATE_ADDRESS_LITERAL),  # documentation space
+        ("x@[1.1.1.1]", "x@[1.1.1.1]"),
+        ("x@[IPv6:2606:4700::1111]", "x@[ipv6:2606:4700::1111]"),
+        ("x@[300.1.1.1]", reply.BAD_ADDRESS_LITERAL),
+        ("x@[::1]", reply.BAD_ADDRESS_LITERAL),
+        ("x@127.0.0.1", reply.BAD_ADDRESS_LITERAL),
+        ("x@10.0.0.5", reply.BAD_ADDRESS_LITERAL),
+        ("x@0x7f.1", reply.BAD_ADDRESS_LITERAL),
+        ("x@1.2.3.4.5", reply.BAD_ADDRESS_LITERAL),
+        ("x@example.com", "x@example.com"),
+        ("x@123abc.example", "x@123abc.example"),
+    ],
+)
+@pytest.mark.parametrize("facts", [MX.facts("10.1.2.3"), AUTHED], ids=["trusted", "authenticated"])
+def test_literals_on_the_mx_route(facts: SessionFacts, path: str, expected: Reply | str) -> None:
+    assert MX.check_recipient(facts, path, smtputf8=False) == expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "path", "expected"),
+    [
+        # HATO_ALLOW_PRIVATE_MX: the MX courier would deliver there, so RCPT takes it.
+        (Policy(route="mx", allow_private_mx=True), "x@[127.0.0.1]", "x@[127.0.0.1]"),
+        # Through a relay host, or held: the literal is the next hop's business.
+        (Policy(route="relay"), "x@[127.0.0.1]", "x@[127.0.0.1]"),
+        (Policy(route="hold"), "x@[IPv6:::1]", "x@[ipv6:::1]"),
+        # Invalid literals are refused on every route.
+        (Policy(route="relay"), "x@[300.1.1.1]", reply.BAD_ADDRESS_LITERAL),
+        (Policy(route="hold"), "x@127.0.0.1", reply.BAD_ADDRESS_LITERAL),
+        (Policy(route="mx", allow_private_mx=True), "x@[::1]", reply.BAD_ADDRESS_LITERAL),
+    ],
+)
+def test_literals_by_route(policy: Policy, path: str, expected: Reply | str) -> None:
+    assert policy.check_recipient(AUTHED, path, smtputf8=False) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        # Untrusted sessions keep their relay refusal for any valid literal...
+        ("victim@[198.51.100.7]", reply.RELAY_DENIED),
+        ("victim@[127.0.0.1]", reply.RELAY_DENIED),
+        # ...and get the syntax error for an invalid one, like everyone.
+        ("victim@[300.1.1.1]", reply.BAD_ADDRESS_LITERAL),
+        ("victim@127.0.0.1", reply.BAD_ADDRESS_LITERAL),
+    ],
+)
+def test_literals_from_untrusted_sessions(path: str, expected: Reply | str) -> None:
+    assert MX.check_recipient(MX.facts("192.0.2.1"), path, smtputf8=False) == expected

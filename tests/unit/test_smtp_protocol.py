@@ -4,6 +4,7 @@ chunking never changes the outcome, big messages, waiting states, the limits."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import pytest
 
@@ -100,6 +101,31 @@ def test_large_message_in_chunks() -> None:
     assert messages[0].endswith(body)
 
 
+def test_ending_a_large_message_copies_it_once() -> None:
+    # 4 MiB in lines of 998 octets: few lines, so the line-length check's own list of
+    # lines is about one more copy for a moment.
+    session = new_session()
+    drive(session, [b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"])
+    line = b"z" * 996 + b"\r\n"
+    body = line * (4 * 1024 * 1024 // len(line))
+    for i in range(0, len(body), 65536):
+        assert session.receive(body[i : i + 65536]) == []
+    tracemalloc.start()
+    try:
+        events = session.receive(b".\r\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    [message] = [e for e in events if isinstance(e, MessageComplete)]
+    assert message.data.endswith(body)
+    # Beyond the bytes already buffered: the message to queue, and the list of lines while
+    # they are checked. Slicing, copying, unstuffing and prepending the Received header
+    # one after the other held three copies at once.
+    assert peak < 2.5 * len(body)
+    # And the session's buffer does not keep the message's size.
+    assert session._buf.__alloc__() < 64 * 1024
+
+
 def test_oversize_data_is_not_kept_in_memory() -> None:
     session = new_session(max_message_size=100_000)
     drive(session, [b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"])
@@ -181,6 +207,13 @@ def test_authenticate_event_hides_password() -> None:
 )
 def test_long_line_detection(data: bytes, limit: int, long: bool) -> None:
     assert _has_long_line(data, limit) is long
+
+
+def test_long_line_detection_skips_our_own_header_lines() -> None:
+    ours = b"Received: from a long name indeed\r\n\tby mx.test;\r\n"
+    assert _has_long_line(ours + b"short\r\n", 10, skip=2) is False
+    assert _has_long_line(ours + b"short\r\n", 10) is True
+    assert _has_long_line(ours + b"123456789\r\n", 10, skip=2) is True
 
 
 def test_greeting_has_no_enhanced_code() -> None:

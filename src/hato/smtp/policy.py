@@ -18,6 +18,12 @@ runs on the event loop, in the middle of the synchronous state machine, and does
 I/O. An unknown name is refused ``550``, or deferred ``451`` while a change of the users
 file is pending (seen, not yet read); :mod:`hato.users` explains why that accepts a user
 added a moment ago and never refuses one.
+
+Address literals are refused at RCPT when delivery would refuse them, whoever asks: an
+invalid one (``[300.1.1.1]``, ``[::1]`` without its ``IPv6:`` tag, leading zeros, zone
+ids) or an IP address written as a domain (``x@127.0.0.1``, any all-numeric top label)
+gets ``501 5.1.3``; on the ``mx`` route, a literal in loopback, private or reserved
+space gets ``550 5.4.4`` unless ``HATO_ALLOW_PRIVATE_MX``, as the MX courier would.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from hato import reply
+from hato.dns import is_private
 from hato.errors import AddressError, ConfigError
 from hato.message import normalize_domain, parse_address
 from hato.reply import Reply
@@ -44,6 +51,9 @@ RecipientCheck = Callable[[str], bool]
 PendingCheck = Callable[[], bool]
 
 _ROUTING_CHARS = ("%", "!", "@")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_LITERAL_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
 
 class ListenerRole(StrEnum):
@@ -112,6 +122,28 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
+def literal_address(domain: str) -> IPAddress | None:
+    """The address of an RFC 5321 address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``),
+    or ``None`` if ``domain`` is not a valid one.
+
+    Strict on purpose: IPv4 in dotted decimal without leading zeros (``[010.0.0.1]`` reads
+    as 8 or 10 depending on who parses it), IPv6 only after its tag, no zone ids, no other
+    tags (none is registered).
+    """
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    v6 = inner[:5].lower() == "ipv6:"
+    text = inner[5:] if v6 else inner
+    if not text or not _LITERAL_CHARS.issuperset(text):
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip if (ip.version == 6) == v6 else None
+
+
 def split_source_route(path: str) -> tuple[str, str]:
     """``"@a,@b:x@y"`` → ``("@a,@b", "x@y")``; a path without a route → ``("", path)``."""
     if path.startswith("@"):
@@ -136,6 +168,8 @@ class Policy:
         sender_allowed: SenderCheck | None = None,
         local_recipient_exists: RecipientCheck | None = None,
         recipients_pending: PendingCheck | None = None,
+        route: str | None = None,
+        allow_private_mx: bool = False,
     ) -> None:
         """
         ``domains``: our own domains (mail to them is accepted from anyone).
@@ -151,6 +185,9 @@ class Policy:
         (users and aliases, Postfix ``local_recipient_maps``), answered from memory;
         unknown ones get 550 5.1.1, whoever asks, or 451 4.3.0 while
         ``recipients_pending()`` says the table is about to change (module docstring).
+        ``route``: where mail for other domains goes (``hold``, ``relay`` or ``mx``); on
+        ``mx`` an address literal in loopback, private or reserved space is refused at
+        RCPT unless ``allow_private_mx`` (``HATO_ALLOW_PRIVATE_MX``).
         """
         self.role = role
         self.mynetworks = tuple(mynetworks)
@@ -164,6 +201,8 @@ class Policy:
         self.sender_allowed = sender_allowed
         self.local_recipient_exists = local_recipient_exists
         self.recipients_pending = recipients_pending
+        self.route = route
+        self.allow_private_mx = allow_private_mx
         self._client_cache: dict[str, tuple[bool, bool]] = {}
 
     # Session-level facts
@@ -244,6 +283,9 @@ class Policy:
             address = parse_address(mailbox, allow_utf8=smtputf8)
         except AddressError:
             return reply.BAD_ADDRESS
+        refusal = self._literal_refusal(address.domain, relay)
+        if refusal is not None:
+            return refusal
         ours = not address.is_literal and normalize_domain(address.domain) in self._domain_set
         if ours and not (relay and any(c in address.local for c in _ROUTING_CHARS)):
             unknown = self._unknown_local(str(address))
@@ -256,6 +298,20 @@ class Policy:
         if any(c in address.local for c in _ROUTING_CHARS):
             return reply.RELAY_DENIED
         return str(address)
+
+    def _literal_refusal(self, domain: str, relay: bool) -> Reply | None:
+        """Refuse an address literal (or an address posing as a domain) that delivery
+        would refuse; sessions that may not relay keep their relay refusal otherwise."""
+        if not domain.startswith("["):
+            if domain.rpartition(".")[2].isdigit():  # "x@127.0.0.1": no such top label
+                return reply.BAD_ADDRESS_LITERAL
+            return None
+        ip = literal_address(domain)
+        if ip is None:
+            return reply.BAD_ADDRESS_LITERAL
+        if relay and self.route == "mx" and not self.allow_private_mx and is_private(str(ip)):
+            return reply.PRIVATE_ADDRESS_LITERAL
+        return None
 
     def _unknown_local(self, address: str) -> Reply | None:
         exists = self.local_recipient_exists

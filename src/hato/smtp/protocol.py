@@ -30,6 +30,7 @@ split one DATA into two messages. Bytes pipelined after ``STARTTLS`` are discard
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -65,15 +66,29 @@ class SessionConfig:
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
     max_errors: int = 20
+    # Postfix smtpd_junk_command_limit: NOOP, VRFY, ETRN and RSET between two accepted
+    # messages; one more gets 421 4.7.0 and the connection closes.
+    max_junk_commands: int = 100
     max_auth_failures: int = 3
     max_received_headers: int = 50
+    # Free bytes on the queue's filesystem, as the driver last saw them (a cheap cached
+    # call; None: unknown). MAIL is answered 452 4.3.1 when less than queue_min_free
+    # would be left once the declared SIZE is written (Postfix queue_minfree).
+    queue_free_space: Callable[[], int | None] | None = None
+    queue_min_free: int = 0
     # Used by the driver only. idle: the client sends nothing at all for this long;
     # command: one command line, or one whole DATA transfer, takes longer than this
     # from our previous reply (trickling clients).
     idle_timeout: float = 300.0
     command_timeout: float = 600.0
+    # Seconds the greeting is held back from untrusted clients on a public smtp listener;
+    # a client that talks meanwhile is a bot (Postfix postscreen's pregreet test).
+    greet_delay: float = 0.0
     max_connections: int = 500
     max_connections_per_client: int = 50
+    # Of max_connections, on an smtp listener, this many are kept for trusted networks:
+    # idle strangers must not lock the application's own mail out.
+    trusted_connection_reserve: int = 0
 
 
 # Events
@@ -87,7 +102,8 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A rejection for the operator log; ``command`` is ``MAIL``, ``RCPT``, ``DATA``,
-    ``END-OF-MESSAGE``, ``AUTH`` or ``CONNECT``."""
+    ``END-OF-MESSAGE``, ``AUTH``, ``CONNECT``, or the junk command that was one too many
+    (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
 
     command: str
     reply: Reply
@@ -155,12 +171,16 @@ _HELO_UNSAFE_RE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
 _DATA_END = b"\r\n.\r\n"
 
 
-def _has_long_line(data: bytes, limit: int) -> bool:
-    """Does ``data`` (CRLF lines) hold a line longer than ``limit`` octets with its CRLF?"""
+def _has_long_line(data: bytes, limit: int, skip: int = 0) -> bool:
+    """Does ``data`` (CRLF lines) hold a line longer than ``limit`` octets with its CRLF,
+    not counting its first ``skip`` lines?"""
     if len(data) <= limit:
         return False
     # ``split`` runs in C; far cheaper than a Python loop or a backtracking regex.
-    return max(map(len, data.split(b"\n"))) + 1 > limit
+    lines = data.split(b"\n")
+    if max(map(len, lines)) + 1 <= limit:
+        return False
+    return max(map(len, itertools.islice(lines, skip, None)), default=0) + 1 > limit
 
 
 @functools.lru_cache(maxsize=4)
@@ -202,6 +222,7 @@ class ServerSession:
         self.helo = ""
         self.esmtp = False
         self.errors = 0
+        self.junk_commands = 0
         self.auth_failures = 0
         self.messages = 0
         # Transaction.
@@ -268,11 +289,14 @@ class ServerSession:
         self._state = _COMMAND
         return []
 
-    def auth_result(self, user: str | None, *, close: bool = False) -> list[Event]:
+    def auth_result(
+        self, user: str | None, *, close: bool = False, refusal: Reply = reply.AUTH_FAILED
+    ) -> list[Event]:
         """Answer an :class:`Authenticate`: the authenticated user, or ``None``.
 
-        ``close`` (with ``None``): the driver's cross-connection throttle has blocked the
-        client, so the ``535`` is followed by ``421 4.7.0`` and the connection closes.
+        ``refusal`` is the reply for ``None`` (``454 4.7.0`` when the driver's throttle has
+        locked the user name). ``close`` (with ``None``): the throttle has blocked the
+        client, so the refusal is followed by ``421 4.7.0`` and the connection closes.
         """
         if self._state != _WAIT_AUTH:
             return []
@@ -284,13 +308,13 @@ class ServerSession:
             self._send(reply.AUTH_OK)
         else:
             self.auth_failures += 1
-            self._out.append(Rejected("AUTH", reply.AUTH_FAILED))
+            self._out.append(Rejected("AUTH", refusal))
             if close or self.auth_failures >= self.config.max_auth_failures:
-                self._send(reply.AUTH_FAILED)
+                self._send(refusal)
                 self._send(reply.TOO_MANY_AUTH_FAILURES)
                 self._close()
                 return out
-            self._error(reply.AUTH_FAILED)
+            self._error(refusal)
         self._run()
         return out
 
@@ -301,6 +325,7 @@ class ServerSession:
         out: list[Event] = []
         self._out = out
         self.messages += 1
+        self.junk_commands = 0  # as Postfix: a client that delivers mail is no junk talker
         return self._end_message(reply.queued_as(queue_id), out)
 
     def message_rejected(self, answer: Reply) -> list[Event]:
@@ -410,6 +435,16 @@ class ServerSession:
         else:
             self._send(answer)
 
+    def _junk(self, verb: str) -> bool:
+        """Count a junk command; True when it is one too many (421 sent, closing)."""
+        self.junk_commands += 1
+        if self.junk_commands > self.config.max_junk_commands:
+            self._out.append(Rejected(verb, reply.TOO_MANY_JUNK_COMMANDS))
+            self._send(reply.TOO_MANY_JUNK_COMMANDS)
+            self._close()
+            return True
+        return False
+
     def _close(self) -> None:
         self._state = _CLOSED
         self._buf.clear()
@@ -477,6 +512,7 @@ class ServerSession:
             self._error(reply.MAIL_SYNTAX)
             return
         smtputf8 = False
+        declared = 0
         rest = arg[m.end() :]
         if rest:
             if rest[0] != " ":
@@ -492,7 +528,8 @@ class ServerSession:
                     if not value.isdigit() or len(value) > 20:
                         self._error(reply.MAIL_SYNTAX)
                         return
-                    if int(value) > self.config.max_message_size:
+                    declared = int(value)
+                    if declared > self.config.max_message_size:
                         self._reject("MAIL", reply.MESSAGE_TOO_BIG)
                         return
                 elif key == "BODY":
@@ -509,6 +546,12 @@ class ServerSession:
                 else:
                     self._error(reply.PARAM_UNRECOGNIZED)
                     return
+        free_space = self.config.queue_free_space
+        if free_space is not None:
+            free = free_space()
+            if free is not None and free - declared < self.config.queue_min_free:
+                self._reject("MAIL", reply.STORAGE_FULL)
+                return
         decision = self.policy.check_sender(self.facts, m.group(1), smtputf8=smtputf8)
         if isinstance(decision, Reply):
             self._reject("MAIL", decision)
@@ -569,6 +612,8 @@ class ServerSession:
         self._nul = False
 
     def _cmd_rset(self, arg: str) -> None:
+        if self._junk("RSET"):
+            return
         if arg:
             self._error(reply.SYNTAX_ERROR)
             return
@@ -576,6 +621,8 @@ class ServerSession:
         self._send(reply.RESET_OK)
 
     def _cmd_noop(self, arg: str) -> None:
+        if self._junk("NOOP"):
+            return
         self._send(reply.NOOP_OK)
 
     def _cmd_quit(self, arg: str) -> None:
@@ -583,7 +630,14 @@ class ServerSession:
         self._close()
 
     def _cmd_vrfy(self, arg: str) -> None:
+        if self._junk("VRFY"):
+            return
         self._send(reply.VRFY_DISABLED)
+
+    def _cmd_etrn(self, arg: str) -> None:
+        if self._junk("ETRN"):
+            return
+        self._error(reply.NOT_IMPLEMENTED)
 
     def _cmd_expn(self, arg: str) -> None:
         self._send(reply.NOT_IMPLEMENTED)
@@ -721,30 +775,42 @@ class ServerSession:
             self._scan = max(0, len(buf) - 4)
             return False
         size = self._size_base + idx + 2
-        content = bytes(buf[: idx + 2]) if not self._too_big else b""
+        header = raw = b""
+        if not self._too_big:
+            # The one copy of the message: our Received header, then the data as sent.
+            header = self._received_header()
+            with memoryview(buf) as view:
+                raw = header + view[2 : idx + 2]
+        # Deleting from the front shrinks a bytearray to what is left, so the buffer does
+        # not keep the size of the largest message.
         del buf[: idx + 5]
         self._state = _COMMAND
-        self._finish_message(content, size)
+        self._finish_message(header, raw, size)
         return True
 
-    def _finish_message(self, content: bytes, size: int) -> None:
-        """``content`` is the raw DATA with the virtual leading CRLF and last line's CRLF."""
+    def _finish_message(self, header: bytes, raw: bytes, size: int) -> None:
+        """``raw`` is our ``header`` followed by the DATA as sent (dot-stuffed, with its
+        last line's CRLF): ``raw[len(header) - 2:]`` reads like DATA after a CRLF, so one
+        search for ``CRLF.`` unstuffs the first line too."""
         answer: Reply | None = None
+        start = len(header) - 2
         if self._too_big or size > self.config.max_message_size:
             answer = reply.MESSAGE_TOO_BIG
         elif self._nul:
             answer = reply.NUL_IN_DATA
-        elif _has_long_line(content, self.config.max_text_line):
+        elif _has_long_line(raw, self.config.max_text_line, header.count(b"\n")):
             answer = reply.TEXT_LINE_TOO_LONG
         else:
-            header_end = content.find(b"\r\n\r\n")
-            headers = content if header_end < 0 else content[:header_end]
+            end = raw.find(b"\r\n\r\n", start)
+            if end < 0:
+                end = len(raw)
             limit = self.config.max_received_headers
-            # Counting "\nreceived" in C is an upper bound; the exact regex runs only
-            # when that bound is over the limit.
+            # Counting the header lines that start with "r" or "R", in C and without a
+            # copy, is an upper bound; the exact regex runs only when that bound is over
+            # the limit.
             if (
-                headers.lower().count(b"\nreceived") > limit
-                and len(_RECEIVED_RE.findall(headers)) > limit
+                raw.count(b"\nr", start, end) + raw.count(b"\nR", start, end) > limit
+                and len(_RECEIVED_RE.findall(raw, start, end)) > limit
             ):
                 answer = reply.LOOP_DETECTED
         if answer is not None:
@@ -752,7 +818,12 @@ class ServerSession:
             self._reset_transaction()
             self._error(answer)
             return
-        body = content.replace(b"\r\n.", b"\r\n")[2:]
+        # Our header holds no "CRLF." of its own. Without dot-stuffed lines replace()
+        # returns raw itself: no copy.
+        data = raw.replace(b"\r\n.", b"\r\n")
+        del raw  # when replace() did copy, the original goes before anything else
+        # A non-ASCII host name of ours says nothing about the client's data.
+        body_8bit = not (data if header.isascii() else data[len(header) :]).isascii()
         sender = self.sender if self.sender is not None else ""
         envelope = Envelope(
             sender=sender,
@@ -761,10 +832,10 @@ class ServerSession:
             client_helo=self.helo,
             auth_user=self.facts.user,
             smtputf8=self._smtputf8,
-            body_8bit=not body.isascii(),
+            body_8bit=body_8bit,
         )
         self._state = _WAIT_MESSAGE
-        self._out.append(MessageComplete(envelope, self._received_header() + body))
+        self._out.append(MessageComplete(envelope, data))
 
     def _received_header(self) -> bytes:
         if self._smtputf8:
@@ -805,6 +876,6 @@ _HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
     "STARTTLS": ServerSession._cmd_starttls,
     "AUTH": ServerSession._cmd_auth,
     "BDAT": ServerSession._cmd_not_implemented,
-    "ETRN": ServerSession._cmd_not_implemented,
+    "ETRN": ServerSession._cmd_etrn,
     "TURN": ServerSession._cmd_not_implemented,
 }

@@ -1,10 +1,11 @@
 """The SMTP listener: a thin ``asyncio.Protocol`` that drives :class:`ServerSession`.
 
 It owns everything the pure state machine does not: sockets, TLS (``loop.start_tls`` for
-STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits, the
-credential check and the AUTH failure throttle shared across connections, the queue and
-the operator log. ``250`` after DATA is written only once ``await queue.enqueue(...)``
-has returned, that is once the message is durable.
+STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection limits (with
+a reserve for trusted networks), the greeting delay that catches early talkers, the
+credential check and the AUTH failure throttle shared across connections, the free space
+of the queue's filesystem, the queue and the operator log. ``250`` after DATA is written
+only once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
 
 While the session waits for an answer (enqueue, credential check, TLS handshake) the
 connection stops reading, so pipelined input waits in the kernel and in the session's
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import functools
+import ipaddress
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -62,9 +66,78 @@ def _wire(answer: Reply) -> bytes:
     return answer.to_bytes()
 
 
+# glibc's mallopt() parameter, from <malloc.h>.
+_M_MMAP_THRESHOLD = -3
+_LARGE_BLOCK = 1024 * 1024
+
+
+def _give_large_blocks_back() -> None:
+    """Have the C allocator serve blocks of 1 MiB and more from mappings of their own,
+    which go back to the system when freed.
+
+    glibc raises this threshold each time it frees such a block (up to 32 MiB), after which
+    the buffers of a 10 MiB message come from the heap, and the heap keeps them: after 20
+    messages of 10 MiB the process stayed about 100 MiB larger. Setting the threshold once
+    keeps it where it is; messages of ordinary size never come near it. Allocators
+    without ``mallopt`` (or without this parameter) are left as they are.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _client_name(ip: str) -> str:
     # No reverse DNS on the hot path; Postfix writes "unknown[ip]" in that case.
     return f"unknown[{ip}]"
+
+
+class FreeSpace:
+    """Free bytes on the filesystem holding ``path``, for the check at MAIL
+    (:attr:`SessionConfig.queue_free_space`).
+
+    Asked on every MAIL, so the answer is cached: ``statvfs`` runs at most once per
+    ``interval`` seconds, and every other MAIL only reads the clock. Counts the space an
+    unprivileged process may use (``f_bavail``). ``None`` when the filesystem cannot be
+    asked, and then the check is skipped: not knowing never refuses mail.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.interval = interval
+        self._clock = clock
+        self._statvfs = statvfs
+        self._free: int | None = None
+        self._next = float("-inf")
+
+    def __call__(self) -> int | None:
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self.interval
+            try:
+                st = self._statvfs(self.path)
+            except OSError:
+                self._free = None
+            else:
+                self._free = st.f_bavail * st.f_frsize
+        return self._free
 
 
 class SMTPListener:
@@ -86,8 +159,15 @@ class SMTPListener:
         clock: Callable[[], float] = time.time,
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
+        greet_delay: float | None = None,
     ) -> None:
         self.listener = listener
+        if greet_delay is None:
+            # Only where strangers arrive and speak second: not on submission ports (465:
+            # the client speaks first, in TLS), not on a listener bound to loopback.
+            public = listener.role is ListenerRole.SMTP and not _is_loopback(listener.host)
+            greet_delay = limits.greet_delay if public else 0.0
+        self.greet_delay = greet_delay
         self.auth_throttle = auth_throttle
         self.submitted = submitted
         self.reuse_port = reuse_port
@@ -102,6 +182,8 @@ class SMTPListener:
         self.server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
         self._per_client: dict[str, int] = {}
+        self._strangers = 0  # connections from outside the trusted networks
+        self._reserve_applies = listener.role is ListenerRole.SMTP
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
@@ -115,6 +197,7 @@ class SMTPListener:
         if role is not ListenerRole.SMTP and self.authenticator is None:
             raise ConfigError(f"listener {self.address} ({role}) needs a user store for AUTH")
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
+        _give_large_blocks_back()
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
@@ -141,6 +224,12 @@ class SMTPListener:
         return int(self.server.sockets[0].getsockname()[1])
 
     @property
+    def label(self) -> str:
+        """``role=host:port``, as in ``HATO_LISTEN``: the listener's name in counters."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.listener.role}={host}:{self.port}"
+
+    @property
     def host(self) -> str:
         if self.server is None or not self.server.sockets:
             return self.listener.host
@@ -151,13 +240,25 @@ class SMTPListener:
 
         Trusted networks are exempt from the per-client limit, as in Postfix
         (``smtpd_client_event_limit_exceptions = $mynetworks``): an app server's
-        connection pool must not be refused by its own relay.
+        connection pool must not be refused by its own relay. On an ``smtp`` listener
+        clients outside them share at most ``max_connections -
+        trusted_connection_reserve`` connections, so that idle strangers cannot lock the
+        application's own mail out. Submission listeners keep their whole total for
+        clients that will authenticate (connections are counted per listener, so
+        port 25 never uses them up).
         """
-        if len(self.connections) >= self.limits.max_connections:
+        limits = self.limits
+        if len(self.connections) >= limits.max_connections:
             return False
         count = self._per_client.get(ip, 0)
-        if count >= self.limits.max_connections_per_client and not self.policy.is_trusted(ip):
-            return False
+        stranger = not self.policy.is_trusted(ip)
+        if stranger:
+            if count >= limits.max_connections_per_client:
+                return False
+            share = limits.max_connections - limits.trusted_connection_reserve
+            if self._reserve_applies and self._strangers >= share:
+                return False
+            self._strangers += 1
         self._per_client[ip] = count + 1
         return True
 
@@ -167,6 +268,8 @@ class SMTPListener:
             self._per_client[ip] = left
         else:
             self._per_client.pop(ip, None)
+        if not self.policy.is_trusted(ip):
+            self._strangers -= 1
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -235,14 +338,17 @@ async def start_listener(
     max_connections_per_client: int | None = None,
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
+    greet_delay: float | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
     several processes share the port (SO_REUSEPORT) to use every core;
     ``auth_throttle`` is the AUTH failure tracker shared by all listeners;
     ``submitted`` transforms mail from authenticated or trusted clients before it is
-    queued (DKIM signing), never mail from anyone else. The other
-    keywords, when given, override the same fields of ``limits``. Raises
+    queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
+    the greeting back from untrusted clients (the pregreet test); by default
+    ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
     overrides: dict[str, Any] = {
@@ -271,6 +377,7 @@ async def start_listener(
         clock=clock,
         auth_throttle=auth_throttle,
         submitted=submitted,
+        greet_delay=greet_delay,
     )
     await smtp.start()
     return smtp
@@ -295,6 +402,9 @@ class _Connection(asyncio.Protocol):
         self._last_reply = 0.0
         self._last_input = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # Set while the greeting is held back: its last line, and the timer that sends it.
+        self._greeting = b""
+        self._greet_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # asyncio callbacks -----------------------------------------------------------
@@ -332,17 +442,48 @@ class _Connection(asyncio.Protocol):
             auth_available=listener.authenticator is not None,
             clock=listener.clock,
         )
-        transport.write(_wire(self.session.greeting()))
+        greeting = _wire(self.session.greeting())
+        if listener.greet_delay > 0 and not self.session.facts.trusted:
+            # Postfix postscreen's pregreet test: the first line of a multi-line greeting
+            # now, the last one later. A client must wait for the last line; bots that
+            # talk before it are refused.
+            transport.write(b"220-" + greeting[4:])
+            self._greeting = greeting
+            self._greet_timer = self._loop.call_later(listener.greet_delay, self._greet)
+            return
+        transport.write(greeting)
+        self._arm()
+
+    def _greet(self) -> None:
+        self._greet_timer = None
+        if self.lost or self.transport is None:
+            return
+        self.transport.write(self._greeting)
+        self._greeting = b""
         self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.session is None:
+            return
+        if self._greeting:
+            self._refuse_early_talker()
             return
         self._last_input = self._loop.time()
         if self._tls_upgrading:
             self._tls_early += data
             return
         self._handle(self.session.receive(data))
+
+    def _refuse_early_talker(self) -> None:
+        assert self.transport is not None
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
+        self._greeting = b""
+        self.session = None  # nothing the client said is ever acted upon
+        self.listener.log.rejected(self.client, "CONNECT", reply.PREGREET)
+        self.transport.write(_wire(reply.PREGREET))
+        self.transport.close()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; a half-open SMTP session is useless
@@ -352,6 +493,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
         if self._admitted:
             self._admitted = False
             self.listener.release(self.ip)
@@ -481,24 +625,36 @@ class _Connection(asyncio.Protocol):
             self._resume(_ASYNC)
             self._handle(events)
             return
-        try:
-            user = await authenticator.authenticate(
-                event.username, event.password, authzid=event.authzid
-            )
-        except Exception:  # a broken user store refuses, it does not crash the session
-            _debug.exception("authenticator failed")
-            user = None
+        trusted = session.facts.trusted
+        locked = throttle is not None and throttle.locked(event.username, self.ip, trusted=trusted)
+        user: str | None = None
+        if not locked:
+            try:
+                user = await authenticator.authenticate(
+                    event.username, event.password, authzid=event.authzid
+                )
+            except Exception:  # a broken user store refuses, it does not crash the session
+                _debug.exception("authenticator failed")
         close = False
-        if user is None:
+        if user is not None:
+            if throttle is not None:
+                throttle.succeeded(self.ip, event.username)
+        else:
             listener.log.auth_failed(self.client, event.username, event.mechanism)
             if throttle is not None:
-                delay = throttle.failed(self.ip)
+                locks = throttle.user_locks
+                delay = throttle.failed(
+                    self.ip, event.username, trusted=trusted, listener=listener.label, locked=locked
+                )
+                if throttle.user_locks != locks:
+                    listener.log.auth_locked(event.username, throttle.user_window)
                 if delay is None:
                     listener.log.rejected(self.client, "AUTH", reply.TOO_MANY_AUTH_FAILURES)
                     close = True
                 elif delay > 0:
                     await asyncio.sleep(delay)
-        events = session.auth_result(user, close=close)
+        refusal = reply.AUTH_TEMPORARY_FAILURE if locked else reply.AUTH_FAILED
+        events = session.auth_result(user, close=close, refusal=refusal)
         self._resume(_ASYNC)
         self._handle(events)
 
@@ -587,5 +743,8 @@ class _Connection(asyncio.Protocol):
         if session is not None and session.waiting:
             return
         self._cancel_timer()
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
         self.transport.write(_wire(reply.SHUTTING_DOWN))
         self.transport.close()
