@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -55,6 +56,28 @@ Say = Callable[[str], None]
 
 # How often the users file and the TLS certificates are looked at for changes.
 FILE_CHECK_INTERVAL = 2.0
+
+
+# glibc's mallopt() parameter, from <malloc.h>.
+_M_MMAP_THRESHOLD = -3
+_LARGE_BLOCK = 1024 * 1024
+
+
+def give_large_blocks_back() -> None:
+    """Have the C allocator serve blocks of 1 MiB and more from mappings of their own,
+    which go back to the system when freed.
+
+    glibc raises this threshold each time it frees such a block (up to 32 MiB), after which
+    the buffers of a 10 MiB message come from the heap, and the heap keeps them: after 20
+    messages of 10 MiB the process stayed about 100 MiB larger. Setting the threshold once
+    keeps it where it is; messages of ordinary size never come near it. Allocators
+    without ``mallopt`` (or without this parameter) are left as they are.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK)
 
 
 def build_queue(settings: Settings) -> Queue:
@@ -203,7 +226,9 @@ def build_session_config(settings: Settings) -> SessionConfig:
         free_space = FreeSpace(database.parent)
     min_free = settings.queue_minfree
     if min_free is None:
-        min_free = settings.message_size_limit * 3 // 2
+        # Postfix advises queue_minfree of 1.5 message_size_limit; with no size limit,
+        # as much as for the default limit.
+        min_free = (settings.message_size_limit or 10 * 1024 * 1024) * 3 // 2
     reserve = settings.trusted_connection_reserve
     if reserve is None:
         reserve = settings.max_connections // 10
@@ -373,6 +398,7 @@ async def serve(
     say: Say = _say,
 ) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set)."""
+    give_large_blocks_back()  # a process-wide allocator setting, so it is set here
     log = build_log(settings)
     # Everything that can refuse the settings comes first, before the queue is touched.
     tls = build_tls(settings)

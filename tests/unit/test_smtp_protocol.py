@@ -252,3 +252,20 @@ def test_hot_path_speed() -> None:
                 session.message_accepted("X")
     elapsed = time.perf_counter() - started
     assert elapsed / n < 0.001, f"{elapsed / n * 1e6:.0f} µs per session"
+
+
+def test_a_size_limit_of_zero_means_no_limit() -> None:
+    """``HATO_MESSAGE_SIZE_LIMIT=0`` (documented as no limit) accepts any size and says a
+    bare ``SIZE`` in EHLO (RFC 1870: no fixed maximum), instead of refusing everything."""
+    session = new_session(max_message_size=0)
+    body = b"x" * 998 + b"\r\n"
+    out, messages, _ = drive(
+        session,
+        [
+            b"EHLO c\r\nMAIL FROM:<a@example.com> SIZE=50000000\r\nRCPT TO:<b@example.net>\r\n"
+            b"DATA\r\n" + body * 2000 + b".\r\nQUIT\r\n"
+        ],
+    )
+    assert b"250-SIZE\r\n" in out
+    assert b"552" not in out and len(messages) == 1
+    assert messages[0].endswith(body * 2000)

@@ -63,6 +63,7 @@ class SessionConfig:
     max_command_line: int = 2048
     # RFC 5321 4.5.3.1.6: 998 characters plus CRLF.
     max_text_line: int = 1000
+    # 0: no fixed limit (EHLO says a bare SIZE, RFC 1870).
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 1000
     max_errors: int = 20
@@ -169,6 +170,7 @@ _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e\x80-\U0
 _RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HELO_UNSAFE_RE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
 _DATA_END = b"\r\n.\r\n"
+_NO_SIZE_LIMIT = 1 << 62
 
 
 def _has_long_line(data: bytes, limit: int, skip: int = 0) -> bool:
@@ -211,6 +213,7 @@ class ServerSession:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._size_limit = config.max_message_size or _NO_SIZE_LIMIT
         self.policy = policy
         self.facts: SessionFacts = policy.facts(client_ip, tls=tls_active)
         self.tls_available = tls_available
@@ -463,7 +466,7 @@ class ServerSession:
         lines = [
             self.config.hostname,
             "PIPELINING",
-            f"SIZE {self.config.max_message_size}",
+            f"SIZE {self.config.max_message_size}" if self.config.max_message_size else "SIZE",
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
@@ -529,7 +532,7 @@ class ServerSession:
                         self._error(reply.MAIL_SYNTAX)
                         return
                     declared = int(value)
-                    if declared > self.config.max_message_size:
+                    if declared > self._size_limit:
                         self._reject("MAIL", reply.MESSAGE_TOO_BIG)
                         return
                 elif key == "BODY":
@@ -764,7 +767,7 @@ class ServerSession:
             self._checked = end
         if idx < 0:
             size = self._size_base + len(buf)
-            if size > self.config.max_message_size:
+            if size > self._size_limit:
                 self._too_big = True
             if self._too_big and len(buf) > 8:
                 # Keep only what the terminator search and the CR check still need.
@@ -794,7 +797,7 @@ class ServerSession:
         search for ``CRLF.`` unstuffs the first line too."""
         answer: Reply | None = None
         start = len(header) - 2
-        if self._too_big or size > self.config.max_message_size:
+        if self._too_big or size > self._size_limit:
             answer = reply.MESSAGE_TOO_BIG
         elif self._nul:
             answer = reply.NUL_IN_DATA

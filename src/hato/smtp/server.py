@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import ipaddress
@@ -64,28 +63,6 @@ _TLS = "tls"
 @functools.lru_cache(maxsize=256)
 def _wire(answer: Reply) -> bytes:
     return answer.to_bytes()
-
-
-# glibc's mallopt() parameter, from <malloc.h>.
-_M_MMAP_THRESHOLD = -3
-_LARGE_BLOCK = 1024 * 1024
-
-
-def _give_large_blocks_back() -> None:
-    """Have the C allocator serve blocks of 1 MiB and more from mappings of their own,
-    which go back to the system when freed.
-
-    glibc raises this threshold each time it frees such a block (up to 32 MiB), after which
-    the buffers of a 10 MiB message come from the heap, and the heap keeps them: after 20
-    messages of 10 MiB the process stayed about 100 MiB larger. Setting the threshold once
-    keeps it where it is; messages of ordinary size never come near it. Allocators
-    without ``mallopt`` (or without this parameter) are left as they are.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK)
 
 
 def _is_loopback(host: str) -> bool:
@@ -197,7 +174,6 @@ class SMTPListener:
         if role is not ListenerRole.SMTP and self.authenticator is None:
             raise ConfigError(f"listener {self.address} ({role}) needs a user store for AUTH")
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
-        _give_large_blocks_back()
         loop = asyncio.get_running_loop()
         try:
             self.server = await loop.create_server(
