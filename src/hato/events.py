@@ -1,0 +1,202 @@
+"""Delivery events: what happened to each recipient, on every node, as durable records.
+
+Every Hato node records one :class:`DeliveryEvent` per recipient and step, in its queue,
+in the same transaction as the step itself (a message accepted, an attempt recorded), so
+the record can never say more or less than the queue holds. The names:
+
+=============  =========================================================================
+event          meaning
+=============  =========================================================================
+accepted       this node took the message (SMTP 250 or ``Mailer.send``)
+deferred       an attempt failed temporarily; it will be retried
+relayed        handed to a next hop that is not the recipient's own (a relay, the local
+               relay, a smarthost); what happens next is that hop's to tell
+delivered      accepted by the recipient domain's MX, or stored in our own mailbox: the
+               meaning ESPs give the word (DSN actions keep the RFC's meaning)
+bounced        refused for good (5xx, null MX, ...); a DSN went to the sender if asked
+expired        given up after the queue lifetime; bounced with it
+delayed        still undelivered after ``HATO_DELAY_WARNING``; a DELAY DSN went out
+held           kept on this node on purpose (the capture route)
+released       sent on by the operator (``hato queue release``, the console)
+deleted        removed by the operator
+=============  =========================================================================
+
+Each event carries the *attempt record* (:class:`Attempt`): the same fields in the
+console's timeline, the JSON API, ``hato events --json`` and webhooks; later releases add
+fields, never rename one. ``envid`` is the RFC 3461 envelope id the message travels with:
+``hato worker`` sends the outbox id as ENVID, so one grep (or one API call) follows a
+message across every hop. Events pulled from another node keep that node's
+``event_id`` and ``node``; a store keeps one copy of each ``event_id``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Final
+
+from hato.clock import Clock
+
+ACCEPTED: Final = "accepted"
+DEFERRED: Final = "deferred"
+RELAYED: Final = "relayed"
+DELIVERED: Final = "delivered"
+BOUNCED: Final = "bounced"
+EXPIRED: Final = "expired"
+DELAYED: Final = "delayed"
+HELD: Final = "held"
+RELEASED: Final = "released"
+DELETED: Final = "deleted"
+
+EVENT_NAMES: tuple[str, ...] = (
+    ACCEPTED,
+    DEFERRED,
+    RELAYED,
+    DELIVERED,
+    BOUNCED,
+    EXPIRED,
+    DELAYED,
+    HELD,
+    RELEASED,
+    DELETED,
+)
+
+# How far each event takes a recipient: the state a message reports is its least
+# advanced recipient's (see hato.mailer's Status).
+FINAL_EVENTS = frozenset({DELIVERED, BOUNCED, EXPIRED, DELETED})
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt as every view shows it (console timeline, API, events).
+
+    ``route`` is ``relay``, ``mx``, ``local``, ``hold`` (or ``smtp``/``outbox`` for the
+    step that accepted the message); ``relay_host``/``relay_ip`` the next hop spoken to
+    (empty when none was reached); ``reply_*`` its reply, split; ``tls_version`` the
+    negotiated protocol (``TLSv1.3``, empty for plaintext) and ``tls_verified`` whether
+    its certificate was checked. ``tls_policy`` says which rule chose the TLS level
+    (``none``, ``opportunistic``, ``mta-sts-enforce``, ``mta-sts-testing``, ``dane``,
+    ``operator``), empty where no TLS decision was made.
+    """
+
+    time: float
+    route: str = ""
+    relay_host: str = ""
+    relay_ip: str = ""
+    reply_code: int = 0
+    reply_enhanced: str = ""
+    reply_text: str = ""
+    tls_version: str = ""
+    tls_verified: bool = False
+    tls_policy: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    """One recipient's step on one node (see the module docstring for the names)."""
+
+    event_id: str
+    event: str
+    time: float
+    node: str
+    queue_id: str
+    recipient: str
+    envid: str = ""
+    message_id: str = ""
+    attempt: int = 0
+    route: str = ""
+    relay_host: str = ""
+    relay_ip: str = ""
+    reply_code: int = 0
+    reply_enhanced: str = ""
+    reply_text: str = ""
+    tls_version: str = ""
+    tls_verified: bool = False
+    tls_policy: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as the JSON API, ``hato events --json`` and webhooks write it."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeliveryEvent:
+        """An event from its JSON form (another node's API, a webhook). Unknown keys are
+        ignored (a newer node may send more); raises ``ValueError`` for a missing or
+        mistyped field."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                if f.name in _REQUIRED:
+                    raise ValueError(f"event without {f.name!r}")
+                continue
+            value = data[f.name]
+            kind = _TYPES[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"event field {f.name!r} is not {kind.__name__}")
+            values[f.name] = value
+        if values["event"] not in EVENT_NAMES:
+            raise ValueError(f"unknown event {values['event']!r}")
+        return cls(**values)
+
+    @property
+    def attempt_record(self) -> Attempt:
+        return Attempt(
+            time=self.time,
+            route=self.route,
+            relay_host=self.relay_host,
+            relay_ip=self.relay_ip,
+            reply_code=self.reply_code,
+            reply_enhanced=self.reply_enhanced,
+            reply_text=self.reply_text,
+            tls_version=self.tls_version,
+            tls_verified=self.tls_verified,
+            tls_policy=self.tls_policy,
+        )
+
+    def with_attempt(self, attempt: Attempt) -> DeliveryEvent:
+        """This event carrying ``attempt``'s fields (its time included)."""
+        return replace(self, **asdict(attempt))
+
+
+_REQUIRED = frozenset({"event_id", "event", "time", "node", "queue_id", "recipient"})
+_TYPES: dict[str, type] = {
+    "event_id": str,
+    "event": str,
+    "time": float,
+    "node": str,
+    "queue_id": str,
+    "recipient": str,
+    "envid": str,
+    "message_id": str,
+    "attempt": int,
+    "route": str,
+    "relay_host": str,
+    "relay_ip": str,
+    "reply_code": int,
+    "reply_enhanced": str,
+    "reply_text": str,
+    "tls_version": str,
+    "tls_verified": bool,
+    "tls_policy": str,
+}
+
+
+def new_event_id(clock: Clock = time.time) -> str:
+    """A unique, time-ordered event id: 12 hex digits of milliseconds and 12 random ones
+    (48 random bits: ids made by many nodes in one millisecond stay apart)."""
+    return f"{int(clock() * 1000):012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events in store order and the cursor to ask for the next ones (``after=``)."""
+
+    events: list[DeliveryEvent]
+    cursor: int
