@@ -56,6 +56,7 @@ from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
+    QuarantineHook,
     RecipientState,
     RecipientStatus,
     RecoveryReport,
@@ -409,6 +410,7 @@ class PostgresQueue:
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
         self.url = url
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         self._settings = _parse_url(url)
         self._names = _Names.of(self._settings)

@@ -55,6 +55,7 @@ from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
+    QuarantineHook,
     RecipientState,
     RecipientStatus,
     RecoveryReport,
@@ -436,6 +437,7 @@ class RedisQueue:
 
     def __init__(self, url: str, *, clock: Clock) -> None:
         self.url = url
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         parts = urlsplit(url)
         ours: dict[str, str] = {}
