@@ -81,6 +81,7 @@ from hato.queue.sqlite_records import (
     COLUMNS,
     DUE,
     SCHEMA_VERSION,
+    DamagedSchema,
     Unreadable,
     checksum,
     damage,
@@ -147,6 +148,19 @@ def _translate(exc: sqlite3.Error, what: str, path: str) -> QueueError:
     return QueueError(f"{what}: {exc}")
 
 
+def _error_of(exc: Exception, what: str, path: str) -> Exception:
+    """What a caller gets for an exception in a queue thread: sqlite3's translated; a
+    UnicodeDecodeError (sqlite3 failing to decode SQLite's own message, which quotes a
+    damaged schema) as damage; anything else (ours, ValueError) as it is."""
+    if isinstance(exc, sqlite3.Error):
+        return _translate(exc, what, path)
+    if isinstance(exc, UnicodeDecodeError):
+        return _damaged(path, "its schema is not valid text")
+    if isinstance(exc, DamagedSchema):
+        return _damaged(path, exc)
+    return exc
+
+
 def _fallback(exc: sqlite3.DatabaseError) -> bool:
     """May a query that failed so be answered row by row instead?"""
     return is_corrupt(exc) or "no such index" in str(exc)
@@ -158,19 +172,6 @@ def _quarantine(conn: sqlite3.Connection, seq: int, reason: str) -> None:
         " last_reply = ? WHERE seq = ?",
         (f"quarantined: {reason}", seq),
     )
-
-
-def _try_quarantine(conn: sqlite3.Connection, seq: int, reason: str) -> None:
-    """Quarantine if the row's page can still be written; on a damaged page the row
-    stays as it is (claim skips it; ``hato queue check --repair`` copies it aside)."""
-    conn.execute("SAVEPOINT quarantine")
-    try:
-        _quarantine(conn, seq, reason)
-    except sqlite3.DatabaseError as exc:
-        if not is_corrupt(exc) or not conn.in_transaction:
-            raise
-        conn.execute("ROLLBACK TO quarantine")
-    conn.execute("RELEASE quarantine")
 
 
 @dataclass(slots=True)
@@ -250,10 +251,11 @@ class _ConnectionThread:
         connect_error: QueueError | None = None
         try:
             conn = self._connect()
-        except sqlite3.Error as exc:
-            connect_error = _translate(exc, "cannot open the queue database", self._path)
         except OSError as exc:
             connect_error = QueueError(f"cannot open the queue database: {exc}")
+        except Exception as exc:
+            error = _error_of(exc, "cannot open the queue database", self._path)
+            connect_error = error if isinstance(error, QueueError) else QueueError(str(error))
         try:
             while True:
                 call = self._requests.get()
@@ -288,10 +290,8 @@ class _ConnectionThread:
         for call in calls:
             try:
                 done.append((call, call.fn(conn), None))
-            except sqlite3.Error as exc:
-                done.append((call, None, _translate(exc, "queue read failed", self._path)))
             except Exception as exc:
-                done.append((call, None, exc))
+                done.append((call, None, _error_of(exc, "queue read failed", self._path)))
         self._post(done)
 
     def _run_transaction(self, conn: sqlite3.Connection, calls: list[_Call]) -> None:
@@ -314,10 +314,7 @@ class _ConnectionThread:
                         raise
                     conn.execute("ROLLBACK TO call")
                     conn.execute("RELEASE call")
-                    if isinstance(exc, sqlite3.Error):
-                        done.append((call, None, _translate(exc, "queue write failed", self._path)))
-                    else:
-                        done.append((call, None, exc))
+                    done.append((call, None, _error_of(exc, "queue write failed", self._path)))
                 else:
                     conn.execute("RELEASE call")
                     done.append((call, result, None))
@@ -330,11 +327,7 @@ class _ConnectionThread:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     log.exception("rollback failed")
-            error: BaseException = (
-                _translate(exc, "queue write failed", self._path)
-                if isinstance(exc, sqlite3.Error)
-                else exc
-            )
+            error = _error_of(exc, "queue write failed", self._path)
             done = [(c, None, error) for c in calls]
         self._post(done)
 
@@ -431,8 +424,10 @@ class SQLiteQueue:
         self._marks_clean = False
         self._work = asyncio.Event()
         # Rows on damaged pages that the file cannot give back (seq -> why): claim skips
-        # them, and each is reported once. Only the writer thread touches it.
+        # them, and each is reported once. Only the reader thread touches it.
         self._lost: dict[int, str] = {}
+        # Set once a claim met a damaged page that rebuilding the indexes did not cure.
+        self._row_by_row = False
         self._healing = asyncio.Lock()
         self._healed_at = -_HEAL_INTERVAL
 
@@ -682,39 +677,83 @@ class SQLiteQueue:
         self._owners.hold(owner)
         now = self._clock()
         lease_until = now + lease_seconds
-        lost = self._lost
+        if not self._row_by_row:
 
-        def claim(conn: sqlite3.Connection) -> tuple[list[StoredMessage], list[tuple[str, str]]]:
-            try:
+            def claim(
+                conn: sqlite3.Connection,
+            ) -> tuple[list[StoredMessage], list[tuple[str, str]]]:
                 rows = conn.execute(
                     f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ?"
                     " ORDER BY next_attempt_at, seq LIMIT ?",
                     (now, limit),
                 ).fetchall()
-            except sqlite3.DatabaseError as exc:
-                if not _fallback(exc):
-                    raise
-                return _claim_row_by_row(conn, owner, now, limit, lease_until, lost)
-            claimed: list[StoredMessage] = []
-            leases: list[tuple[str, float, float, int]] = []
-            bad: list[tuple[str, str]] = []
-            for row in rows:
-                try:
-                    msg = decode(row, verify=True)
-                except Unreadable as exc:
-                    bad.append((shown_id(row[1], row[0]), str(exc)))
-                    _quarantine(conn, row[0], str(exc))
-                    continue
+                claimed: list[StoredMessage] = []
+                leases: list[tuple[str, float, float, int]] = []
+                bad: list[tuple[str, str]] = []
+                for row in rows:
+                    try:
+                        msg = decode(row, verify=True)
+                    except Unreadable as exc:
+                        bad.append((shown_id(row[1], row[0]), str(exc)))
+                        _quarantine(conn, row[0], str(exc))
+                        continue
+                    msg.state = MessageState.SENDING
+                    msg.lease_owner = owner
+                    msg.lease_until = msg.next_attempt_at = lease_until
+                    claimed.append(msg)
+                    leases.append((owner, lease_until, lease_until, row[0]))
+                conn.executemany(_LEASE, leases)
+                return claimed, bad
+
+            try:
+                claimed, bad = await self._change(claim, durable=False)
+            except QueueDamaged as exc:
+                # A damaged page read inside the write transaction spoils all of it; from
+                # now on rows are found and read outside it, one by one.
+                log.warning(
+                    "queue: %s; claiming row by row (slowly) from now on, delivering what"
+                    " can be read",
+                    exc,
+                )
+                self._row_by_row = True
+            else:
+                self._report(bad)
+                return claimed
+        return await self._claim_row_by_row(owner, now, limit, lease_until)
+
+    async def _claim_row_by_row(
+        self, owner: str, now: float, limit: int, lease_until: float
+    ) -> list[StoredMessage]:
+        """``claim`` on a file with a damaged page that is not an index: the reader finds
+        and reads due rows one by one (outside any write transaction, where a damaged
+        page costs nothing but its own rows), then the writer leases those it could read,
+        each only if it is still due."""
+        lost = self._lost
+        found = await self._read(lambda conn: _due_rows_one_by_one(conn, now, limit, lost))
+        good, bad, newly_lost = found
+
+        def lease(conn: sqlite3.Connection) -> list[int]:
+            for seq, _, reason in bad:
+                _quarantine(conn, seq, reason)
+            leased = []
+            for seq, _ in good:
+                cur = conn.execute(
+                    f"{_LEASE} AND {DUE} AND next_attempt_at <= ?",
+                    (owner, lease_until, lease_until, seq, now),
+                )
+                if cur.rowcount:
+                    leased.append(seq)
+            return leased
+
+        leased = set(await self._write(lease, durable=False))
+        self._report([*newly_lost, *((mid, reason) for _, mid, reason in bad)])
+        claimed = []
+        for seq, msg in good:
+            if seq in leased:
                 msg.state = MessageState.SENDING
                 msg.lease_owner = owner
                 msg.lease_until = msg.next_attempt_at = lease_until
                 claimed.append(msg)
-                leases.append((owner, lease_until, lease_until, row[0]))
-            conn.executemany(_LEASE, leases)
-            return claimed, bad
-
-        claimed, bad = await self._change(claim, durable=False)
-        self._report(bad)
         return claimed
 
     async def record(
@@ -990,93 +1029,55 @@ def _was_clean(conn: sqlite3.Connection) -> bool:
     return row is not None and row[0] == "1"
 
 
-def _lost_row(lost: dict[int, str], seq: int, exc: sqlite3.DatabaseError) -> list[tuple[str, str]]:
-    """Remember a row the file cannot give back; report it the first time only."""
-    if not is_corrupt(exc):
-        raise exc
-    if seq in lost:
-        return []
-    lost[seq] = f"unreadable row ({exc})"
-    return [(f"#{seq}", lost[seq])]
+def _due_rows_one_by_one(
+    conn: sqlite3.Connection, now: float, limit: int, lost: dict[int, str]
+) -> tuple[list[tuple[int, StoredMessage]], list[tuple[int, str, str]], list[tuple[str, str]]]:
+    """Up to ``limit`` due messages read one row at a time, oldest due first: the good
+    ones ``(seq, message)``, the unreadable ones ``(seq, id, reason)``, and rows the file
+    cannot give back (reported once each, remembered in ``lost``)."""
+    newly_lost: list[tuple[str, str]] = []
 
+    def gone(seq: int, exc: sqlite3.DatabaseError) -> None:
+        if not is_corrupt(exc):
+            raise exc
+        lost[seq] = f"unreadable row ({exc})"
+        newly_lost.append((f"#{seq}", lost[seq]))
 
-def _claim_row_by_row(
-    conn: sqlite3.Connection,
-    owner: str,
-    now: float,
-    limit: int,
-    lease_until: float,
-    lost: dict[int, str],
-) -> tuple[list[StoredMessage], list[tuple[str, str]]]:
-    """``claim`` on a file with a damaged page: find the due rows through whatever still
-    reads (the due index, else every row number the file still names), then read, check
-    and lease each row on its own, so a damaged page costs only the rows on it."""
-    bad: list[tuple[str, str]] = []
-    try:
-        seqs = [
-            seq
-            for (seq,) in conn.execute(
-                f"SELECT seq {_DUE_ROWS} AND next_attempt_at <= ? ORDER BY next_attempt_at, seq",
-                (now,),
-            )
-        ]
-    except sqlite3.DatabaseError as exc:
-        if not _fallback(exc):
-            raise
-        due: list[tuple[float, int]] = []
-        for seq in readable_seqs(conn):
-            if seq in lost:
-                continue
-            try:
-                row = conn.execute(
-                    "SELECT state, next_attempt_at FROM messages WHERE seq = ?", (seq,)
-                ).fetchone()
-            except sqlite3.DatabaseError as exc:
-                bad += _lost_row(lost, seq, exc)
-                continue
-            if (
-                row is not None
-                and row[0] in _CLAIMABLE
-                and isinstance(row[1], int | float)
-                and row[1] <= now
-            ):
-                due.append((float(row[1]), seq))
-        seqs = [seq for _, seq in sorted(due)]
-    claimed: list[StoredMessage] = []
-    for seq in seqs:
-        if len(claimed) >= limit:
-            break
+    due: list[tuple[float, int]] = []
+    for seq in readable_seqs(conn):
         if seq in lost:
             continue
         try:
+            row = conn.execute(
+                "SELECT state, next_attempt_at FROM messages WHERE seq = ?", (seq,)
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            gone(seq, exc)
+            continue
+        if (
+            row is not None
+            and row[0] in _CLAIMABLE
+            and isinstance(row[1], int | float)
+            and row[1] <= now
+        ):
+            due.append((float(row[1]), seq))
+    good: list[tuple[int, StoredMessage]] = []
+    bad: list[tuple[int, str, str]] = []
+    for _, seq in sorted(due):
+        if len(good) >= limit:
+            break
+        try:
             row = conn.execute(f"{_WITH_DATA} WHERE seq = ?", (seq,)).fetchone()
         except sqlite3.DatabaseError as exc:
-            bad += _lost_row(lost, seq, exc)
+            gone(seq, exc)
             continue
         if row is None:
             continue
         try:
-            msg = decode(row, verify=True)
+            good.append((seq, decode(row, verify=True)))
         except Unreadable as exc:
-            bad.append((shown_id(row[1], seq), str(exc)))
-            _try_quarantine(conn, seq, str(exc))
-            continue
-        conn.execute("SAVEPOINT lease")
-        try:
-            conn.execute(_LEASE, (owner, lease_until, lease_until, seq))
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc) or not conn.in_transaction:
-                raise
-            conn.execute("ROLLBACK TO lease")
-            conn.execute("RELEASE lease")
-            bad += _lost_row(lost, seq, exc)
-            continue
-        conn.execute("RELEASE lease")
-        msg.state = MessageState.SENDING
-        msg.lease_owner = owner
-        msg.lease_until = msg.next_attempt_at = lease_until
-        claimed.append(msg)
-    return claimed, bad
+            bad.append((seq, shown_id(row[1], seq), str(exc)))
+    return good, bad, newly_lost
 
 
 def _list_row_by_row(

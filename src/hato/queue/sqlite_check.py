@@ -28,6 +28,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ from hato.queue.sqlite_files import (
     write_marker,
 )
 from hato.queue.sqlite_records import (
+    COLUMN_NAMES,
     COLUMNS,
     INDEXES,
     BadText,
@@ -53,6 +55,7 @@ from hato.queue.sqlite_records import (
     decode,
     is_corrupt,
     migrate,
+    named_seqs,
     readable_seqs,
     text_factory,
 )
@@ -60,6 +63,7 @@ from hato.queue.sqlite_records import (
 Progress = Callable[[int, int], None]
 
 _LEAKED_PAGE = re.compile(r"^Page \d+ is never used$")
+_ROW_VALUE = re.compile(r"^(NULL value in |CHECK constraint failed|\w+ value in \S+$)")
 _ROW = f"SELECT {COLUMNS}, data FROM messages"
 _FINAL = frozenset({MessageState.SENT.value, MessageState.FAILED.value})
 
@@ -77,6 +81,8 @@ def integrity_problems(conn: sqlite3.Connection, *, quick: bool) -> list[str]:
     pragma = "quick_check" if quick else "integrity_check"
     try:
         rows = conn.execute(f"PRAGMA {pragma}(100)").fetchall()
+    except UnicodeDecodeError:  # SQLite's message quotes a schema that is not text
+        return ["damaged schema: its schema is not valid text"]
     except sqlite3.DatabaseError as exc:
         if not quick:  # integrity_check gives up on some damage that quick_check lists
             return integrity_problems(conn, quick=True) or [str(exc)]
@@ -91,8 +97,13 @@ def integrity_problems(conn: sqlite3.Connection, *, quick: bool) -> list[str]:
 
 
 def harmless(problem: str) -> bool:
-    """A leaked page (after an index rebuild, or a crash in a page allocation) hurts no
-    message; ``--repair`` or ``VACUUM`` gives it back."""
+    """Not damage of the file's structure: a leaked page (after an index rebuild, or a
+    crash in a page allocation; ``--repair`` or ``VACUUM`` gives it back), or a value a
+    row should not hold (the queue's decoder quarantines that row, like any other)."""
+    return bool(_LEAKED_PAGE.match(problem) or _ROW_VALUE.match(problem))
+
+
+def leaked(problem: str) -> bool:
     return bool(_LEAKED_PAGE.match(problem))
 
 
@@ -190,7 +201,7 @@ def startup_check(path: str) -> StartupCheck:
         finally:
             conn.close()
         result.problems = [p for p in found if not harmless(p)]
-        result.leaked_pages = len(found) - len(result.problems)
+        result.leaked_pages = sum(map(leaked, found))
         if not result.problems or attempt == 2:
             break
         rebuilt = rebuild_damaged_indexes(path)
@@ -231,6 +242,7 @@ def _rows(conn: sqlite3.Connection) -> Iterator[tuple[int, Sequence[Any] | None,
     except sqlite3.DatabaseError as exc:
         if not is_corrupt(exc):
             raise
+    named = named_seqs(conn)
     for seq in readable_seqs(conn):
         if seq in seen:
             continue
@@ -243,6 +255,8 @@ def _rows(conn: sqlite3.Connection) -> Iterator[tuple[int, Sequence[Any] | None,
             continue
         if row is not None:
             yield seq, row, ""
+        elif seq in named:
+            yield seq, None, "an index names the row, the table no longer has it"
 
 
 def _count_rows(conn: sqlite3.Connection) -> int:
@@ -264,6 +278,56 @@ def _open_for_check(path: str) -> sqlite3.Connection:
     return conn
 
 
+def schema_damage(conn: sqlite3.Connection) -> str:
+    """Why the file's schema is not the one Hato writes; ``""`` when it is."""
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
+    except UnicodeDecodeError:
+        return "its schema is not valid text"
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if columns != list(COLUMN_NAMES):
+        return f"the messages table has other columns than Hato's ({columns!r})"
+    return ""
+
+
+_PAGE = 8192  # the spool's page size (sqlite.py sets it on a new database)
+
+
+def _with_page_one_replaced(path: str, scratch: str) -> sqlite3.Connection:
+    """A copy of ``path`` whose first page (the file header and the schema) is the one
+    Hato writes in a new spool.
+
+    A spool's tables and indexes are created in one order on a new file, so their root
+    pages are always the same numbers; only their names and SQL live on page 1. With a
+    sound page 1 put back, every other page reads as it is. (The header's page count is
+    set from the file's size; free pages are forgotten: the copy is only read.)
+    """
+    template = scratch + ".template"
+    conn = sqlite3.connect(template, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA page_size = {_PAGE}")
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("BEGIN")
+        migrate(conn, new_queue_id="0")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    try:
+        with open(template, "rb") as f:
+            page = bytearray(f.read(_PAGE))
+    finally:
+        os.unlink(template)
+    shutil.copyfile(path, scratch)
+    pages = max(1, os.path.getsize(scratch) // _PAGE)
+    page[28:32] = pages.to_bytes(4, "big")  # in-header database size
+    page[32:40] = bytes(8)  # no freelist
+    page[92:96] = page[24:28]  # the size above is valid for this change counter
+    with open(scratch, "r+b") as f:
+        f.write(page)
+    return _open_for_check(scratch)
+
+
 def check(path: str, *, progress: Progress | None = None) -> CheckReport:
     """Read the whole spool (pages, indexes, every row) and say what is wrong."""
     report = CheckReport(path)
@@ -274,11 +338,11 @@ def check(path: str, *, progress: Progress | None = None) -> CheckReport:
     try:
         found = integrity_problems(conn, quick=False)
         report.problems = [p for p in found if not harmless(p)]
-        report.leaked_pages = len(found) - len(report.problems)
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError:
-            return report  # not a database at all: nothing more to read
+        report.leaked_pages = sum(map(leaked, found))
+        if (why := f"damaged schema: {schema_damage(conn)}") != "damaged schema: ":
+            if why not in report.problems:
+                report.problems.append(why)
+            return report  # rows cannot be read by name; --repair rebuilds the schema
         total = _count_rows(conn)
         for n, (seq, row, lost) in enumerate(_rows(conn), 1):
             if progress is not None and n % 1000 == 0:
@@ -368,13 +432,14 @@ _INSERT = f"INSERT INTO messages ({COLUMNS}, data) VALUES ({', '.join('?' * 14)}
 
 
 def _insert(conn: sqlite3.Connection, values: list[object]) -> None:
-    """Insert; a second row with an id or idempotency key taken already (damage can copy
-    one) keeps its record under a new id and without the key."""
+    """Insert; a second row with a row number, id or idempotency key taken already
+    (damage can copy one) keeps its record under a new number and id, without the key."""
     try:
         conn.execute(_INSERT, values)
     except sqlite3.IntegrityError:
         values = list(values)
         values[1] = f"{values[1]}-{values[0]}"
+        values[0] = None
         values[9] = None
         conn.execute(_INSERT, values)
 
@@ -415,6 +480,11 @@ def _fsync_dir(path: str) -> None:
 
 def _copy(path: str, new: str, report: RepairReport, progress: Progress | None) -> None:
     old = _open_for_check(path)
+    scratch = ""
+    if schema_damage(old):
+        old.close()
+        scratch = new + ".schema"
+        old = _with_page_one_replaced(path, scratch)
     dst = sqlite3.connect(new, isolation_level=None)
     try:
         dst.execute("PRAGMA page_size = 8192")
@@ -422,7 +492,8 @@ def _copy(path: str, new: str, report: RepairReport, progress: Progress | None) 
         dst.execute("PRAGMA synchronous = OFF")  # the whole file is fsync'd before the swap
         meta = _meta(old)
         dst.execute("BEGIN")
-        migrate(dst, new_queue_id=meta.get("queue_id") or read_marker(path) or new_queue_id())
+        # The marker names the queue; a damaged id inside the file does not.
+        migrate(dst, new_queue_id=read_marker(path) or meta.get("queue_id") or new_queue_id())
         total = _count_rows(old)
         for n, (seq, row, lost) in enumerate(_rows(old), 1):
             if progress is not None and n % 1000 == 0:
@@ -455,6 +526,10 @@ def _copy(path: str, new: str, report: RepairReport, progress: Progress | None) 
     finally:
         dst.close()
         old.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if scratch:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(scratch + suffix)
 
 
 def _swap(path: str, new: str, aside: str) -> None:

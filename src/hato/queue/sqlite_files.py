@@ -109,9 +109,10 @@ def check_identity(path: str, queue_id: str) -> None:
     expected = read_marker(path)
     if expected and expected != queue_id:
         raise QueueDamaged(
-            f"the queue database {path} is not the queue that was there (the marker"
-            f" {marker_path(path)} names queue {expected}, the file is queue {queue_id}):"
-            f" restore the right file, or delete {marker_path(path)} to adopt this one"
+            f"the queue database {path} is queue {queue_id}, but {marker_path(path)} says"
+            f" queue {expected} was there: if it is another queue's file, put the right one"
+            f" back (or delete {marker_path(path)} to adopt it); if it is this queue's,"
+            " damaged, run hato queue check --repair"
         )
 
 

@@ -107,9 +107,35 @@ MIGRATIONS: dict[int, Sequence[str]] = {
 }
 
 
+# What sqlite_master holds for a spool, in the order migrate() creates it: (type, name,
+# sql). A new file gets them on pages 2, 3, ... in this order.
+SCHEMA_ROWS = (
+    ("table", "hato_schema", "CREATE TABLE hato_schema (version INTEGER NOT NULL)"),
+    ("table", "messages", _MESSAGES),
+    ("index", "sqlite_autoindex_messages_1", None),
+    *(("index", name, create) for name, (create, _) in INDEXES.items()),
+    ("table", "hato_meta", MIGRATIONS[1][0]),
+    ("index", "sqlite_autoindex_hato_meta_1", None),
+)
+
+
+def _words(sql: object) -> object:
+    return " ".join(sql.split()) if isinstance(sql, str) else sql
+
+
+def check_schema(conn: sqlite3.Connection) -> None:
+    """Raise :class:`DamagedSchema` when a table or index of the spool is defined other
+    than Hato defines it (a damaged page 1 can rename a column or break a WHERE)."""
+    stored = dict(conn.execute("SELECT name, sql FROM sqlite_master").fetchall())
+    for _, name, sql in SCHEMA_ROWS:
+        if name in stored and _words(stored[name]) != _words(sql):
+            raise DamagedSchema(f"the definition of {name} is not Hato's")
+
+
 def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
     """Create the schema in a new database or bring an older one up to date; the
     queue's id (``new_queue_id`` when it had none)."""
+    check_schema(conn)
     conn.execute("CREATE TABLE IF NOT EXISTS hato_schema (version INTEGER NOT NULL)")
     row = conn.execute("SELECT max(version) FROM hato_schema").fetchone()
     version = row[0]
@@ -119,7 +145,7 @@ def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
         conn.execute("INSERT INTO hato_schema (version) VALUES (1)")
         version = 1
     if not isinstance(version, int):
-        raise QueueError(f"the queue database has an unreadable schema version ({version!r})")
+        raise DamagedSchema(f"its schema version is unreadable ({version!r})")
     if version > SCHEMA_VERSION:
         raise QueueError(
             f"the queue database has schema version {version}, newer than this Hato"
@@ -130,6 +156,9 @@ def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
             conn.execute(statement)
     if version < SCHEMA_VERSION:
         conn.execute("UPDATE hato_schema SET version = ?", (SCHEMA_VERSION,))
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(messages)")]
+    if columns != list(COLUMN_NAMES):
+        raise DamagedSchema(f"the messages table has other columns than Hato's ({columns!r})")
     # An index that a rebuild of a damaged file dropped and could not create again.
     present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     for name, (create, _) in INDEXES.items():
@@ -140,22 +169,36 @@ def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
     )
     queue_id = conn.execute("SELECT value FROM hato_meta WHERE key = 'queue_id'").fetchone()[0]
     if not isinstance(queue_id, str):
-        raise QueueError(f"the queue database has an unreadable queue id ({queue_id!r})")
+        raise DamagedSchema(f"its queue id is unreadable ({queue_id!r})")
     return queue_id
 
 
 def readable_seqs(conn: sqlite3.Connection) -> list[int]:
-    """The row numbers of every message the damaged file still names, in order.
+    """The row numbers of every message the damaged file may still hold, in order.
 
     Each structure is read as far as it goes: the table, then each index (they are
-    separate pages and name rows by number), then every number up to the highest seen
-    (a new row takes the highest number plus one, so the numbers are dense). A number
-    may name no row; the caller reads each one on its own.
+    separate pages and name rows by number), then every number between (a new row takes
+    the highest number plus one, so the numbers are dense). A number may name no row;
+    the caller reads each one on its own.
     """
+    named = named_seqs(conn)
+    seqs = set(named)
+    # Fill the gaps between the numbers seen (a damaged page hides the rows it held),
+    # but not the stretch up to a number a flipped bit made huge.
+    known = sorted(named)
+    for low, high in zip([0, *known], known, strict=False):
+        if high - low <= _MAX_GAP:
+            seqs.update(range(low + 1, high))
+    return sorted(seqs)
+
+
+def named_seqs(conn: sqlite3.Connection) -> set[int]:
+    """The row numbers the table or any of its indexes names (as far as each reads)."""
     seqs: set[int] = set()
     queries = [
         "SELECT seq FROM messages NOT INDEXED",
         *(probe.replace("count(*)", "seq") for _, probe in INDEXES.values()),
+        "SELECT seq FROM messages INDEXED BY sqlite_autoindex_messages_1 WHERE id >= ''",
         "SELECT max(seq) FROM messages",
     ]
     for query in queries:
@@ -166,13 +209,7 @@ def readable_seqs(conn: sqlite3.Connection) -> list[int]:
         except sqlite3.DatabaseError as exc:
             if not (is_corrupt(exc) or "no such index" in str(exc)):
                 raise
-    # Fill the gaps between the numbers seen (a damaged page hides the rows it held),
-    # but not the stretch up to a number a flipped bit made huge.
-    known = sorted(seqs)
-    for low, high in zip([0, *known], known, strict=False):
-        if high - low <= _MAX_GAP:
-            seqs.update(range(low + 1, high))
-    return sorted(seqs)
+    return seqs
 
 
 # The widest run of row numbers one damaged page of the table (or of an index above the
@@ -187,6 +224,10 @@ COLUMNS = (
 COLUMN_NAMES = (*(c.strip() for c in COLUMNS.split(",")), "data")
 
 _STATES = frozenset(s.value for s in MessageState)
+
+
+class DamagedSchema(Exception):
+    """The file's schema is not the one Hato wrote (a damaged page 1 or sqlite_master)."""
 
 
 class Unreadable(Exception):
