@@ -25,6 +25,7 @@ reports them as never used; harmless) until the next ``--repair`` or ``VACUUM``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -51,7 +52,9 @@ from hato.queue.sqlite_records import (
     COLUMNS,
     INDEXES,
     BadText,
+    DamagedSchema,
     Unreadable,
+    check_schema,
     decode,
     is_corrupt,
     migrate,
@@ -236,8 +239,9 @@ def _rows(conn: sqlite3.Connection) -> Iterator[tuple[int, Sequence[Any] | None,
     seen: set[int] = set()
     try:
         for row in conn.execute(f"{_ROW} NOT INDEXED ORDER BY seq"):
-            seen.add(row[0])
-            yield row[0], row, ""
+            if row[0] not in seen:  # a damaged page can lead the scan to a leaf twice
+                seen.add(row[0])
+                yield row[0], row, ""
         return
     except sqlite3.DatabaseError as exc:
         if not is_corrupt(exc):
@@ -288,6 +292,12 @@ def schema_damage(conn: sqlite3.Connection) -> str:
         return str(exc)
     if columns != list(COLUMN_NAMES):
         return f"the messages table has other columns than Hato's ({columns!r})"
+    try:
+        check_schema(conn)
+    except DamagedSchema as exc:
+        return str(exc)
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
     return ""
 
 
@@ -436,12 +446,18 @@ def _insert(conn: sqlite3.Connection, values: list[object]) -> None:
     (damage can copy one) keeps its record under a new number and id, without the key."""
     try:
         conn.execute(_INSERT, values)
+        return
     except sqlite3.IntegrityError:
         values = list(values)
-        values[1] = f"{values[1]}-{values[0]}"
-        values[0] = None
-        values[9] = None
-        conn.execute(_INSERT, values)
+        values[0] = values[9] = None
+    base = values[1]
+    for n in itertools.count(1):
+        values[1] = f"{base}-copy{n}"
+        try:
+            conn.execute(_INSERT, values)
+            return
+        except sqlite3.IntegrityError:
+            continue
 
 
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:

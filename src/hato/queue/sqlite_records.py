@@ -206,9 +206,8 @@ def named_seqs(conn: sqlite3.Connection) -> set[int]:
             for (seq,) in conn.execute(query):
                 if isinstance(seq, int):
                     seqs.add(seq)
-        except sqlite3.DatabaseError as exc:
-            if not (is_corrupt(exc) or "no such index" in str(exc)):
-                raise
+        except sqlite3.DatabaseError:
+            continue  # this structure is damaged (or gone); the others may tell
     return seqs
 
 
@@ -257,10 +256,11 @@ def text_factory(raw: bytes) -> str | BadText:
 def is_corrupt(exc: sqlite3.Error) -> bool:
     """Is this error damage of the database file itself (not a lock, not a full disk)?"""
     code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
     text = str(exc)
-    return "malformed" in text or "not a database" in text
+    # A damaged header field (the schema format number) reads as a plain error.
+    return "malformed" in text or "not a database" in text or "unsupported file format" in text
 
 
 def checksum(envelope: bytes, data: bytes) -> bytes:
