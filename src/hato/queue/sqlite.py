@@ -691,6 +691,16 @@ class SQLiteQueue:
                 leases: list[tuple[str, float, float, int]] = []
                 bad: list[tuple[str, str]] = []
                 for row in rows:
+                    if row[2] not in _CLAIMABLE or (
+                        row[2] == MessageState.SENDING.value and not _due(row[8], now)
+                    ):
+                        # The due index names a row the table says is not due (a live
+                        # lease; next_attempt_at comes from the index itself): a damaged
+                        # entry that would hand the row out again and again. SQLite
+                        # rebuilds the index from the table; the rest go on.
+                        conn.execute("REINDEX messages_due")
+                        bad.append(("", "the due index disagreed with the table; rebuilt it"))
+                        continue
                     try:
                         msg = decode(row, verify=True)
                     except Unreadable as exc:
@@ -717,7 +727,11 @@ class SQLiteQueue:
                 )
                 self._row_by_row = True
             else:
-                self._report(bad)
+                for message_id, why in bad:
+                    if message_id:
+                        self._report([(message_id, why)])
+                    else:
+                        log.warning("queue: %s: %s", self.path, why)
                 return claimed
         return await self._claim_row_by_row(owner, now, limit, lease_until)
 
@@ -1015,6 +1029,10 @@ _HEAL_INTERVAL = 60.0
 
 _STATE_OF: dict[object, MessageState] = {s.value: s for s in MessageState}
 _CLAIMABLE = frozenset({"queued", "deferred", "sending"})
+
+
+def _due(next_attempt_at: object, now: float) -> bool:
+    return isinstance(next_attempt_at, int | float) and next_attempt_at <= now
 
 
 def _where_id(message_id: str) -> tuple[str, str | int]:

@@ -130,6 +130,10 @@ def check_schema(conn: sqlite3.Connection) -> None:
     for _, name, sql in SCHEMA_ROWS:
         if name in stored and _words(stored[name]) != _words(sql):
             raise DamagedSchema(f"the definition of {name} is not Hato's")
+    unknown = set(stored) - {name for _, name, _ in SCHEMA_ROWS}
+    if unknown:
+        names = ", ".join(sorted(map(repr, unknown)))
+        raise DamagedSchema(f"its schema has objects Hato does not make ({names})")
 
 
 def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
