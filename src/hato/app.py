@@ -221,6 +221,9 @@ async def serve(
     except BaseException:
         await queue.close()
         raise
+    if report.integrity:  # what the check after an unclean stop found
+        _say(f"queue: {report.integrity}")
+        log.event("qmgr", "", status="checked", detail=report.integrity)
     if report.leases_expired:
         _say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
     for message_id in report.quarantined:
@@ -336,6 +339,9 @@ async def work(
     worker = build_outbox_worker(settings, q, log, bounces=bounces)
     try:
         report = await q.recover()
+        if report.integrity:  # what the check after an unclean stop found
+            say(f"queue: {report.integrity}")
+            log.event("qmgr", "", status="checked", detail=report.integrity)
         if report.leases_expired:
             say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
         for message_id in report.quarantined:

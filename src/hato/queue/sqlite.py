@@ -940,7 +940,8 @@ class SQLiteQueue:
     async def recover(self) -> RecoveryReport:
         now = self._clock()
         report = RecoveryReport()
-        if not await self._read(_was_clean):
+        mark = await self._read(_clean_mark)
+        if mark == "0":  # the last process that ran recover() did not close: a crash
             found = await asyncio.to_thread(startup_check, self.path)
             report.integrity = found.summary()
             if found.problems:
@@ -985,7 +986,7 @@ class SQLiteQueue:
         self._marks_clean = True
         owners.sweep()
         bad: list[tuple[int, str, str]] = []
-        if report.integrity:  # not clean: sweep every undelivered record
+        if mark != "1":  # not clean (or never started): sweep every undelivered record
             # Its own connection and thread: at a million messages the sweep takes
             # seconds, and get/list/wait_for_work on the reader should not wait for it.
             try:
@@ -1042,9 +1043,10 @@ def _where_id(message_id: str) -> tuple[str, str | int]:
     return "id = ?", message_id
 
 
-def _was_clean(conn: sqlite3.Connection) -> bool:
+def _clean_mark(conn: sqlite3.Connection) -> object:
+    """``"1"`` after a clean stop, ``"0"`` after a crash, ``None`` before the first start."""
     row = conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone()
-    return row is not None and row[0] == "1"
+    return None if row is None else row[0]
 
 
 def _due_rows_one_by_one(
