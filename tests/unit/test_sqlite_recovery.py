@@ -7,7 +7,6 @@ refuse to hand it out while the healthy messages flow on.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
