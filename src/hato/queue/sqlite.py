@@ -148,6 +148,21 @@ def _translate(exc: sqlite3.Error, what: str, path: str) -> QueueError:
     return QueueError(f"{what}: {exc}")
 
 
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
+    """The hot path's rows (claim, record): sqlite3 decodes the text itself, in C. A cell
+    that is not UTF-8 fails that whole fetch, so then the query runs again through
+    ``text_factory`` (the connection's own), where that cell fails only its row."""
+    conn.text_factory = str
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "Could not decode" not in str(exc):
+            raise
+    finally:
+        conn.text_factory = text_factory
+    return conn.execute(sql, params).fetchall()
+
+
 def _error_of(exc: Exception, what: str, path: str) -> Exception:
     """What a caller gets for an exception in a queue thread: sqlite3's translated; a
     UnicodeDecodeError (sqlite3 failing to decode SQLite's own message, which quotes a
@@ -682,11 +697,12 @@ class SQLiteQueue:
             def claim(
                 conn: sqlite3.Connection,
             ) -> tuple[list[StoredMessage], list[tuple[str, str]]]:
-                rows = conn.execute(
+                rows = _fetch(
+                    conn,
                     f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ?"
                     " ORDER BY next_attempt_at, seq LIMIT ?",
                     (now, limit),
-                ).fetchall()
+                )
                 claimed: list[StoredMessage] = []
                 leases: list[tuple[str, float, float, int]] = []
                 bad: list[tuple[str, str]] = []
@@ -784,11 +800,13 @@ class SQLiteQueue:
 
         def record(conn: sqlite3.Connection) -> MessageState | None:
             bad.clear()  # a second try after an index rebuild starts afresh
-            row = conn.execute(
+            rows = _fetch(
+                conn,
                 "SELECT seq, state, lease_owner, attempts, last_reply, envelope, rcpt_state"
                 " FROM messages WHERE id = ?",
                 (message_id,),
-            ).fetchone()
+            )
+            row = rows[0] if rows else None
             if row is None or row[1] != MessageState.SENDING.value or row[2] != owner:
                 return None
             seq, _, _, attempts, last_reply, envelope, rcpt_state = row
