@@ -30,9 +30,12 @@ A damaged file (``database disk image is malformed``): after an unclean stop
 ``recover`` runs ``PRAGMA quick_check`` first; damaged indexes are rebuilt in place, any
 other damage stops the start with one line that names ``hato queue check --repair``. A
 file that cannot be opened at all stops ``open`` the same way. Damage met while running
-is worked around where it can be: an index that cannot be read is rebuilt, and when the
-table itself has a damaged page, ``claim`` and ``list`` fall back to reading row by row,
-so every row the file can still give back is delivered or listed, and the rest reported.
+is worked around where it can be: an index that cannot be read is rebuilt, and so is
+one whose entry disagrees with its row; when the table itself has a damaged page,
+``claim`` and ``list`` fall back to reading row by row, so every row the file can still
+give back is delivered or listed, and the rest reported. Claims then find and read their
+rows on the reader, outside the write transaction: a damaged page read inside one
+spoils every write after it, and the commit.
 
 Leases of processes that are gone come back at start-up at once: each lease owner holds
 a lock file that the kernel releases when the process ends (see
@@ -693,46 +696,10 @@ class SQLiteQueue:
         now = self._clock()
         lease_until = now + lease_seconds
         if not self._row_by_row:
-
-            def claim(
-                conn: sqlite3.Connection,
-            ) -> tuple[list[StoredMessage], list[tuple[str, str]]]:
-                rows = _fetch(
-                    conn,
-                    f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ?"
-                    " ORDER BY next_attempt_at, seq LIMIT ?",
-                    (now, limit),
-                )
-                claimed: list[StoredMessage] = []
-                leases: list[tuple[str, float, float, int]] = []
-                bad: list[tuple[str, str]] = []
-                for row in rows:
-                    if row[2] not in _CLAIMABLE or (
-                        row[2] == MessageState.SENDING.value and not _due(row[8], now)
-                    ):
-                        # The due index names a row the table says is not due (a live
-                        # lease; next_attempt_at comes from the index itself): a damaged
-                        # entry that would hand the row out again and again. SQLite
-                        # rebuilds the index from the table; the rest go on.
-                        conn.execute("REINDEX messages_due")
-                        bad.append(("", "the due index disagreed with the table; rebuilt it"))
-                        continue
-                    try:
-                        msg = decode(row, verify=True)
-                    except Unreadable as exc:
-                        bad.append((shown_id(row[1], row[0]), str(exc)))
-                        _quarantine(conn, row[0], str(exc))
-                        continue
-                    msg.state = MessageState.SENDING
-                    msg.lease_owner = owner
-                    msg.lease_until = msg.next_attempt_at = lease_until
-                    claimed.append(msg)
-                    leases.append((owner, lease_until, lease_until, row[0]))
-                conn.executemany(_LEASE, leases)
-                return claimed, bad
-
             try:
-                claimed, bad = await self._change(claim, durable=False)
+                claimed, bad, reindexed = await self._change(
+                    lambda conn: _claim_due(conn, owner, now, limit, lease_until), durable=False
+                )
             except QueueDamaged as exc:
                 # A damaged page read inside the write transaction spoils all of it; from
                 # now on rows are found and read outside it, one by one.
@@ -743,11 +710,12 @@ class SQLiteQueue:
                 )
                 self._row_by_row = True
             else:
-                for message_id, why in bad:
-                    if message_id:
-                        self._report([(message_id, why)])
-                    else:
-                        log.warning("queue: %s: %s", self.path, why)
+                if reindexed:
+                    log.warning(
+                        "queue: %s: the due index disagreed with the table; rebuilt it",
+                        self.path,
+                    )
+                self._report(bad)
                 return claimed
         return await self._claim_row_by_row(owner, now, limit, lease_until)
 
@@ -1065,6 +1033,48 @@ def _clean_mark(conn: sqlite3.Connection) -> object:
     """``"1"`` after a clean stop, ``"0"`` after a crash, ``None`` before the first start."""
     row = conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone()
     return None if row is None else row[0]
+
+
+def _claim_due(
+    conn: sqlite3.Connection, owner: str, now: float, limit: int, lease_until: float
+) -> tuple[list[StoredMessage], list[tuple[str, str]], bool]:
+    """The claim (in the writer's transaction): the due rows, oldest first, checked and
+    leased; the unreadable ones quarantined, ``(id, reason)`` each; and whether the due
+    index had to be rebuilt."""
+    rows = _fetch(
+        conn,
+        f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ? ORDER BY next_attempt_at, seq"
+        " LIMIT ?",
+        (now, limit),
+    )
+    claimed: list[StoredMessage] = []
+    leases: list[tuple[str, float, float, int]] = []
+    bad: list[tuple[str, str]] = []
+    reindexed = False
+    for row in rows:
+        if row[2] not in _CLAIMABLE or (
+            row[2] == MessageState.SENDING.value and not _due(row[8], now)
+        ):
+            # The due index names a row the table says is not due (a live lease;
+            # next_attempt_at comes from the index itself): a damaged entry that would
+            # hand the row out again and again. SQLite rebuilds the index from the table.
+            if not reindexed:
+                conn.execute("REINDEX messages_due")
+                reindexed = True
+            continue
+        try:
+            msg = decode(row, verify=True)
+        except Unreadable as exc:
+            bad.append((shown_id(row[1], row[0]), str(exc)))
+            _quarantine(conn, row[0], str(exc))
+            continue
+        msg.state = MessageState.SENDING
+        msg.lease_owner = owner
+        msg.lease_until = msg.next_attempt_at = lease_until
+        claimed.append(msg)
+        leases.append((owner, lease_until, lease_until, row[0]))
+    conn.executemany(_LEASE, leases)
+    return claimed, bad, reindexed
 
 
 def _due_rows_one_by_one(
