@@ -202,9 +202,10 @@ class Worker:
         reason = f"claim failed: {type(exc).__name__}: {exc}"
         if self._failures == 1:
             self._failing_since = self._clock()
-            # Hato's own errors say what happened in their text; anything else is a bug
-            # and its traceback is worth one debug record per run of failures.
-            _debug.warning("claim failed: %s", exc, exc_info=not isinstance(exc, HatoError))
+            # Hato's own errors say all in their text (the line below); anything else is
+            # a bug, and its traceback is worth one debug record per run of failures.
+            if not isinstance(exc, HatoError):
+                _debug.error("claim failed: %s", exc, exc_info=True)
         if self._failures < UNHEALTHY_AFTER:
             self.log.event("qmgr", "", warning=reason)
             return
