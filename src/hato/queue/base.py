@@ -34,8 +34,9 @@ Contract (the suite in ``tests/contract`` checks it on every backend):
   runs. ``release``/``record`` from a non-owner and ``record`` on a deleted message change
   nothing; ``requeue`` touches only queued, deferred and held messages.
 * One unreadable record never stops the rest: whatever a row holds (bad bytes, bad JSON,
-  wrong types, missing fields), ``claim``, ``get``, ``list`` and ``recover`` quarantine it
-  (calling ``on_quarantine`` with its id and the reason) and go on with the others.
+  wrong types, missing fields), ``claim`` and ``get`` quarantine it (and call
+  ``on_quarantine`` with its id and the reason), ``recover`` quarantines it (and lists it
+  in its report), ``list`` shows it as quarantined; all go on with the others.
 * ``recover`` gives back the leases of owners that no longer run at once, whatever their
   lease says. Each backend asks a liveness signal the kernel or the server ends with the
   process (a lock file, a session lock, a key with a short TTL), never a pid.
