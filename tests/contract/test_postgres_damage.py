@@ -289,3 +289,18 @@ async def test_the_owners_locks_come_back_after_their_session_is_killed(
     finally:
         await worker.close()
         await other.close()
+
+
+async def test_get_quarantines_an_unreadable_row_it_meets(
+    queue: PostgresQueue, schema: str
+) -> None:
+    mid = await queue.enqueue(ENV, b"m")
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        conn.execute(f"UPDATE \"{schema}\".hato_messages SET meta = '[1]' WHERE id = %s", (mid,))
+    reported: list[tuple[str, str]] = []
+    queue.on_quarantine = lambda m, why: reported.append((m, why))
+    assert (await queue.get(mid)).last_reply == "quarantined: meta is not a string mapping"
+    assert reported == [(mid, "meta is not a string mapping")]
+    assert (await queue.counts())[MessageState.QUARANTINED] == 1
+    await queue.get(mid)
+    assert len(reported) == 1  # reported once, when it was quarantined

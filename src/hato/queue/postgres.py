@@ -1016,7 +1016,19 @@ class PostgresQueue:
         rows = await self._execute("get", query, (message_id,), binary=True)
         if not rows:
             raise MessageNotFound(message_id)
-        return _row_for_reader(rows[0])
+        message = _row_for_reader(rows[0])
+        if message.state is MessageState.QUARANTINED and rows[0][4] != message.state.value:
+            # Unreadable and not yet quarantined: quarantine it now, as claim would.
+            reason = message.last_reply.removeprefix("quarantined: ")
+            await self._execute(
+                "quarantine",
+                f"UPDATE {self._names.messages} SET state = 'quarantined', lease_owner = '',"
+                " lease_until = 0, last_reply = %s WHERE id = %s AND state <> 'quarantined'",
+                (message.last_reply, message_id),
+            )
+            if self.on_quarantine is not None:
+                self.on_quarantine(message_id, reason)
+        return message
 
     async def find(self, idempotency_key: str) -> str | None:
         query = f"SELECT id FROM {self._names.messages} WHERE idempotency_key = %s"
