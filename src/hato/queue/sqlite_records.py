@@ -343,12 +343,7 @@ def decode_recipients(addresses: list[str], text: object) -> list[RecipientStatu
             status = RecipientStatus(address, RecipientState(state), reply, relay, attempts)
         except (TypeError, ValueError):
             raise Unreadable("recipient state has the wrong shape") from None
-        if not (
-            isinstance(reply, str)
-            and isinstance(relay, str)
-            and isinstance(attempts, int)
-            and not isinstance(attempts, bool)
-        ):
+        if not (type(reply) is str and type(relay) is str and type(attempts) is int):
             raise Unreadable("recipient state has the wrong shape")
         recipients.append(status)
     return recipients
@@ -357,7 +352,66 @@ def decode_recipients(addresses: list[str], text: object) -> list[RecipientStatu
 def decode(row: Sequence[Any], *, verify: bool) -> StoredMessage:
     """A row of ``COLUMNS`` plus data (or NULL) as a message; :class:`Unreadable` if any
     column is not what the queue wrote. With ``verify`` the checksum is checked too
-    (needs the data column)."""
+    (needs the data column).
+
+    The claim path runs this for every message, so a row exactly as the queue writes it
+    is recognised by one test of plain types first; anything else takes the careful way,
+    which says what is wrong (or accepts what is merely unusual, an integer time)."""
+    (
+        _seq,
+        message_id,
+        state,
+        created_at,
+        next_attempt_at,
+        attempts,
+        last_reply,
+        lease_owner,
+        lease_until,
+        key,
+        envelope,
+        rcpt_state,
+        stored_sum,
+        data,
+    ) = row
+    if not (
+        type(message_id) is str
+        and state in _STATES
+        and type(attempts) is int
+        and attempts >= 0
+        and type(last_reply) is str
+        and type(lease_owner) is str
+        and (key is None or type(key) is str)
+        and type(envelope) is str
+        and type(created_at) is float
+        and type(next_attempt_at) is float
+        and type(lease_until) is float
+        # finite: inf - inf and nan - nan are nan
+        and created_at - created_at == next_attempt_at - next_attempt_at == 0.0
+        and lease_until - lease_until == 0.0
+        and (type(data) is bytes or not verify)
+    ):
+        return _decode_carefully(row, verify=verify)
+    if verify and stored_sum != checksum(envelope.encode(), data):
+        raise Unreadable("checksum mismatch")
+    sender, addresses, meta = decode_envelope(envelope)
+    return StoredMessage(
+        id=message_id,
+        sender=sender,
+        recipients=decode_recipients(addresses, rcpt_state),
+        data=data if type(data) is bytes else b"",
+        state=MessageState(state),
+        created_at=created_at,
+        next_attempt_at=next_attempt_at,
+        attempts=attempts,
+        last_reply=last_reply,
+        lease_owner=lease_owner,
+        lease_until=lease_until,
+        idempotency_key=key,
+        meta=meta,
+    )
+
+
+def _decode_carefully(row: Sequence[Any], *, verify: bool) -> StoredMessage:
     (
         _seq,
         message_id,
