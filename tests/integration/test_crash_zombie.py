@@ -101,6 +101,9 @@ def test_leases_of_a_killed_unreaped_hato_serve_come_back_at_the_next_start(
         second.start()
         assert _state(pid) == "Z"  # still unreaped while the new one recovered
         second.wait_for_log(r"recovered \d+ message\(s\) whose delivery was interrupted", 5)
+        # An unclean stop: the file was checked first, and the log says what was found.
+        second.wait_for_log(r"^hato: queue: quick_check after an unclean stop: ok$", 5)
+        second.wait_for_log(r"status=checked \(quick_check after an unclean stop: ok\)", 5)
         # Ten-minute leases, delivered in seconds: recovery gave them back at start-up.
         recording_sink.wait_for(lambda ms: len(ms) >= 5, timeout=30, what="all five messages")
     finally:
