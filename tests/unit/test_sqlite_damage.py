@@ -272,6 +272,23 @@ async def test_a_damaged_due_index_is_rebuilt_and_delivery_goes_on(path: Path) -
     report = check(str(path))
     assert report.healthy, report
     assert report.leaked_pages > 0  # the old index's pages, until --repair
+    done = repair(str(path))
+    assert (done.copied, done.quarantined, done.lost) == (301, [], [])
+    after = check(str(path))
+    assert after.healthy and after.leaked_pages == 0
+    assert sum(after.counts.values()) == 301
+
+
+async def test_check_reports_progress_on_a_big_queue(path: Path) -> None:
+    q = make(path)
+    await q.open()
+    for _ in range(2500):
+        await q.enqueue(ENV, b"x")
+    await q.close()
+    seen: list[tuple[int, int]] = []
+    report = check(str(path), progress=lambda done, total: seen.append((done, total)))
+    assert report.healthy and sum(report.counts.values()) == 2500
+    assert seen == [(1000, 2500), (2000, 2500)]
 
 
 def leave_behind_in_due_index(path: Path, message_id: str) -> None:
