@@ -316,6 +316,9 @@ class _Service:
         except BaseException:
             await self.queue.close()
             raise
+        if report.integrity:  # what the check after an unclean stop found
+            self.say(f"queue: {report.integrity}")
+            self.log.event("qmgr", "", status="checked", detail=report.integrity)
         if report.leases_expired:
             self.say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
         for message_id in report.quarantined:

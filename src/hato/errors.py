@@ -11,6 +11,7 @@
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
+    │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it
     │   └── MessageNotFound    no message with that id
     └── DeliveryError          a courier failed; carries ``temporary`` and the remote reply
         ├── TemporaryDeliveryError   4xx, connection refused, timeout, unknown: retry
@@ -67,6 +68,11 @@ class QueueError(HatoError):
 
 class QueueFullError(QueueError):
     """The queue has no room (disk full, quota): answer 452 4.3.1 and retry later."""
+
+
+class QueueDamaged(QueueError):
+    """The queue's storage cannot be trusted (a damaged or vanished SQLite file): the
+    message names the file and the command that repairs it. Start-up stops on it."""
 
 
 class MessageNotFound(QueueError, KeyError):

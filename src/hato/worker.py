@@ -15,6 +15,13 @@ instead of losing it), and the outcome is recorded only after the remote reply.
 ``stop()`` stops claiming; deliveries in flight may finish until ``stop_timeout``, the
 rest are cancelled and their leases released, and ``run()`` returns. Nothing that goes
 wrong inside one delivery ends the loop: unknown errors count as temporary failures.
+
+A queue that fails to hand out work is not kept quiet, nor shouted about once a second:
+each of the first ``UNHEALTHY_AFTER - 1`` failed claims in a row is one log line (never a
+traceback: a full disk or a database restarting is not a bug), the next one turns
+:attr:`Worker.health` to unhealthy and says so once, and the first claim that works
+again says so once. ``/readyz`` reads ``health``. Records the queue quarantines while
+this worker claims are logged as ``quarantined`` events with the reason.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.delivery.hold import HoldCourier
 from hato.delivery.router import RouteKind, Router
 from hato.dsn import FailedRecipient, build_bounce
+from hato.errors import HatoError
 from hato.maillog import MailLog
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
@@ -62,6 +70,27 @@ def _lifetime(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:g} hours"
     return f"{seconds:g} seconds"
+
+
+# Failed claims in a row after which the worker reports its queue unhealthy.
+UNHEALTHY_AFTER = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Can the worker get work from its queue? ``str()`` is ``ok`` or ``unhealthy:
+    <reason> (since <UTC time>, <n> failed claims)``, as ``/readyz`` and the log say it."""
+
+    ok: bool = True
+    reason: str = ""
+    since: float = 0.0
+    failures: int = 0
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "ok"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
+        return f"unhealthy: {self.reason} (since {when}, {self.failures} failed claims)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +153,13 @@ class Worker:
         self._stop = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], str] = {}
         self.running = False
+        self.health = Health()
+        self._failures = 0
+        self._failing_since = 0.0
+        # Told of every record the queue quarantines, unless the composition root
+        # pointed the queue somewhere else already.
+        if queue.on_quarantine is None:
+            queue.on_quarantine = self._quarantined
 
     # The loop.
 
@@ -148,10 +184,10 @@ class Worker:
                         lease_seconds=self.lease_seconds,
                     )
                 except Exception as exc:  # the queue is down: wait and try again
-                    _debug.warning("claim failed: %s", exc, exc_info=True)
-                    self.log.event("qmgr", "", warning=f"claim failed: {type(exc).__name__}: {exc}")
+                    self._claim_failed(exc)
                     await self._pause(self.error_backoff, watch_queue=False)
                     continue
+                self._claim_worked()
                 for msg in claimed:
                     self._start(msg)
                 if claimed and len(claimed) == min(free, self.batch_size):
@@ -160,6 +196,44 @@ class Worker:
         finally:
             await self._drain()
             self.running = False
+
+    def _claim_failed(self, exc: Exception) -> None:
+        self._failures += 1
+        reason = f"claim failed: {type(exc).__name__}: {exc}"
+        if self._failures == 1:
+            self._failing_since = self._clock()
+            # Hato's own errors say all in their text (the line below); anything else is
+            # a bug, and its traceback is worth one debug record per run of failures.
+            if not isinstance(exc, HatoError):
+                _debug.error("claim failed: %s", exc, exc_info=True)
+        if self._failures < UNHEALTHY_AFTER:
+            self.log.event("qmgr", "", warning=reason)
+            return
+        self.health = Health(False, reason, self._failing_since, self._failures)
+        if self._failures == UNHEALTHY_AFTER:
+            self.log.event(
+                "qmgr",
+                "",
+                status="unhealthy",
+                detail=f"{self._failures} claims failed in a row: {reason};"
+                " logged again when the queue works",
+            )
+
+    def _claim_worked(self) -> None:
+        if self._failures >= UNHEALTHY_AFTER:
+            took = max(0.0, self._clock() - self._failing_since)
+            self.log.event(
+                "qmgr",
+                "",
+                status="healthy",
+                detail=f"claims work again after {self._failures} failures in {took:.0f}s",
+            )
+        self._failures = 0
+        if not self.health.ok:
+            self.health = Health()
+
+    def _quarantined(self, message_id: str, reason: str) -> None:
+        self.log.queue_event(message_id, "quarantined", reason=reason)
 
     async def run_once(self) -> int:
         """Claim one batch and deliver it completely; the number of messages handled.

@@ -7,7 +7,6 @@ refuse to hand it out while the healthy messages flow on.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,42 +205,5 @@ async def test_instances_that_never_recover_leave_the_mark_alone(path: Path) -> 
     await again.open()
     try:
         assert (await again.recover()).quarantined == [mid]
-    finally:
-        await again.close()
-
-
-async def test_recover_returns_leases_of_processes_that_are_gone(path: Path) -> None:
-    """A worker killed with SIGKILL holds leases for minutes; at the next start its
-    messages come back at once, while a live process keeps its lease."""
-    import subprocess
-    import sys
-
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead_pid = int(dead.stdout)
-    first = SQLiteQueue(f"sqlite://{path}", str(path), fsync=False)
-    await first.open()
-    gone_id = await first.enqueue(ENV, DATA)
-    live_id = await first.enqueue(ENV, DATA)
-    [gone] = await first.claim(owner=f"relay.example/{dead_pid}/abcd", limit=1, lease_seconds=600)
-    [live] = await first.claim(
-        owner=f"relay.example/{os.getppid()}/ef01", limit=1, lease_seconds=600
-    )
-    assert {gone.id, live.id} == {gone_id, live_id}
-    await first.close()
-
-    again = SQLiteQueue(f"sqlite://{path}", str(path), fsync=False)
-    await again.open()
-    try:
-        report = await again.recover()
-        assert report.leases_expired == 1
-        assert (await again.get(gone.id)).state is MessageState.QUEUED
-        assert (await again.get(live.id)).state is MessageState.SENDING
-        claimed = await again.claim(owner="w/1/x", limit=10, lease_seconds=60)
-        assert [m.id for m in claimed] == [gone.id]
     finally:
         await again.close()

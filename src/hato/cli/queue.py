@@ -3,14 +3,16 @@
 Every command opens the queue of the settings (``HATO_QUEUE_URL``, default the SQLite
 file under ``HATO_DATA_DIR``), so it sees what ``hato serve`` or ``hato worker`` sees,
 also while they run. ``list`` and ``show`` print text, or JSON with ``--json``;
-``release``, ``retry`` and ``delete`` take ids and print one line per id; ``init``
-creates or upgrades the schema (``hato worker``'s outbox needs it on PostgreSQL).
+``release``, ``retry`` and ``delete`` take ids and print one line per id; ``check``
+proves an SQLite spool readable (``--repair`` copies what is readable to a new file);
+``init`` creates or upgrades the schema (``hato worker``'s outbox needs it on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,6 +140,106 @@ def queue_show(
     click.echo(f"attempts: {m.attempts}")
     click.echo("")
     click.echo(text.replace("\r\n", "\n"), nl=False)
+
+
+def _printable(text: str) -> str:
+    """A value from a damaged record, with control characters shown as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Progress:
+    """A progress line on stderr, on a terminal only (big queues take a while)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        of = f"/{total}" if total >= done else ""
+        click.echo(f"\r{self.what}: {done}{of} rows", err=True, nl=False)
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            click.echo("", err=True)
+
+
+def _progress(what: str) -> _Progress | None:
+    return _Progress(what) if sys.stderr.isatty() else None
+
+
+@queue.command("check")
+@settings_options
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Copy the readable rows to a new file and swap it in (the old file is kept).",
+)
+@friendly
+def queue_check(
+    config_file: Path | None, data_dir: Path | None, queue_url: str | None, repair: bool
+) -> None:
+    """Check the SQLite queue file: pages, indexes and every row. Exit status 0 when it is
+    healthy (or was repaired), 1 otherwise. --repair needs every hato using it stopped."""
+    from hato.queue.sqlite import SQLiteQueue
+    from hato.queue.sqlite_check import check
+    from hato.queue.sqlite_check import repair as repair_file
+
+    settings = make_settings(config_file, data_dir=data_dir, queue_url=queue_url)
+    q = build_queue(settings)
+    if not isinstance(q, SQLiteQueue):
+        raise ConfigError(
+            "hato queue check reads SQLite queue files; PostgreSQL and Redis queues"
+            " quarantine unreadable records themselves (at start-up and when they meet one)"
+        )
+    progress = _progress("checking")
+    report = check(q.path, progress=progress)
+    if progress is not None:
+        progress.end()
+    _show_check(report)
+    if not repair:
+        click.echo("healthy" if report.healthy else "damaged: run hato queue check --repair")
+        sys.exit(0 if report.healthy else 1)
+    if report.healthy and not report.leaked_pages:
+        click.echo("healthy: nothing to repair")
+        return
+    progress = _progress("copying")
+    done = repair_file(q.path, progress=progress)
+    if progress is not None:
+        progress.end()
+    if done.finished_earlier:
+        click.echo("finished an interrupted repair")
+    else:
+        quarantined = f" ({len(done.quarantined)} quarantined now)" if done.quarantined else ""
+        click.echo(f"repaired:    copied {done.copied} row(s){quarantined}, {len(done.lost)} lost")
+        for seq, why in done.lost[:20]:
+            click.echo(f"  lost #{seq}: {_printable(why)}")
+    click.echo(f"kept:        {done.kept_as} (the damaged file, as it was)")
+    after = check(q.path)
+    click.echo("healthy" if after.healthy else "still damaged: see above")
+    sys.exit(0 if after.healthy else 1)
+
+
+def _show_check(report: Any) -> None:
+    click.echo(f"queue:       {report.path}")
+    if report.problems:
+        click.echo(f"integrity:   {len(report.problems)} problem(s)")
+        for problem in report.problems[:20]:
+            click.echo(f"  {_printable(problem)}")
+    else:
+        click.echo("integrity:   ok")
+    if report.leaked_pages:
+        click.echo(f"unused pages: {report.leaked_pages} (--repair gives them back)")
+    counts = report.counts
+    order = [s.value for s in MessageState]
+    parts = [f"{s} {counts[s]}" for s in order if counts.get(s)]
+    click.echo(f"messages:    {sum(counts.values())}" + (f" ({', '.join(parts)})" if parts else ""))
+    unreadable = [*report.unreadable, *((f"#{seq}", why) for seq, why in report.lost)]
+    click.echo(f"unreadable:  {len(unreadable)}")
+    for message_id, why in unreadable[:20]:
+        click.echo(f"  {_printable(message_id)}: {_printable(why)}")
+    if len(unreadable) > 20:
+        click.echo(f"  ... and {len(unreadable) - 20} more")
 
 
 def _simple_queue_command(

@@ -55,7 +55,11 @@ def open_queue(url: str, *, clock: Clock = time.time, fsync: bool = True) -> Que
         from hato.queue.sqlite import SQLiteQueue
 
         path = url.removeprefix("sqlite://")
-        # sqlite:///abs/path -> /abs/path ; sqlite://rel/path -> rel/path
+        # sqlite:///abs/path -> /abs/path ; sqlite://rel/path -> rel/path; and
+        # sqlite:////abs/path (an absolute path after sqlite:///) -> /abs/path, so the
+        # path in messages is the one the operator knows.
+        if path.startswith("//"):
+            path = "/" + path.lstrip("/")
         return SQLiteQueue(url, os.path.expanduser(path), clock=clock, fsync=fsync)
     if scheme in ("postgres", "postgresql"):
         try:

@@ -14,7 +14,8 @@ held         kept on purpose (hold courier, no relay configured); never claimed
 sent         every recipient delivered
 failed       every recipient has an end state and at least one failed (bounced)
 quarantined  the stored record is unreadable (checksum or decoding failed); never
-             claimed, kept for the operator to inspect or delete
+             claimed, kept for the operator to inspect or delete; ``last_reply``
+             says why (``quarantined: <reason>``)
 ===========  ==============================================================
 
 Contract (the suite in ``tests/contract`` checks it on every backend):
@@ -32,13 +33,20 @@ Contract (the suite in ``tests/contract`` checks it on every backend):
   again). An expired lease reads as ``sending`` until it is claimed again or ``recover``
   runs. ``release``/``record`` from a non-owner and ``record`` on a deleted message change
   nothing; ``requeue`` touches only queued, deferred and held messages.
+* One unreadable record never stops the rest: whatever a row holds (bad bytes, bad JSON,
+  wrong types, missing fields), ``claim`` and ``get`` quarantine it (and call
+  ``on_quarantine`` with its id and the reason), ``recover`` quarantines it (and lists it
+  in its report), ``list`` shows it as quarantined; all go on with the others.
+* ``recover`` gives back the leases of owners that no longer run at once, whatever their
+  lease says. Each backend asks a liveness signal the kernel or the server ends with the
+  process (a lock file, a session lock, a key with a short TTL), never a pid.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -114,10 +122,19 @@ class StoredMessage:
 
 @dataclass(slots=True)
 class RecoveryReport:
-    """What ``recover()`` found at start-up."""
+    """What ``recover()`` found at start-up.
+
+    ``integrity`` is what a check of the storage itself found (SQLite runs ``PRAGMA
+    quick_check`` after an unclean stop), as one line; ``""`` when no check ran.
+    """
 
     leases_expired: int = 0
     quarantined: list[str] = field(default_factory=list)
+    integrity: str = ""
+
+
+QuarantineHook = Callable[[str, str], None]
+"""Called with ``(message_id, reason)`` each time a backend quarantines a record."""
 
 
 def derive_state(
@@ -204,6 +221,8 @@ class Queue(Protocol):
     into :class:`hato.errors.QueueError`."""
 
     url: str
+    # Told of every record this queue quarantines (the worker points it at the mail log).
+    on_quarantine: QuarantineHook | None
 
     async def open(self) -> None:
         """Connect and create the schema if needed."""

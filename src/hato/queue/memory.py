@@ -25,6 +25,7 @@ from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
+    QuarantineHook,
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
@@ -63,6 +64,7 @@ class MemoryQueue:
 
     def __init__(self, url: str = "memory://", *, clock: Clock = time.time) -> None:
         self.url = url
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         self._open = False
         self._messages: dict[str, StoredMessage] = {}

@@ -23,6 +23,18 @@ from the injected clock, never the server's ``now()``, so a fake clock works.
   :func:`enqueue_sync` (a sync ``Connection`` in the calling thread) run the same INSERT
   on the caller's connection and never commit, so the caller's commit or rollback decides
   whether the message exists. The queue need not be open for them.
+* **Unreadable rows**: every row is decoded in Python column by column (the JSON columns
+  arrive as text, so even a JSON nesting too deep for Python's parser fails that row
+  only, and text that is not UTF-8, which a ``SQL_ASCII`` database stores and hands
+  over as bytes, fails that row only). Claim quarantines such a row with the reason in
+  ``last_reply`` (``quarantined: ...``) and hands out the rest.
+* **Liveness**: each lease owner of this process holds a session-level advisory lock
+  (``pg_try_advisory_lock`` on a hash of the owner) on a connection of its own for as
+  long as the process runs; the server drops it when the session ends, however the
+  process ended. ``recover`` tries each lease owner's lock (inside a transaction, so it
+  is released at once): an owner whose lock is free is gone, and its leases come back
+  now instead of when they expire. The liveness connection is checked every few seconds
+  and, after a database restart, opened again and the locks taken again.
 * **Restarts**: an operation that fails on a dead connection is retried once after the
   pool has replaced its broken connections, else it raises
   :class:`hato.errors.QueueError` and the caller's loop retries later. The listener
@@ -38,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 from collections import OrderedDict
@@ -48,6 +61,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -58,6 +74,7 @@ from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
+    QuarantineHook,
     RecipientState,
     RecipientStatus,
     RecoveryReport,
@@ -83,10 +100,15 @@ _KNOWN = "(" + ", ".join(f"'{s.value}'" for s in MessageState) + ")"
 # A leased message always has pending recipients, so giving its lease back is this:
 _UNLEASED_STATE = "CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END"
 # Column order of every SELECT/RETURNING that builds a StoredMessage (see _row_to_message).
+# The JSON columns come as text: the decoder, not the driver, parses them (see
+# _row_to_message), so one unparseable row cannot fail a whole fetch.
 _COLUMNS = (
-    "id, sender, recipients, {data}, state, created_at, next_attempt_at, attempts,"
-    " last_reply, lease_owner, lease_until, idempotency_key, meta"
+    "id, sender, recipients::text, {data}, state, created_at, next_attempt_at, attempts,"
+    " last_reply, lease_owner, lease_until, idempotency_key, meta::text"
 )
+_STATE_OF: dict[object, MessageState] = {s.value: s for s in MessageState}
+# How often the connection that holds the owners' locks is checked (seconds).
+_LIVENESS_CHECK = 5.0
 
 
 def _columns(*, with_data: bool = True) -> str:
@@ -252,68 +274,152 @@ def _recipients_json(recipients: Iterable[RecipientStatus]) -> Jsonb:
     )
 
 
+class _TextOrBytes(Loader):
+    """Text as ``str`` when it is UTF-8, else its bytes (see :func:`_configure`)."""
+
+    def load(self, data: Buffer) -> str | bytes:
+        raw = bytes(data)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return raw
+
+
+class _TextOrBytesBinary(_TextOrBytes):
+    format = Format.BINARY
+
+
+async def _configure(conn: AsyncConn) -> None:
+    """A SQL_ASCII database stores any byte in a text column, and psycopg hands all its
+    text over as bytes: read what is UTF-8 as text, and leave a value that is not as
+    bytes for the decoder to refuse, failing its row and not the whole fetch."""
+    if conn.info.encoding == "ascii":
+        for oid in ("text", "varchar"):
+            conn.adapters.register_loader(oid, _TextOrBytes)
+            conn.adapters.register_loader(oid, _TextOrBytesBinary)
+
+
+class _Unreadable(ValueError):
+    """A stored row that cannot be turned back into a message; the text says why."""
+
+
+def _text(value: object, column: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):  # a SQL_ASCII database hands text over undecoded
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise _Unreadable(f"{column} is not valid UTF-8") from None
+    raise _Unreadable(f"{column} has the wrong type ({type(value).__name__})")
+
+
+def _json(value: object, column: str) -> object:
+    if not isinstance(value, str | bytes):
+        return value  # already parsed (a jsonb column read without the text cast)
+    try:
+        return json.loads(_text(value, column))
+    except (ValueError, RecursionError) as exc:
+        raise _Unreadable(f"{column} is not JSON ({type(exc).__name__})") from None
+
+
+def _number(value: object, column: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Unreadable(f"{column} has the wrong type ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise _Unreadable(f"{column} is not finite")
+    return float(value)
+
+
 def _parse_recipients(value: object) -> list[RecipientStatus]:
-    if isinstance(value, str | bytes):
-        value = json.loads(value)
+    value = _json(value, "recipients")
     if not isinstance(value, list) or not value:
-        raise ValueError("recipients is not a non-empty array")
+        raise _Unreadable("recipients is not a non-empty array")
     out = []
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("address"), str):
-            raise ValueError("recipient without an address")
-        out.append(
-            RecipientStatus(
-                address=item["address"],
-                state=RecipientState(item.get("state", "pending")),
-                reply=str(item.get("reply", "")),
-                relay=str(item.get("relay", "")),
-                attempts=int(item.get("attempts", 0)),
-            )
-        )
+            raise _Unreadable("recipient without an address")
+        reply, relay = item.get("reply", ""), item.get("relay", "")
+        attempts = item.get("attempts", 0)
+        if not (isinstance(reply, str) and isinstance(relay, str)) or (
+            isinstance(attempts, bool) or not isinstance(attempts, int)
+        ):
+            raise _Unreadable("recipient state has the wrong shape")
+        try:
+            state = RecipientState(item.get("state", "pending"))
+        except ValueError:
+            raise _Unreadable(f"unknown recipient state {item.get('state')!r}") from None
+        out.append(RecipientStatus(item["address"], state, reply, relay, attempts))
     return out
 
 
 def _row_to_message(row: Sequence[Any]) -> StoredMessage:
-    """A message from a row in ``_COLUMNS`` order; ValueError (or TypeError) if unreadable."""
-    meta = row[12]
-    if isinstance(meta, str | bytes):
-        meta = json.loads(meta)
-    if not isinstance(meta, dict):
-        raise ValueError("meta is not an object")
+    """A message from a row in ``_COLUMNS`` order; :class:`_Unreadable` if any column is
+    not what Hato wrote."""
+    meta = _json(row[12], "meta")
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _Unreadable("meta is not a string mapping")
+    try:
+        state = MessageState(_text(row[4], "state"))
+    except ValueError as exc:
+        raise _Unreadable(str(exc)) from None
+    if not isinstance(row[3], bytes | bytearray | memoryview):
+        raise _Unreadable(f"data has the wrong type ({type(row[3]).__name__})")
+    attempts = row[7]
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise _Unreadable(f"attempts is not a count ({attempts!r})")
+    key = row[11]
     return StoredMessage(
-        id=row[0],
-        sender=row[1],
+        id=_text(row[0], "id"),
+        sender=_text(row[1], "sender"),
         recipients=_parse_recipients(row[2]),
         data=bytes(row[3]),
-        state=MessageState(row[4]),
-        created_at=float(row[5]),
-        next_attempt_at=float(row[6]),
-        attempts=int(row[7]),
-        last_reply=row[8],
-        lease_owner=row[9],
-        lease_until=float(row[10]),
-        idempotency_key=row[11],
-        meta={str(k): str(v) for k, v in meta.items()},
+        state=state,
+        created_at=_number(row[5], "created_at"),
+        next_attempt_at=_number(row[6], "next_attempt_at"),
+        attempts=attempts,
+        last_reply=_text(row[8], "last_reply"),
+        lease_owner=_text(row[9], "lease_owner"),
+        lease_until=_number(row[10], "lease_until"),
+        idempotency_key=None if key is None else _text(key, "idempotency_key"),
+        meta=meta,
     )
 
 
+def _shown(value: object) -> str:
+    """A value of an unreadable row, fit for a listing."""
+    if isinstance(value, bytes):
+        return value.decode(errors="backslashreplace")
+    return str(value)
+
+
 def _row_for_reader(row: Sequence[Any]) -> StoredMessage:
-    """For ``get`` and ``list``: an unreadable row shows as quarantined, with what is left."""
+    """For ``get`` and ``list``: an unreadable row shows as quarantined, with what is left
+    and why."""
     try:
         return _row_to_message(row)
-    except (ValueError, TypeError, KeyError):
-        return StoredMessage(
-            id=str(row[0]),
-            sender=str(row[1]),
-            recipients=[],
-            data=bytes(row[3]),
-            state=MessageState.QUARANTINED,
-            created_at=float(row[5]),
-            next_attempt_at=float(row[6]),
-            attempts=int(row[7]),
-            last_reply=str(row[8]),
-            idempotency_key=row[11],
-        )
+    except _Unreadable as exc:
+        reason = str(exc)
+
+    def number(value: object) -> float:
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    stored = row[8] if isinstance(row[8], str) else ""
+    quarantined = row[4] == MessageState.QUARANTINED.value and stored.startswith("quarantined:")
+    return StoredMessage(
+        id=_shown(row[0]),
+        sender=_shown(row[1]),
+        recipients=[],
+        data=bytes(row[3]) if isinstance(row[3], bytes | bytearray | memoryview) else b"",
+        state=MessageState.QUARANTINED,
+        created_at=number(row[5]),
+        next_attempt_at=number(row[6]),
+        attempts=int(number(row[7])),
+        last_reply=stored if quarantined else f"quarantined: {reason}",
+        idempotency_key=row[11] if isinstance(row[11], str) else None,
+    )
 
 
 def _enqueue_params(
@@ -411,6 +517,7 @@ class PostgresQueue:
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
         self.url = url
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         self._settings = _parse_url(url)
         self._names = _Names.of(self._settings)
@@ -423,6 +530,11 @@ class PostgresQueue:
         self._leases: OrderedDict[str, _Lease] = OrderedDict()
         self._to_insert: list[tuple[dict[str, object], asyncio.Future[str]]] = []
         self._inserter: asyncio.Task[None] | None = None
+        # The session whose advisory locks say our lease owners are alive.
+        self._alive: AsyncConn | None = None
+        self._alive_lock = asyncio.Lock()
+        self._alive_checked = 0.0
+        self._owners: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -437,6 +549,7 @@ class PostgresQueue:
             max_size=self._settings.pool_size,
             timeout=self._settings.pool_timeout,
             kwargs={"autocommit": True},
+            configure=_configure,
             name="hato-queue",
         )
         try:
@@ -462,6 +575,12 @@ class PostgresQueue:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        # Our leases end with us: closing the session frees the owners' locks.
+        alive, self._alive = self._alive, None
+        self._owners.clear()
+        if alive is not None:
+            with contextlib.suppress(psycopg.Error):
+                await alive.close()
 
     async def migrate(self) -> int:
         """Create or upgrade the schema (what ``hato queue init`` runs); return its version.
@@ -731,6 +850,9 @@ class PostgresQueue:
     async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        # Before the first lease of this owner commits: recovery elsewhere must find the
+        # owner alive for as long as this process runs.
+        await self._hold(owner)
         now = self._clock()
         until = now + lease_seconds
         query = (
@@ -739,29 +861,90 @@ class PostgresQueue:
             f" FROM (SELECT id AS due_id, next_attempt_at AS was_due FROM {self._names.messages}"
             f"  WHERE state IN {_CLAIMABLE} AND next_attempt_at <= %(now)s"
             "  ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS due"
-            f" WHERE m.id = due.due_id RETURNING {_columns()}, due.was_due"
+            f" WHERE m.id = due.due_id RETURNING {_columns()}, due.was_due, m.ctid::text"
         )
         params = {"owner": owner, "until": until, "now": now, "limit": limit}
         rows = await self._execute("claim", query, params, binary=True)
-        rows.sort(key=lambda row: (row[13], row[5], row[0]))
+        rows.sort(key=lambda row: (row[13], row[5], _shown(row[0])))
         claimed: list[StoredMessage] = []
-        unreadable: list[str] = []
+        unreadable: list[tuple[str, str, str]] = []
         for row in rows:
             try:
                 message = _row_to_message(row)
-            except (ValueError, TypeError, KeyError):
-                unreadable.append(str(row[0]))
+            except _Unreadable as exc:
+                unreadable.append((row[14], _shown(row[0]), str(exc)))
                 continue
             claimed.append(message)
             self._remember_lease(message)
         if unreadable:
+            # By row address: an id that is not text cannot be matched as text. The
+            # rows are ours (leased just now), so their address has not moved.
             await self._execute(
                 "quarantine",
-                f"UPDATE {self._names.messages} SET state = 'quarantined', lease_owner = '',"
-                " lease_until = 0 WHERE id = ANY(%s)",
-                (unreadable,),
+                f"UPDATE {self._names.messages} AS m SET state = 'quarantined',"
+                " lease_owner = '', lease_until = 0, last_reply = 'quarantined: ' || bad.reason"
+                " FROM (SELECT unnest(%(at)s::tid[]) AS at, unnest(%(why)s::text[]) AS reason)"
+                " AS bad WHERE m.ctid = bad.at AND m.lease_owner = %(owner)s",
+                {
+                    "at": [at for at, _, _ in unreadable],
+                    "why": [why for _, _, why in unreadable],
+                    "owner": owner,
+                },
             )
+            for _, message_id, why in unreadable:
+                if self.on_quarantine is not None:
+                    self.on_quarantine(message_id, why)
         return claimed
+
+    async def _hold(self, owner: str) -> None:
+        """Hold ``owner``'s advisory lock on the liveness connection (see the module
+        docstring); open it, or open it again after a restart, as needed."""
+        loop = asyncio.get_running_loop()
+        if owner in self._owners and loop.time() < self._alive_checked + _LIVENESS_CHECK:
+            return
+        async with self._alive_lock:
+            conn = self._alive
+            if conn is not None and owner in self._owners:
+                try:
+                    await conn.execute("SELECT 1")
+                    self._alive_checked = loop.time()
+                    return
+                except psycopg.Error:
+                    pass  # the session is gone, and our locks with it: take them again
+            if conn is None or conn.closed or conn.broken:
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.close()
+                self._alive = None
+                try:
+                    conn = await psycopg.AsyncConnection.connect(
+                        self._settings.conninfo, autocommit=True
+                    )
+                except psycopg.Error as exc:
+                    raise _translate(exc, "liveness lock") from exc
+                self._alive = conn
+                owners = self._owners | {owner}
+            else:
+                owners = {owner}
+            try:
+                for name in owners:
+                    cur = await conn.execute(
+                        "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                        (self._owner_key(name),),
+                    )
+                    row = await cur.fetchone()
+                    if row is None or not row[0]:
+                        raise QueueError(
+                            f"postgres queue: lease owner {name!r} is in use by another"
+                            " session; owners must be unique"
+                        )
+                    self._owners.add(name)
+            except psycopg.Error as exc:
+                raise _translate(exc, "liveness lock") from exc
+            self._alive_checked = loop.time()
+
+    def _owner_key(self, owner: str) -> str:
+        return f"hato-owner:{self._names.messages}:{owner}"
 
     async def record(
         self,
@@ -873,7 +1056,19 @@ class PostgresQueue:
         rows = await self._execute("get", query, (message_id,), binary=True)
         if not rows:
             raise MessageNotFound(message_id)
-        return _row_for_reader(rows[0])
+        message = _row_for_reader(rows[0])
+        if message.state is MessageState.QUARANTINED and rows[0][4] != message.state.value:
+            # Unreadable and not yet quarantined: quarantine it now, as claim would.
+            reason = message.last_reply.removeprefix("quarantined: ")
+            await self._execute(
+                "quarantine",
+                f"UPDATE {self._names.messages} SET state = 'quarantined', lease_owner = '',"
+                " lease_until = 0, last_reply = %s WHERE id = %s AND state <> 'quarantined'",
+                (message.last_reply, message_id),
+            )
+            if self.on_quarantine is not None:
+                self.on_quarantine(message_id, reason)
+        return message
 
     async def find(self, idempotency_key: str) -> str | None:
         query = f"SELECT id FROM {self._names.messages} WHERE idempotency_key = %s"
@@ -900,8 +1095,8 @@ class PostgresQueue:
         query = f"SELECT state, count(*) FROM {self._names.messages} GROUP BY state"
         counts = dict.fromkeys(MessageState, 0)
         for state, n in await self._execute("counts", query, None):
-            with contextlib.suppress(ValueError):
-                counts[MessageState(state)] += int(n)
+            # A state that is not one of ours is a damaged row: it counts as quarantined.
+            counts[_STATE_OF.get(state, MessageState.QUARANTINED)] += int(n)
         return counts
 
     async def recover(self) -> RecoveryReport:
@@ -914,7 +1109,9 @@ class PostgresQueue:
         # shape Hato cannot use: an unknown state, or recipients or meta of the wrong form.
         arr = "(CASE WHEN jsonb_typeof(recipients) = 'array' THEN recipients ELSE '[]' END)"
         quarantine = (
-            f"UPDATE {names.messages} SET state = 'quarantined', lease_owner = '', lease_until = 0"
+            f"UPDATE {names.messages} SET state = 'quarantined', lease_owner = '', lease_until = 0,"
+            " last_reply = 'quarantined: the stored state, recipients or meta have the wrong"
+            " shape'"
             f" WHERE state <> 'quarantined' AND (state NOT IN {_KNOWN}"
             f"  OR jsonb_array_length({arr}) = 0 OR jsonb_typeof(meta) <> 'object'"
             f"  OR EXISTS (SELECT 1 FROM jsonb_array_elements({arr}) AS r WHERE"
@@ -925,10 +1122,32 @@ class PostgresQueue:
         quarantined = f"SELECT id FROM {names.messages} WHERE state = 'quarantined' ORDER BY id"
         params = {"now": self._clock(), "channel": names.channel}
 
+        owners = (
+            f"SELECT DISTINCT lease_owner FROM {names.messages}"
+            " WHERE state = 'sending' AND lease_until > %(now)s"
+        )
+        # A transaction-level try: it fails while the owner's session holds the lock,
+        # and whatever it takes is let go at commit.
+        gone = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
+        take_over = (
+            f"UPDATE {names.messages} SET state = {_UNLEASED_STATE}, lease_owner = '',"
+            " lease_until = 0, next_attempt_at = least(next_attempt_at, %s)"
+            " WHERE state = 'sending' AND lease_owner = %s RETURNING id"
+        )
+
         async def run(conn: AsyncConn) -> RecoveryReport:
             async with conn.transaction():
                 cur = await conn.execute(expire, params)
                 expired = len(await cur.fetchall())
+                cur = await conn.execute(owners, params)
+                for (owner,) in await cur.fetchall():
+                    if not isinstance(owner, str):
+                        continue  # an unreadable row: its lease expires on its own
+                    cur = await conn.execute(gone, (self._owner_key(owner),))
+                    row = await cur.fetchone()
+                    if row is not None and row[0]:
+                        cur = await conn.execute(take_over, (params["now"], owner))
+                        expired += len(await cur.fetchall())
                 await conn.execute(quarantine, params)
                 cur = await conn.execute(quarantined)
                 bad = [str(r[0]) for r in await cur.fetchall()]

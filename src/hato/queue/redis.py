@@ -11,6 +11,7 @@ Layout under the key prefix ``P`` (``?prefix=`` in the URL, default ``hato:``)::
     P s:<state>     sorted set per state, scored by created_at (counts, listing by state)
     P i:<key>       string: idempotency key -> id (``SET NX`` inside the enqueue script)
     P wake          pub/sub channel: published whenever an id becomes due
+    P alive:<owner> string with a short TTL: the lease owner runs (a heartbeat renews it)
 
 Every change that touches more than one key is one Lua script, so a claim, a record or
 a release is all-or-nothing and two claimers can never lease the same id. Times come from
@@ -27,6 +28,17 @@ Commands that meet a broken connection are retried on a new one for about two se
 (a restart). A retried enqueue is recognised by its nonce and stores nothing twice; a
 retried claim whose first reply was lost leaves those messages leased until the lease
 ends; a retried record or release whose first run went through returns "not the owner".
+
+One record that cannot be read never stops the rest: a hash whose fields do not decode
+(bytes that are not UTF-8, JSON of another shape or too deep for Python, numbers that
+are not) is quarantined with the reason, and a key of another type where a hash should
+be is set aside; the scripts check what they rely on before they use it, so one such
+key cannot fail a whole claim, record or recovery.
+
+Liveness: each lease owner of this process keeps ``P alive:<owner>`` alive with a TTL
+(30 s) renewed three times per TTL. When the process dies the key runs out; ``recover``
+gives back at once the leases of owners without a key (so within the TTL of a crash,
+instead of when the leases end). A clean close deletes the keys.
 
 One Redis primary (optionally with replicas) is supported, not Redis Cluster: the
 scripts build their key names from the prefix.
@@ -55,6 +67,7 @@ from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
+    QuarantineHook,
     RecipientState,
     RecipientStatus,
     RecoveryReport,
@@ -90,13 +103,24 @@ local function mkey(id) return P .. 'm:' .. id end
 local function setstate(id, old, new, created)
   if old == new then return end
   if old then redis.call('ZREM', P .. 's:' .. old, id) end
-  redis.call('ZADD', P .. 's:' .. new, created, id)
+  -- A damaged 'created' must not stop the script: it only orders the listing.
+  redis.call('ZADD', P .. 's:' .. new, tonumber(created) or 0, id)
   redis.call('HSET', mkey(id), 'state', new)
 end
 local function wake() redis.call('PUBLISH', P .. 'wake', '1') end
 local function waiting(attempts)
-  if tonumber(attempts) > 0 then return 'deferred' end
+  if (tonumber(attempts) or 0) > 0 then return 'deferred' end
   return 'queued'
+end
+-- A key that is not a hash (written by someone else) is no message: every command on
+-- a hash would fail on it, so scripts check first.
+local function ishash(h) return redis.call('TYPE', h).ok == 'hash' end
+local function setaside(id, states)
+  -- Out of circulation: the due and lease sets no longer name it; listed as quarantined.
+  redis.call('ZREM', P .. 'due', id)
+  redis.call('ZREM', P .. 'leases', id)
+  for i = 1, #states do redis.call('ZREM', P .. 's:' .. states[i], id) end
+  redis.call('ZADD', P .. 's:quarantined', tonumber(redis.call('ZSCORE', P .. 'all', id)) or 0, id)
 end
 """
 
@@ -133,7 +157,8 @@ end
 return id
 """
 
-# ARGV: P, owner, now, lease_until, limit. Returns {{id, field, value, ...}, ...}.
+# ARGV: P, owner, now, lease_until, limit, states... Returns {rows, damaged}: rows are
+# {id, field, value, ...}; damaged are the ids of keys that are not hashes (set aside).
 _CLAIM = """
 local owner, now, untl, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local due = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
@@ -144,13 +169,18 @@ for i = 1, #expired, 2 do cand[#cand + 1] = {expired[i], tonumber(expired[i + 1]
 if #due > 0 and #expired > 0 then
   table.sort(cand, function(a, b) return a[2] < b[2] end)
 end
-local out = {}
+local out, damaged = {}, {}
+local states = {}
+for i = 6, #ARGV do states[#states + 1] = ARGV[i] end
 for i = 1, math.min(limit, #cand) do
   local id = cand[i][1]
   local h = mkey(id)
   redis.call('ZREM', P .. 'due', id)
   if redis.call('EXISTS', h) == 0 then
     redis.call('ZREM', P .. 'leases', id)
+  elseif not ishash(h) then
+    setaside(id, states)
+    damaged[#damaged + 1] = id
   else
     local cur = redis.call('HMGET', h, 'state', 'created')
     redis.call('ZADD', P .. 'leases', untl, id)
@@ -161,7 +191,7 @@ for i = 1, math.min(limit, #cand) do
     out[#out + 1] = row
   end
 end
-return out
+return {out, damaged}
 """
 
 # ARGV: P, id, owner, now, outcomes JSON, retry_at ('' = none), held ('1'/'0'),
@@ -171,6 +201,7 @@ return out
 _RECORD = """
 local id, owner, now = ARGV[2], ARGV[3], ARGV[4]
 local h = mkey(id)
+if not ishash(h) then return false end
 local cur = redis.call('HMGET', h, 'owner', 'state', 'rcpts', 'attempts', 'created')
 if cur[1] ~= owner or cur[2] ~= 'sending' then return false end
 local rcpts = cjson.decode(cur[3])
@@ -197,7 +228,7 @@ if pending and not held and at == '' then return -2 end
 if at == '' then at = now end
 local enc = '[]'
 if #rcpts > 0 then enc = cjson.encode(rcpts) end
-redis.call('HSET', h, 'rcpts', enc, 'attempts', tonumber(cur[4]) + 1, 'owner', '',
+redis.call('HSET', h, 'rcpts', enc, 'attempts', (tonumber(cur[4]) or 0) + 1, 'owner', '',
   'until', '0', 'next', at)
 if ARGV[8] ~= '' then redis.call('HSET', h, 'last_reply', ARGV[8]) end
 redis.call('ZREM', P .. 'leases', id)
@@ -222,6 +253,7 @@ return new
 _RELEASE = """
 local id, owner, now = ARGV[2], ARGV[3], ARGV[4]
 local h = mkey(id)
+if not ishash(h) then return 0 end
 local cur = redis.call('HMGET', h, 'owner', 'state', 'attempts', 'created')
 if cur[1] ~= owner or cur[2] ~= 'sending' then return 0 end
 redis.call('ZREM', P .. 'leases', id)
@@ -236,6 +268,8 @@ return 1
 _REQUEUE = """
 local id, now = ARGV[2], ARGV[3]
 local h = mkey(id)
+if redis.call('EXISTS', h) == 0 then return -1 end
+if not ishash(h) then return 0 end
 local cur = redis.call('HMGET', h, 'state', 'attempts', 'created')
 if not cur[1] then return -1 end
 if cur[1] ~= 'held' and cur[1] ~= 'deferred' and cur[1] ~= 'queued' then return 0 end
@@ -251,7 +285,7 @@ _DELETE = """
 local id = ARGV[2]
 local h = mkey(id)
 local found = redis.call('EXISTS', h)
-local idem = redis.call('HGET', h, 'idem')
+local idem = found == 1 and ishash(h) and redis.call('HGET', h, 'idem')
 if idem and idem ~= '' and redis.call('GET', P .. 'i:' .. idem) == id then
   redis.call('DEL', P .. 'i:' .. idem)
 end
@@ -270,7 +304,8 @@ local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 
 for _, id in ipairs(ids) do
   local h = mkey(id)
   redis.call('ZREM', P .. 'leases', id)
-  local cur = redis.call('HMGET', h, 'state', 'attempts', 'created')
+  local cur = {}
+  if ishash(h) then cur = redis.call('HMGET', h, 'state', 'attempts', 'created') end
   if cur[1] == 'sending' then
     redis.call('HSET', h, 'owner', '', 'until', '0', 'next', now)
     redis.call('ZADD', P .. 'due', now, id)
@@ -292,10 +327,35 @@ if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', P .. 'all', id)
   return 0
 end
-local created = redis.call('ZSCORE', P .. 'all', id) or '0'
-redis.call('HSET', h, 'state', 'quarantined', 'owner', '', 'until', '0', 'quarantine_reason', ARGV[3])
+local created = tonumber(redis.call('ZSCORE', P .. 'all', id)) or 0
+if ishash(h) then
+  redis.call('HSET', h, 'state', 'quarantined', 'owner', '', 'until', '0',
+    'quarantine_reason', ARGV[3])
+end
 redis.call('ZADD', P .. 's:quarantined', created, id)
 return 1
+"""
+
+# ARGV: P, now, owner, ids... Gives back the leases of ``owner`` (gone) among ``ids``.
+_TAKE_OVER = """
+local now, owner = ARGV[2], ARGV[3]
+local n = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local h = mkey(id)
+  if ishash(h) then
+    local cur = redis.call('HMGET', h, 'owner', 'state', 'attempts', 'created')
+    if cur[1] == owner and cur[2] == 'sending' then
+      redis.call('ZREM', P .. 'leases', id)
+      redis.call('HSET', h, 'owner', '', 'until', '0', 'next', now)
+      redis.call('ZADD', P .. 'due', now, id)
+      setstate(id, cur[2], waiting(cur[3]), cur[4])
+      n = n + 1
+    end
+  end
+end
+if n > 0 then wake() end
+return n
 """
 
 
@@ -350,8 +410,8 @@ def _recipients(text: str) -> list[RecipientStatus]:
             )
             for item in items
         ]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise _Unreadable(f"recipients unreadable: {exc}") from exc
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise _Unreadable(f"recipients unreadable: {type(exc).__name__}: {exc}") from None
 
 
 def _decode(message_id: str, raw: dict[str, bytes], *, with_data: bool) -> StoredMessage:
@@ -368,8 +428,8 @@ def _decode(message_id: str, raw: dict[str, bytes], *, with_data: bool) -> Store
         meta = json.loads(_text(raw, "meta"))
         state = MessageState(_text(raw, "state"))
         attempts = int(_text(raw, "attempts"))
-    except ValueError as exc:
-        raise _Unreadable(str(exc)) from exc
+    except (ValueError, RecursionError) as exc:
+        raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _Unreadable("meta is not a string mapping")
     idem = _text(raw, "idem")
@@ -392,6 +452,10 @@ def _decode(message_id: str, raw: dict[str, bytes], *, with_data: bool) -> Store
 
 def _str(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _str_lenient(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _bytes(value: object) -> bytes:
@@ -422,20 +486,37 @@ def _salvage(message_id: str, raw: dict[str, bytes]) -> StoredMessage:
         state=MessageState.QUARANTINED,
         created_at=number("created"),
         next_attempt_at=number("next"),
-        last_reply=text("quarantine_reason"),
+        last_reply=f"quarantined: {text('quarantine_reason') or 'the record is unreadable'}",
         idempotency_key=text("idem") or None,
     )
 
 
 def _as_fields(items: Sequence[bytes]) -> dict[str, bytes]:
-    return {items[i].decode(): items[i + 1] for i in range(0, len(items) - 1, 2)}
+    # A field name that is not UTF-8 is none of ours: kept under a name nobody reads.
+    return {items[i].decode(errors="replace"): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _id(raw: object) -> tuple[str, bytes]:
+    """An id from a sorted set or a script, as text for the caller and as the bytes the
+    scripts need (an id that is not UTF-8 is shown escaped, and addressed by its bytes)."""
+    value = raw if isinstance(raw, bytes) else str(raw).encode()
+    return value.decode(errors="backslashreplace"), value
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class RedisQueue:
     """The :class:`hato.queue.base.Queue` protocol on Redis (redis-py asyncio)."""
 
-    def __init__(self, url: str, *, clock: Clock) -> None:
+    def __init__(self, url: str, *, clock: Clock, owner_ttl: float = 30.0) -> None:
         self.url = url
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         parts = urlsplit(url)
         ours: dict[str, str] = {}
@@ -462,6 +543,10 @@ class RedisQueue:
         self._work = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._scripts: dict[str, Any] = {}
+        # Lease owners of this process, each with a heartbeat key (see the docstring).
+        self._owners: set[str] = set()
+        self._ttl_ms = max(1, int(owner_ttl * 1000))
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -552,6 +637,7 @@ class RedisQueue:
             "delete": _DELETE,
             "expire": _EXPIRE,
             "quarantine": _QUARANTINE,
+            "take_over": _TAKE_OVER,
         }
         self._scripts = {n: client.register_script(_PRELUDE + s) for n, s in scripts.items()}
         try:
@@ -595,6 +681,16 @@ class RedisQueue:
             listener.cancel()
             with suppress(asyncio.CancelledError):
                 await listener
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with suppress(asyncio.CancelledError):
+                await heartbeat
+        owners, self._owners = self._owners, set()
+        if client is not None and owners:
+            # Our leases end with us: without the keys, the next recovery gives them back.
+            with suppress(TimeoutError, rexc.RedisError, OSError):
+                await client.delete(*(self._alive_key(o) for o in owners))
         if client is not None:
             # Closing connections to a server that is gone has nothing left to do.
             with suppress(rexc.RedisError, OSError):
@@ -644,16 +740,56 @@ class RedisQueue:
         if limit <= 0:
             return []
         now = self._clock()
+        # Before the first lease of this owner: from then on its heartbeat key says the
+        # owner runs, for recovery in any other process.
+        await self._hold(owner)
         with self._errors("claiming"):
-            rows = await self._write("claim", owner, _num(now), _num(now + lease_seconds), limit)
+            rows, damaged = await self._write(
+                "claim", owner, _num(now), _num(now + lease_seconds), limit, *_STATES
+            )
         claimed: list[StoredMessage] = []
         for row in rows:
-            message_id = _str(row[0])
+            message_id, raw_id = _id(row[0])
             try:
+                if not _is_utf8(raw_id):
+                    raise _Unreadable("id is not valid UTF-8")
                 claimed.append(_decode(message_id, _as_fields(row[1:]), with_data=True))
             except _Unreadable as exc:
-                await self._quarantine(message_id, str(exc))
+                await self._quarantine(raw_id, str(exc))
+                self._report(message_id, str(exc))
+        for raw in damaged:
+            self._report(_id(raw)[0], "the record is not a hash")
         return claimed
+
+    def _report(self, message_id: str, reason: str) -> None:
+        if self.on_quarantine is not None:
+            self.on_quarantine(message_id, reason)
+
+    async def _hold(self, owner: str) -> None:
+        """Start ``owner``'s heartbeat key (see the module docstring)."""
+        if owner in self._owners:
+            return
+        with self._errors("starting a heartbeat"):
+            await self._redis.set(self._alive_key(owner), b"1", px=self._ttl_ms)
+        self._owners.add(owner)
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._beat(), name="hato-redis-heartbeat")
+
+    async def _beat(self) -> None:
+        """Refresh every owner's key a few times per TTL; a Redis away is retried."""
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            client = self._client
+            if client is None:
+                return
+            pipe = client.pipeline(transaction=False)
+            for owner in self._owners:
+                pipe.set(self._alive_key(owner), b"1", px=self._ttl_ms)
+            with suppress(TimeoutError, rexc.RedisError, OSError):
+                await pipe.execute()
+
+    def _alive_key(self, owner: str) -> str:
+        return f"{self.prefix}alive:{owner}"
 
     async def record(
         self,
@@ -709,24 +845,31 @@ class RedisQueue:
         if not int(found):
             raise MessageNotFound(message_id)
 
-    async def _quarantine(self, message_id: str, reason: str) -> bool:
-        with self._errors(f"quarantining {message_id}"):
+    async def _quarantine(self, message_id: str | bytes, reason: str) -> bool:
+        with self._errors(f"quarantining {_id(message_id)[0]}"):
             return bool(await self._write("quarantine", message_id, reason, *_STATES))
 
     # -- reading ----------------------------------------------------------------------
 
     async def get(self, message_id: str) -> StoredMessage:
-        with self._errors(f"reading {message_id}"):
-            raw = await self._redis.hgetall(self.prefix + "m:" + message_id)
+        try:
+            with self._errors(f"reading {message_id}"):
+                raw = await self._redis.hgetall(self.prefix + "m:" + message_id)
+        except QueueError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            await self._quarantine(message_id, "the record is not a hash")
+            return _salvage(message_id, {"quarantine_reason": b"the record is not a hash"})
         if not raw:
             raise MessageNotFound(message_id)
-        fields = {_str(k): _bytes(v) for k, v in raw.items()}
+        fields = {_str_lenient(k): _bytes(v) for k, v in raw.items()}
         if fields.get("state") == _QUARANTINED:
             return _salvage(message_id, fields)
         try:
             return _decode(message_id, fields, with_data=True)
         except _Unreadable as exc:
             await self._quarantine(message_id, str(exc))
+            self._report(message_id, str(exc))
             fields["quarantine_reason"] = str(exc).encode()
             return _salvage(message_id, fields)
 
@@ -742,9 +885,7 @@ class RedisQueue:
             return []
         with self._errors("listing"):
             if states is None:
-                ids = [
-                    _str(i) for i in await self._redis.zrevrange(self.prefix + "all", 0, limit - 1)
-                ]
+                ids = list(await self._redis.zrevrange(self.prefix + "all", 0, limit - 1))
             else:
                 pipe = self._redis.pipeline(transaction=False)
                 for state in states:
@@ -754,15 +895,19 @@ class RedisQueue:
                         limit - 1,
                         withscores=True,
                     )
-                scored = [(float(s), _str(i)) for rows in await pipe.execute() for i, s in rows]
+                scored = [(float(s), i) for rows in await pipe.execute() for i, s in rows]
                 scored.sort(key=lambda item: item[0], reverse=True)
                 ids = [i for _, i in scored[:limit]]
             pipe = self._redis.pipeline(transaction=False)
-            for message_id in ids:
-                pipe.hmget(self.prefix + "m:" + message_id, _META_FIELDS)
-            rows = await pipe.execute()
+            for raw in ids:
+                pipe.hmget(self._key(raw), _META_FIELDS)
+            rows = await pipe.execute(raise_on_error=False)
         listed: list[StoredMessage] = []
-        for message_id, values in zip(ids, rows, strict=True):
+        for raw, values in zip(ids, rows, strict=True):
+            message_id, raw_id = _id(raw)
+            if isinstance(values, Exception):  # not a hash
+                listed.append(_salvage(message_id, {"quarantine_reason": b"not a hash"}))
+                continue
             fields = {
                 n: _bytes(v) for n, v in zip(_META_FIELDS, values, strict=True) if v is not None
             }
@@ -771,11 +916,16 @@ class RedisQueue:
             try:
                 if fields.get("state") == _QUARANTINED:
                     raise _Unreadable("quarantined")
+                if not _is_utf8(raw_id):
+                    raise _Unreadable("id is not valid UTF-8")
                 listed.append(_decode(message_id, fields, with_data=False))
             except _Unreadable:
                 # Shown for what it is; claim, get or recover() quarantines it for good.
                 listed.append(_salvage(message_id, fields))
         return listed
+
+    def _key(self, raw_id: object) -> bytes:
+        return self.prefix.encode() + b"m:" + _bytes(raw_id)
 
     async def counts(self) -> dict[MessageState, int]:
         with self._errors("counting"):
@@ -796,6 +946,7 @@ class RedisQueue:
                 report.leases_expired += moved
                 if moved < _RECOVER_BATCH:
                     break
+            report.leases_expired += await self._take_over(now)
             # Every record's fields are checked once at start, a bounded batch at a time
             # (the hot paths never scan). The bytes are not read here: their checksum is
             # checked wherever they are read (claim, get).
@@ -804,32 +955,59 @@ class RedisQueue:
                 cursor, batch = await self._redis.zscan(
                     self.prefix + "all", cursor, count=_RECOVER_BATCH
                 )
-                ids = [_str(i) for i, _ in batch]
+                ids = [raw for raw, _ in batch]
                 pipe = self._redis.pipeline(transaction=False)
-                for message_id in ids:
-                    pipe.hmget(self.prefix + "m:" + message_id, _META_FIELDS)
-                    pipe.hexists(self.prefix + "m:" + message_id, "data")
-                rows = await pipe.execute()
-                for n, message_id in enumerate(ids):
+                for raw in ids:
+                    pipe.hmget(self._key(raw), _META_FIELDS)
+                    pipe.hexists(self._key(raw), "data")
+                rows = await pipe.execute(raise_on_error=False)
+                for n, raw in enumerate(ids):
+                    message_id, raw_id = _id(raw)
                     values, has_data = rows[2 * n], rows[2 * n + 1]
+                    hashed = not isinstance(values, Exception)
                     fields = {
                         k: _bytes(v)
-                        for k, v in zip(_META_FIELDS, values, strict=True)
+                        for k, v in zip(_META_FIELDS, values if hashed else (), strict=False)
                         if v is not None
                     }
                     if fields.get("state") == _QUARANTINED:
                         report.quarantined.append(message_id)
                         continue
                     try:
+                        if not hashed:
+                            raise _Unreadable("the record is not a hash")
+                        if not _is_utf8(raw_id):
+                            raise _Unreadable("id is not valid UTF-8")
                         if not has_data:
                             raise _Unreadable("message bytes missing")
                         _decode(message_id, fields, with_data=False)
                     except _Unreadable as exc:
-                        if await self._quarantine(message_id, str(exc)):
+                        if await self._quarantine(raw_id, str(exc)):
                             report.quarantined.append(message_id)
                 if int(cursor) == 0:
                     break
         return report
+
+    async def _take_over(self, now: str) -> int:
+        """Give back the leases of owners whose heartbeat key has run out."""
+        leased = list(await self._redis.zrange(self.prefix + "leases", 0, -1))
+        if not leased:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for raw in leased:
+            pipe.hget(self._key(raw), "owner")
+        by_owner: dict[bytes, list[bytes]] = {}
+        for raw, owner in zip(leased, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(owner, bytes) and owner:
+                by_owner.setdefault(owner, []).append(_bytes(raw))
+        pipe = self._redis.pipeline(transaction=False)
+        for owner in by_owner:
+            pipe.exists(self.prefix.encode() + b"alive:" + owner)
+        taken = 0
+        for (owner, ids), alive in zip(by_owner.items(), await pipe.execute(), strict=True):
+            if not int(alive):
+                taken += int(await self._write("take_over", now, owner, *ids))
+        return taken
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a wake-up was published (enqueue, release, requeue, retry from any

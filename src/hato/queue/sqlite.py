@@ -12,42 +12,40 @@ connection serves ``get``/``list``/``counts``/``find`` without waiting for write
 readers see the last commit). A checkpointer thread copies the WAL into the database
 once a second, so no commit stalls behind an automatic checkpoint.
 
-Schema (version in ``hato_schema``; each change is a step in ``_MIGRATIONS``):
+The schema and the row format are in :mod:`hato.queue.sqlite_records`; the files beside
+the database (the marker that a queue exists, the lease owners' lock files) in
+:mod:`hato.queue.sqlite_files`; checking and repairing the file in
+:mod:`hato.queue.sqlite_check`.
 
-``messages``
-    one row per message. ``envelope`` is immutable JSON ``{"s": sender, "r":
-    [addresses], "m": meta}``; ``rcpt_state`` is JSON ``[[state, reply, relay,
-    attempts], ...]`` aligned with ``envelope.r``; ``data`` is the message as a BLOB;
-    ``checksum`` is BLAKE2b-128 over ``envelope || 0x00 || data``.
-``hato_meta``
-    key/value pairs; ``clean`` is the clean-shutdown mark (see below).
+Torn or corrupted records: every claim (and ``get``) re-checks the checksum and every
+column; a record that fails is moved to ``quarantined`` (never claimed, never
+half-delivered, kept for the operator, reported through ``on_quarantine``). Text that is
+not UTF-8 is one such failure, not an error of the whole query. ``recover`` at start-up
+also sweeps every undelivered record, but only after an unclean stop (the process that
+ran ``recover`` did not ``close``): that is when lying hardware tears writes, and a sweep
+of a million-message backlog takes ~15 s that a clean restart should not pay. Damage
+that appears at rest is still caught by the claim-time check.
 
-Per-recipient state lives in a JSON column rather than a recipients table because a
-message is always read and written whole (claim, deliver, record): one row per message
-keeps an enqueue to one insert and a record to one update, it commits atomically with
-the message, and no query selects by recipient. Recipient lists are short (bounded by
-the SMTP recipient limit).
+A damaged file (``database disk image is malformed``): after an unclean stop
+``recover`` runs ``PRAGMA quick_check`` first; damaged indexes are rebuilt in place, any
+other damage stops the start with one line that names ``hato queue check --repair``. A
+file that cannot be opened at all stops ``open`` the same way. Damage met while running
+is worked around where it can be: an index that cannot be read is rebuilt, and so is
+one whose entry disagrees with its row; when the table itself has a damaged page,
+``claim`` and ``list`` fall back to reading row by row, so every row the file can still
+give back is delivered or listed, and the rest reported. Claims then find and read their
+rows on the reader, outside the write transaction: a damaged page read inside one
+spoils every write after it, and the commit.
 
-Indexes keep the hot path off full scans at a million messages: ``messages_due`` is a
-partial index on ``next_attempt_at`` over the claimable states only, so ``claim`` is an
-index range scan whatever the number of held or finished messages; ``id`` and
-``idempotency_key`` (partial, non-null keys only) are unique indexes; ``messages_state``
-serves ``counts`` and filtered ``list``.
-
-Torn or corrupted records: every claim (and ``get``) re-checks the checksum and the JSON;
-a record that fails is moved to ``quarantined`` (never claimed, never half-delivered,
-kept for the operator). ``recover`` at start-up also sweeps every undelivered record,
-but only after an unclean stop (the process that ran ``recover`` did not ``close``):
-that is when lying hardware tears writes, and a sweep of a million-message backlog
-takes ~15 s that a clean restart should not pay. Damage that appears at rest is still
-caught by the claim-time check.
+Leases of processes that are gone come back at start-up at once: each lease owner holds
+a lock file that the kernel releases when the process ends (see
+:mod:`hato.queue.sqlite_files`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -60,71 +58,62 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hato.clock import Clock
-from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
+from hato.errors import ConfigError, MessageNotFound, QueueDamaged, QueueError, QueueFullError
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
     Outcome,
-    RecipientState,
+    QuarantineHook,
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
     new_message_id,
     settle_attempt,
 )
+from hato.queue.sqlite_check import rebuild_damaged_indexes, startup_check
+from hato.queue.sqlite_files import (
+    OwnerLocks,
+    SpoolLock,
+    check_identity,
+    new_queue_id,
+    read_marker,
+    refuse_without_database,
+    write_marker,
+)
+from hato.queue.sqlite_records import (
+    COLUMNS,
+    DUE,
+    SCHEMA_VERSION,
+    DamagedSchema,
+    Unreadable,
+    checksum,
+    damage,
+    damaged_shell,
+    decode,
+    decode_envelope,
+    decode_recipients,
+    encode_rcpt_state,
+    for_display,
+    is_corrupt,
+    migrate,
+    readable_seqs,
+    shown_id,
+    text_factory,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteQueue"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
-
-_SCHEMA_V1 = (
-    """CREATE TABLE messages (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        next_attempt_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_reply TEXT NOT NULL DEFAULT '',
-        lease_owner TEXT NOT NULL DEFAULT '',
-        lease_until REAL NOT NULL DEFAULT 0,
-        idempotency_key TEXT,
-        envelope TEXT NOT NULL,
-        rcpt_state TEXT NOT NULL,
-        checksum BLOB NOT NULL,
-        data BLOB NOT NULL
-    )""",
-    """CREATE UNIQUE INDEX messages_idempotency ON messages(idempotency_key)
-        WHERE idempotency_key IS NOT NULL""",
-    # The WHERE clause must match _DUE below word for word for SQLite to use this index.
-    """CREATE INDEX messages_due ON messages(next_attempt_at)
-        WHERE state IN ('queued', 'deferred', 'sending')""",
-    "CREATE INDEX messages_state ON messages(state)",
-)
-
-# Migrations from version N to N + 1, run in order inside the opening transaction. A new
-# database is created at version 1 and goes through all of them, so every step runs in
-# every test.
-_MIGRATIONS: dict[int, Sequence[str]] = {
-    # 2: the clean-shutdown mark ('clean' = '1' once the process that ran recover()
-    # closed the queue; '0' while it runs or after it crashed).
-    1: ("CREATE TABLE hato_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
-}
-
-_DUE = "state IN ('queued', 'deferred', 'sending')"
 # Without statistics the planner prefers messages_state for the IN and then sorts every
 # queued row; INDEXED BY pins the due index (and fails loudly if it cannot be used).
-_DUE_ROWS = f"FROM messages INDEXED BY messages_due WHERE {_DUE}"
+_DUE_ROWS = f"FROM messages INDEXED BY messages_due WHERE {DUE}"
 
-_COLUMNS = (
-    "seq, id, state, created_at, next_attempt_at, attempts, last_reply, lease_owner,"
-    " lease_until, idempotency_key, envelope, rcpt_state, checksum"
-)
-_SELECT_WITH_DATA = f"SELECT {_COLUMNS}, data"
+_SELECT_WITH_DATA = f"SELECT {COLUMNS}, data"
 _WITH_DATA = f"{_SELECT_WITH_DATA} FROM messages"
-_WITHOUT_DATA = f"SELECT {_COLUMNS}, NULL FROM messages"
+_WITHOUT_DATA = f"SELECT {COLUMNS}, NULL FROM messages"
 
 _INSERT = (
     "INSERT OR IGNORE INTO messages (id, state, created_at, next_attempt_at,"
@@ -132,199 +121,67 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+_LEASE = (
+    "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
+    " next_attempt_at = ? WHERE seq = ?"
+)
+
 # How many queued calls the writer folds into one transaction.
 _MAX_BATCH = 512
 
-
-def _checksum(envelope: bytes, data: bytes) -> bytes:
-    h = hashlib.blake2b(envelope, digest_size=16)
-    h.update(b"\0")
-    h.update(data)
-    return h.digest()
+# The names the benchmark (bench/queue_scale.py) builds rows with.
+_checksum = checksum
+_encode_rcpt_state = encode_rcpt_state
 
 
-def _translate(exc: sqlite3.Error, what: str) -> QueueError:
-    """A sqlite3 error as the queue error callers handle (disk full gets its own)."""
+def _damaged(path: str, why: object) -> QueueDamaged:
+    return QueueDamaged(
+        f"the queue database {path} is damaged: {why}; run hato queue check --repair"
+    )
+
+
+def _translate(exc: sqlite3.Error, what: str, path: str) -> QueueError:
+    """A sqlite3 error as the queue error callers handle (disk full and a damaged file
+    get their own)."""
+    if is_corrupt(exc):
+        return _damaged(path, exc)
     code = getattr(exc, "sqlite_errorcode", None)
     if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "is full" in str(exc):
         return QueueFullError(f"{what}: queue storage is full ({exc})")
     return QueueError(f"{what}: {exc}")
 
 
-class _Unreadable(Exception):
-    """A stored record failed its checksum or could not be decoded."""
-
-
-def _encode_rcpt_state(recipients: Sequence[RecipientStatus]) -> str:
-    return json.dumps(
-        [[r.state.value, r.reply, r.relay, r.attempts] for r in recipients],
-        separators=(",", ":"),
-    )
-
-
-def _load_json(text: object, what: str) -> object:
-    if not isinstance(text, str):
-        raise _Unreadable(f"{what} is not text")
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
+    """The hot path's rows (claim, record): sqlite3 decodes the text itself, in C. A cell
+    that is not UTF-8 fails that whole fetch, so then the query runs again through
+    ``text_factory`` (the connection's own), where that cell fails only its row."""
+    conn.text_factory = str
     try:
-        value: object = json.loads(text)
-    except ValueError as exc:
-        raise _Unreadable(f"{what} is not JSON ({exc})") from None
-    return value
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "Could not decode" not in str(exc):
+            raise
+    finally:
+        conn.text_factory = text_factory
+    return conn.execute(sql, params).fetchall()
 
 
-def _decode_envelope(text: object) -> tuple[str, list[str], dict[str, str]]:
-    env = _load_json(text, "envelope")
-    if not isinstance(env, dict):
-        raise _Unreadable("envelope has the wrong shape")
-    sender, rcpts, meta = env.get("s"), env.get("r"), env.get("m")
-    if (
-        not isinstance(sender, str)
-        or not isinstance(rcpts, list)
-        or not all(isinstance(a, str) for a in rcpts)
-        or not isinstance(meta, dict)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-    ):
-        raise _Unreadable("envelope has the wrong shape")
-    return sender, rcpts, meta
+def _error_of(exc: Exception, what: str, path: str) -> Exception:
+    """What a caller gets for an exception in a queue thread: sqlite3's translated; a
+    UnicodeDecodeError (sqlite3 failing to decode SQLite's own message, which quotes a
+    damaged schema) as damage; anything else (ours, ValueError) as it is."""
+    if isinstance(exc, sqlite3.Error):
+        return _translate(exc, what, path)
+    if isinstance(exc, UnicodeDecodeError):
+        return _damaged(path, "its schema is not valid text")
+    if isinstance(exc, DamagedSchema):
+        return _damaged(path, exc)
+    return exc
 
 
-def _decode_recipients(addresses: list[str], text: object) -> list[RecipientStatus]:
-    states = _load_json(text, "recipient state")
-    if not isinstance(states, list) or len(states) != len(addresses):
-        raise _Unreadable("recipient state does not match the envelope")
-    recipients = []
-    for address, item in zip(addresses, states, strict=True):
-        try:
-            state, reply, relay, attempts = item
-            status = RecipientStatus(address, RecipientState(state), reply, relay, attempts)
-        except (TypeError, ValueError):
-            raise _Unreadable("recipient state has the wrong shape") from None
-        if not (isinstance(reply, str) and isinstance(relay, str) and isinstance(attempts, int)):
-            raise _Unreadable("recipient state has the wrong shape")
-        recipients.append(status)
-    return recipients
-
-
-_STATES = frozenset(s.value for s in MessageState)
-
-
-def _damage(
-    state: object, envelope: object, rcpt_state: object, checksum: object, data: object
-) -> str:
-    """Why a stored record cannot be delivered, ``""`` when it can: the checks of
-    ``_decode(verify=True)`` without building the message (the start-up sweep's path)."""
-    if state not in _STATES:
-        return f"unknown state {state!r}"
-    if not isinstance(data, bytes) or not isinstance(envelope, str):
-        return "data or envelope has the wrong type"
-    try:
-        envelope_bytes = envelope.encode()
-    except UnicodeEncodeError:
-        return "envelope is not valid text"
-    if checksum != _checksum(envelope_bytes, data):
-        return "checksum mismatch"
-    try:
-        _, addresses, _ = _decode_envelope(envelope)
-        _decode_recipients(addresses, rcpt_state)
-    except _Unreadable as exc:
-        return str(exc)
-    return ""
-
-
-def _decode(row: tuple[Any, ...], *, verify: bool) -> StoredMessage:
-    """A row of ``_WITH_DATA``/``_WITHOUT_DATA`` as a message; ``_Unreadable`` if torn.
-
-    With ``verify`` the checksum is checked too (needs the data column).
-    """
-    (
-        _seq,
-        message_id,
-        state,
-        created_at,
-        next_attempt_at,
-        attempts,
-        last_reply,
-        lease_owner,
-        lease_until,
-        key,
-        envelope,
-        rcpt_state,
-        checksum,
-        data,
-    ) = row
-    if verify:
-        if not isinstance(data, bytes) or not isinstance(envelope, str):
-            raise _Unreadable("data or envelope has the wrong type")
-        try:
-            envelope_bytes = envelope.encode()
-        except UnicodeEncodeError:
-            raise _Unreadable("envelope is not valid text") from None
-        if checksum != _checksum(envelope_bytes, data):
-            raise _Unreadable("checksum mismatch")
-    try:
-        message_state = MessageState(state)
-    except ValueError:
-        raise _Unreadable(f"unknown state {state!r}") from None
-    sender, addresses, meta = _decode_envelope(envelope)
-    return StoredMessage(
-        id=message_id,
-        sender=sender,
-        recipients=_decode_recipients(addresses, rcpt_state),
-        data=data if isinstance(data, bytes) else b"",
-        state=message_state,
-        created_at=float(created_at),
-        next_attempt_at=float(next_attempt_at),
-        attempts=int(attempts),
-        last_reply=str(last_reply),
-        lease_owner=str(lease_owner),
-        lease_until=float(lease_until),
-        idempotency_key=key,
-        meta=meta,
-    )
-
-
-def _decode_for_display(row: tuple[Any, ...], *, verify: bool) -> tuple[StoredMessage, str]:
-    """Like ``_decode`` but never fails: an unreadable row comes back as a quarantined
-    shell with what could be read, plus the reason (``""`` when the row is fine)."""
-    try:
-        return _decode(row, verify=verify), ""
-    except _Unreadable as exc:
-        reason = str(exc)
-    data = row[13]
-    return (
-        StoredMessage(
-            id=str(row[1]),
-            sender="",
-            recipients=[],
-            data=data if isinstance(data, bytes) else b"",
-            state=MessageState.QUARANTINED,
-            created_at=float(row[3] or 0.0),
-            next_attempt_at=float(row[4] or 0.0),
-            attempts=int(row[5] or 0),
-            last_reply=f"quarantined: {reason}",
-            idempotency_key=row[9] if isinstance(row[9], str) else None,
-        ),
-        reason,
-    )
-
-
-def _owner_is_gone(owner: str) -> bool:
-    """Is the lease owner (``host/pid/token``, as the worker names itself) a process that
-    no longer runs? Our own pid counts as gone: recovery runs before this process claims
-    anything, so such a lease belongs to an earlier process that had the same pid."""
-    parts = owner.split("/")
-    if len(parts) < 3 or not parts[-2].isdigit():
-        return False
-    pid = int(parts[-2])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it exists, under another user
-        return False
-    return False
+def _fallback(exc: sqlite3.DatabaseError) -> bool:
+    """May a query that failed so be answered row by row instead?"""
+    return is_corrupt(exc) or "no such index" in str(exc)
 
 
 def _quarantine(conn: sqlite3.Connection, seq: int, reason: str) -> None:
@@ -367,11 +224,13 @@ class _ConnectionThread:
     def __init__(
         self,
         name: str,
+        path: str,
         connect: Callable[[], sqlite3.Connection],
         *,
         batch: bool,
         fsync: bool = False,
     ) -> None:
+        self._path = path
         self._connect = connect
         self._batch = batch
         self._fsync = fsync
@@ -410,10 +269,11 @@ class _ConnectionThread:
         connect_error: QueueError | None = None
         try:
             conn = self._connect()
-        except sqlite3.Error as exc:
-            connect_error = _translate(exc, "cannot open the queue database")
         except OSError as exc:
             connect_error = QueueError(f"cannot open the queue database: {exc}")
+        except Exception as exc:
+            error = _error_of(exc, "cannot open the queue database", self._path)
+            connect_error = error if isinstance(error, QueueError) else QueueError(str(error))
         try:
             while True:
                 call = self._requests.get()
@@ -448,10 +308,8 @@ class _ConnectionThread:
         for call in calls:
             try:
                 done.append((call, call.fn(conn), None))
-            except sqlite3.Error as exc:
-                done.append((call, None, _translate(exc, "queue read failed")))
             except Exception as exc:
-                done.append((call, None, exc))
+                done.append((call, None, _error_of(exc, "queue read failed", self._path)))
         self._post(done)
 
     def _run_transaction(self, conn: sqlite3.Connection, calls: list[_Call]) -> None:
@@ -474,10 +332,7 @@ class _ConnectionThread:
                         raise
                     conn.execute("ROLLBACK TO call")
                     conn.execute("RELEASE call")
-                    if isinstance(exc, sqlite3.Error):
-                        done.append((call, None, _translate(exc, "queue write failed")))
-                    else:
-                        done.append((call, None, exc))
+                    done.append((call, None, _error_of(exc, "queue write failed", self._path)))
                 else:
                     conn.execute("RELEASE call")
                     done.append((call, result, None))
@@ -490,9 +345,7 @@ class _ConnectionThread:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     log.exception("rollback failed")
-            error: BaseException = (
-                _translate(exc, "queue write failed") if isinstance(exc, sqlite3.Error) else exc
-            )
+            error = _error_of(exc, "queue write failed", self._path)
             done = [(c, None, error) for c in calls]
         self._post(done)
 
@@ -575,16 +428,26 @@ class SQLiteQueue:
             raise ConfigError(f"queue URL {url!r} needs a file path (sqlite:///path/queue.db)")
         self.url = url
         self.path = path
+        self.on_quarantine: QuarantineHook | None = None
         self._clock = clock
         self._fsync = fsync
         self._max_bytes = max_bytes
         self._writer: _ConnectionThread | None = None
         self._reader: _ConnectionThread | None = None
         self._checkpointer: _Checkpointer | None = None
+        self._spool_lock: SpoolLock | None = None
+        self._owners = OwnerLocks(path)
         # Set once recover() ran: this instance is the spool's owner and marks a clean
         # shutdown on close().
         self._marks_clean = False
         self._work = asyncio.Event()
+        # Rows on damaged pages that the file cannot give back (seq -> why): claim skips
+        # them, and each is reported once. Only the reader thread touches it.
+        self._lost: dict[int, str] = {}
+        # Set once a claim met a damaged page that rebuilding the indexes did not cure.
+        self._row_by_row = False
+        self._healing = asyncio.Lock()
+        self._healed_at = -_HEAL_INTERVAL
 
     # -- connections ---------------------------------------------------------------
 
@@ -594,6 +457,8 @@ class SQLiteQueue:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )
+        # Text that is not UTF-8 becomes a value decode() refuses, not a failed query.
+        conn.text_factory = text_factory
         try:
             # Only takes effect in a new database. A 2 KiB message leaves half of a 4 KiB
             # page empty (one such row fits per page); 8 KiB pages hold three.
@@ -626,14 +491,64 @@ class SQLiteQueue:
             raise QueueError(f"queue {self.url} is not open")
         return self._writer.submit(fn, durable=durable)
 
+    async def _change(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """``_write``; when the file turns out damaged, rebuild the indexes that cannot be
+        read (while the table reads whole) and try once more."""
+        try:
+            return await self._write(fn, durable=durable)
+        except QueueDamaged:
+            if not await self._heal():
+                raise
+        return await self._write(fn, durable=durable)
+
+    async def _heal(self) -> bool:
+        """Rebuild damaged indexes in place, at most once per ``_HEAL_INTERVAL`` (each
+        try reads the whole table); True when one was rebuilt."""
+        async with self._healing:
+            if time.monotonic() - self._healed_at < _HEAL_INTERVAL:
+                return False
+            self._healed_at = time.monotonic()
+            try:
+                rebuilt = await asyncio.to_thread(rebuild_damaged_indexes, self.path)
+            except sqlite3.Error as exc:
+                log.warning(
+                    "queue: %s is damaged and its indexes cannot be rebuilt: %s", self.path, exc
+                )
+                return False
+            if rebuilt:
+                log.warning(
+                    "queue: %s had a damaged index (%s); rebuilt it in place. Run hato queue"
+                    " check --repair when convenient to reclaim its pages",
+                    self.path,
+                    ", ".join(rebuilt),
+                )
+            return bool(rebuilt)
+
     def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._reader is None:
             raise QueueError(f"queue {self.url} is not open")
         return self._reader.submit(fn)
 
+    def _report(self, quarantined: Sequence[tuple[str, str]]) -> None:
+        for message_id, reason in quarantined:
+            log.warning("queue: quarantined %s: %s", message_id, reason)
+            if self.on_quarantine is not None:
+                self.on_quarantine(message_id, reason)
+
     async def open(self) -> None:
         if self._writer is not None:
             return
+        refuse_without_database(self.path)
+        # A spool with a marker is locked before it is touched: a repair holds it.
+        lock = SpoolLock(self.path, exclusive=False) if read_marker(self.path) else None
+        try:
+            await self._open(lock)
+        except BaseException:
+            if self._spool_lock is None and lock is not None:
+                lock.release()
+            raise
+
+    async def _open(self, lock: SpoolLock | None) -> None:
         parent = os.path.dirname(os.path.abspath(self.path))
         existed = os.path.exists(self.path)
         try:
@@ -645,19 +560,31 @@ class SQLiteQueue:
         except OSError as exc:
             raise QueueError(f"cannot create {self.path}: {exc}") from exc
         writer = _ConnectionThread(
-            "hato-queue-writer", lambda: self._connect(write=True), batch=True, fsync=self._fsync
+            "hato-queue-writer",
+            self.path,
+            lambda: self._connect(write=True),
+            batch=True,
+            fsync=self._fsync,
         )
         writer.start()
         self._writer = writer
+        # A database without an id (made by an older Hato) takes the marker's.
+        fresh_id = read_marker(self.path) or new_queue_id()
         try:
-            await writer.submit(_migrate)
+            queue_id = await writer.submit(lambda conn: migrate(conn, new_queue_id=fresh_id))
+            check_identity(self.path, queue_id)
+            try:
+                write_marker(self.path, queue_id, fsync=self._fsync)
+            except OSError as exc:
+                raise QueueError(f"cannot create {self.path}.hato: {exc}") from exc
+            self._spool_lock = lock or SpoolLock(self.path, exclusive=False)
         except BaseException:
             await self._stop()
             raise
-        if not existed and self._fsync:
-            _fsync_dir(parent)
+        if self._fsync and (not existed or lock is None):
+            _fsync_dir(parent)  # the new database's or marker's directory entry
         reader = _ConnectionThread(
-            "hato-queue-reader", lambda: self._connect(write=False), batch=False
+            "hato-queue-reader", self.path, lambda: self._connect(write=False), batch=False
         )
         reader.start()
         self._reader = reader
@@ -674,6 +601,11 @@ class SQLiteQueue:
                     )
                 )
         await self._stop()
+        # Our leases end with us: the next recovery gives back whatever we still held.
+        self._owners.release_all()
+        lock, self._spool_lock = self._spool_lock, None
+        if lock is not None:
+            lock.release()
 
     async def _stop(self) -> None:
         threads: list[_ConnectionThread | _Checkpointer] = [
@@ -716,7 +648,7 @@ class SQLiteQueue:
             },
             separators=(",", ":"),
         )
-        rcpt_state = _encode_rcpt_state([RecipientStatus(a) for a in envelope.recipients])
+        rcpt_state = encode_rcpt_state([RecipientStatus(a) for a in envelope.recipients])
         state = MessageState.HELD.value if held else MessageState.QUEUED.value
         due = now if not_before is None else not_before
         payload = bytes(data)
@@ -724,11 +656,11 @@ class SQLiteQueue:
         def insert(conn: sqlite3.Connection) -> str:
             if idempotency_key is not None:
                 row = conn.execute(
-                    "SELECT id FROM messages WHERE idempotency_key = ?", (idempotency_key,)
+                    "SELECT seq, id FROM messages WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
                 if row is not None:
-                    return str(row[0])
-            checksum = _checksum(env_text.encode(), payload)
+                    return shown_id(row[1], row[0])
+            stored_sum = checksum(env_text.encode(), payload)
             mid = message_id
             # An id collides only within one microsecond and 1 in 2**20; draw again.
             for _ in range(8):
@@ -742,7 +674,7 @@ class SQLiteQueue:
                         idempotency_key,
                         env_text,
                         rcpt_state,
-                        checksum,
+                        stored_sum,
                         payload,
                     ),
                 )
@@ -751,44 +683,76 @@ class SQLiteQueue:
                 mid = new_message_id(lambda: now)
             raise QueueError("could not allocate a unique message id")
 
-        message_id = await self._write(insert)
+        message_id = await self._change(insert)
         self._work.set()
         return message_id
 
     async def claim(self, *, owner: str, limit: int, lease_seconds: float) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        # Before the first lease of this owner commits: from then on recovery in another
+        # process must find the owner alive for as long as this process runs.
+        self._owners.hold(owner)
         now = self._clock()
         lease_until = now + lease_seconds
+        if not self._row_by_row:
+            try:
+                claimed, bad, reindexed = await self._change(
+                    lambda conn: _claim_due(conn, owner, now, limit, lease_until), durable=False
+                )
+            except QueueDamaged as exc:
+                # A damaged page read inside the write transaction spoils all of it; from
+                # now on rows are found and read outside it, one by one.
+                log.warning(
+                    "queue: %s; claiming row by row (slowly) from now on, delivering what"
+                    " can be read",
+                    exc,
+                )
+                self._row_by_row = True
+            else:
+                if reindexed:
+                    log.warning(
+                        "queue: %s: the due index disagreed with the table; rebuilt it",
+                        self.path,
+                    )
+                self._report(bad)
+                return claimed
+        return await self._claim_row_by_row(owner, now, limit, lease_until)
 
-        def claim(conn: sqlite3.Connection) -> list[StoredMessage]:
-            rows = conn.execute(
-                f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, seq LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            claimed: list[StoredMessage] = []
-            leases: list[tuple[str, float, float, int]] = []
-            for row in rows:
-                try:
-                    msg = _decode(row, verify=True)
-                except _Unreadable as exc:
-                    log.warning("queue: quarantined %s: %s", row[1], exc)
-                    _quarantine(conn, row[0], str(exc))
-                    continue
+    async def _claim_row_by_row(
+        self, owner: str, now: float, limit: int, lease_until: float
+    ) -> list[StoredMessage]:
+        """``claim`` on a file with a damaged page that is not an index: the reader finds
+        and reads due rows one by one (outside any write transaction, where a damaged
+        page costs nothing but its own rows), then the writer leases those it could read,
+        each only if it is still due."""
+        lost = self._lost
+        found = await self._read(lambda conn: _due_rows_one_by_one(conn, now, limit, lost))
+        good, bad, newly_lost = found
+
+        def lease(conn: sqlite3.Connection) -> list[int]:
+            for seq, _, reason in bad:
+                _quarantine(conn, seq, reason)
+            leased = []
+            for seq, _ in good:
+                cur = conn.execute(
+                    f"{_LEASE} AND {DUE} AND next_attempt_at <= ?",
+                    (owner, lease_until, lease_until, seq, now),
+                )
+                if cur.rowcount:
+                    leased.append(seq)
+            return leased
+
+        leased = set(await self._write(lease, durable=False))
+        self._report([*newly_lost, *((mid, reason) for _, mid, reason in bad)])
+        claimed = []
+        for seq, msg in good:
+            if seq in leased:
                 msg.state = MessageState.SENDING
                 msg.lease_owner = owner
                 msg.lease_until = msg.next_attempt_at = lease_until
                 claimed.append(msg)
-                leases.append((owner, lease_until, lease_until, row[0]))
-            conn.executemany(
-                "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
-                " next_attempt_at = ? WHERE seq = ?",
-                leases,
-            )
-            return claimed
-
-        return await self._write(claim, durable=False)
+        return claimed
 
     async def record(
         self,
@@ -800,21 +764,28 @@ class SQLiteQueue:
         held: bool = False,
     ) -> MessageState | None:
         now = self._clock()
+        bad: list[tuple[str, str]] = []
 
         def record(conn: sqlite3.Connection) -> MessageState | None:
-            row = conn.execute(
+            bad.clear()  # a second try after an index rebuild starts afresh
+            rows = _fetch(
+                conn,
                 "SELECT seq, state, lease_owner, attempts, last_reply, envelope, rcpt_state"
                 " FROM messages WHERE id = ?",
                 (message_id,),
-            ).fetchone()
+            )
+            row = rows[0] if rows else None
             if row is None or row[1] != MessageState.SENDING.value or row[2] != owner:
                 return None
             seq, _, _, attempts, last_reply, envelope, rcpt_state = row
             try:
-                _, addresses, _ = _decode_envelope(envelope)
-                recipients = _decode_recipients(addresses, rcpt_state)
-            except _Unreadable as exc:
+                if isinstance(attempts, bool) or not isinstance(attempts, int):
+                    raise Unreadable(f"attempts has the wrong type ({type(attempts).__name__})")
+                _, addresses, _ = decode_envelope(envelope)
+                recipients = decode_recipients(addresses, rcpt_state)
+            except Unreadable as exc:
                 _quarantine(conn, seq, str(exc))
+                bad.append((message_id, str(exc)))
                 return MessageState.QUARANTINED
             updated, reply, state = settle_attempt(
                 recipients, outcomes, attempts=attempts + 1, held=held, retry_at=retry_at
@@ -825,15 +796,17 @@ class SQLiteQueue:
                 (
                     state.value,
                     attempts + 1,
-                    reply or last_reply,
+                    reply or (last_reply if isinstance(last_reply, str) else ""),
                     retry_at if retry_at is not None else now,
-                    _encode_rcpt_state(updated),
+                    encode_rcpt_state(updated),
                     seq,
                 ),
             )
             return state
 
-        return await self._write(record, durable=False)
+        state = await self._change(record, durable=False)
+        self._report(bad)
+        return state
 
     async def release(self, message_id: str, *, owner: str) -> None:
         now = self._clock()
@@ -846,7 +819,7 @@ class SQLiteQueue:
                 (now, message_id, owner),
             )
 
-        await self._write(release, durable=False)
+        await self._change(release, durable=False)
         self._work.set()
 
     async def requeue(self, message_id: str) -> None:
@@ -862,41 +835,47 @@ class SQLiteQueue:
             if cur.rowcount == 0 and _missing(conn, message_id):
                 raise MessageNotFound(message_id)
 
-        await self._write(requeue)
+        await self._change(requeue)
         self._work.set()
 
     async def delete(self, message_id: str) -> None:
+        # "#<seq>" names a row whose id cannot be read (as list shows it).
+        where, key = _where_id(message_id)
+
         def delete(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            cur = conn.execute(f"DELETE FROM messages WHERE {where}", (key,))
             if cur.rowcount == 0:
                 raise MessageNotFound(message_id)
 
-        await self._write(delete)
+        await self._change(delete)
 
     # -- reads ---------------------------------------------------------------------
 
     async def get(self, message_id: str) -> StoredMessage:
+        where, key = _where_id(message_id)
+
         def get(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
             row: tuple[Any, ...] | None = conn.execute(
-                f"{_WITH_DATA} WHERE id = ?", (message_id,)
+                f"{_WITH_DATA} WHERE {where}", (key,)
             ).fetchone()
             return row
 
         row = await self._read(get)
         if row is None:
             raise MessageNotFound(message_id)
-        msg, reason = _decode_for_display(row, verify=True)
+        msg, reason = for_display(row, verify=True)
         if reason and row[2] != MessageState.QUARANTINED.value:
             seq = row[0]
-            await self._write(lambda conn: _quarantine(conn, seq, reason))
+            await self._change(lambda conn: _quarantine(conn, seq, reason))
+            self._report([(msg.id, reason)])
         return msg
 
     async def find(self, idempotency_key: str) -> str | None:
         def find(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(
-                "SELECT id FROM messages WHERE idempotency_key = ?", (idempotency_key,)
+                "SELECT seq, id FROM messages WHERE idempotency_key = ?", (idempotency_key,)
             ).fetchone()
-            return None if row is None else str(row[0])
+            return None if row is None else shown_id(row[1], row[0])
 
         return await self._read(find)
 
@@ -905,84 +884,102 @@ class SQLiteQueue:
     ) -> list[StoredMessage]:
         wanted = None if states is None else [MessageState(s).value for s in states]
 
-        def list_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            if wanted is None:
-                return conn.execute(
-                    f"{_WITHOUT_DATA} ORDER BY seq DESC LIMIT ?", (limit,)
-                ).fetchall()
-            if not wanted:
+        def list_rows(conn: sqlite3.Connection) -> list[StoredMessage]:
+            if wanted is not None and not wanted:
                 return []
-            marks = ", ".join("?" * len(wanted))
-            return conn.execute(
-                f"{_WITHOUT_DATA} WHERE state IN ({marks}) ORDER BY seq DESC LIMIT ?",
-                (*wanted, limit),
-            ).fetchall()
+            try:
+                if wanted is None:
+                    rows = conn.execute(
+                        f"{_WITHOUT_DATA} ORDER BY seq DESC LIMIT ?", (limit,)
+                    ).fetchall()
+                else:
+                    marks = ", ".join("?" * len(wanted))
+                    rows = conn.execute(
+                        f"{_WITHOUT_DATA} WHERE state IN ({marks}) ORDER BY seq DESC LIMIT ?",
+                        (*wanted, limit),
+                    ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if not _fallback(exc):
+                    raise
+                return _list_row_by_row(conn, wanted, limit)
+            return [for_display(row, verify=False)[0] for row in rows]
 
-        rows = await self._read(list_rows)
-        return [_decode_for_display(row, verify=False)[0] for row in rows]
+        return await self._read(list_rows)
 
     async def counts(self) -> dict[MessageState, int]:
-        def counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-            return conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall()
+        def counts(conn: sqlite3.Connection) -> list[tuple[object, int]]:
+            try:
+                return conn.execute(
+                    "SELECT state, count(*) FROM messages GROUP BY state"
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if not _fallback(exc):
+                    raise
+                return [(m.state.value, 1) for m in _list_row_by_row(conn, None, None)]
 
         result = dict.fromkeys(MessageState, 0)
         for state, n in await self._read(counts):
-            try:
-                result[MessageState(state)] += n
-            except ValueError:
-                result[MessageState.QUARANTINED] += n
+            # A state that is not one of ours is a damaged row: it counts as quarantined.
+            result[_STATE_OF.get(state, MessageState.QUARANTINED)] += n
         return result
 
     async def recover(self) -> RecoveryReport:
         now = self._clock()
+        report = RecoveryReport()
+        mark = await self._read(_clean_mark)
+        if mark == "0":  # the last process that ran recover() did not close: a crash
+            found = await asyncio.to_thread(startup_check, self.path)
+            report.integrity = found.summary()
+            if found.problems:
+                raise _damaged(self.path, report.integrity)
+        owners = self._owners
 
-        def expire(conn: sqlite3.Connection) -> tuple[int, bool]:
+        def expire(conn: sqlite3.Connection) -> int:
             back = (
                 "UPDATE messages SET state = CASE WHEN attempts > 0 THEN 'deferred'"
                 " ELSE 'queued' END, lease_owner = '', lease_until = 0,"
                 " next_attempt_at = min(next_attempt_at, ?) WHERE state = 'sending'"
             )
-            expired = conn.execute(back + " AND lease_until <= ?", (now, now)).rowcount
-            # A SQLite spool is local to this machine, so every lease owner is a process
-            # here: leases of processes that no longer exist (a kill -9) come back now
-            # rather than when their lease runs out, minutes later.
-            owners = [
-                str(row[0])
+            expired: int = conn.execute(back + " AND lease_until <= ?", (now, now)).rowcount
+            # Leases of owners whose lock is free (the process ended, however) come back
+            # now rather than when their lease runs out, minutes later.
+            owners_now = [
+                row[0]
                 for row in conn.execute(
                     "SELECT DISTINCT lease_owner FROM messages WHERE state = 'sending'"
                 )
+                if isinstance(row[0], str)
             ]
-            for owner in filter(_owner_is_gone, owners):
+            for owner in filter(owners.is_gone, owners_now):
                 expired += conn.execute(back + " AND lease_owner = ?", (now, owner)).rowcount
-            row = conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone()
             # Marked unclean until our close() says otherwise: a crash from here on
             # leaves it so, and the next start sweeps.
             conn.execute("INSERT OR REPLACE INTO hato_meta (key, value) VALUES ('clean', '0')")
-            return expired, row is not None and row[0] == "1"
+            return expired
 
         def quarantine(conn: sqlite3.Connection) -> list[str]:
             for seq, message_id, reason in bad:
                 log.warning("queue: quarantined %s: %s", message_id, reason)
                 _quarantine(conn, seq, reason)
             return [
-                str(r[0])
+                shown_id(r[1], r[0])
                 for r in conn.execute(
-                    "SELECT id FROM messages WHERE state = 'quarantined' ORDER BY seq"
+                    "SELECT seq, id FROM messages WHERE state = 'quarantined' ORDER BY seq"
                 )
             ]
 
-        expired, clean = await self._write(expire)
+        report.leases_expired = await self._change(expire)
         self._marks_clean = True
-        report = RecoveryReport(leases_expired=expired)
+        owners.sweep()
         bad: list[tuple[int, str, str]] = []
-        if not clean:
+        if mark != "1":  # not clean (or never started): sweep every undelivered record
             # Its own connection and thread: at a million messages the sweep takes
             # seconds, and get/list/wait_for_work on the reader should not wait for it.
             try:
                 bad = await asyncio.to_thread(_sweep, lambda: self._connect(write=False))
             except sqlite3.Error as exc:
-                raise _translate(exc, "queue recovery failed") from exc
-        report.quarantined = await self._write(quarantine)
+                raise _translate(exc, "queue recovery failed", self.path) from exc
+        report.quarantined = await self._change(quarantine)
         if report.leases_expired:
             self._work.set()
         return report
@@ -993,9 +990,13 @@ class SQLiteQueue:
         if not self._work.is_set():
 
             def next_due(conn: sqlite3.Connection) -> float | None:
-                row = conn.execute(f"SELECT min(next_attempt_at) {_DUE_ROWS}")
-                value = row.fetchone()[0]
-                return None if value is None else float(value)
+                try:
+                    value = conn.execute(f"SELECT min(next_attempt_at) {_DUE_ROWS}").fetchone()[0]
+                except sqlite3.DatabaseError as exc:
+                    if not _fallback(exc):
+                        raise
+                    return None  # a damaged index: claim finds the way; wait the timeout
+                return float(value) if isinstance(value, int | float) else None
 
             due = await self._read(next_due)
             if due is not None:
@@ -1009,6 +1010,148 @@ class SQLiteQueue:
         self._work.clear()
 
 
+# A damaged file is rebuilt in place at most this often (seconds): each try reads the
+# whole table.
+_HEAL_INTERVAL = 60.0
+
+_STATE_OF: dict[object, MessageState] = {s.value: s for s in MessageState}
+_CLAIMABLE = frozenset({"queued", "deferred", "sending"})
+
+
+def _due(next_attempt_at: object, now: float) -> bool:
+    return isinstance(next_attempt_at, int | float) and next_attempt_at <= now
+
+
+def _where_id(message_id: str) -> tuple[str, str | int]:
+    """The WHERE clause for a message id, or for ``#<seq>`` (a row whose id is unreadable)."""
+    if message_id.startswith("#") and message_id[1:].isdigit():
+        return "seq = ?", int(message_id[1:])
+    return "id = ?", message_id
+
+
+def _clean_mark(conn: sqlite3.Connection) -> object:
+    """``"1"`` after a clean stop, ``"0"`` after a crash, ``None`` before the first start."""
+    row = conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone()
+    return None if row is None else row[0]
+
+
+def _claim_due(
+    conn: sqlite3.Connection, owner: str, now: float, limit: int, lease_until: float
+) -> tuple[list[StoredMessage], list[tuple[str, str]], bool]:
+    """The claim (in the writer's transaction): the due rows, oldest first, checked and
+    leased; the unreadable ones quarantined, ``(id, reason)`` each; and whether the due
+    index had to be rebuilt."""
+    rows = _fetch(
+        conn,
+        f"{_SELECT_WITH_DATA} {_DUE_ROWS} AND next_attempt_at <= ? ORDER BY next_attempt_at, seq"
+        " LIMIT ?",
+        (now, limit),
+    )
+    claimed: list[StoredMessage] = []
+    leases: list[tuple[str, float, float, int]] = []
+    bad: list[tuple[str, str]] = []
+    reindexed = False
+    for row in rows:
+        if row[2] not in _CLAIMABLE or (
+            row[2] == MessageState.SENDING.value and not _due(row[8], now)
+        ):
+            # The due index names a row the table says is not due (a live lease;
+            # next_attempt_at comes from the index itself): a damaged entry that would
+            # hand the row out again and again. SQLite rebuilds the index from the table.
+            if not reindexed:
+                conn.execute("REINDEX messages_due")
+                reindexed = True
+            continue
+        try:
+            msg = decode(row, verify=True)
+        except Unreadable as exc:
+            bad.append((shown_id(row[1], row[0]), str(exc)))
+            _quarantine(conn, row[0], str(exc))
+            continue
+        msg.state = MessageState.SENDING
+        msg.lease_owner = owner
+        msg.lease_until = msg.next_attempt_at = lease_until
+        claimed.append(msg)
+        leases.append((owner, lease_until, lease_until, row[0]))
+    conn.executemany(_LEASE, leases)
+    return claimed, bad, reindexed
+
+
+def _due_rows_one_by_one(
+    conn: sqlite3.Connection, now: float, limit: int, lost: dict[int, str]
+) -> tuple[list[tuple[int, StoredMessage]], list[tuple[int, str, str]], list[tuple[str, str]]]:
+    """Up to ``limit`` due messages read one row at a time, oldest due first: the good
+    ones ``(seq, message)``, the unreadable ones ``(seq, id, reason)``, and rows the file
+    cannot give back (reported once each, remembered in ``lost``)."""
+    newly_lost: list[tuple[str, str]] = []
+
+    def gone(seq: int, exc: sqlite3.DatabaseError) -> None:
+        if not is_corrupt(exc):
+            raise exc
+        lost[seq] = f"unreadable row ({exc})"
+        newly_lost.append((f"#{seq}", lost[seq]))
+
+    due: list[tuple[float, int]] = []
+    for seq in readable_seqs(conn):
+        if seq in lost:
+            continue
+        try:
+            row = conn.execute(
+                "SELECT state, next_attempt_at FROM messages WHERE seq = ?", (seq,)
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            gone(seq, exc)
+            continue
+        if (
+            row is not None
+            and row[0] in _CLAIMABLE
+            and isinstance(row[1], int | float)
+            and row[1] <= now
+        ):
+            due.append((float(row[1]), seq))
+    good: list[tuple[int, StoredMessage]] = []
+    bad: list[tuple[int, str, str]] = []
+    for _, seq in sorted(due):
+        if len(good) >= limit:
+            break
+        try:
+            row = conn.execute(f"{_WITH_DATA} WHERE seq = ?", (seq,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            gone(seq, exc)
+            continue
+        if row is None:
+            continue
+        try:
+            good.append((seq, decode(row, verify=True)))
+        except Unreadable as exc:
+            bad.append((seq, shown_id(row[1], seq), str(exc)))
+    return good, bad, newly_lost
+
+
+def _list_row_by_row(
+    conn: sqlite3.Connection, wanted: Sequence[str] | None, limit: int | None
+) -> list[StoredMessage]:
+    """``list`` on a file with a damaged page: newest first, row by row; a row the file
+    cannot give back shows as quarantined under ``#<seq>``."""
+    found: list[StoredMessage] = []
+    for seq in reversed(readable_seqs(conn)):
+        if limit is not None and len(found) >= limit:
+            break
+        try:
+            row = conn.execute(f"{_WITHOUT_DATA} WHERE seq = ?", (seq,)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise
+            msg = damaged_shell((seq,), f"unreadable row ({exc})")
+        else:
+            if row is None:
+                continue
+            msg = for_display(row, verify=False)[0]
+        if wanted is None or msg.state.value in wanted:
+            found.append(msg)
+    return found
+
+
 def _sweep(connect: Callable[[], sqlite3.Connection]) -> list[tuple[int, str, str]]:
     """``(seq, id, reason)`` of every undelivered record that is damaged.
 
@@ -1018,13 +1161,12 @@ def _sweep(connect: Callable[[], sqlite3.Connection]) -> list[tuple[int, str, st
     conn = connect()
     try:
         bad = []
-        for seq, message_id, state, envelope, rcpt_state, checksum, data in conn.execute(
-            "SELECT seq, id, state, envelope, rcpt_state, checksum, data FROM messages"
-            " WHERE state NOT IN ('sent', 'failed', 'quarantined')"
+        for row in conn.execute(
+            f"{_WITH_DATA} WHERE state NOT IN ('sent', 'failed', 'quarantined')"
         ):
-            reason = _damage(state, envelope, rcpt_state, checksum, data)
+            reason = damage(row)
             if reason:
-                bad.append((seq, str(message_id), reason))
+                bad.append((row[0], shown_id(row[1], row[0]), reason))
         return bad
     finally:
         conn.close()
@@ -1032,28 +1174,6 @@ def _sweep(connect: Callable[[], sqlite3.Connection]) -> list[tuple[int, str, st
 
 def _missing(conn: sqlite3.Connection, message_id: str) -> bool:
     return conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is None
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Create the schema in a new database or bring an older one up to date."""
-    conn.execute("CREATE TABLE IF NOT EXISTS hato_schema (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT max(version) FROM hato_schema").fetchone()
-    version = row[0]
-    if version is None:
-        for statement in _SCHEMA_V1:
-            conn.execute(statement)
-        conn.execute("INSERT INTO hato_schema (version) VALUES (1)")
-        version = 1
-    if version > SCHEMA_VERSION:
-        raise QueueError(
-            f"the queue database has schema version {version}, newer than this Hato"
-            f" understands ({SCHEMA_VERSION}); upgrade Hato"
-        )
-    for v in range(version, SCHEMA_VERSION):
-        for statement in _MIGRATIONS[v]:
-            conn.execute(statement)
-    if version < SCHEMA_VERSION:
-        conn.execute("UPDATE hato_schema SET version = ?", (SCHEMA_VERSION,))
 
 
 def _fsync_dir(path: str) -> None:
