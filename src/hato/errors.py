@@ -37,7 +37,11 @@ Outside the tree, on purpose:
   temporary result; it never leaves ``delivery/``.
 * ``NotConvertible`` (hato.mime7bit) says an 8-bit message has no faithful 7-bit form;
   the session turns it into a 554 5.6.3 result and DKIM signing into "sign as it is".
-  It never leaves the package. Private exceptions (a leading underscore) never leave
+  It never leaves the package.
+* ``DamagedSchema`` (hato.queue.sqlite_records) says an SQLite spool's schema cannot
+  be read, ``Unreadable`` (hato.queue.sqlite_records) that one record cannot; the queue
+  turns them into ``QueueDamaged`` or a quarantine, and neither leaves ``queue/``.
+  Private exceptions (a leading underscore) never leave
   their module.
 """
 
