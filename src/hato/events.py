@@ -31,9 +31,10 @@ message across every hop. Events pulled from another node keep that node's
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Final
 
@@ -196,7 +197,45 @@ def new_event_id(clock: Clock = time.time) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EventPage:
-    """Events in store order and the cursor to ask for the next ones (``after=``)."""
+    """Events in store order and the cursor to ask for the next ones (``after=``).
+
+    A cursor is opaque text a store hands out (``""`` is the beginning); it stays valid
+    across restarts of the store.
+    """
 
     events: list[DeliveryEvent]
-    cursor: int
+    cursor: str
+
+
+def stamped(events: Sequence[DeliveryEvent], queue_id: str) -> list[DeliveryEvent]:
+    """``events`` with an empty ``queue_id`` given ``queue_id`` (a store fills in the id it
+    has just allocated to the message they belong to)."""
+    return [e if e.queue_id else replace(e, queue_id=queue_id) for e in events]
+
+
+def matches(
+    event: DeliveryEvent,
+    *,
+    queue_id: str | None = None,
+    envid: str | None = None,
+    since: float | None = None,
+) -> bool:
+    """Whether ``event`` passes the filters of a store's ``events()`` query."""
+    return (
+        (queue_id is None or event.queue_id == queue_id)
+        and (envid is None or event.envid == envid)
+        and (since is None or event.time >= since)
+    )
+
+
+def encode(event: DeliveryEvent) -> str:
+    """The stored form of an event: its JSON, compact."""
+    return json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False)
+
+
+def decode(text: str | bytes) -> DeliveryEvent:
+    """An event from :func:`encode`'s form; ``ValueError`` if it is not one."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("an event is a JSON object")
+    return DeliveryEvent.from_json(data)

@@ -91,8 +91,8 @@ async def test_open_creates_versioned_schema_once(url: str, schema: str) -> None
         tables = conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1", (schema,)
         ).fetchall()
-    assert versions == [(1,)]
-    assert tables == [("hato_messages",), ("hato_schema_version",)]
+    assert versions == [(1,), (2,)]
+    assert tables == [("hato_events",), ("hato_messages",), ("hato_schema_version",)]
 
 
 async def test_many_openers_at_once_create_the_schema_once(url: str) -> None:

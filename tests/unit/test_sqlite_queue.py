@@ -82,6 +82,7 @@ async def test_an_older_schema_is_migrated(tmp_path: Path) -> None:
     await q.close()
     with sqlite3.connect(path) as conn:  # back to what version 1 created
         conn.execute("DROP TABLE hato_meta")
+        conn.execute("DROP TABLE events")
         conn.execute("UPDATE hato_schema SET version = 1")
     await q.open()
     try:
@@ -92,6 +93,7 @@ async def test_an_older_schema_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version FROM hato_schema").fetchall() == [(SCHEMA_VERSION,)]
         assert conn.execute("SELECT value FROM hato_meta WHERE key = 'clean'").fetchone() == ("1",)
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from hato.clock import Clock
+from hato.events import DeliveryEvent, EventPage
 from hato.message import Envelope
 
 
@@ -238,11 +239,13 @@ class Queue(Protocol):
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         """Store a message durably and return its id.
 
         With ``idempotency_key``, a second enqueue with the same key returns the first
-        message's id and stores nothing.
+        message's id and stores nothing. ``events`` (the ``accepted`` ones) are stored in
+        the same commit; an empty ``queue_id`` in them is the new message's id.
         """
         ...
 
@@ -258,11 +261,13 @@ class Queue(Protocol):
         owner: str,
         retry_at: float | None,
         held: bool = False,
+        events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
         """Store outcomes, bump ``attempts``, release the lease and return the new state.
 
         Recipients not named in ``outcomes`` keep their state. Pending recipients are
         retried at ``retry_at`` (required when any stay pending, unless ``held``).
+        ``events`` (what the attempt did) are stored in the same commit.
         Returns ``None`` (and changes nothing) when ``owner`` no longer holds the lease.
         """
         ...
@@ -297,4 +302,31 @@ class Queue(Protocol):
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return early when new work may be due (in-process event, LISTEN/NOTIFY, ...)."""
+        ...
+
+    # Delivery events (hato.events): this node's record of each step, and the steps of
+    # other nodes it was told about.
+
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> int:
+        """Store events durably (operator actions, events pulled from another node or
+        received by webhook); one whose ``event_id`` is stored already is skipped. The
+        number stored."""
+        ...
+
+    async def events(
+        self,
+        *,
+        after: str = "",
+        queue_id: str | None = None,
+        envid: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        """Stored events in the order they were stored, those after the cursor ``after``
+        (``""``: from the first), filtered; the page's cursor continues after its last
+        event (or stays at ``after`` when there is none)."""
+        ...
+
+    async def prune_events(self, before: float) -> int:
+        """Forget events whose ``time`` is before ``before`` (retention); how many."""
         ...

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from hato.clock import Clock
 from hato.errors import MessageNotFound, QueueError
+from hato.events import DeliveryEvent, EventPage, matches, stamped
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
@@ -73,6 +74,10 @@ class MemoryQueue:
         self._ticket: dict[str, int] = {}
         self._tickets = itertools.count()
         self._work = asyncio.Event()
+        self._events: list[DeliveryEvent] = []
+        self._event_ids: set[str] = set()
+        # Cursor of the first event in _events: pruning drops from the front.
+        self._events_base = 0
 
     async def open(self) -> None:
         self._open = True
@@ -110,6 +115,7 @@ class MemoryQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         self._check_open()
         if idempotency_key is not None and idempotency_key in self._by_key:
@@ -135,6 +141,7 @@ class MemoryQueue:
         if idempotency_key is not None:
             self._by_key[idempotency_key] = message_id
         self._schedule(msg)
+        self._store_events(stamped(events, message_id))
         self._work.set()
         return message_id
 
@@ -170,6 +177,7 @@ class MemoryQueue:
         owner: str,
         retry_at: float | None,
         held: bool = False,
+        events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
         self._check_open()
         msg = self._leased(message_id, owner)
@@ -187,6 +195,7 @@ class MemoryQueue:
         msg.lease_until = 0.0
         msg.next_attempt_at = retry_at if retry_at is not None else self._clock()
         self._schedule(msg)
+        self._store_events(events)
         return state
 
     async def release(self, message_id: str, *, owner: str) -> None:
@@ -288,3 +297,54 @@ class MemoryQueue:
                 except TimeoutError:
                     pass
         self._work.clear()
+
+    # Delivery events.
+
+    def _store_events(self, events: Sequence[DeliveryEvent]) -> int:
+        stored = 0
+        for event in events:
+            if event.event_id not in self._event_ids:
+                self._event_ids.add(event.event_id)
+                self._events.append(event)
+                stored += 1
+        return stored
+
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> int:
+        self._check_open()
+        return self._store_events(events)
+
+    async def events(
+        self,
+        *,
+        after: str = "",
+        queue_id: str | None = None,
+        envid: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        self._check_open()
+        try:
+            position = max(int(after or 0), self._events_base)
+        except ValueError:
+            raise QueueError(f"not an event cursor of this queue: {after!r}") from None
+        found: list[DeliveryEvent] = []
+        for index in range(position - self._events_base, len(self._events)):
+            position = self._events_base + index + 1
+            event = self._events[index]
+            if matches(event, queue_id=queue_id, envid=envid, since=since):
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        return EventPage(found, str(position))
+
+    async def prune_events(self, before: float) -> int:
+        self._check_open()
+        keep = [e for e in self._events if e.time >= before]
+        dropped = len(self._events) - len(keep)
+        # The cursor counts stored events; pruning keeps it meaning the same position
+        # only when it drops a prefix, which time order makes the usual case.
+        if dropped:
+            self._events_base += dropped
+            self._event_ids = {e.event_id for e in keep}
+            self._events = keep
+        return dropped

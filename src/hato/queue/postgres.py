@@ -70,6 +70,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
+from hato.events import DeliveryEvent, EventPage, stamped
+from hato.events import decode as decode_event
+from hato.events import encode as encode_event
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
@@ -85,7 +88,7 @@ from hato.queue.base import (
 
 __all__ = ["SCHEMA_VERSION", "PostgresQueue", "enqueue_sync"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 T = TypeVar("T")
 AsyncConn = psycopg.AsyncConnection[TupleRow]
@@ -191,6 +194,7 @@ class _Names:
     messages: str
     versions: str
     channel: str
+    events: str
 
     @classmethod
     def of(cls, settings: _Settings) -> _Names:
@@ -203,7 +207,14 @@ class _Names:
         channel = f"{prefix}work" + (f"@{schema}" if schema else "")
         if len(channel.encode()) > _MAX_IDENTIFIER:
             raise ConfigError("queue URL: schema and table_prefix together are too long")
-        return cls(schema, prefix, qualified("messages"), qualified("schema_version"), channel)
+        return cls(
+            schema,
+            prefix,
+            qualified("messages"),
+            qualified("schema_version"),
+            channel,
+            qualified("events"),
+        )
 
     @property
     def insert(self) -> str:
@@ -216,7 +227,12 @@ class _Names:
             " %(due)s, %(key)s, %(meta)s)"
             # No conflict target: a retried INSERT (same id) and a repeated
             # idempotency key both end up in the SELECT of ``existing``.
-            " ON CONFLICT DO NOTHING RETURNING id, state)"
+            " ON CONFLICT DO NOTHING RETURNING id, state),"
+            f" ev AS (INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
+            " SELECT e.event_id, ins.id, e.envid, e.time, e.body FROM ins,"
+            " unnest(%(ev_id)s::text[], %(ev_envid)s::text[], %(ev_time)s::float8[],"
+            " %(ev_body)s::text[]) AS e(event_id, envid, time, body)"
+            " ON CONFLICT DO NOTHING)"
             " SELECT id, CASE WHEN state = 'queued' THEN pg_notify(%(channel)s, '')::text END"
             " FROM ins"
         )
@@ -238,9 +254,25 @@ class _Names:
             " SELECT * FROM unnest(%(id)s::text[], %(sender)s::text[], %(recipients)s::jsonb[],"
             " %(data)s::bytea[], %(state)s::text[], %(now)s::float8[], %(due)s::float8[],"
             " %(key)s::text[], %(meta)s::jsonb[])"
-            " ON CONFLICT DO NOTHING RETURNING id, state)"
+            " ON CONFLICT DO NOTHING RETURNING id, state),"
+            f" ev AS (INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
+            " SELECT e.event_id, ins.id, e.envid, e.time, e.body FROM ins JOIN"
+            " unnest(%(ev_qid)s::text[], %(ev_id)s::text[], %(ev_envid)s::text[],"
+            " %(ev_time)s::float8[], %(ev_body)s::text[])"
+            " AS e(queue_id, event_id, envid, time, body) ON e.queue_id = ins.id"
+            " ON CONFLICT DO NOTHING)"
             " SELECT id, CASE WHEN state = 'queued' THEN pg_notify(%(channel)s, '')::text END"
             " FROM ins"
+        )
+
+    @property
+    def insert_events(self) -> str:
+        """Events of other steps or nodes; an ``event_id`` stored already is skipped."""
+        return (
+            f"INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
+            " SELECT * FROM unnest(%(ev_id)s::text[], %(ev_qid)s::text[], %(ev_envid)s::text[],"
+            " %(ev_time)s::float8[], %(ev_body)s::text[])"
+            " ON CONFLICT DO NOTHING"
         )
 
     @property
@@ -432,12 +464,15 @@ def _enqueue_params(
     not_before: float | None,
     idempotency_key: str | None,
     meta: dict[str, str] | None,
+    events: Sequence[DeliveryEvent] = (),
 ) -> dict[str, object]:
     if not envelope.recipients:
         raise ValueError("a message needs at least one recipient")
     now = clock()
+    message_id = new_message_id(lambda: now)
     return {
-        "id": new_message_id(lambda: now),
+        **_event_params(stamped(events, message_id)),
+        "id": message_id,
         "sender": envelope.sender,
         "recipients": _recipients_json(RecipientStatus(a) for a in envelope.recipients),
         "data": bytes(data),
@@ -447,6 +482,17 @@ def _enqueue_params(
         "key": idempotency_key,
         "meta": Jsonb({**envelope.meta, **(meta or {})}),
         "channel": names.channel,
+    }
+
+
+def _event_params(events: Sequence[DeliveryEvent]) -> dict[str, object]:
+    """The ``ev_*`` arrays of the statements that store events."""
+    return {
+        "ev_id": [e.event_id for e in events],
+        "ev_qid": [e.queue_id for e in events],
+        "ev_envid": [e.envid for e in events],
+        "ev_time": [e.time for e in events],
+        "ev_body": [encode_event(e) for e in events],
     }
 
 
@@ -490,6 +536,7 @@ def enqueue_sync(
     not_before: float | None = None,
     idempotency_key: str | None = None,
     meta: dict[str, str] | None = None,
+    events: Sequence[DeliveryEvent] = (),
 ) -> str:
     """Enqueue inside the caller's transaction on a sync psycopg connection; return the id.
 
@@ -508,6 +555,7 @@ def enqueue_sync(
         not_before=not_before,
         idempotency_key=idempotency_key,
         meta=meta,
+        events=events,
     )
     return _enqueue_on_sync(conn, names, params)
 
@@ -614,6 +662,12 @@ class PostgresQueue:
                         f"INSERT INTO {names.versions} (version, applied_at) VALUES (1, %s)",
                         (self._clock(),),
                     )
+                if version < 2:
+                    await self._create_v2(conn)
+                    await conn.execute(
+                        f"INSERT INTO {names.versions} (version, applied_at) VALUES (2, %s)",
+                        (self._clock(),),
+                    )
             return SCHEMA_VERSION
 
         return await self._run("migrate", run)
@@ -647,6 +701,24 @@ class PostgresQueue:
         await conn.execute(
             f"CREATE INDEX {_quote(names.prefix + 'messages_state')} ON {names.messages} (state)"
         )
+
+    async def _create_v2(self, conn: AsyncConn) -> None:
+        """Version 2: delivery events (hato.events), ``body`` the event's JSON."""
+        names = self._names
+        await conn.execute(
+            f"CREATE TABLE {names.events} ("
+            " seq bigserial PRIMARY KEY,"
+            " event_id text NOT NULL UNIQUE,"
+            " queue_id text NOT NULL,"
+            " envid text NOT NULL,"
+            " time double precision NOT NULL,"
+            " body text NOT NULL)"
+        )
+        for column, where in (("queue_id", ""), ("envid", " WHERE envid <> ''"), ("time", "")):
+            await conn.execute(
+                f"CREATE INDEX {_quote(names.prefix + 'events_' + column)}"
+                f" ON {names.events} ({column}){where}"
+            )
 
     async def _run(self, what: str, op: Callable[[AsyncConn], Awaitable[T]]) -> T:
         """Run ``op`` on a pooled connection; retry once if the connection was dead."""
@@ -692,6 +764,7 @@ class PostgresQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
         connection: object | None = None,
     ) -> str:
         """Store a message and return its id (see :class:`hato.queue.base.Queue`).
@@ -713,6 +786,7 @@ class PostgresQueue:
                 not_before=not_before,
                 idempotency_key=idempotency_key,
                 meta=meta,
+                events=events,
             )
         params = _enqueue_params(
             self._names,
@@ -723,6 +797,7 @@ class PostgresQueue:
             not_before=not_before,
             idempotency_key=idempotency_key,
             meta=meta,
+            events=events,
         )
         return await self._enqueue_grouped(params)
 
@@ -736,6 +811,7 @@ class PostgresQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         """Store a message inside the caller's open transaction on ``connection``; its id.
 
@@ -753,6 +829,7 @@ class PostgresQueue:
             not_before=not_before,
             idempotency_key=idempotency_key,
             meta=meta,
+            events=events,
         )
         if isinstance(connection, psycopg.AsyncConnection):
             try:
@@ -795,6 +872,8 @@ class PostgresQueue:
             return [await self._run("enqueue", lambda c: _enqueue_on_async(c, self._names, params))]
         columns = ("id", "sender", "recipients", "data", "state", "now", "due", "key", "meta")
         arrays: dict[str, object] = {c: [p[c] for p in group] for c in columns}
+        for column in ("ev_id", "ev_qid", "ev_envid", "ev_time", "ev_body"):
+            arrays[column] = [v for p in group for v in p[column]]  # type: ignore[attr-defined]
         arrays["channel"] = self._names.channel
 
         async def run(conn: AsyncConn) -> list[str]:
@@ -832,6 +911,7 @@ class PostgresQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         """:meth:`enqueue_in` for sync code: the INSERT runs in the calling thread, on the
         caller's sync connection, and is not committed (see :func:`enqueue_sync`)."""
@@ -844,6 +924,7 @@ class PostgresQueue:
             not_before=not_before,
             idempotency_key=idempotency_key,
             meta=meta,
+            events=events,
         )
         return _enqueue_on_sync(conn, self._names, params)
 
@@ -954,20 +1035,29 @@ class PostgresQueue:
         owner: str,
         retry_at: float | None,
         held: bool = False,
+        events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
         names = self._names
         read = (
             f"SELECT recipients, attempts, lease_until, last_reply FROM {names.messages}"
             " WHERE id = %s AND state = 'sending' AND lease_owner = %s"
         )
+        # One statement, so the events commit with the outcome or not at all.
         update = (
-            f"UPDATE {names.messages} SET recipients = %(recipients)s, attempts = %(attempts)s,"
+            f"WITH upd AS (UPDATE {names.messages} SET recipients = %(recipients)s,"
+            " attempts = %(attempts)s,"
             " state = %(state)s, next_attempt_at = %(next)s, last_reply = %(last_reply)s,"
             " lease_owner = '', lease_until = 0"
             " WHERE id = %(id)s AND state = 'sending' AND lease_owner = %(owner)s"
             " AND lease_until = %(lease_until)s"
-            " RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, '')::text END"
+            " RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, '')::text END),"
+            f" ev AS (INSERT INTO {names.events} (event_id, queue_id, envid, time, body)"
+            " SELECT e.* FROM unnest(%(ev_id)s::text[], %(ev_qid)s::text[],"
+            " %(ev_envid)s::text[], %(ev_time)s::float8[], %(ev_body)s::text[]) AS e"
+            " WHERE EXISTS (SELECT 1 FROM upd) ON CONFLICT DO NOTHING)"
+            " SELECT * FROM upd"
         )
+        event_params = _event_params(events)
 
         lease = self._leases.get(message_id)
         if lease is not None and lease.owner == owner:
@@ -1002,6 +1092,7 @@ class PostgresQueue:
                     "lease_until": row[2],
                     "notify": state is MessageState.DEFERRED and next_at <= now,
                     "channel": names.channel,
+                    **event_params,
                 },
             )
             # No row: the lease moved on between the two statements.
@@ -1158,6 +1249,82 @@ class PostgresQueue:
         return await self._run("recover", run)
 
     # -- wake-ups ----------------------------------------------------------------------
+
+    # -- delivery events ---------------------------------------------------------------
+
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> int:
+        if not events:
+            return 0
+
+        async def run(conn: AsyncConn) -> int:
+            cur = await conn.execute(self._names.insert_events, _event_params(events))
+            return max(cur.rowcount, 0)
+
+        return await self._run("add events", run)
+
+    async def events(
+        self,
+        *,
+        after: str = "",
+        queue_id: str | None = None,
+        envid: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        try:
+            start = int(after) if after else 0
+        except ValueError:
+            raise QueueError(f"not an event cursor of this queue: {after!r}") from None
+        table = self._names.events
+        where, params = (
+            ["seq > %(start)s", "seq <= %(top)s"],
+            {
+                "start": start,
+                "queue_id": queue_id,
+                "envid": envid,
+                "since": since,
+                "limit": limit,
+            },
+        )
+        if queue_id is not None:
+            where.append("queue_id = %(queue_id)s")
+        if envid is not None:
+            where.append("envid = %(envid)s")
+        if since is not None:
+            where.append("time >= %(since)s")
+
+        async def run(conn: AsyncConn) -> EventPage:
+            # The newest event first: what commits after it waits for the next page, so
+            # the cursor may skip what did not match without skipping what arrived.
+            cur = await conn.execute(f"SELECT max(seq) FROM {table}")
+            row = await cur.fetchone()
+            top = row[0] if row is not None else None
+            if top is None or top <= start:
+                return EventPage([], str(start))
+            cur = await conn.execute(
+                f"SELECT seq, body FROM {table} WHERE {' AND '.join(where)}"
+                " ORDER BY seq LIMIT %(limit)s",
+                {**params, "top": top},
+            )
+            rows = await cur.fetchall()
+            found: list[DeliveryEvent] = []
+            cursor = start
+            for seq, body in rows:
+                cursor = int(seq)
+                try:
+                    found.append(decode_event(body))
+                except (ValueError, TypeError):
+                    continue  # a damaged event is a lost record, never lost mail
+            return EventPage(found, str(top if len(rows) < limit else cursor))
+
+        return await self._run("events", run)
+
+    async def prune_events(self, before: float) -> int:
+        async def run(conn: AsyncConn) -> int:
+            cur = await conn.execute(f"DELETE FROM {self._names.events} WHERE time < %s", (before,))
+            return max(cur.rowcount, 0)
+
+        return await self._run("prune events", run)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return on a NOTIFY from any process, when the earliest waiting message falls

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import zlib
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueError, QueueFullError
+from hato.events import DeliveryEvent, EventPage, matches, stamped
+from hato.events import decode as decode_event
+from hato.events import encode as encode_event
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
@@ -94,6 +98,15 @@ _META_FIELDS = (
     "state",
 )
 _RECOVER_BATCH = 500
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _stream_after(sid: str, cursor: str) -> bool:
+    """Whether stream entry ``sid`` comes after ``cursor`` (both ``ms-seq``)."""
+    a, b = sid.split("-"), cursor.split("-")
+    return (int(a[0]), int(a[1])) > (int(b[0]), int(b[1]))
+
+
 _QUARANTINED = MessageState.QUARANTINED.value.encode()
 
 # Shared head of every script: ARGV[1] is always the key prefix.
@@ -108,6 +121,28 @@ local function setstate(id, old, new, created)
   redis.call('HSET', mkey(id), 'state', new)
 end
 local function wake() redis.call('PUBLISH', P .. 'wake', '1') end
+-- Delivery events from ARGV[first] on, five per event: event_id, queue_id, envid, time,
+-- body (JSON). One copy per event_id (a marker key lives as long as events are kept);
+-- the stream orders them, and a list per queue id and per envid finds them.
+local EVENT_TTL = 1209600
+local function addevents(first)
+  local n = 0
+  for i = first, #ARGV - 4, 5 do
+    if redis.call('SET', P .. 'ev:' .. ARGV[i], '1', 'NX', 'EX', EVENT_TTL) then
+      local q, e = ARGV[i + 1], ARGV[i + 2]
+      local sid = redis.call('XADD', P .. 'events', '*', 'q', q, 'e', e, 't', ARGV[i + 3],
+        'b', ARGV[i + 4])
+      redis.call('RPUSH', P .. 'evq:' .. q, sid)
+      redis.call('EXPIRE', P .. 'evq:' .. q, EVENT_TTL)
+      if e ~= '' then
+        redis.call('RPUSH', P .. 'eve:' .. e, sid)
+        redis.call('EXPIRE', P .. 'eve:' .. e, EVENT_TTL)
+      end
+      n = n + 1
+    end
+  end
+  return n
+end
 local function waiting(attempts)
   if (tonumber(attempts) or 0) > 0 then return 'deferred' end
   return 'queued'
@@ -124,7 +159,8 @@ local function setaside(id, states)
 end
 """
 
-# ARGV: P, id, sender, rcpts, data, sum, created, next, held, idem, meta, state, nonce.
+# ARGV: P, id, sender, rcpts, data, sum, created, next, held, idem, meta, state, nonce,
+# then the accepted events (see addevents).
 # Returns the stored (or, for a known idempotency key, the earlier) id; 0 on an id clash.
 _ENQUEUE = """
 local id, idem = ARGV[2], ARGV[10]
@@ -154,6 +190,7 @@ if ARGV[9] ~= '1' then
   redis.call('ZADD', P .. 'due', ARGV[8], id)
   wake()
 end
+addevents(14)
 return id
 """
 
@@ -195,7 +232,7 @@ return {out, damaged}
 """
 
 # ARGV: P, id, owner, now, outcomes JSON, retry_at ('' = none), held ('1'/'0'),
-# last_reply ('' = keep). Returns the new state; nil when owner does not hold the lease;
+# last_reply ('' = keep), then the attempt's events. Returns the new state; nil when owner does not hold the lease;
 # -1 for an outcome naming an unknown recipient; -2 when recipients stay pending without
 # retry_at. Both refusals come before any write.
 _RECORD = """
@@ -246,6 +283,7 @@ else
   new = 'sent'
 end
 setstate(id, cur[2], new, cur[5])
+addevents(9)
 return new
 """
 
@@ -278,6 +316,11 @@ redis.call('ZADD', P .. 'due', now, id)
 setstate(id, cur[1], waiting(cur[2]), cur[3])
 wake()
 return 1
+"""
+
+# ARGV: P, then events (see addevents). Returns how many were new.
+_ADD_EVENTS = """
+return addevents(2)
 """
 
 # ARGV: P, id, states... Returns 0 when absent.
@@ -511,6 +554,15 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
+def _event_args(events: Sequence[DeliveryEvent]) -> list[str]:
+    """The events as the scripts take them (see ``addevents``)."""
+    return [
+        value
+        for e in events
+        for value in (e.event_id, e.queue_id, e.envid, _num(e.time), encode_event(e))
+    ]
+
+
 class RedisQueue:
     """The :class:`hato.queue.base.Queue` protocol on Redis (redis-py asyncio)."""
 
@@ -638,6 +690,7 @@ class RedisQueue:
             "expire": _EXPIRE,
             "quarantine": _QUARANTINE,
             "take_over": _TAKE_OVER,
+            "add_events": _ADD_EVENTS,
         }
         self._scripts = {n: client.register_script(_PRELUDE + s) for n, s in scripts.items()}
         try:
@@ -708,6 +761,7 @@ class RedisQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
@@ -729,7 +783,10 @@ class RedisQueue:
         )
         with self._errors("enqueueing"):
             for _ in range(100):  # a clash needs the same microsecond and 20 random bits
-                stored = await self._write("enqueue", new_message_id(lambda: now), *fixed)
+                message_id = new_message_id(lambda: now)
+                stored = await self._write(
+                    "enqueue", message_id, *fixed, *_event_args(stamped(events, message_id))
+                )
                 if stored != 0:
                     break
             else:
@@ -799,6 +856,7 @@ class RedisQueue:
         owner: str,
         retry_at: float | None,
         held: bool = False,
+        events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
         # Same rules as base.apply_outcomes, applied by the script: the last outcome per
         # address wins, and last_reply is base.last_reply_of's.
@@ -819,6 +877,7 @@ class RedisQueue:
                 "" if retry_at is None else _num(retry_at),
                 "1" if held else "0",
                 last_reply_of(outcomes),
+                *_event_args(events),
             )
         if new is None:
             return None
@@ -1008,6 +1067,79 @@ class RedisQueue:
             if not int(alive):
                 taken += int(await self._write("take_over", now, owner, *ids))
         return taken
+
+    # -- delivery events ---------------------------------------------------------------
+
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> int:
+        if not events:
+            return 0
+        with self._errors("storing events"):
+            return int(await self._write("add_events", *_event_args(events)))
+
+    async def events(
+        self,
+        *,
+        after: str = "",
+        queue_id: str | None = None,
+        envid: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        start = after or "0-0"
+        if not _STREAM_ID.fullmatch(start):
+            raise QueueError(f"not an event cursor of this queue: {after!r}")
+        stream = f"{self.prefix}events"
+        with self._errors("reading events"):
+            if queue_id is not None or envid is not None:
+                # Few events per message: read its list of stream ids, then those entries.
+                key = f"{self.prefix}evq:{queue_id}" if queue_id is not None else ""
+                key = key or f"{self.prefix}eve:{envid}"
+                ids = [_str(i) for i in await self._redis.lrange(key, 0, -1)]
+                ids = [i for i in ids if _stream_after(i, start)]
+                pipe = self._redis.pipeline(transaction=False)
+                for sid in ids:
+                    pipe.xrange(stream, sid, sid)
+                entries: Any = [e for found in await pipe.execute() for e in found]
+                last = ids[-1] if ids else start
+            else:
+                entries = await self._redis.xrange(stream, f"({start}", "+", count=limit)
+                last = _str(entries[-1][0]) if entries else start
+        found: list[DeliveryEvent] = []
+        cursor = start
+        for sid, fields in entries:
+            cursor = _str(sid)
+            try:
+                event = decode_event(fields[b"b"])
+            except (KeyError, ValueError, TypeError):
+                continue  # a damaged entry is a lost record, never lost mail
+            if matches(event, queue_id=queue_id, envid=envid, since=since):
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        if len(found) < limit:
+            cursor = last if _stream_after(last, cursor) else cursor
+        return EventPage(found, cursor)
+
+    async def prune_events(self, before: float) -> int:
+        stream = f"{self.prefix}events"
+        dropped, start = 0, "-"
+        with self._errors("pruning events"):
+            while True:
+                entries: Any = await self._redis.xrange(stream, start, "+", count=500)
+                old: list[bytes] = []
+                for sid, fields in entries:
+                    try:
+                        when = float(fields[b"t"])
+                    except (KeyError, ValueError):
+                        when = 0.0
+                    if when >= before:
+                        break
+                    old.append(sid)
+                if old:
+                    dropped += int(await self._redis.xdel(stream, *old))
+                if len(old) < len(entries) or len(entries) < 500:
+                    return dropped
+                start = f"({_str(old[-1])}"
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a wake-up was published (enqueue, release, requeue, retry from any

@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 from hato.clock import Clock
 from hato.errors import ConfigError, MessageNotFound, QueueDamaged, QueueError, QueueFullError
+from hato.events import DeliveryEvent, EventPage, stamped
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
@@ -71,6 +72,7 @@ from hato.queue.base import (
     settle_attempt,
 )
 from hato.queue.sqlite_check import rebuild_damaged_indexes, startup_check
+from hato.queue.sqlite_events import delete_events_before, insert_events, select_events
 from hato.queue.sqlite_files import (
     OwnerLocks,
     SpoolLock,
@@ -635,6 +637,7 @@ class SQLiteQueue:
         not_before: float | None = None,
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
+        events: Sequence[DeliveryEvent] = (),
     ) -> str:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
@@ -679,6 +682,7 @@ class SQLiteQueue:
                     ),
                 )
                 if cur.rowcount == 1:
+                    insert_events(conn, stamped(events, mid))
                     return mid
                 mid = new_message_id(lambda: now)
             raise QueueError("could not allocate a unique message id")
@@ -762,6 +766,7 @@ class SQLiteQueue:
         owner: str,
         retry_at: float | None,
         held: bool = False,
+        events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
         now = self._clock()
         bad: list[tuple[str, str]] = []
@@ -802,6 +807,7 @@ class SQLiteQueue:
                     seq,
                 ),
             )
+            insert_events(conn, events)
             return state
 
         state = await self._change(record, durable=False)
@@ -1008,6 +1014,32 @@ class SQLiteQueue:
                 except TimeoutError:
                     pass
         self._work.clear()
+
+    # -- delivery events (hato.queue.sqlite_events) ----------------------------------
+
+    async def add_events(self, events: Sequence[DeliveryEvent]) -> int:
+        if not events:
+            return 0
+        batch = list(events)
+        return await self._change(lambda conn: insert_events(conn, batch))
+
+    async def events(
+        self,
+        *,
+        after: str = "",
+        queue_id: str | None = None,
+        envid: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> EventPage:
+        return await self._read(
+            lambda conn: select_events(
+                conn, after=after, queue_id=queue_id, envid=envid, since=since, limit=limit
+            )
+        )
+
+    async def prune_events(self, before: float) -> int:
+        return await self._change(lambda conn: delete_events_before(conn, before), durable=False)
 
 
 # A damaged file is rebuilt in place at most this often (seconds): each try reads the

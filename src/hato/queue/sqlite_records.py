@@ -53,7 +53,7 @@ from typing import Any
 from hato.errors import QueueError
 from hato.queue.base import MessageState, RecipientState, RecipientStatus, StoredMessage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MESSAGES = """CREATE TABLE messages (
         seq INTEGER PRIMARY KEY,
@@ -104,6 +104,21 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     # 2: the clean-shutdown mark ('clean' = '1' once the process that ran recover()
     # closed the queue; '0' while it runs or after it crashed).
     1: ("CREATE TABLE hato_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    # 3: delivery events (hato.events), one row each; ``body`` is the event's JSON, the
+    # other columns what queries select by.
+    2: (
+        """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        queue_id TEXT NOT NULL,
+        envid TEXT NOT NULL,
+        time REAL NOT NULL,
+        body TEXT NOT NULL
+    )""",
+        "CREATE INDEX events_queue_id ON events(queue_id)",
+        "CREATE INDEX events_envid ON events(envid) WHERE envid != ''",
+        "CREATE INDEX events_time ON events(time)",
+    ),
 }
 
 
@@ -116,6 +131,9 @@ SCHEMA_ROWS = (
     *(("index", name, create) for name, (create, _) in INDEXES.items()),
     ("table", "hato_meta", MIGRATIONS[1][0]),
     ("index", "sqlite_autoindex_hato_meta_1", None),
+    ("table", "events", MIGRATIONS[2][0]),
+    ("index", "sqlite_autoindex_events_1", None),
+    *(("index", sql.split()[2], sql) for sql in MIGRATIONS[2][1:]),
 )
 
 
@@ -143,6 +161,10 @@ def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
     conn.execute("CREATE TABLE IF NOT EXISTS hato_schema (version INTEGER NOT NULL)")
     row = conn.execute("SELECT max(version) FROM hato_schema").fetchone()
     version = row[0]
+    if version is None and conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'messages'"
+    ).fetchone():
+        raise DamagedSchema("its schema version is missing")
     if version is None:
         for statement in _SCHEMA_V1:
             conn.execute(statement)
