@@ -161,9 +161,10 @@ def migrate(conn: sqlite3.Connection, *, new_queue_id: str) -> str:
     conn.execute("CREATE TABLE IF NOT EXISTS hato_schema (version INTEGER NOT NULL)")
     row = conn.execute("SELECT max(version) FROM hato_schema").fetchone()
     version = row[0]
-    if version is None and conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE name = 'messages'"
-    ).fetchone():
+    if (
+        version is None
+        and conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone()
+    ):
         raise DamagedSchema("its schema version is missing")
     if version is None:
         for statement in _SCHEMA_V1:
