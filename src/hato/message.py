@@ -111,6 +111,25 @@ def check_header_value(value: str, what: str = "header value") -> str:
     return value
 
 
+# Envelope facts beyond sender and recipients travel in ``Envelope.meta`` (stored by
+# every queue backend as it is): these are its keys.
+META_ENVID = "envid"
+"""The RFC 3461 envelope id (``ENVID=``) the message travels with, ``""`` for none."""
+
+_MESSAGE_ID_RE = re.compile(rb"(?:^|\r?\n)message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def message_id_of(data: bytes) -> str:
+    """The ``Message-ID`` header of a message (its first line only), ``""`` if it has
+    none. Only the header section is read."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    m = _MESSAGE_ID_RE.search(head)
+    if m is None:
+        return ""
+    return m.group(1).strip().decode("utf-8", "replace")[:998]
+
+
 @dataclass(slots=True)
 class Envelope:
     """What SMTP (or ``Mailer.send``) says about a message besides its bytes."""

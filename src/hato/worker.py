@@ -35,13 +35,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hato import events
 from hato.clock import Clock
 from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.delivery.hold import HoldCourier
 from hato.delivery.router import RouteKind, Router
 from hato.dsn import FailedRecipient, build_bounce
 from hato.errors import HatoError
+from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
+from hato.message import META_ENVID, message_id_of
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
@@ -91,6 +94,18 @@ class Health:
             return "ok"
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
         return f"unhealthy: {self.reason} (since {when}, {self.failures} failed claims)"
+
+
+def _event_name(d: _Decision) -> str:
+    """What a decision is as a delivery event: a hand-off to a relay is ``relayed``
+    (the next hop tells the rest), to the MX or our own mailbox ``delivered``."""
+    if d.outcome.state is RecipientState.SENT:
+        return events.DELIVERED if d.kind in (RouteKind.MX, RouteKind.LOCAL) else events.RELAYED
+    if d.outcome.state is RecipientState.FAILED:
+        return events.EXPIRED if d.expired else events.BOUNCED
+    if d.result.result is Result.HELD:
+        return events.HELD
+    return events.DEFERRED
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +424,7 @@ class Worker:
             owner=self.owner,
             retry_at=retry_at,
             held=held,
+            events=self._events(msg, decisions, now, attempt),
         )
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
@@ -428,6 +444,38 @@ class Worker:
                 service=d.kind.value,
             )
         return state
+
+    def _events(
+        self, msg: StoredMessage, decisions: Sequence[_Decision], now: float, attempt: int
+    ) -> list[DeliveryEvent]:
+        """The delivery events of one attempt, one per recipient (see :mod:`hato.events`)."""
+        envid = msg.meta.get(META_ENVID, "")
+        message_id = message_id_of(msg.data)
+        out = []
+        for d in decisions:
+            res, reply = d.result, d.result.reply
+            out.append(
+                DeliveryEvent(
+                    event_id=new_event_id(self._clock),
+                    event=_event_name(d),
+                    time=now,
+                    node=self.hostname,
+                    queue_id=msg.id,
+                    recipient=res.recipient,
+                    envid=envid,
+                    message_id=message_id,
+                    attempt=attempt,
+                    route=d.kind.value,
+                    relay_host=res.relay_host,
+                    relay_ip=res.relay_ip,
+                    reply_code=reply.code,
+                    reply_enhanced=reply.enhanced,
+                    reply_text=reply.text,
+                    tls_version=res.tls_version,
+                    tls_verified=res.tls_verified,
+                )
+            )
+        return out
 
     async def _send_dsn(self, msg: StoredMessage, bounced: Sequence[_Decision], now: float) -> bool:
         """Queue the bounce for ``bounced``; False if it could not be queued."""

@@ -183,3 +183,34 @@ def test_unverifiable_certificate_defers_by_default(
     assert any(item["id"] == queue_id for item in hato.queue_list())
     assert not guide_relay.sink.messages
     assert "sasl_username" not in guide_relay.postfix.log(), "AUTH was sent over an unverified TLS"
+
+
+async def test_delivery_events_record_both_hops_with_tls(
+    guide_relay: GuideRelay, hato_serve: HatoFactory
+) -> None:
+    """The spool records ``accepted`` (the client's hop) with the message and ``relayed``
+    (the upstream's hop: its address, its reply, TLS version, verified certificate) with
+    the outcome."""
+    from hato.queue import open_queue
+
+    hato = hato_serve(env=guide_env(guide_relay, HATO_RELAY_TLS_CA_FILE=str(guide_relay.ca_file)))
+    tag = uuid.uuid4().hex
+    queue_id = submit(hato.host, hato.port, make_message(tag))
+    hato.wait_for_log(rf"{re.escape(queue_id)}: .*status=sent", timeout=30)
+
+    queue = open_queue(f"sqlite://{hato.data_dir / 'queue.db'}")
+    await queue.open()
+    try:
+        accepted, relayed = (await queue.events(queue_id=queue_id)).events
+    finally:
+        await queue.close()
+    assert (accepted.event, accepted.recipient, accepted.relay_ip) == (
+        "accepted",
+        RECIPIENT,
+        "127.0.0.1",
+    )
+    assert accepted.message_id == f"<{tag}@test.dbmx.net>"
+    assert relayed.event == "relayed" and relayed.attempt == 1
+    assert (relayed.relay_ip, relayed.reply_code) == ("127.0.0.1", 250)
+    assert relayed.tls_version.startswith("TLSv1") and relayed.tls_verified
+    assert relayed.node == accepted.node and relayed.time >= accepted.time

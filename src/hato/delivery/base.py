@@ -30,6 +30,13 @@ class DeliveryResult:
     result: Result
     reply: Reply
     relay: str = ""  # "host[ip]:port" as in Postfix's log, or "maildir", "hold"
+    # The next hop spoken to, for the attempt record (hato.events.Attempt): its name and
+    # address, the TLS protocol version ("" in plaintext) and whether its certificate
+    # was checked. Empty when no SMTP session was reached.
+    relay_host: str = ""
+    relay_ip: str = ""
+    tls_version: str = ""
+    tls_verified: bool = False
 
     @property
     def ok(self) -> bool:

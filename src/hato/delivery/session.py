@@ -229,11 +229,16 @@ class Session:
         now: float,
         *,
         verified: bool = False,
+        host: str = "",
+        ip: str = "",
     ) -> None:
         self.smtp = smtp
         self.relay = relay
         self.encrypted = encrypted
         self.verified = verified
+        self.host = host
+        self.ip = ip
+        self.tls_version = _tls_version(smtp) if encrypted else ""
         self.opened_at = now
         self.last_used = now
         self.stage = _SENDING_MAIL
@@ -242,6 +247,16 @@ class Session:
     @property
     def alive(self) -> bool:
         return self.smtp.is_connected
+
+    def stamp(self, result: DeliveryResult) -> DeliveryResult:
+        """``result`` with this session's hop for the attempt record."""
+        return replace(
+            result,
+            relay_host=self.host,
+            relay_ip=self.ip,
+            tls_version=self.tls_version,
+            tls_verified=self.verified,
+        )
 
     def satisfies(self, tls: Tls) -> bool:
         """Whether this session may carry mail that asks for ``tls``."""
@@ -271,6 +286,15 @@ class Session:
         return response.code == 250 and self.alive
 
 
+def _tls_version(smtp: aiosmtplib.SMTP) -> str:
+    """The negotiated TLS version (``TLSv1.3``) of a connected session, ``""`` if unknown."""
+    if not smtp.is_connected:
+        return ""
+    ssl_object = smtp.get_transport_info("ssl_object")
+    version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+    return version or ""
+
+
 # Opening a session.
 
 
@@ -298,9 +322,10 @@ async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.mono
     except Exception as exc:
         smtp.close()
         raise _connect_failure(exc, relay) from exc
+    ip = plan.address or ""
     if plan.address is None:
         peer = smtp.get_transport_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) and peer else "unknown"
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         relay = f"{plan.host}[{ip}]:{plan.port}"
     try:
         encrypted = await _handshake(smtp, plan, relay)
@@ -308,7 +333,7 @@ async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.mono
         smtp.close()
         raise
     verified = encrypted and _checks_name(plan.context)
-    return Session(smtp, relay, encrypted, monotonic(), verified=verified)
+    return Session(smtp, relay, encrypted, monotonic(), verified=verified, host=plan.host, ip=ip)
 
 
 def _checks_name(context: ssl.SSLContext) -> bool:
@@ -576,7 +601,9 @@ async def send(
     undecided = Reply(451, "4.3.0", f"no reply from {relay} for this recipient")
     return Transaction(
         [
-            results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+            session.stamp(
+                results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+            )
             for i, rcpt in enumerate(recipients)
         ],
         deferred_at_mail,

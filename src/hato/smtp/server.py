@@ -28,8 +28,9 @@ from typing import Any, cast
 
 from hato import reply
 from hato.errors import ConfigError, HatoError, QueueError, QueueFullError
+from hato.events import ACCEPTED, DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import Envelope
+from hato.message import META_ENVID, Envelope, message_id_of
 from hato.queue.base import Queue
 from hato.reply import Reply
 from hato.smtp.auth import Authenticator, AuthThrottle
@@ -560,7 +561,9 @@ class _Connection(asyncio.Protocol):
         try:
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
-            queue_id = await listener.queue.enqueue(envelope, data, held=listener.hold)
+            queue_id = await listener.queue.enqueue(
+                envelope, data, held=listener.hold, events=self._accepted(envelope, data)
+            )
         except QueueFullError as exc:
             _debug.warning("queue full: %s", exc)
             events = session.message_rejected(reply.STORAGE_FULL)
@@ -587,6 +590,37 @@ class _Connection(asyncio.Protocol):
         self._handle(events)
         if listener.closing:
             self.shutdown()
+
+    def _accepted(self, envelope: Envelope, data: bytes) -> list[DeliveryEvent]:
+        """The ``accepted`` delivery events, one per recipient, stored with the message;
+        the attempt record names the client (the previous hop)."""
+        listener = self.listener
+        now = listener.clock()
+        envid = envelope.meta.get(META_ENVID, "")
+        message_id = message_id_of(data)
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        tls_version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+        return [
+            DeliveryEvent(
+                event_id=new_event_id(listener.clock),
+                event=ACCEPTED,
+                time=now,
+                node=listener.limits.hostname,
+                queue_id="",
+                recipient=rcpt,
+                envid=envid,
+                message_id=message_id,
+                route=listener.listener.role.value,
+                relay_host=envelope.client_helo[:255],
+                relay_ip=self.ip,
+                reply_code=250,
+                reply_enhanced="2.0.0",
+                reply_text="queued",
+                tls_version=tls_version or "",
+            )
+            for rcpt in envelope.recipients
+        ]
 
     async def _authenticate(self, event: Authenticate) -> None:
         session = self.session
