@@ -247,10 +247,10 @@ def test_queue_init_postgres(tmp_path: Path, pg_schema: str) -> None:
     # A password in the URL (ignored by the test server's trust auth) must not be printed.
     url = POSTGRES_URL.replace("postgres@", "postgres:hunter2@", 1) + f"?schema={pg_schema}"
     out = run_hato(["queue", "init", "--queue", url], data_dir=tmp_path).stdout
-    assert "queue ready" in out and "schema version 1" in out
+    assert "queue ready" in out and "schema version 2" in out
     assert "hunter2" not in out
     again = run_hato(["queue", "init", "--queue", url], data_dir=tmp_path).stdout
-    assert "schema version 1" in again  # idempotent
+    assert "schema version 2" in again  # idempotent
     with psycopg.connect(POSTGRES_URL) as conn:
         row = conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s",
