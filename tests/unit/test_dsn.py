@@ -267,7 +267,7 @@ def test_success_reports(action: str) -> None:
     assert b"secret reset link" not in data
 
 
-def test_delayed_report() -> None:
+def test_delayed_report_keeps_the_4xx_status() -> None:
     late = FailedRecipient(
         "user@example.net", Reply(451, "4.4.1", "Connection refused"), action="delayed"
     )
