@@ -238,7 +238,8 @@ def request_of(meta: Mapping[str, str], *, envid: str | None = None) -> DsnReque
             try:
                 notify = parse_notify(item["notify"]) if "notify" in item else frozenset()
                 orcpt = str(item.get("orcpt", ""))
-                _printable(orcpt, "ORCPT")
+                if orcpt:
+                    parse_orcpt(encode_orcpt(orcpt))  # what would go on must parse
             except (DsnError, AttributeError, TypeError):
                 continue
             recipients[str(address)] = RecipientDsn(notify, orcpt)
@@ -246,6 +247,6 @@ def request_of(meta: Mapping[str, str], *, envid: str | None = None) -> DsnReque
     if ret not in RET_VALUES:
         ret = ""
     env = meta.get(META_ENVID, "") if envid is None else envid
-    if len(env) > MAX_ENVID or _PRINTABLE_RE.fullmatch(env) is None:
+    if _PRINTABLE_RE.fullmatch(env) is None or len(xtext_encode(env)) > MAX_ENVID:
         env = ""
     return DsnRequest(ret=ret, envid=env, recipients=recipients, notify=default)
