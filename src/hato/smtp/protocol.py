@@ -206,15 +206,6 @@ def _sanitize_helo(helo: str) -> str:
     return _HELO_UNSAFE_RE.sub("?", helo[:255]) or "unknown"
 
 
-def _duplicate(key: str) -> Reply:
-    return Reply(501, "5.5.4", f"Duplicate {key} parameter")
-
-
-def _bad_value(key: str, exc: DsnError) -> Reply:
-    """501 5.5.4 naming the parameter; the reason is one safe line of ours."""
-    return Reply(501, "5.5.4", f"Invalid {key} parameter: {exc}")
-
-
 def _address_literal(ip: str) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
@@ -560,7 +551,7 @@ class ServerSession:
                 key = key.upper()
                 if key in _DSN_MAIL_PARAMS:
                     if key in seen:
-                        self._error(_duplicate(key))
+                        self._error(reply.param_duplicate(key))
                         return
                     seen.add(key)
                     try:
@@ -569,7 +560,7 @@ class ServerSession:
                         else:
                             envid = parse_envid(value)
                     except DsnError as exc:
-                        self._error(_bad_value(key, exc))
+                        self._error(reply.param_invalid(key, str(exc)))
                         return
                 elif key == "SIZE":
                     if not value.isdigit() or len(value) > 20:
@@ -658,7 +649,7 @@ class ServerSession:
                 self._error(reply.PARAM_UNRECOGNIZED)
                 return None
             if key in seen:
-                self._error(_duplicate(key))
+                self._error(reply.param_duplicate(key))
                 return None
             seen.add(key)
             try:
@@ -667,7 +658,7 @@ class ServerSession:
                 else:
                     orcpt = parse_orcpt(value)
             except DsnError as exc:
-                self._error(_bad_value(key, exc))
+                self._error(reply.param_invalid(key, str(exc)))
                 return None
         return RecipientDsn(notify, orcpt)
 
