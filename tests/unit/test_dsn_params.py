@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from hato import Mailer, compose
+from hato.config import load_settings
 from hato.dsn_params import (
     META_NOTIFY,
     META_RCPT,
@@ -24,7 +28,7 @@ from hato.dsn_params import (
     xtext_decode,
     xtext_encode,
 )
-from hato.errors import HatoError
+from hato.errors import ConfigError, HatoError
 from hato.message import META_ENVID
 
 
@@ -211,3 +215,20 @@ def test_send_with_a_bad_notify_raises_and_stores_nothing(tmp_path: object) -> N
         assert mailer.status(good).state == "queued"
     finally:
         mailer.close()
+
+
+# HATO_DELAY_WARNING
+
+
+def test_delay_warning_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("HATO_")]:
+        monkeypatch.delenv(name)
+    assert load_settings(data_dir=tmp_path).delay_warning == 4 * 3600
+    monkeypatch.setenv("HATO_DELAY_WARNING", "90m")
+    assert load_settings(data_dir=tmp_path).delay_warning == 5400
+    monkeypatch.setenv("HATO_DELAY_WARNING", "0")
+    assert load_settings(data_dir=tmp_path).delay_warning == 0
+    monkeypatch.setenv("HATO_DELAY_WARNING", "-1h")
+    with pytest.raises(ConfigError):
+        load_settings(data_dir=tmp_path)
