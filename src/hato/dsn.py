@@ -29,7 +29,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Literal
 
-from hato.dsn_params import xtext_encode
+from hato.dsn_params import encode_orcpt, xtext_encode
 from hato.message import Envelope
 from hato.reply import Reply
 
@@ -220,8 +220,10 @@ def build_bounce(
     blocks = [per_message]
     for r in recipients:
         block = Message(policy=_POLICY)
-        if r.orcpt and r.orcpt.isascii():
-            block["Original-Recipient"] = _clean(r.orcpt)
+        if r.orcpt:
+            # A utf-8 ORCPT (RFC 6533) in its ASCII form: this part is message/delivery-status.
+            orcpt = r.orcpt if r.orcpt.isascii() else encode_orcpt(r.orcpt)
+            block["Original-Recipient"] = _clean(orcpt)
         block["Final-Recipient"] = _address_field(r.address)
         block["Action"] = r.action
         block["Status"] = status_of(r.reply, r.action)

@@ -57,24 +57,40 @@ class DsnError(HatoError, ValueError):
 
 
 def xtext_decode(text: str) -> str:
-    """The value an xtext stands for (RFC 3461 4): ``+HH`` is the character HH, every
-    other character is itself. Raises :class:`DsnError` for anything but xtext."""
+    """The value an xtext stands for (RFC 3461 4): ``+HH`` is the octet HH, every other
+    character is itself; the octets are read as UTF-8 (Postfix writes a UTF-8 ORCPT
+    that way). Raises :class:`DsnError` for anything but xtext of UTF-8."""
     if not text.isascii() or _XTEXT_RE.fullmatch(text) is None:
         raise DsnError("not xtext")
-    return _HEXCHAR_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    if "+" not in text:
+        return text
+    octets = _HEXCHAR_RE.sub(lambda m: chr(int(m.group(1), 16)), text).encode("latin-1")
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DsnError("xtext is not UTF-8") from None
 
 
 def xtext_encode(value: str) -> str:
-    """``value`` as xtext: ``+``, ``=``, and everything outside ``!``..``~`` as ``+HH``
-    (upper-case hex). Raises :class:`DsnError` for a non-ASCII value."""
-    if not value.isascii():
-        raise DsnError("xtext carries US-ASCII only")
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in value)
+    """``value`` as xtext: ``+``, ``=``, and every octet outside ``!``..``~`` (of its
+    UTF-8 form) as ``+HH`` (upper-case hex)."""
+    return "".join(
+        chr(b) if 0x21 <= b <= 0x7E and b not in (0x2B, 0x3D) else f"+{b:02X}"
+        for b in value.encode("utf-8", "surrogatepass")
+    )
 
 
 def _printable(value: str, what: str) -> str:
     if _PRINTABLE_RE.fullmatch(value) is None:
         raise DsnError(f"{what} holds a character that is not printable US-ASCII")
+    return value
+
+
+def _printable_address(value: str) -> str:
+    # isprintable() is False for controls, line separators and lone surrogates; the
+    # ASCII space (a quoted local part may hold one) is the only space it allows.
+    if not value.isprintable():
+        raise DsnError("ORCPT holds a character that is not printable")
     return value
 
 
@@ -111,19 +127,48 @@ def parse_notify(value: str) -> frozenset[str]:
 
 def parse_orcpt(value: str) -> str:
     """The decoded ORCPT of ``ORCPT=value``: ``addr-type;address`` (the address part
-    xtext-decoded), at most :data:`MAX_ORCPT` characters as sent."""
+    xtext-decoded), at most :data:`MAX_ORCPT` characters as sent.
+
+    The ``utf-8`` address type (RFC 6533, what Postfix sends for an SMTPUTF8 recipient)
+    carries UTF-8 as it is or as ``\\x{HEX}`` escapes instead of xtext; its address is
+    kept as Unicode, without control or line-separator characters."""
     if len(value) > MAX_ORCPT:
         raise DsnError(f"ORCPT is longer than {MAX_ORCPT} characters")
     addr_type, sep, xtext = value.partition(";")
     if not sep or _ADDR_TYPE_RE.fullmatch(addr_type) is None or not xtext:
         raise DsnError("ORCPT is addr-type;xtext")
-    return f"{addr_type};" + _printable(xtext_decode(xtext), "ORCPT")
+    if addr_type.lower() == "utf-8":
+        return f"{addr_type};" + _utf8_addr_decode(xtext)
+    return f"{addr_type};" + _printable_address(xtext_decode(xtext))
 
 
 def encode_orcpt(orcpt: str) -> str:
-    """A decoded ORCPT (``rfc822;a@b``) as it goes on the wire: the address as xtext."""
+    """A decoded ORCPT (``rfc822;a@b``) as it goes on the wire: the address as xtext
+    (``utf-8``: RFC 6533's ASCII form, ``\\x{HEX}`` for what is not a plain character)."""
     addr_type, _, address = orcpt.partition(";")
+    if addr_type.lower() == "utf-8":
+        return f"{addr_type};" + "".join(
+            c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
+        )
     return f"{addr_type};{xtext_encode(address)}"
+
+
+_UTF8_ADDR_RE = re.compile(
+    r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\x\{[0-9A-Fa-f]{1,6}\})+"
+)
+_EMBEDDED_RE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def _utf8_addr_decode(text: str) -> str:
+    if _UTF8_ADDR_RE.fullmatch(text) is None:
+        raise DsnError("not a utf-8 address")
+    try:
+        address = _EMBEDDED_RE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    except (ValueError, OverflowError):
+        raise DsnError("not a utf-8 address") from None
+    if any(c.isspace() for c in address):
+        raise DsnError("ORCPT holds a character that is not printable")
+    return _printable_address(address)
 
 
 def notify_text(notify: Iterable[str]) -> str:

@@ -353,7 +353,7 @@ def fuzz_dsn(data: bytes) -> None:
             assert parse_notify(notify_text(words)) == words
         elif which == 3:
             orcpt = parse_orcpt(text)
-            assert len(text) <= MAX_ORCPT and _printable(orcpt), orcpt
+            assert len(text) <= MAX_ORCPT and orcpt.isprintable(), orcpt
             assert parse_orcpt(encode_orcpt(orcpt)) == orcpt
         elif which == 4:
             assert parse_ret(text) in ("FULL", "HDRS")

@@ -231,3 +231,28 @@ async def test_postfix_reports_back_with_hatos_envid_when_its_next_hop_lacks_dsn
     assert per_message["Original-Envelope-Id"] == "outbox-0042"
     assert per_rcpt["Action"] == "relayed"
     assert per_rcpt["Original-Recipient"] == "rfc822;User@example.org"
+
+
+async def test_postfix_passes_a_utf8_recipients_orcpt_to_hato(
+    intake: HatoIntake, postfix_to_hato: PostfixInstance
+) -> None:
+    """An SMTPUTF8 recipient: Postfix adds an ORCPT with the address's UTF-8 octets as
+    xtext, which Hato's intake reads as UTF-8 (an ASCII-only reading refused the
+    recipient with 501, and Postfix bounced the message)."""
+    courier = SmarthostCourier(
+        SmarthostConfig(host="127.0.0.1", port=postfix_to_hato.port("smtp"), tls="none")
+    )
+    rcpt = "j\u00f6rg@example.org"
+    dsn = DsnRequest(envid="utf8-1", recipients={rcpt: RecipientDsn(frozenset({"FAILURE"}))})
+    try:
+        (result,) = await courier.deliver("app@dbmx.net", [rcpt], MSG, dsn=dsn)
+    finally:
+        await courier.close()
+    assert result.result is Result.OK, result.reply
+    (got,) = await intake.wait_for(1)
+    assert [r.address for r in got.recipients] == [rcpt], got.data.decode(errors="replace")
+    assert got.meta[META_ENVID] == "utf8-1"
+    params = rcpt_params(got)[rcpt]
+    assert params["notify"] == "FAILURE"
+    # Postfix writes it as rfc822 with the UTF-8 octets in xtext (+C3+B6).
+    assert params["orcpt"] == f"rfc822;{rcpt}"

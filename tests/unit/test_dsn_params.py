@@ -68,9 +68,11 @@ def test_xtext_round_trip_of_every_ascii_character() -> None:
     assert xtext_decode(xtext_encode(value)) == value
 
 
-def test_xtext_encode_refuses_non_ascii() -> None:
+def test_xtext_of_utf8_is_its_octets() -> None:
+    assert xtext_encode("j\u00f6rg") == "j+C3+B6rg"
+    assert xtext_decode("j+C3+B6rg") == "j\u00f6rg"
     with pytest.raises(DsnError):
-        xtext_encode("caf\u00e9")
+        xtext_decode("a+FFb")  # not UTF-8
 
 
 def test_ret() -> None:
@@ -120,7 +122,18 @@ def test_orcpt() -> None:
     assert parse_orcpt("rfc822;a+2Bb@example.org") == "rfc822;a+b@example.org"
     assert encode_orcpt("rfc822;a+b@example.org") == "rfc822;a+2Bb@example.org"
     assert parse_orcpt("rfc822;" + "b" * 493) == "rfc822;" + "b" * 493
-    for bad in ("a@b", "rfc822;", ";a@b", "rfc_822;a@b", "rfc822;a+0A@b", "rfc822;" + "b" * 494):
+    # Postfix's form of an SMTPUTF8 recipient: rfc822 with the UTF-8 octets as xtext.
+    assert parse_orcpt("rfc822;j+C3+B6rg@example.org") == "rfc822;j\u00f6rg@example.org"
+    assert encode_orcpt("rfc822;j\u00f6rg@example.org") == "rfc822;j+C3+B6rg@example.org"
+    for bad in (
+        "a@b",
+        "rfc822;",
+        ";a@b",
+        "rfc_822;a@b",
+        "rfc822;a+0A@b",
+        "rfc822;a+E2+80+A8@b",  # U+2028
+        "rfc822;" + "b" * 494,
+    ):
         with pytest.raises(DsnError):
             parse_orcpt(bad)
 
@@ -232,3 +245,25 @@ def test_delay_warning_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("HATO_DELAY_WARNING", "-1h")
     with pytest.raises(ConfigError):
         load_settings(data_dir=tmp_path)
+
+
+def test_utf8_orcpt_of_rfc_6533() -> None:
+    assert (
+        parse_orcpt("utf-8;j\u00f6rg@b\u00fccher.example") == "utf-8;j\u00f6rg@b\u00fccher.example"
+    )
+    assert parse_orcpt("utf-8;j\\x{F6}rg@example.org") == "utf-8;j\u00f6rg@example.org"
+    assert encode_orcpt("utf-8;j\u00f6rg+x@example.org") == "utf-8;j\\x{F6}rg\\x{2B}x@example.org"
+    assert (
+        parse_orcpt(encode_orcpt("utf-8;j\u00f6rg+x@example.org"))
+        == "utf-8;j\u00f6rg+x@example.org"
+    )
+    for bad in (
+        "utf-8;a\\x{A}b",
+        "utf-8;a\u2028b",
+        "utf-8;a b",
+        "utf-8;a+b",
+        "utf-8;a\\x{}",
+        "utf-8;a\\x{D800}",
+    ):
+        with pytest.raises(DsnError):
+            parse_orcpt(bad)
