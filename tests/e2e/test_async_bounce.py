@@ -14,11 +14,13 @@ matched by it, and a forged token matches nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
 from typing import TYPE_CHECKING
 
 from hato.events import DeliveryEvent
 from hato.queue import open_queue
+from peers.hato import run_hato
 from peers.postfix_mx import PostfixMX
 
 if TYPE_CHECKING:  # both conftest modules are named conftest: import types only
@@ -124,6 +126,11 @@ def test_a_late_dsn_becomes_a_bounced_event(
     assert bounced.relay_host == "store.example.net"
     assert bounced.message_id == "<order-7@dbmx.net>"
     assert bounced.node == "relay.dbmx.net"
+    # The original message's recipient is no longer counted as sent on the relay server.
+    listed = json.loads(
+        run_hato(["queue", "list", "--state", "failed", "--json"], data_dir=relay.data_dir).stdout
+    )
+    assert [m["id"] for m in listed] == [queue_id]
 
     # Mail to the same address that is not a bounce is delivered as always; the bounce,
     # handled before it, is not in the Maildir.

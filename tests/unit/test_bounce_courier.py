@@ -18,6 +18,7 @@ from hato.dsn import FailedRecipient, build_bounce
 from hato.events import ACCEPTED, DeliveryEvent
 from hato.maillog import MailLog
 from hato.message import META_ENVID, Envelope
+from hato.queue.base import MessageState, Outcome, RecipientState
 from hato.queue.memory import MemoryQueue
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
@@ -243,3 +244,23 @@ async def test_the_worker_sends_with_a_verp_return_path_off_the_local_route() ->
     assert local.calls == [(SENDER, ["me@example.com"])]
     assert VERP.queue_id(VERP.return_path(SENDER, qid)) == qid.lower()
     assert other
+
+
+async def test_a_delivered_recipient_becomes_failed_in_the_queue() -> None:
+    node = Node()
+    qid = await node.sent("a@example.net", RCPT)
+    await node.queue.claim(owner="w", limit=1, lease_seconds=60)
+    sent = [Outcome(r, RecipientState.SENT, "250 2.0.0 ok") for r in ("a@example.net", RCPT)]
+    assert await node.queue.record(qid, sent, owner="w", retry_at=None) is MessageState.SENT
+    assert await node.bounce(dsn(envid=qid)) == [Result.OK]
+    message = await node.queue.get(qid)
+    assert message.state is MessageState.FAILED
+    assert [(r.address, r.state, r.reply, r.relay) for r in message.recipients] == [
+        ("a@example.net", RecipientState.SENT, "250 2.0.0 ok", ""),
+        (
+            RCPT,
+            RecipientState.FAILED,
+            "550 5.1.1 <user@example.net>: User unknown",
+            "store.example.net",
+        ),
+    ]

@@ -23,7 +23,9 @@ How a bounce is matched, most trusted first:
 Matches 2 and 3 are only clues anyone could write into a message, so they also need a
 reported recipient to be one of the original message's; only those recipients get
 events. Event ids are derived from the bounce's queue id, so a bounce delivered twice
-(at least once) stores its events once.
+(at least once) stores its events once. A recipient the original message still has as
+``sent`` becomes ``failed`` in the same commit (``Queue.record_bounce``), so ``hato
+queue list`` shows it too.
 
 Only messages from the null sender (or ``MAILER-DAEMON``/``postmaster``), or to a VERP
 address, are parsed at all. Queue errors while matching or recording are temporary
@@ -55,7 +57,7 @@ from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.errors import MessageNotFound
 from hato.events import DeliveryEvent, new_event_id
 from hato.message import META_ENVID, message_id_of
-from hato.queue.base import Queue, StoredMessage
+from hato.queue.base import Outcome, Queue, RecipientState, StoredMessage
 from hato.reply import Reply
 from hato.verp import Verp, split_token
 
@@ -133,7 +135,13 @@ class BounceCourier:
             if match is None:
                 return await self.inner.deliver(sender, recipients, data, message_id=message_id)
             recorded = self.events_for(bounce, match, message_id)
-            await self.queue.add_events(recorded)
+            failed = [
+                Outcome(e.recipient, RecipientState.FAILED, _reply_of(e), e.relay_host or ROUTE)
+                for e in recorded
+                if e.event == events.BOUNCED
+            ]
+            if await self.queue.record_bounce(match.message.id, failed, events=recorded) is None:
+                await self.queue.add_events(recorded)  # deleted meanwhile: keep the record
         except Exception as exc:  # the queue failed: try the whole bounce again later
             reply = Reply(451, "4.3.0", f"cannot record bounce: {type(exc).__name__}: {exc}")
             return all_results(recipients, Result.TEMPORARY, reply, ROUTE)
@@ -264,6 +272,12 @@ class BounceCourier:
             f"{bounce_id}\0{queue_id}\0{recipient}\0{name}".encode()
         ).hexdigest()
         return f"{millis:012x}{digest[:12]}"
+
+
+def _reply_of(event: DeliveryEvent) -> str:
+    """The recipient's reply as the queue keeps it (``550 5.1.1 text``, as a courier's)."""
+    parts = [str(event.reply_code) if event.reply_code else "", event.reply_enhanced]
+    return " ".join(p for p in (*parts, event.reply_text) if p)
 
 
 def _parse(data: bytes, recipients: Sequence[str]) -> Bounce | None:
