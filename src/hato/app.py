@@ -138,7 +138,11 @@ def build_verp(settings: Settings) -> Verp | None:
     if settings.verp_secret is not None:
         secret = settings.verp_secret.get_secret_value().encode()
     else:
-        secret = load_secret(settings.data_dir / "verp.key")
+        path = settings.data_dir / "verp.key"
+        try:
+            secret = load_secret(path)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"cannot read or make the VERP key {path}: {exc}") from None
     try:
         return Verp(secret, settings.domains)
     except ValueError as exc:
