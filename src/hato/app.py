@@ -150,12 +150,12 @@ def build_verp(settings: Settings) -> Verp | None:
 
 
 def build_bounce_courier(
-    settings: Settings, queue: Queue, local: Courier, verp: Verp | None
+    settings: Settings, queue: Queue, local: Courier, verp: Verp | None, log: MailLog
 ) -> BounceCourier:
     """The local route's front: bounces for mail this node sent become events
     (:mod:`hato.delivery.bounce`); everything else goes on to ``local``."""
     return BounceCourier(
-        local, queue, hostname=settings.hostname, verp=verp, keep=settings.bounce_keep
+        local, queue, hostname=settings.hostname, verp=verp, keep=settings.bounce_keep, log=log
     )
 
 
@@ -468,7 +468,7 @@ async def serve(
     queue = build_queue(settings)
     if recipients is not None:
         maildir = build_maildir(settings, queue, recipients, users)
-        couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp)
+        couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
     worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []

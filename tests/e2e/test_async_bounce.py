@@ -114,6 +114,11 @@ def test_a_late_dsn_becomes_a_bounced_event(
 
     bounce_id = send(relay, "", SENDER, postfix_dsn("<order-7@dbmx.net>"))
     relay.serve.wait_for_log(rf"{bounce_id}: .*bounce for {queue_id} recorded \(message-id")
+    # The mail log shows it under the original's queue id, beside the delivery.
+    relay.serve.wait_for_log(
+        rf"{queue_id}: to=<{RECIPIENT}>, relay=store\.example\.net, .*dsn=5\.1\.1, "
+        rf"status=bounced \(550 5\.1\.1 User unknown \(reported by bounce {bounce_id}"
+    )
     timeline = [(e.event, e.recipient) for e in events_of(relay, queue_id)]
     assert timeline == [
         ("accepted", RECIPIENT),

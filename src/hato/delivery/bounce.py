@@ -56,6 +56,7 @@ from hato.clock import Clock
 from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.errors import MessageNotFound
 from hato.events import DeliveryEvent, new_event_id
+from hato.maillog import MailLog
 from hato.message import META_ENVID, message_id_of
 from hato.queue.base import Outcome, Queue, RecipientState, StoredMessage
 from hato.reply import Reply
@@ -103,6 +104,7 @@ class BounceCourier:
         keep: bool = False,
         clock: Clock = time.time,
         lookback: float = LOOKBACK,
+        log: MailLog | None = None,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -112,6 +114,7 @@ class BounceCourier:
         self.keep = keep
         self._clock = clock
         self.lookback = lookback
+        self.log = log
 
     async def close(self) -> None:
         await self.inner.close()
@@ -142,6 +145,7 @@ class BounceCourier:
             ]
             if await self.queue.record_bounce(match.message.id, failed, events=recorded) is None:
                 await self.queue.add_events(recorded)  # deleted meanwhile: keep the record
+            self._log(match, recorded, bounce_id=message_id)
         except Exception as exc:  # the queue failed: try the whole bounce again later
             reply = Reply(451, "4.3.0", f"cannot record bounce: {type(exc).__name__}: {exc}")
             return all_results(recipients, Result.TEMPORARY, reply, ROUTE)
@@ -154,6 +158,24 @@ class BounceCourier:
             f"{len(recorded)} event{'s' if len(recorded) != 1 else ''})",
         )
         return all_results(recipients, Result.OK, reply, ROUTE)
+
+    def _log(self, match: Match, recorded: Sequence[DeliveryEvent], *, bounce_id: str) -> None:
+        """One line per recorded event under the original message's queue id, so a grep
+        for it shows the late bounce beside the delivery it contradicts."""
+        if self.log is None:
+            return
+        for e in recorded:
+            self.log.delivery(
+                match.message.id,
+                to=e.recipient,
+                relay=e.relay_host or ROUTE,
+                delay=max(0.0, e.time - match.message.created_at),
+                attempts=match.message.attempts,
+                dsn=e.reply_enhanced,
+                status=e.event,
+                detail=f"{_reply_of(e)} (reported by bounce {bounce_id or '-'}, {match.how})",
+                service=ROUTE,
+            )
 
     def _our_own(self, bounce: Bounce) -> bool:
         """A DSN this node wrote (the worker recorded its events when it wrote it)."""
