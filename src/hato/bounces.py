@@ -28,8 +28,11 @@ VERP token (:mod:`hato.verp`) proves the bounce is about that message.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import email.policy
+import quopri
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -276,18 +279,27 @@ def _html_to_text(html: str) -> str:
 def _status_blocks(part: Message) -> list[Message]:
     """The field blocks of a ``message/delivery-status`` part: the per-message one first."""
     payload = part.get_payload()
+    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     if isinstance(payload, list):
-        blocks = [p for p in payload if isinstance(p, Message) and len(p.keys())]
-        if blocks:
-            return blocks
-    # Encoded (base64, quoted-printable) or unparsed: split the text into blocks.
-    raw = part.get_payload(decode=True)
-    if isinstance(raw, bytes):
-        text = raw[:MAX_TEXT].decode("utf-8", "replace")
-    elif isinstance(payload, str):
-        text = payload[:MAX_TEXT]
-    else:
+        if encoding not in ("base64", "quoted-printable"):
+            blocks = [p for p in payload if isinstance(p, Message) and len(p.keys())]
+            if blocks:
+                return blocks
+        # The email package parsed the encoded text as field blocks: take it back.
+        payload = "\n".join(p.as_string() for p in payload if isinstance(p, Message))
+    # Encoded (base64, quoted-printable) or unparsed: decode, split the text into blocks.
+    if not isinstance(payload, str):
         return []
+    text = payload[:MAX_TEXT]
+    if encoding == "base64":
+        try:
+            text = base64.b64decode("".join(text.split()), validate=False).decode(
+                "utf-8", "replace"
+            )
+        except (binascii.Error, ValueError):
+            return []
+    elif encoding == "quoted-printable":
+        text = quopri.decodestring(text.encode("utf-8", "replace")).decode("utf-8", "replace")
     text = text.replace("\r\n", "\n")
     parser = HeaderParser(policy=email.policy.compat32)
     blocks = [parser.parsestr(b.strip("\n") + "\n") for b in re.split(r"\n[ \t]*\n", text)]

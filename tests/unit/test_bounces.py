@@ -118,6 +118,21 @@ ROWS = [
         message_id="<notes-3@example.com>",
     ),
     Row(
+        "exchange-base64-status",
+        "rfc3464",
+        (
+            Rcpt(
+                "p.brown@corp.example.org",
+                "failed",
+                "5.2.2",
+                554,
+                "exch02.corp.example.org",
+                says="QuotaExceededException",
+            ),
+        ),
+        message_id="<invoice-2026-118@example.com>",
+    ),
+    Row(
         "office365",
         "rfc3464",
         (
