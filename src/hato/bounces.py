@@ -35,7 +35,7 @@ import email.policy
 import quopri
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import HeaderParser
 from typing import Final
@@ -125,7 +125,6 @@ class Bounce:
     message_id: str = ""
     reporting_mta: str = ""
     hato_queue_id: str = ""
-    addresses: tuple[str, ...] = field(default=())
 
     @property
     def hard(self) -> bool:
@@ -677,7 +676,6 @@ def parse_bounce(data: bytes, recipients: Iterable[str] = ()) -> Bounce | None:
         if split is not None:
             token = split[1]
             break
-    addresses = tuple(dict.fromkeys(a for a in recipients))
     return Bounce(
         form=bounce.form,
         recipients=bounce.recipients,
@@ -686,5 +684,4 @@ def parse_bounce(data: bytes, recipients: Iterable[str] = ()) -> Bounce | None:
         message_id=bounce.message_id,
         reporting_mta=bounce.reporting_mta,
         hato_queue_id=bounce.hato_queue_id,
-        addresses=addresses,
     )
