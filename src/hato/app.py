@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from hato.aliases import LocalRecipients, load_aliases
 from hato.config import Listener, Settings, Smarthost
 from hato.delivery.base import Courier
+from hato.delivery.bounce import BounceCourier
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
 from hato.delivery.mx import MXCourier, MXTLSPolicy
@@ -39,6 +40,7 @@ from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from hato.dkim import DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
+from hato.errors import ConfigError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue, redact_url
@@ -50,6 +52,7 @@ from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
 from hato.users import UserAuthenticator, UserStore, UserWatcher
+from hato.verp import Verp, load_secret
 from hato.worker import Worker
 
 Say = Callable[[str], None]
@@ -123,6 +126,36 @@ def build_maildir(
         refresh=refresh,
         hostname=settings.hostname,
         fsync=settings.fsync,
+    )
+
+
+def build_verp(settings: Settings) -> Verp | None:
+    """VERP return paths for mail from our own domains (``HATO_VERP``); ``None`` when
+    off or without own domains (bounces could not come back here). Reads or makes the
+    secret now, so a bad one is a start-up error."""
+    if not settings.verp or not settings.domains:
+        return None
+    if settings.verp_secret is not None:
+        secret = settings.verp_secret.get_secret_value().encode()
+    else:
+        path = settings.data_dir / "verp.key"
+        try:
+            secret = load_secret(path)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"cannot read or make the VERP key {path}: {exc}") from None
+    try:
+        return Verp(secret, settings.domains)
+    except ValueError as exc:
+        raise ConfigError(f"HATO_VERP_SECRET: {exc}") from None
+
+
+def build_bounce_courier(
+    settings: Settings, queue: Queue, local: Courier, verp: Verp | None, log: MailLog
+) -> BounceCourier:
+    """The local route's front: bounces for mail this node sent become events
+    (:mod:`hato.delivery.bounce`); everything else goes on to ``local``."""
+    return BounceCourier(
+        local, queue, hostname=settings.hostname, verp=verp, keep=settings.bounce_keep, log=log
     )
 
 
@@ -200,6 +233,7 @@ def build_worker(
     router: Router | None = None,
     bounces: bool = True,
     envid_from_id: bool = False,
+    verp: Verp | None = None,
 ) -> Worker:
     """The delivery worker of ``hato serve`` (or, with ``couriers``/``router``, of
     ``hato worker``)."""
@@ -217,6 +251,7 @@ def build_worker(
         bounces=bounces,
         delay_warning=settings.delay_warning,
         envid_from_id=envid_from_id,
+        return_path=verp.return_path if verp is not None else None,
     )
 
 
@@ -258,9 +293,14 @@ def build_policy(
     users: UserStore | None = None,
     recipients: LocalRecipients | None = None,
     watcher: UserWatcher | None = None,
+    verp: Verp | None = None,
 ) -> Policy:
     """One listener's policy. ``recipients`` is the RCPT check of our own domains and
-    ``watcher`` what keeps the users behind it current."""
+    ``watcher`` what keeps the users behind it current; a VERP address signed by
+    ``verp`` is accepted too (the bounces it brings back are this node's)."""
+    exists: Callable[[str], bool] | None = recipients.exists if recipients is not None else None
+    if exists is not None and verp is not None:
+        exists = _or_signed(exists, verp)
     return Policy(
         role=role,
         mynetworks=parse_networks(settings.effective_mynetworks),
@@ -271,13 +311,20 @@ def build_policy(
         sender_allowed=(
             users.sender_allowed if users is not None and settings.sender_login_check else None
         ),
-        local_recipient_exists=recipients.exists if recipients is not None else None,
+        local_recipient_exists=exists,
         recipients_pending=(
             watcher.pending if recipients is not None and watcher is not None else None
         ),
         route=settings.effective_route,
         allow_private_mx=settings.allow_private_mx,
     )
+
+
+def _or_signed(exists: Callable[[str], bool], verp: Verp) -> Callable[[str], bool]:
+    def check(address: str) -> bool:
+        return verp.is_signed(address) or exists(address)
+
+    return check
 
 
 def build_tls(settings: Settings) -> TLSContextProvider | None:
@@ -412,6 +459,7 @@ async def serve(
     submitted = build_dkim_transform(settings, users)
     couriers = build_couriers(settings)
     recipients = build_local_recipients(settings, users)
+    verp = build_verp(settings)
     watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
     authenticator = UserAuthenticator(users)
     throttle = AuthThrottle(
@@ -422,8 +470,9 @@ async def serve(
     )
     queue = build_queue(settings)
     if recipients is not None:
-        couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
-    worker = build_worker(settings, queue, log, couriers=couriers)
+        maildir = build_maildir(settings, queue, recipients, users)
+        couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
+    worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 
@@ -438,7 +487,7 @@ async def serve(
                 server = await start_listener(
                     ListenerConfig(host=listener.host, port=listener.port, role=role),
                     queue=queue,
-                    policy=build_policy(settings, role, users, recipients, watcher),
+                    policy=build_policy(settings, role, users, recipients, watcher, verp),
                     authenticator=authenticator,
                     tls=tls,
                     log=log,

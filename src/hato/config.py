@@ -718,6 +718,26 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_RECIPIENT_DELIMITER"),
         description="`user+tag@domain` is delivered to `user` (empty turns it off).",
     )
+    verp: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_VERP"),
+        description="Send mail from our own domains with a VERP return path, "
+        "`local+<signed queue id>@domain`, so a bounce names its message even when the "
+        "upstream drops ENVID (docs/bounces.md).",
+    )
+    verp_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_VERP_SECRET"),
+        repr=False,
+        description="The key that signs VERP tokens (16 bytes or more). Default: a random "
+        "key kept in `DATA_DIR/verp.key`, made on first use.",
+    )
+    bounce_keep: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_BOUNCE_KEEP"),
+        description="Also deliver to the mailbox the bounces that were matched to a message "
+        "this node sent and recorded as events (by default they are only recorded).",
+    )
     dkim_dir: Path | None = Field(
         default=None,
         validation_alias=_env("HATO_DKIM_DIR"),
