@@ -442,6 +442,11 @@ class Worker:
                 status=d.status,
                 detail=detail,
                 service=d.kind.value,
+                tls=(
+                    (d.result.tls_version, d.result.tls_verified, d.result.tls_policy)
+                    if d.result.relay_host or d.result.tls_policy
+                    else None
+                ),
             )
         return state
 
@@ -473,6 +478,7 @@ class Worker:
                     reply_text=reply.text,
                     tls_version=res.tls_version,
                     tls_verified=res.tls_verified,
+                    tls_policy=res.tls_policy,
                 )
             )
         return out
