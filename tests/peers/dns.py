@@ -87,6 +87,7 @@ class _Zones:
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
+        reply.header.ad = 0  # dnslib copies the query's flags; AD is set below, or never
         qname = str(request.q.qname).lower()
         qtype = QTYPE[request.q.qtype]
         with self.lock:
