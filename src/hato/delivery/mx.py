@@ -245,6 +245,7 @@ class _Rule:
     refuse_type: str = ""  # its TLS-RPT result type
     tlsa: TLSALookup | None = None
     testing: bool = False  # MTA-STS testing: try verify, report, then go on as may
+    why: str = ""  # what demands TLS, for the reply of a failure
 
 
 def _result_type(failure: SessionFailure) -> str | None:
@@ -445,11 +446,14 @@ class MXCourier:
         try:
             session = await self._open_for(domain, rule, key, host, ip)
         except SessionFailure as failure:
+            reply = failure.reply
             result_type = _result_type(failure)
             if result_type is not None:
-                self._report(domain, rule, host, ip, result_type, failure.reply.text)
+                self._report(domain, rule, host, ip, result_type, reply.text)
+                if rule.why:
+                    reply = Reply(reply.code, reply.enhanced, f"{reply.text}; {rule.why}")
             answered = failure.kind is not FailureKind.UNREACHABLE
-            return _Next(failure.reply, failure.relay, answered=answered)
+            return _Next(reply, failure.relay, answered=answered)
         transaction = await send(session, sender, [rcpt for _, rcpt in items], data)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
@@ -582,7 +586,12 @@ class _Rules:
                 )
             if tlsa.applies:
                 return _Rule(
-                    "dane", "encrypt", "tlsa", tuple(str(r) for r in tlsa.records), tlsa=tlsa
+                    "dane",
+                    "encrypt",
+                    "tlsa",
+                    tuple(str(r) for r in tlsa.records),
+                    tlsa=tlsa,
+                    why=f"TLS required by the DNSSEC-signed TLSA records of {host} (DANE)",
                 )
         sts = await self._sts_lookup()
         policy = sts.policy
@@ -604,7 +613,14 @@ class _Rules:
                     refuse=Reply(451, "4.7.5", why),
                     refuse_type=rpt.VALIDATION_FAILURE,
                 )
-            return _Rule("mta-sts-enforce", "verify", "sts", strings, patterns)
+            return _Rule(
+                "mta-sts-enforce",
+                "verify",
+                "sts",
+                strings,
+                patterns,
+                why=f"verified TLS required by the MTA-STS policy of {domain} (mode enforce)",
+            )
         # No policy (or one announced that could not be had: reported by _sts_lookup).
         return self._default()
 

@@ -430,10 +430,11 @@ async def _starttls(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
         reply = Reply(454, "4.7.5", f"TLS is required, but host {relay} said: {remote}")
         raise SessionFailure(reply, relay) from exc
     except Exception as exc:
-        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {_tls_reason(exc)}")
-        raise SessionFailure(
-            reply, relay, FailureKind.HANDSHAKE, tls_error=_verify_message(exc)
-        ) from exc
+        reason, detail = _tls_reason(exc), _verify_message(exc)
+        if detail and detail not in reason:
+            reason = f"{reason} ({detail})"
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {reason}")
+        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE, tls_error=detail) from exc
     return True
 
 
