@@ -823,6 +823,19 @@ class Settings(BaseSettings):
     def _lower_domains(cls, value: list[str]) -> list[str]:
         return [normalize_domain(d) for d in value]
 
+    @field_validator("dnssec_resolver")
+    @classmethod
+    def _resolver_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from hato.dns import parse_server  # dnspython only where DANE is asked for
+
+        try:
+            parse_server(value)
+        except ConfigError:
+            raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
+        return value.strip()
+
     @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
     @classmethod
     def _lower_choice(cls, value: object) -> object:
