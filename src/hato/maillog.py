@@ -176,7 +176,8 @@ class MailLog:
         """One delivery outcome. ``tls`` (an SMTP hop's protocol version, whether its
         certificate was verified, the rule that chose the TLS level) is written after
         ``relay=`` as ``tls=TLSv1.3 verified=yes policy=dane`` (``tls=none`` for
-        plaintext); in the JSON log as ``tls``, ``tls_verified`` and ``tls_policy``."""
+        plaintext; no ``policy=`` where no rule chose the level); in the JSON log as
+        ``tls``, ``tls_verified`` and ``tls_policy``."""
         extra: dict[str, object] = {}
         if tls is not None:
             version, verified, policy = tls
@@ -184,7 +185,8 @@ class MailLog:
                 extra = {"tls": version, "tls_verified": verified, "tls_policy": policy}
             else:
                 yes = "yes" if verified else "no"
-                extra = {"tls": f"{version or 'none'} verified={yes} policy={policy or 'none'}"}
+                text = f"{version or 'none'} verified={yes}"
+                extra = {"tls": f"{text} policy={policy}" if policy else text}
         self.event(
             service,
             queue_id,

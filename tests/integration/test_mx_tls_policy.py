@@ -574,3 +574,19 @@ async def test_a_message_to_two_domains_records_each_domains_policy(
         (Result.OK, "opportunistic"),
     ]
     assert len(mx1.messages) == 2 and all(m.tls for m in mx1.messages)
+
+
+async def test_testing_mode_with_an_mx_the_policy_does_not_list_delivers_and_reports(
+    test_dns: TestDNS, fleet: Fleet, web: PolicyServer, certs: Certs, tmp_path: Path
+) -> None:
+    one_mx(test_dns, host="mx2.example.test")
+    publish_sts(test_dns, web, TESTING)
+    [mx2] = await fleet.start(["127.0.0.2"], starttls=[certs.mx2_on_mx1])
+    reporter = CollectingTLSReporter()
+    c = courier(test_dns, fleet, web, certs, tmp_path, reporter)
+    [res] = await deliver(c, ["b@example.test"])
+    assert res.result is Result.OK and res.tls_policy == "mta-sts-testing"
+    assert mx2.messages[0].tls
+    [report] = reporter.results
+    assert report.result_type == rpt.VALIDATION_FAILURE
+    assert "does not match the MTA-STS policy" in report.failure_reason

@@ -245,7 +245,7 @@ class _Rule:
     refuse_type: str = ""  # its TLS-RPT result type
     tlsa: TLSALookup | None = None
     testing: bool = False  # MTA-STS testing: try verify, report, then go on as may
-    why: str = ""  # what demands TLS, for the reply of a failure
+    why: str = ""  # what demands TLS, for the reply of a failure (testing: the MX mismatch)
 
 
 def _result_type(failure: SessionFailure) -> str | None:
@@ -467,6 +467,9 @@ class MXCourier:
         self, domain: str, rule: _Rule, key: tuple[str, ...], host: str, ip: str
     ) -> Session:
         """A session as ``rule`` says, reported to TLS-RPT when it is set up."""
+        if rule.testing and rule.why:  # an MX the policy does not list: report, deliver
+            self._report(domain, rule, host, ip, rpt.VALIDATION_FAILURE, rule.why)
+            return await self._session(key, self._plan(host, ip, "may"))
         if rule.testing:
             try:
                 session = await self._pool.session(key, self._plan(host, ip, "verify"))
@@ -598,7 +601,17 @@ class _Rules:
         if policy is not None and policy.mode != "none":
             strings, patterns = policy.lines, policy.mx
             if policy.mode == "testing":
-                return _Rule("mta-sts-testing", "may", "sts", strings, patterns, testing=True)
+                mismatch = (
+                    ""
+                    if policy.matches(host)
+                    else (
+                        f"MX host {host} does not match the MTA-STS policy of {domain} "
+                        f"(mode testing; mx: {', '.join(policy.mx)})"
+                    )
+                )
+                return _Rule(
+                    "mta-sts-testing", "may", "sts", strings, patterns, testing=True, why=mismatch
+                )
             if not policy.matches(host):
                 why = (
                     f"MX host {host} does not match the MTA-STS policy of {domain} "
