@@ -647,7 +647,11 @@ class _Rules:
             if mta_sts is None or _domain_literal(self._domain):
                 self._sts = STSLookup(None)
             else:
-                self._sts = await mta_sts.policy_for(self._domain)
+                try:
+                    self._sts = await mta_sts.policy_for(self._domain)
+                except Exception as exc:  # a bug in policy handling must not stop the mail
+                    why = f"MTA-STS lookup failed: {type(exc).__name__}: {exc}"
+                    self._sts = STSLookup(None, rpt.STS_POLICY_FETCH_ERROR, why)
                 if self._sts.error:
                     self._courier._report(
                         self._domain,
