@@ -590,3 +590,34 @@ async def test_testing_mode_with_an_mx_the_policy_does_not_list_delivers_and_rep
     [report] = reporter.results
     assert report.result_type == rpt.VALIDATION_FAILURE
     assert "does not match the MTA-STS policy" in report.failure_reason
+
+
+@pytest.mark.parametrize(("name", "ok"), [("mx1.example.test", True), ("mx9.example.test", False)])
+async def test_dane_ta_matches_a_ca_of_the_chain_the_server_sends(
+    test_dns: TestDNS,
+    fleet: Fleet,
+    web: PolicyServer,
+    certs: Certs,
+    tmp_path: Path,
+    name: str,
+    ok: bool,
+) -> None:
+    root = trustme.CA()
+    child = root.create_child_ca()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    child.issue_cert(name).configure_cert(context)  # sends its own and the child CA's
+    child_der = x509.load_pem_x509_certificate(child.cert_pem.bytes())
+    spki = child_der.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    one_mx(test_dns)
+    test_dns.tlsa("_25._tcp.mx1.example.test", 2, 1, 1, hashlib.sha256(spki).digest())
+    test_dns.signed("example.test")
+    [mx1] = await fleet.start(["127.0.0.2"], starttls=[context])
+    c = courier(test_dns, fleet, web, certs, tmp_path, dnssec=True)
+    [res] = await deliver(c, ["b@example.test"])
+    assert res.tls_policy == "dane"
+    if ok:
+        assert res.result is Result.OK and res.tls_verified, res.reply
+        assert mx1.messages[0].tls
+    else:
+        assert res.result is Result.TEMPORARY and "does not name mx1.example.test" in res.reply.text
+        assert not mx1.messages
