@@ -21,7 +21,7 @@ import click
 
 from hato.app import build_queue
 from hato.cli import friendly, main, make_settings, run, settings_options
-from hato.errors import ConfigError
+from hato.errors import ConfigError, QueueError
 from hato.events import DeliveryEvent
 from hato.queue import redact_url
 from hato.queue.base import MessageState, Queue, StoredMessage
@@ -126,7 +126,11 @@ def queue_show(
     headers and body."""
 
     async def action(q: Queue) -> tuple[StoredMessage, dict[str, DeliveryEvent]]:
-        return await q.get(message_id), await _last_attempts(q, message_id)
+        m = await q.get(message_id)
+        try:
+            return m, await _last_attempts(q, message_id)
+        except QueueError:  # the events are extra: the message is shown without them
+            return m, {}
 
     m, last = _with_queue(config_file, data_dir, queue_url, action)
     text = m.data.decode("utf-8", "replace")
