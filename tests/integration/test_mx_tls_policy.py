@@ -621,3 +621,20 @@ async def test_dane_ta_matches_a_ca_of_the_chain_the_server_sends(
     else:
         assert res.result is Result.TEMPORARY and "does not name mx1.example.test" in res.reply.text
         assert not mx1.messages
+
+
+async def test_mode_none_is_no_policy(
+    test_dns: TestDNS, fleet: Fleet, web: PolicyServer, certs: Certs, tmp_path: Path
+) -> None:
+    one_mx(test_dns, host="mx2.example.test")
+    publish_sts(test_dns, web, "version: STSv1\nmode: none\nmax_age: 86400\n")
+    [mx2] = await fleet.start(["127.0.0.2"])
+    reporter = CollectingTLSReporter()
+    [res] = await deliver(
+        courier(test_dns, fleet, web, certs, tmp_path, reporter), ["b@example.test"]
+    )
+    assert res.ok and res.tls_policy == "opportunistic"
+    assert len(mx2.messages) == 1 and web.requests("example.test") == 1
+    assert [(r.policy_type, r.result_type) for r in reporter.results] == [
+        ("no-policy-found", rpt.SUCCESS)
+    ]
