@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -33,8 +34,10 @@ from hato.aliases import LocalRecipients, load_aliases
 from hato.config import Listener, Settings, Smarthost
 from hato.delivery.base import Courier
 from hato.delivery.bounce import BounceCourier
+from hato.delivery.dane import DANEResolver
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
+from hato.delivery.mta_sts import MTASTS
 from hato.delivery.mx import MXCourier, MXTLSPolicy
 from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
@@ -51,6 +54,7 @@ from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_network
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.tlsrpt_types import TLSReporter
 from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.verp import Verp, load_secret
 from hato.worker import Worker
@@ -195,8 +199,11 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
     )
 
 
-def build_couriers(settings: Settings, local: Courier | None = None) -> dict[RouteKind, Courier]:
-    """The couriers of ``hato serve``'s routes (reads the relay's secret files)."""
+def build_couriers(
+    settings: Settings, local: Courier | None = None, tls_reporter: TLSReporter | None = None
+) -> dict[RouteKind, Courier]:
+    """The couriers of ``hato serve``'s routes (reads the relay's secret files).
+    ``tls_reporter`` receives the MX courier's per-attempt TLS results (TLS-RPT)."""
     couriers: dict[RouteKind, Courier] = {RouteKind.HOLD: HoldCourier()}
     if local is not None:
         couriers[RouteKind.LOCAL] = local
@@ -204,12 +211,28 @@ def build_couriers(settings: Settings, local: Courier | None = None) -> dict[Rou
     if relay is not None:
         couriers[RouteKind.RELAY] = build_smarthost(relay, settings.hostname)
     if settings.effective_route == "mx":
+        resolver = Resolver(settings.dns_servers)
+        ca_file = str(settings.mx_tls_ca_file) if settings.mx_tls_ca_file else None
+        try:
+            mta_sts = MTASTS(
+                resolver,
+                cache_dir=settings.data_dir / "mta-sts",
+                port=settings.mta_sts_port,
+                ca_file=ca_file,
+                allow_private=settings.allow_private_mx,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"HATO_MX_TLS_CA_FILE {ca_file!r}: {exc}") from exc
         couriers[RouteKind.MX] = MXCourier(
-            Resolver(settings.dns_servers),
+            resolver,
             helo_name=settings.hostname,
             port=settings.outbound_port,
             allow_private=settings.allow_private_mx,
             tls_policy=MXTLSPolicy.parse(settings.mx_tls, settings.mx_tls_policy),
+            ca_file=ca_file,
+            mta_sts=mta_sts,
+            dane=DANEResolver(settings.dnssec_resolver) if settings.dnssec_resolver else None,
+            tls_reporter=tls_reporter,
             concurrency=settings.mx_concurrency,
         )
     return couriers

@@ -661,6 +661,28 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_MX_TLS_POLICY"),
         description="Per-destination TLS levels: `domain=encrypt`, `domain=verify`, `domain=may`.",
     )
+    mx_tls_ca_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_MX_TLS_CA_FILE"),
+        description="CA bundle (PEM) trusted besides the system's CAs for MX certificates "
+        "and MTA-STS policy fetches (private deployments, tests). Unlike "
+        "HATO_RELAY_TLS_CA_FILE it adds to the system's CAs, not replaces them.",
+    )
+    mta_sts_port: int = Field(
+        default=443,
+        ge=1,
+        le=65535,
+        validation_alias=_env("HATO_MTA_STS_PORT"),
+        description="HTTPS port of MTA-STS policy fetches "
+        "(`https://mta-sts.DOMAIN:PORT/.well-known/mta-sts.txt`). Only tests change it.",
+    )
+    dnssec_resolver: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_DNSSEC_RESOLVER"),
+        description="A validating resolver (`IP[:PORT]`, e.g. a local unbound at "
+        "`127.0.0.1:53`) asked for TLSA records with DO set; its AD bit is trusted for "
+        "DANE (RFC 7672). Unset: no DANE.",
+    )
     mx_concurrency: int = Field(
         default=10,
         ge=1,
@@ -828,6 +850,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_domains(cls, value: list[str]) -> list[str]:
         return [normalize_domain(d) for d in value]
+
+    @field_validator("dnssec_resolver")
+    @classmethod
+    def _resolver_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from hato.dns import parse_server  # dnspython only where DANE is asked for
+
+        try:
+            parse_server(value)
+        except ConfigError:
+            raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
+        return value.strip()
 
     @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
     @classmethod

@@ -484,6 +484,11 @@ class Worker:
                 detail=detail,
                 service=d.kind.value,
                 envid=envid,
+                tls=(
+                    (d.result.tls_version, d.result.tls_verified, d.result.tls_policy)
+                    if d.result.relay_host or d.result.tls_policy
+                    else None
+                ),
             )
         return state
 
@@ -596,6 +601,7 @@ class Worker:
                     reply_text=reply.text,
                     tls_version=res.tls_version,
                     tls_verified=res.tls_verified,
+                    tls_policy=res.tls_policy,
                 )
             )
         return out
