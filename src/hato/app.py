@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import os
 import signal
+import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,6 +42,7 @@ from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from hato.dkim import DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
+from hato.errors import HatoError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue, redact_url
@@ -49,6 +53,15 @@ from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_network
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.tlsrpt import (
+    ReportConfig,
+    SendOutcome,
+    TLSReportStore,
+    import_reports,
+    maildir_files,
+    seconds_until_next_run,
+    send_reports,
+)
 from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.worker import Worker
 
@@ -288,6 +301,115 @@ def build_tls(settings: Settings) -> TLSContextProvider | None:
     )
 
 
+# --- TLS-RPT (RFC 8460): the reports we send, the reports we receive --------------------
+
+
+def build_tlsrpt_store(settings: Settings) -> TLSReportStore:
+    """The TLS results and reports of ``DATA_DIR/tlsrpt.sqlite3``; the MX courier records
+    into it (its ``record(result)`` is the :class:`~hato.tlsrpt.TLSReporter`)."""
+    return TLSReportStore.in_data_dir(settings.data_dir, clock=time.time)
+
+
+def build_report_config(settings: Settings) -> ReportConfig:
+    return ReportConfig(
+        organization=settings.tlsrpt_org or settings.hostname,
+        contact=settings.effective_tlsrpt_contact,
+        submitter=settings.hostname,
+        sender=settings.tlsrpt_from or f"noreply-smtp-tls-reporting@{settings.hostname}",
+    )
+
+
+def tlsrpt_maildirs(settings: Settings) -> list[Path]:
+    """The Maildirs our own rua addresses deliver to (those in HATO_DOMAINS)."""
+    out: list[Path] = []
+    for domain in settings.domains:
+        for uri in settings.effective_tlsrpt_rua(domain):
+            address = uri.removeprefix("mailto:")
+            if uri.lower().startswith("https:") or "@" not in address:
+                continue
+            local, _, at = address.rpartition("@")
+            if at.lower() not in {d.lower() for d in settings.domains}:
+                continue
+            if settings.recipient_delimiter:
+                local = local.split(settings.recipient_delimiter, 1)[0]
+            path = settings.effective_maildir_root / at.lower() / local.lower()
+            if path not in out:
+                out.append(path)
+    return out
+
+
+def import_tls_reports(settings: Settings, store: TLSReportStore) -> tuple[int, list[str]]:
+    """Read new reports from our rua Maildirs into ``store``: (added, skipped files)."""
+    files = [f for maildir in tlsrpt_maildirs(settings) for f in maildir_files(maildir)]
+    outcome = import_reports(store, files)
+    return outcome.added, outcome.skipped
+
+
+async def send_tls_reports(
+    settings: Settings,
+    queue: Queue,
+    store: TLSReportStore,
+    *,
+    day: datetime.date | None = None,
+    force: bool = False,
+    verify: ssl.SSLContext | bool = True,
+) -> list[SendOutcome]:
+    """Send the TLS-RPT reports that are due (or ``day``'s): mail through ``queue``,
+    DKIM-signed with our keys when there are any, and HTTPS POSTs."""
+    today = datetime.datetime.now(datetime.UTC).date()
+    if day is None and not store.days_pending(today):
+        return []  # the usual case: nothing due, no DNS, no keys read
+    resolver = Resolver(settings.dns_servers)
+    signer = load_signers(settings.effective_dkim_dir)
+
+    async def sign(data: bytes) -> bytes:
+        return await asyncio.to_thread(signer.sign, data)
+
+    async def enqueue(envelope: Envelope, data: bytes, key: str) -> str:
+        return await queue.enqueue(envelope, data, idempotency_key=key)
+
+    return await send_reports(
+        store,
+        build_report_config(settings),
+        txt=resolver.txt,
+        enqueue=enqueue,
+        sign=sign if signer else None,
+        verify=verify,
+        now=time.time(),
+        day=day,
+        force=force,
+    )
+
+
+def build_tlsrpt_task(
+    settings: Settings, queue: Queue, store: TLSReportStore, log: MailLog, say: Say
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``hato serve``'s daily TLS-RPT run: at start (days missed while stopped) and then
+    shortly after each midnight UTC, send the reports due and read received ones."""
+
+    async def daily() -> None:
+        while True:
+            try:
+                added, _skipped = await asyncio.to_thread(import_tls_reports, settings, store)
+                if added:
+                    log.event("tlsrpt", "", status="received", detail=f"{added} report(s)")
+                for outcome in await send_tls_reports(settings, queue, store):
+                    log.event(
+                        "tlsrpt",
+                        "",
+                        domain=outcome.domain,
+                        day=outcome.day.isoformat(),
+                        status=outcome.status,
+                        detail=outcome.detail,
+                    )
+                await asyncio.to_thread(store.prune)
+            except HatoError as exc:  # the next day tries again; delivery goes on
+                say(f"tls reports: {exc}")
+            await asyncio.sleep(seconds_until_next_run(time.time()))
+
+    return daily
+
+
 def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
@@ -421,6 +543,10 @@ async def serve(
     if recipients is not None:
         couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
     worker = build_worker(settings, queue, log, couriers=couriers)
+    tlsrpt = build_tlsrpt_store(settings)
+    companions = [watcher.run]
+    if settings.tlsrpt_send:
+        companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 
@@ -460,13 +586,14 @@ async def serve(
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=[watcher.run],
+                companions=companions,
                 stop_intake=stop_intake,
             )
         finally:
             for server in servers:
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
+            tlsrpt.close()
 
 
 # --- hato worker: the application's outbox worker ------------------------------------

@@ -432,6 +432,9 @@ CREATE TABLE IF NOT EXISTS sent (
     at REAL NOT NULL,
     PRIMARY KEY (day, policy_domain)
 );
+CREATE TABLE IF NOT EXISTS imported (
+    name TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS received (
     report_id TEXT NOT NULL,
     organization TEXT NOT NULL,
@@ -592,10 +595,65 @@ class TLSReportStore:
                 raise TLSReportError(f"TLS-RPT store {self.path}: {exc}") from None
             return cursor.rowcount > 0
 
+    def seen(self, name: str) -> bool:
+        return bool(self._execute("SELECT 1 FROM imported WHERE name = ?", (name,)))
+
+    def remember(self, name: str) -> None:
+        self._execute("INSERT INTO imported VALUES (?) ON CONFLICT DO NOTHING", (name,))
+
     def received(self) -> list[dict[str, Any]]:
         """The kept reports, newest period first."""
         rows = self._execute("SELECT report FROM received ORDER BY start DESC, organization")
         return [json.loads(r[0]) for r in rows]
+
+
+def maildir_files(maildir: Path) -> list[Path]:
+    """The messages of a Maildir (``new/`` and ``cur/``), oldest name first."""
+    out: list[Path] = []
+    for sub in ("new", "cur"):
+        try:
+            out.extend(p for p in (maildir / sub).iterdir() if p.is_file())
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise TLSReportError(f"cannot read {maildir / sub}: {exc.strerror}") from None
+    return sorted(out, key=lambda p: p.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOutcome:
+    added: int
+    duplicates: int
+    skipped: list[str]  # files that hold no report, with why
+
+
+def import_reports(store: TLSReportStore, files: Iterable[Path]) -> ImportOutcome:
+    """Read the reports in ``files`` (messages, ``.json``, ``.json.gz``) into the store.
+    A Maildir message is read once: its name (the part before ``:2,``) is remembered,
+    whatever it held, so later runs skip it."""
+    added = duplicates = 0
+    skipped: list[str] = []
+    for path in files:
+        key = f"{path.parent.parent.name}/{path.name.split(':2,', 1)[0]}"
+        if path.parent.name in ("new", "cur") and store.seen(key):
+            continue
+        try:
+            data = path.read_bytes()[: MAX_REPORT_BYTES * 2]
+        except OSError as exc:
+            skipped.append(f"{path}: {exc.strerror}")
+            continue
+        try:
+            report = parse_incoming(data)
+        except TLSReportError as exc:
+            skipped.append(f"{path}: {exc}")
+        else:
+            if store.add_received(report):
+                added += 1
+            else:
+                duplicates += 1
+        if path.parent.name in ("new", "cur"):
+            store.remember(key)
+    return ImportOutcome(added, duplicates, skipped)
 
 
 # --- sending ------------------------------------------------------------------------------
