@@ -40,7 +40,7 @@ from hato.delivery.maildir import MaildirCourier
 from hato.delivery.mx import MXCourier, MXTLSPolicy
 from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
-from hato.dkim import DKIMSigner, from_addresses, load_signers
+from hato.dkim import DKIMKeys, DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
 from hato.errors import HatoError
 from hato.maillog import MailLog
@@ -48,6 +48,7 @@ from hato.message import Envelope
 from hato.queue import open_queue, redact_url
 from hato.queue.base import Queue
 from hato.queue.retry import RetrySchedule
+from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
@@ -139,20 +140,62 @@ def build_maildir(
     )
 
 
-def build_dkim_transform(settings: Settings, users: UserStore) -> MessageTransform | None:
+def build_dkim_transform(
+    settings: Settings, users: UserStore, keys: DKIMKeys | None = None
+) -> MessageTransform | None:
     """DKIM-sign submitted mail once, before it is queued. Loading the keys here makes a
-    missing or unreadable key a start-up error, never silently unsigned mail."""
-    signer: DKIMSigner = load_signers(settings.effective_dkim_dir)
-    if not signer:
+    missing or unreadable key a start-up error, never silently unsigned mail. ``keys``
+    (kept current by :func:`build_dkim_rotation_task`) signs with its active keys."""
+    current = keys if keys is not None else DKIMKeys(settings.effective_dkim_dir)
+    if not current.keys:
         return None
     check = settings.sender_login_check
 
     async def sign(data: bytes, user: str) -> bytes:
         if user and check and not all(users.sender_allowed(user, a) for a in from_addresses(data)):
             return data  # a From the user does not own is not vouched for with our key
+        signer: DKIMSigner = current.signer
         return await asyncio.to_thread(signer.sign, data)
 
     return sign
+
+
+DKIM_DNS_CHECK_INTERVAL = 3600.0  # how often pending DKIM keys are looked for in DNS
+
+
+def build_dkim_rotation_task(
+    settings: Settings, keys: DKIMKeys, log: MailLog, say: Say
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``hato serve``'s side of ``hato dkim rotate``: at start and hourly, a pending key
+    that DNS publishes becomes active; changed key states (here or by ``hato dns
+    check``) are loaded within seconds."""
+    resolver = Resolver(settings.dns_servers, cache=False)
+
+    async def watch() -> None:
+        next_dns = 0.0
+        while True:
+            if time.monotonic() >= next_dns:
+                next_dns = time.monotonic() + DKIM_DNS_CHECK_INTERVAL
+                for domain in keys.pending_domains():
+                    try:
+                        changes = await activate_published(
+                            resolver, keys.directory, domain, now=time.time()
+                        )
+                    except HatoError as exc:
+                        say(f"dkim: checking {domain}'s pending key in DNS: {exc}")
+                        continue
+                    for change in changes:
+                        say(f"dkim: {change}")
+                        log.event("dkim", "", status="rotated", detail=change)
+            try:
+                if await asyncio.to_thread(keys.refresh):
+                    active = ", ".join(f"{k.domain}/{k.selector}" for k in keys.signer.keys)
+                    say(f"dkim: keys reloaded; signing with {active or 'none'}")
+            except HatoError as exc:  # keep signing with the keys loaded before
+                say(f"dkim: keys not reloaded: {exc}")
+            await asyncio.sleep(FILE_CHECK_INTERVAL)
+
+    return watch
 
 
 def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
@@ -528,7 +571,8 @@ async def serve(
     # Everything that can refuse the settings comes first, before the queue is touched.
     tls = build_tls(settings)
     users = build_users(settings)
-    submitted = build_dkim_transform(settings, users)
+    dkim_keys = DKIMKeys(settings.effective_dkim_dir)
+    submitted = build_dkim_transform(settings, users, dkim_keys)
     couriers = build_couriers(settings)
     recipients = build_local_recipients(settings, users)
     watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
@@ -547,6 +591,8 @@ async def serve(
     companions = [watcher.run]
     if settings.tlsrpt_send:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
+    if dkim_keys.keys:
+        companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hato.dkim import DKIMRecord, check_selector, dkim_txt_records
+from hato.dkim import DKIMRecord, activate_key, check_selector, dkim_txt_records, pending_keys
 from hato.dns import Resolver
 from hato.errors import DeliveryError
 
@@ -412,3 +412,21 @@ async def _check_ptr(resolver: Resolver, site: _Domain) -> list[Finding]:
         else:
             out.append(Finding(DIFFERENT, "PTR", name, f"PTR is {', '.join(names)}", fix))
     return out
+
+
+# --- DKIM rotation: a pending key becomes active once DNS publishes it -------------------
+
+
+async def activate_published(
+    resolver: Resolver, dkim_dir: Path, domain: str, *, now: float
+) -> list[str]:
+    """Activate each pending key of ``domain`` whose record DNS publishes (exactly one
+    TXT record with its key); the state changes, in words. DNS failures leave the key
+    pending (raised as :class:`~hato.errors.DeliveryError`)."""
+    changes: list[str] = []
+    for key in pending_keys(dkim_dir, domain):
+        published = [dkim_tags(t) for t in await resolver.txt(key.record.name)]
+        want = dkim_tags(key.record.txt)
+        if len(published) == 1 and published[0].get("p") == want.get("p"):
+            changes.extend(activate_key(dkim_dir, domain, key.selector, now=now))
+    return changes

@@ -16,6 +16,7 @@ reads the arguments and prints.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,10 +25,11 @@ import click
 from hato.cli import friendly, main, make_settings, run, settings_options
 from hato.dkim import check_domain
 from hato.dns import Resolver
-from hato.errors import ConfigError
+from hato.errors import ConfigError, DeliveryError
 from hato.records import (
     Finding,
     IPAddress,
+    activate_published,
     check_domain_records,
     local_dkim_records,
     records_text,
@@ -160,6 +162,14 @@ def check(
     )
     addresses = _parse_ips(ips)
     findings = run(check_domain_records(resolver, domain, host, addresses, dkim, selectors))
+    try:  # hato dkim rotate's next key signs once DNS publishes it
+        changes = run(
+            activate_published(resolver, settings.effective_dkim_dir, domain, now=time.time())
+        )
+    except DeliveryError:
+        changes = []  # the DKIM finding above already says DNS did not answer
+    for change in changes:
+        click.echo(f"; dkim: {change}")
     click.echo(f"; {domain} via {', '.join(resolver.servers)} (mail server {host})")
     for finding in findings:
         for line in _lines(finding):
