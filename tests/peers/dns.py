@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, TLSA, TXT, A, DNSRecord
 from dnslib.server import DNSError, DNSHandler, DNSLogger, DNSServer
 
 
@@ -216,6 +216,10 @@ class TestDNS:
     def txt(self, name: str, *values: str) -> None:
         for value in values:
             self.add(name, "TXT", TXT(_txt_chunks(value)))
+
+    def tlsa(self, name: str, usage: int, selector: int, mtype: int, data_hex: str) -> None:
+        """A TLSA record, e.g. ``tlsa("_25._tcp.mx.example.test", 3, 1, 1, digest)``."""
+        self.add(name, "TLSA", TLSA(usage, selector, mtype, bytes.fromhex(data_hex)))
 
     def ptr(self, ip: str, name: str) -> None:
         self.add(ipaddress.ip_address(ip).reverse_pointer, "PTR", PTR(_norm(name)))
