@@ -474,7 +474,8 @@ async def _check_spf(resolver: Resolver, site: _Domain) -> list[Finding]:
     lookups = await spf_lookups(resolver, domain, record)
     if lookups > SPF_LOOKUP_LIMIT:
         detail = (
-            f"{record!r} needs {lookups} DNS lookups (include, a, mx, ptr, exists, redirect); "
+            f"{record!r} needs more than {SPF_LOOKUP_LIMIT} DNS lookups (include, a, mx, ptr, "
+            "exists, redirect, counted through the includes); "
             f"receivers stop at {SPF_LOOKUP_LIMIT} and fail SPF (permerror)"
         )
         return [
