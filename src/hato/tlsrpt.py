@@ -77,38 +77,74 @@ class TLSReportError(HatoError):
     """A TLS-RPT record, report or report message cannot be read (the message says why)."""
 
 
+SUCCESS = "success"
+
+
 @dataclass(frozen=True, slots=True)
 class TLSResult:
-    """One delivery attempt's TLS outcome, as RFC 8460 counts it.
+    """One delivery attempt's TLS outcome under one policy, as RFC 8460 counts it.
 
-    ``policy_strings`` are the policy as published (MTA-STS policy lines, or TLSA
-    records in presentation form); ``result_type`` is one of :data:`RESULT_TYPES` when
-    ``success`` is false. ``receiving_mx_helo`` and ``failure_reason_code`` are optional
-    details of a failure.
+    The same fields as the MX courier's result (``hato.tlsrpt_types`` on the MTA-STS/DANE
+    side; the store reads either through :class:`TLSResultLike`). ``policy_strings`` are
+    the policy as published (MTA-STS policy lines, or TLSA records in presentation
+    form), ``mx_host_patterns`` the ``mx:`` lines of an MTA-STS policy; ``result_type``
+    is ``success`` or one of :data:`RESULT_TYPES`; ``time`` the attempt's Unix time (its
+    day's bucket). ``failure_reason`` becomes the report's ``failure-reason-code``.
     """
 
     policy_domain: str
     policy_type: PolicyType
-    policy_strings: tuple[str, ...]
     mx_host: str
-    sending_ip: str
-    receiving_ip: str
-    success: bool
-    result_type: str = ""
+    result_type: str
+    time: float
+    policy_strings: tuple[str, ...] = ()
+    mx_host_patterns: tuple[str, ...] = ()
+    sending_ip: str = ""
+    receiving_ip: str = ""
+    failure_reason: str = ""
+    tls_policy: str = ""
     receiving_mx_helo: str = ""
-    failure_reason_code: str = ""
 
     def __post_init__(self) -> None:
         if self.policy_type not in POLICY_TYPES:
             raise ValueError(f"policy_type {self.policy_type!r} is not one of {POLICY_TYPES}")
-        if not self.success and self.result_type not in RESULT_TYPES:
+        if self.result_type != SUCCESS and self.result_type not in RESULT_TYPES:
             raise ValueError(f"result_type {self.result_type!r} is not an RFC 8460 result type")
+
+    @property
+    def success(self) -> bool:
+        return self.result_type == SUCCESS
+
+
+class TLSResultLike(Protocol):
+    """What the store reads of a result (the courier's own dataclass fits)."""
+
+    @property
+    def policy_domain(self) -> str: ...
+    @property
+    def policy_type(self) -> str: ...
+    @property
+    def mx_host(self) -> str: ...
+    @property
+    def result_type(self) -> str: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def policy_strings(self) -> tuple[str, ...]: ...
+    @property
+    def mx_host_patterns(self) -> tuple[str, ...]: ...
+    @property
+    def sending_ip(self) -> str: ...
+    @property
+    def receiving_ip(self) -> str: ...
+    @property
+    def failure_reason(self) -> str: ...
 
 
 class TLSReporter(Protocol):
     """Where the MX courier sends each attempt's :class:`TLSResult`."""
 
-    def record(self, result: TLSResult) -> None: ...
+    def record(self, result: TLSResultLike) -> None: ...
 
 
 # --- the _smtp._tls record ----------------------------------------------------------------
@@ -154,6 +190,7 @@ def select_tlsrpt_record(txts: Iterable[str]) -> str | None:
 class _Row:
     policy_type: str
     policy_strings: tuple[str, ...]
+    mx_patterns: tuple[str, ...]
     mx_host: str
     result_type: str  # "" for successes
     sending_ip: str
@@ -172,8 +209,12 @@ def _iso(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _mx_patterns(policy_type: str, strings: Sequence[str], hosts: Iterable[str]) -> list[str]:
+def _mx_patterns(
+    policy_type: str, strings: Sequence[str], patterns: Sequence[str], hosts: Iterable[str]
+) -> list[str]:
     """RFC 8460 4.4 mx-host: the MX patterns of an MTA-STS policy, else the MX hosts."""
+    if patterns:
+        return list(patterns)
     if policy_type == "sts":
         patterns = [
             s.partition(":")[2].strip()
@@ -196,15 +237,15 @@ def build_report(
 ) -> dict[str, Any]:
     """The RFC 8460 4.4 aggregate report of one policy domain for one UTC day."""
     start, end = _day_bounds(day)
-    groups: dict[tuple[str, tuple[str, ...]], list[_Row]] = {}
+    groups: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[_Row]] = {}
     for row in rows:
-        groups.setdefault((row.policy_type, row.policy_strings), []).append(row)
+        groups.setdefault((row.policy_type, row.policy_strings, row.mx_patterns), []).append(row)
     policies: list[dict[str, Any]] = []
-    for (policy_type, strings), members in sorted(groups.items()):
+    for (policy_type, strings, patterns), members in sorted(groups.items()):
         policy: dict[str, Any] = {"policy-type": policy_type, "policy-domain": domain}
         if strings:
             policy["policy-string"] = list(strings)
-        mx = _mx_patterns(policy_type, strings, (r.mx_host for r in members))
+        mx = _mx_patterns(policy_type, strings, patterns, (r.mx_host for r in members))
         if mx:
             policy["mx-host"] = mx
         failures: dict[tuple[str, ...], int] = {}
@@ -413,6 +454,7 @@ CREATE TABLE IF NOT EXISTS results (
     policy_domain TEXT NOT NULL,
     policy_type TEXT NOT NULL,
     policy_strings TEXT NOT NULL,
+    mx_patterns TEXT NOT NULL,
     mx_host TEXT NOT NULL,
     result_type TEXT NOT NULL,
     sending_ip TEXT NOT NULL,
@@ -420,7 +462,8 @@ CREATE TABLE IF NOT EXISTS results (
     receiving_mx_helo TEXT NOT NULL,
     failure_reason_code TEXT NOT NULL,
     count INTEGER NOT NULL,
-    PRIMARY KEY (day, policy_domain, policy_type, policy_strings, mx_host, result_type,
+    PRIMARY KEY (day, policy_domain, policy_type, policy_strings, mx_patterns, mx_host,
+                 result_type,
                  sending_ip, receiving_ip, receiving_mx_helo, failure_reason_code)
 );
 CREATE TABLE IF NOT EXISTS sent (
@@ -460,6 +503,8 @@ class TLSReportStore:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        self.errors = 0  # results that could not be counted (the disk, say)
+        self.last_error = ""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -485,25 +530,32 @@ class TLSReportStore:
             except sqlite3.Error as exc:
                 raise TLSReportError(f"TLS-RPT store {self.path}: {exc}") from None
 
-    def record(self, result: TLSResult) -> None:
-        """Count one attempt in today's (UTC) bucket of its policy domain."""
-        failed = not result.success
-        self._execute(
-            "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT DO UPDATE "
-            "SET count = count + 1",
-            (
-                _utc_day(self._clock()).isoformat(),
-                result.policy_domain.lower().rstrip("."),
-                result.policy_type,
-                json.dumps(list(result.policy_strings)),
-                result.mx_host.lower().rstrip("."),
-                result.result_type if failed else "",
-                result.sending_ip if failed else "",
-                result.receiving_ip if failed else "",
-                result.receiving_mx_helo if failed else "",
-                result.failure_reason_code if failed else "",
-            ),
-        )
+    def record(self, result: TLSResultLike) -> None:
+        """Count one attempt in its day's (UTC) bucket of its policy domain. Never raises:
+        it runs inline with delivery, and a lost count must not cost a delivery."""
+        failed = result.result_type != SUCCESS
+        moment = result.time or self._clock()
+        try:
+            self._execute(
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,1) ON CONFLICT DO UPDATE "
+                "SET count = count + 1",
+                (
+                    _utc_day(moment).isoformat(),
+                    result.policy_domain.lower().rstrip("."),
+                    result.policy_type,
+                    json.dumps(list(result.policy_strings)),
+                    json.dumps(list(result.mx_host_patterns)),
+                    result.mx_host.lower().rstrip("."),
+                    result.result_type if failed else "",
+                    result.sending_ip if failed else "",
+                    result.receiving_ip if failed else "",
+                    str(getattr(result, "receiving_mx_helo", "")) if failed else "",
+                    result.failure_reason if failed else "",
+                ),
+            )
+        except TLSReportError as exc:
+            self.errors += 1
+            self.last_error = str(exc)
 
     def domains(self, day: datetime.date) -> list[str]:
         rows = self._execute(
@@ -524,13 +576,24 @@ class TLSReportStore:
 
     def rows(self, day: datetime.date, domain: str) -> list[_Row]:
         found = self._execute(
-            "SELECT policy_type, policy_strings, mx_host, result_type, sending_ip, "
-            "receiving_ip, receiving_mx_helo, failure_reason_code, count FROM results "
-            "WHERE day = ? AND policy_domain = ?",
+            "SELECT policy_type, policy_strings, mx_patterns, mx_host, result_type, "
+            "sending_ip, receiving_ip, receiving_mx_helo, failure_reason_code, count "
+            "FROM results WHERE day = ? AND policy_domain = ?",
             (day.isoformat(), domain),
         )
         return [
-            _Row(r[0], tuple(json.loads(r[1])), r[2], r[3], r[4], r[5], r[6], r[7], int(r[8]))
+            _Row(
+                r[0],
+                tuple(json.loads(r[1])),
+                tuple(json.loads(r[2])),
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                int(r[9]),
+            )
             for r in found
         ]
 

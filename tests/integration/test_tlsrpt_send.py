@@ -80,20 +80,32 @@ def https_collector() -> Iterator[tuple[str, ssl.SSLContext, list[tuple[str, str
 
 def record_yesterday(data_dir: Path) -> datetime.date:
     day = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1)
-    # What the courier recorded yesterday: the store's file, with yesterday's clock.
-    store = TLSReportStore.in_data_dir(data_dir, clock=lambda: time.time() - 86400)
+    # What the courier recorded yesterday.
+    store = TLSReportStore.in_data_dir(data_dir, clock=time.time)
+    at = time.time() - 86400
     for _ in range(4):
-        store.record(TLSResult("example.net", "sts", STS, "mx.example.net", "", "", True))
+        store.record(
+            TLSResult(
+                "example.net",
+                "sts",
+                "mx.example.net",
+                "success",
+                at,
+                policy_strings=STS,
+                mx_host_patterns=("mx.example.net",),
+            )
+        )
     store.record(
         TLSResult(
             "example.net",
             "sts",
-            STS,
             "mx.example.net",
-            "127.0.0.1",
-            "127.0.0.9",
-            False,
             "certificate-not-trusted",
+            at,
+            policy_strings=STS,
+            mx_host_patterns=("mx.example.net",),
+            sending_ip="127.0.0.1",
+            receiving_ip="127.0.0.9",
         )
     )
     store.close()

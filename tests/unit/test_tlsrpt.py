@@ -60,20 +60,32 @@ def validate(report: dict[str, Any]) -> None:
     ).validate(report)
 
 
-def ok(domain: str = "example.net", mx: str = "a.mail.example.net") -> TLSResult:
-    return TLSResult(domain, "sts", STS, mx, "203.0.113.7", "198.51.100.2", True)
+T0 = 1_700_000_000.0
+
+
+def ok(domain: str = "example.net", mx: str = "a.mail.example.net", at: float = T0) -> TLSResult:
+    return TLSResult(
+        domain,
+        "sts",
+        mx,
+        "success",
+        at,
+        policy_strings=STS,
+        sending_ip="203.0.113.7",
+        receiving_ip="198.51.100.2",
+    )
 
 
 def fail(result_type: str, mx: str = "b.mail.example.net") -> TLSResult:
     return TLSResult(
         "example.net",
         "sts",
-        STS,
         mx,
-        "203.0.113.7",
-        "198.51.100.3",
-        False,
         result_type,
+        T0,
+        policy_strings=STS,
+        sending_ip="203.0.113.7",
+        receiving_ip="198.51.100.3",
         receiving_mx_helo="b.mail.example.net",
     )
 
@@ -92,9 +104,8 @@ def test_store_counts_per_day_and_domain_and_survives_reopening(tmp_path: Path) 
         store.record(ok())
     store.record(fail("certificate-host-mismatch"))
     store.record(fail("certificate-host-mismatch"))
-    store.record(TLSResult("other.test", "no-policy-found", (), "mx.other.test", "", "", True))
-    clock.advance(86400)
-    store.record(ok())
+    store.record(TLSResult("other.test", "no-policy-found", "mx.other.test", "success", T0))
+    store.record(ok(at=T0 + 86400))
     store.close()
 
     store = TLSReportStore.in_data_dir(tmp_path, clock=clock)
@@ -112,9 +123,9 @@ def test_store_counts_per_day_and_domain_and_survives_reopening(tmp_path: Path) 
 
 def test_result_rejects_unknown_types() -> None:
     with pytest.raises(ValueError, match="result type"):
-        TLSResult("a.test", "sts", (), "mx", "", "", False, "it-broke")
+        TLSResult("a.test", "sts", "mx", "it-broke", T0)
     with pytest.raises(ValueError, match="policy_type"):
-        TLSResult("a.test", "dane", (), "mx", "", "", True)  # type: ignore[arg-type]
+        TLSResult("a.test", "dane", "mx", "success", T0)  # type: ignore[arg-type]
 
 
 def test_report_follows_rfc8460_and_validates_against_the_schema(store: TLSReportStore) -> None:
@@ -124,7 +135,9 @@ def test_report_follows_rfc8460_and_validates_against_the_schema(store: TLSRepor
     store.record(fail("certificate-host-mismatch"))
     store.record(fail("starttls-not-supported", mx="c.mail.example.net"))
     tlsa = ("3 1 1 " + "ab" * 32,)
-    store.record(TLSResult("example.net", "tlsa", tlsa, "d.mail.example.net", "", "", True))
+    store.record(
+        TLSResult("example.net", "tlsa", "d.mail.example.net", "success", T0, policy_strings=tlsa)
+    )
     report = build_report(
         domain="example.net",
         day=DAY,
@@ -338,3 +351,50 @@ async def test_send_report_without_a_record_is_noted(store: TLSReportStore) -> N
 
 def test_next_run_is_shortly_after_midnight_utc() -> None:
     assert seconds_until_next_run(1_700_000_000.0) == (86400 - 22 * 3600 - 13 * 60 - 20) + 900
+
+
+def test_store_takes_the_couriers_own_result_type_and_never_raises(tmp_path: Path) -> None:
+    from dataclasses import dataclass as plain
+
+    @plain(frozen=True)
+    class CourierResult:  # the MX courier's dataclass: no receiving_mx_helo
+        policy_domain: str
+        policy_type: str
+        mx_host: str
+        result_type: str
+        time: float
+        policy_strings: tuple[str, ...] = ()
+        mx_host_patterns: tuple[str, ...] = ()
+        sending_ip: str = ""
+        receiving_ip: str = ""
+        failure_reason: str = ""
+        tls_policy: str = ""
+
+    store = TLSReportStore.in_data_dir(tmp_path, clock=FakeClock())
+    store.record(CourierResult("example.net", "tlsa", "mx.example.net", "success", T0))
+    store.record(
+        CourierResult(
+            "example.net", "tlsa", "mx.example.net", "tlsa-invalid", T0, failure_reason="no match"
+        )
+    )
+    report = build_report(
+        domain="example.net",
+        day=DAY,
+        rows=store.rows(DAY, "example.net"),
+        organization="o",
+        contact="c",
+        report_id="r",
+    )
+    validate(report)
+    [policy] = report["policies"]
+    assert policy["failure-details"] == [
+        {
+            "result-type": "tlsa-invalid",
+            "receiving-mx-hostname": "mx.example.net",
+            "failed-session-count": 1,
+            "failure-reason-code": "no match",
+        }
+    ]
+    store.close()
+    store.record(CourierResult("example.net", "tlsa", "mx.example.net", "success", T0))
+    assert store.errors == 1 and store.last_error
