@@ -424,11 +424,15 @@ async def send_tls_reports(
     )
 
 
+TLSRPT_INTERVAL = 600.0  # how often received reports are read and due reports sent
+
+
 def build_tlsrpt_task(
     settings: Settings, queue: Queue, store: TLSReportStore, log: MailLog, say: Say
 ) -> Callable[[], Coroutine[Any, Any, None]]:
-    """``hato serve``'s daily TLS-RPT run: at start (days missed while stopped) and then
-    shortly after each midnight UTC, send the reports due and read received ones."""
+    """``hato serve``'s TLS-RPT run, at start and every 10 minutes: read the reports
+    received in our rua Maildirs, and send the reports due (each finished UTC day's, once
+    per domain; so shortly after midnight, and days missed while stopped at start)."""
 
     async def daily() -> None:
         while True:
@@ -448,7 +452,7 @@ def build_tlsrpt_task(
                 await asyncio.to_thread(store.prune)
             except HatoError as exc:  # the next day tries again; delivery goes on
                 say(f"tls reports: {exc}")
-            await asyncio.sleep(seconds_until_next_run(time.time()))
+            await asyncio.sleep(min(TLSRPT_INTERVAL, seconds_until_next_run(time.time(), minute=1)))
 
     return daily
 
