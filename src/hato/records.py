@@ -26,6 +26,7 @@ record, so another record (MTA-STS, TLS-RPT, TLSA) is one builder and one check 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import ssl
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiosmtplib
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -89,11 +91,14 @@ def mta_sts_record(policy: str) -> str:
 
 def certificate_spki_sha256(pem: bytes) -> str:
     """SHA-256 of the first certificate's public key (SubjectPublicKeyInfo), in hex:
-    the data of a ``3 1 1`` TLSA record (RFC 7671, RFC 7672 3.1.1)."""
+    the data of a ``3 1 1`` TLSA record (RFC 7671, RFC 7672 3.1.1). DER is taken too."""
     try:
-        cert = x509.load_pem_x509_certificate(pem)
+        if pem.lstrip().startswith(b"-----"):
+            cert = x509.load_pem_x509_certificate(pem)
+        else:
+            cert = x509.load_der_x509_certificate(pem)
     except ValueError as exc:
-        raise ConfigError(f"not a PEM certificate: {exc}") from None
+        raise ConfigError(f"not a certificate: {exc}") from None
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -107,6 +112,39 @@ def read_certificate_tlsa(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read certificate {path}: {exc.strerror or exc}") from None
     return tlsa_record(certificate_spki_sha256(pem))
+
+
+async def live_certificate_spki_sha256(
+    host: str, port: int, *, helo: str, timeout: float = 10.0
+) -> str:
+    """The ``3 1 1`` digest of the certificate the SMTP server at ``host:port`` presents
+    after STARTTLS (not verified: only its key is wanted). :class:`ConfigError` when no
+    certificate could be had."""
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        local_hostname=helo,
+        timeout=timeout,
+        start_tls=False,
+        validate_certs=False,
+    )
+    try:
+        await client.connect()
+        await client.starttls(validate_certs=False)
+        transport = client.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await client.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        raise ConfigError(
+            f"no certificate from {host}:{port}: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        client.close()
+    if not der:
+        raise ConfigError(f"no certificate from {host}:{port}")
+    return certificate_spki_sha256(der)
 
 
 def tlsa_record(digest: str) -> str:
@@ -344,6 +382,7 @@ class _Domain:
     selectors: Sequence[str]
     envelope_domain: str = ""
     tlsa: str | None = None  # "3 1 1 HEX" of the certificate in use
+    live: tuple[str, int] | None = None  # where to ask the server for its certificate
     mta_sts_port: int = 443
     verify: ssl.SSLContext | bool = True
     timeout: float = 10.0
@@ -365,6 +404,7 @@ async def check_domain_records(
     mta_sts_port: int = 443,
     verify: ssl.SSLContext | bool = True,
     timeout: float = 10.0,
+    live: tuple[str, int] | None = None,
 ) -> list[Finding]:
     """Ask DNS about every record :func:`records_text` advises, one finding per record.
 
@@ -375,7 +415,8 @@ async def check_domain_records(
     of the envelope sender (default ``domain``), for DMARC's SPF alignment; ``tlsa``
     the ``3 1 1`` data of the certificate in use. The MTA-STS policy is fetched from
     ``https://mta-sts.DOMAIN:mta_sts_port/`` (its address from ``resolver``), its
-    certificate checked with ``verify``.
+    certificate checked with ``verify``. With ``live`` (host, port) the TLSA records are
+    also compared with the certificate the server presents there after STARTTLS.
     """
     if not ips:
         try:
@@ -404,6 +445,7 @@ async def check_domain_records(
         mta_sts_port=mta_sts_port,
         verify=verify,
         timeout=timeout,
+        live=live,
     )
     checks: list[tuple[str, str, _Check]] = [
         ("MX", domain, _check_mx),
@@ -841,23 +883,57 @@ async def _check_tlsa(resolver: Resolver, site: _Domain) -> list[Finding]:
                 f"add {line}" if line else "set HATO_TLS_CERT_FILE, then hato dns records",
             )
         ]
-    if site.tlsa is None:
-        return [
-            Finding(
-                OK, "TLSA", name, f"{len(published)} record(s) (no certificate here to compare)"
+    out: list[Finding] = []
+    if site.live is not None:
+        host, port = site.live
+        where = f"{host}:{port}"
+        try:
+            digest = await live_certificate_spki_sha256(
+                host, port, helo=site.hostname, timeout=site.timeout
             )
-        ]
+        except ConfigError as exc:
+            out.append(Finding(ERROR, "TLSA", name, str(exc)))
+        else:
+            live_record = tlsa_record(digest)
+            if live_record in published:
+                out.append(
+                    Finding(OK, "TLSA", name, f"{live_record} matches the certificate at {where}")
+                )
+            else:
+                out.append(
+                    Finding(
+                        DIFFERENT,
+                        "TLSA",
+                        name,
+                        f"no TLSA record matches the certificate the server presents at {where}: "
+                        "DANE senders will not deliver",
+                        f"add {name}. IN TLSA {live_record}",
+                    )
+                )
+    if site.tlsa is None:
+        if not out:
+            out.append(
+                Finding(
+                    OK,
+                    "TLSA",
+                    name,
+                    f"{len(published)} record(s) (no certificate here to compare)",
+                )
+            )
+        return out
     if site.tlsa.lower() in published:
-        return [Finding(OK, "TLSA", name, f"{site.tlsa} matches the current certificate")]
-    return [
-        Finding(
-            DIFFERENT,
-            "TLSA",
-            name,
-            "no TLSA record matches the current certificate: DANE senders will not deliver",
-            f"add {line} (keep the old record until no certificate with its key is in use)",
+        out.append(Finding(OK, "TLSA", name, f"{site.tlsa} matches the current certificate"))
+    else:
+        out.append(
+            Finding(
+                DIFFERENT,
+                "TLSA",
+                name,
+                "no TLSA record matches the current certificate: DANE senders will not deliver",
+                f"add {line} (keep the old record until no certificate with its key is in use)",
+            )
         )
-    ]
+    return out
 
 
 # --- DKIM rotation: a pending key becomes active once DNS publishes it -------------------

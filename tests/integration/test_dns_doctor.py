@@ -29,6 +29,7 @@ from hato.records import certificate_spki_sha256, mta_sts_record
 from hato.web import mta_sts
 from hato.web.context import WebContext
 from peers.dns import TestDNS
+from peers.hato import HatoFactory, operator_setup
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 DOMAIN = "example.test"
@@ -316,3 +317,28 @@ def test_doctor_dmarc_alignment_without_dkim_and_helo_mismatch(data_dir: Path) -
     assert found[("MTA-STS", f"_mta-sts.{DOMAIN}")]["status"] == "optional"
     assert "; not published (optional): MTA-STS, TLS-RPT, TLSA" in plain.stdout
     assert plain.returncode == 1
+
+
+def test_doctor_compares_tlsa_with_the_live_certificate(
+    tmp_path: Path, data_dir: Path, hato_serve: HatoFactory
+) -> None:
+    serve_dir = tmp_path / "serve"
+    env = operator_setup(serve_dir, {})
+    serve = hato_serve({**env, "HATO_HOSTNAME": HOST}, data_dir=serve_dir)
+    digest = certificate_spki_sha256(Path(env["HATO_TLS_CERT_FILE"]).read_bytes())
+    live = f"{serve.host}:{serve.port}"
+    with TestDNS() as dns:
+        dns.tlsa(f"_25._tcp.{HOST}", 3, 1, 1, digest)
+        good = doctor(dns, data_dir, "--live", live, "--json")
+        dns.remove(f"_25._tcp.{HOST}")
+        dns.tlsa(f"_25._tcp.{HOST}", 3, 1, 1, "11" * 32)
+        bad = doctor(dns, data_dir, "--live", live, "--json")
+        nothing = doctor(dns, data_dir, "--live", "127.0.0.1:1", "--json")
+    tlsa = findings(good)[("TLSA", f"_25._tcp.{HOST}")]
+    assert tlsa["status"] == "ok", tlsa
+    assert tlsa["detail"] == f"3 1 1 {digest} matches the certificate at {live}"
+    mismatch = findings(bad)[("TLSA", f"_25._tcp.{HOST}")]
+    assert mismatch["status"] == "different"
+    assert mismatch["fix"] == f"add _25._tcp.{HOST}. IN TLSA 3 1 1 {digest}"
+    refused = findings(nothing)[("TLSA", f"_25._tcp.{HOST}")]
+    assert refused["status"] == "error" and "no certificate from 127.0.0.1:1" in refused["detail"]

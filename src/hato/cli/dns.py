@@ -191,6 +191,12 @@ def mta_sts_policy_command(
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="A CA to trust besides the system's for the MTA-STS policy fetch.",
 )
+@click.option(
+    "--live",
+    metavar="HOST:PORT",
+    help="Also compare TLSA with the certificate the SMTP server at HOST:PORT presents "
+    "after STARTTLS (e.g. the server's address:25).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @friendly
 def check(
@@ -207,6 +213,7 @@ def check(
     envelope_domain: str | None,
     mta_sts_port: int,
     ca_file: Path | None,
+    live: str | None,
     as_json: bool,
 ) -> None:
     """Ask DNS for DOMAIN's records and say which are ok, missing or different, with
@@ -239,6 +246,12 @@ def check(
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"--ca-file {ca_file}: {exc}") from None
     tlsa = read_certificate_tlsa(settings.tls_cert_file) if settings.tls_cert_file else None
+    live_at: tuple[str, int] | None = None
+    if live is not None:
+        live_host, sep, live_port = live.strip().rpartition(":")
+        if not sep or not live_port.isdigit() or not 0 < int(live_port) < 65536:
+            raise ConfigError(f"--live {live!r} is not HOST:PORT")
+        live_at = (live_host.strip("[]"), int(live_port))
     findings = run(
         check_domain_records(
             resolver,
@@ -252,6 +265,7 @@ def check(
             mta_sts_port=mta_sts_port,
             verify=verify,
             timeout=timeout,
+            live=live_at,
         )
     )
     try:  # hato dkim rotate's next key signs once DNS publishes it
