@@ -577,6 +577,7 @@ async def serve(
     users = build_users(settings)
     dkim_keys = DKIMKeys(settings.effective_dkim_dir)
     submitted = build_dkim_transform(settings, users, dkim_keys)
+    tlsrpt = build_tlsrpt_store(settings)  # the MX courier's TLS reporter (RFC 8460)
     couriers = build_couriers(settings)
     recipients = build_local_recipients(settings, users)
     watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
@@ -591,7 +592,6 @@ async def serve(
     if recipients is not None:
         couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
     worker = build_worker(settings, queue, log, couriers=couriers)
-    tlsrpt = build_tlsrpt_store(settings)
     companions = [watcher.run]
     if settings.tlsrpt_send:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
