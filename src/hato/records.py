@@ -39,7 +39,14 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from hato.dkim import DKIMRecord, activate_key, check_selector, dkim_txt_records, pending_keys
+from hato.dkim import (
+    DKIMRecord,
+    activate_key,
+    check_selector,
+    dkim_txt_records,
+    load_keys,
+    pending_keys,
+)
 from hato.dns import Resolver
 from hato.errors import ConfigError, DeliveryError
 from hato.tlsrpt import TLSReportError, parse_tlsrpt_record, tlsrpt_record
@@ -179,11 +186,19 @@ def ptr_line(ip: IPAddress, hostname: str) -> str:
 
 
 def local_dkim_records(
-    dkim_dir: Path, domain: str, selectors: Sequence[str] = ()
+    dkim_dir: Path, domain: str, selectors: Sequence[str] = (), *, now: float | None = None
 ) -> list[DKIMRecord]:
     """The key records of ``domain`` under ``dkim_dir`` (``hato dkim keygen``'s keys),
-    only those of ``selectors`` when any are given."""
+    only those of ``selectors`` when any are given. With ``now``, a retired key whose
+    grace period is over is left out (its record may go)."""
     records = [r for r in dkim_txt_records(dkim_dir) if r.domain == domain]
+    if now is not None:
+        expired = {
+            key.selector
+            for key, status in load_keys(dkim_dir)
+            if key.domain == domain and (status.remove_after() or now + 1) <= now
+        }
+        records = [r for r in records if r.selector not in expired]
     if selectors:
         for selector in selectors:
             check_selector(selector)

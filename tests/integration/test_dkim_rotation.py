@@ -8,11 +8,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hato.app import build_dkim_rotation_task
 from hato.config import load_settings
-from hato.dkim import DKIMKeys, generate_key, load_keys, rotate_key
+from hato.dkim import (
+    DKIMKeys,
+    KeyState,
+    KeyStatus,
+    generate_key,
+    load_keys,
+    read_states,
+    rotate_key,
+    write_states,
+)
 from hato.maillog import MailLog
 from peers.dns import TestDNS
 
@@ -83,6 +93,17 @@ def test_rotate_then_check_switches_once_published(tmp_path: Path) -> None:
         }
         shown = hato("dkim", "list", env=env)
         assert "retired), key" in shown.stdout and "keep published until at least" in shown.stdout
+
+        # Eight days later the grace period is over: the old record may go.
+        states_now = read_states(data_dir / "dkim", DOMAIN)
+        states_now["old"] = KeyStatus(KeyState.RETIRED, time.time() - 8 * 86400)
+        write_states(data_dir / "dkim", DOMAIN, states_now)
+        dns.remove(old.name)
+        records = hato("dns", "records", DOMAIN, env=env)
+        assert old.name not in records.stdout and new.record.name in records.stdout
+        check = hato("dns", "check", DOMAIN, "--ip", "192.0.2.25", "--json", env=env)
+        names = {f["name"] for f in json.loads(check.stdout)["findings"] if f["kind"] == "DKIM"}
+        assert names == {new.record.name}
 
 
 async def test_serve_watch_activates_a_published_key_and_signs_with_it(tmp_path: Path) -> None:

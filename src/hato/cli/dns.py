@@ -121,7 +121,7 @@ def records(
     domain = check_domain(domain)
     host = _hostname(hostname, settings.hostname)
     key_dir = settings.effective_dkim_dir
-    dkim = local_dkim_records(key_dir, domain, selectors)
+    dkim = local_dkim_records(key_dir, domain, selectors, now=time.time())
     missing = [s for s in selectors if s not in {r.selector for r in dkim}]
     if missing:
         raise ConfigError(
@@ -233,7 +233,7 @@ def check(
     )
     domain = check_domain(domain)
     host = _hostname(hostname, settings.hostname)
-    dkim = local_dkim_records(settings.effective_dkim_dir, domain, selectors)
+    dkim = local_dkim_records(settings.effective_dkim_dir, domain, selectors, now=time.time())
     resolver = Resolver(
         settings.dns_servers, timeout=min(timeout, 5.0), lifetime=timeout, cache=False
     )
