@@ -334,7 +334,9 @@ def report_message(
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(
         f"This is an aggregate TLS report (RFC 8460) from {submitter} for {domain}, "
-        f"{report['date-range']['start-datetime']} to {report['date-range']['end-datetime']}.\n"
+        f"{report['date-range']['start-datetime']} to {report['date-range']['end-datetime']}.\n",
+        charset="us-ascii",
+        cte="7bit",
     )
     msg.add_attachment(
         gzipped,
