@@ -9,6 +9,7 @@
     ├── UserError              (hato.users) a ``hato user`` request that cannot be done
     ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
+    ├── TLSReportError         (hato.tlsrpt) a TLS-RPT record, report or the report store cannot be read
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it
