@@ -169,7 +169,6 @@ def build_dkim_rotation_task(
     """``hato serve``'s side of ``hato dkim rotate``: at start and hourly, a pending key
     that DNS publishes becomes active; changed key states (here or by ``hato dns
     check``) are loaded within seconds."""
-    resolver = Resolver(settings.dns_servers, cache=False)
 
     async def watch() -> None:
         next_dns = 0.0
@@ -178,6 +177,8 @@ def build_dkim_rotation_task(
                 next_dns = time.monotonic() + DKIM_DNS_CHECK_INTERVAL
                 for domain in keys.pending_domains():
                     try:
+                        # Made here, not at start: only a rotation needs DNS.
+                        resolver = Resolver(settings.dns_servers, cache=False)
                         changes = await activate_published(
                             resolver, keys.directory, domain, now=time.time()
                         )
