@@ -699,11 +699,12 @@ def import_reports(store: TLSReportStore, files: Iterable[Path]) -> ImportOutcom
     added = duplicates = 0
     skipped: list[str] = []
     for path in files:
-        key = f"{path.parent.parent.name}/{path.name.split(':2,', 1)[0]}"
+        key = f"{path.parent.parent}/{path.name.split(':2,', 1)[0]}"
         if path.parent.name in ("new", "cur") and store.seen(key):
             continue
         try:
-            data = path.read_bytes()[: MAX_REPORT_BYTES * 2]
+            with path.open("rb") as fh:
+                data = fh.read(MAX_REPORT_BYTES * 2)  # a report message is far smaller
         except OSError as exc:
             skipped.append(f"{path}: {exc.strerror}")
             continue

@@ -228,14 +228,21 @@ def reports(
         click.echo("no TLS-RPT reports received")
         return
     for s in summaries:
-        click.echo(
+        line = (
             f"{s.organization}  {s.start} .. {s.end}  {s.policy_type} {s.policy_domain}: "
             f"{s.successful} successful, {s.failed} failed  (report {s.report_id})"
         )
+        click.echo(_printable(line))
         for detail in s.failure_details:
             where = detail.get("receiving-mx-hostname") or detail.get("receiving-ip") or ""
-            click.echo(
+            line = (
                 f"    {detail.get('failed-session-count', 0)} x {detail.get('result-type', '?')}"
                 + (f" at {where}" if where else "")
                 + (f" from {detail['sending-mta-ip']}" if detail.get("sending-mta-ip") else "")
             )
+            click.echo(_printable(line))
+
+
+def _printable(text: str) -> str:
+    """A report is other people's text: no control characters reach the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
