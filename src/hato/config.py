@@ -767,6 +767,53 @@ class Settings(BaseSettings):
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
     )
 
+    # --- our own domains: TLS-RPT and MTA-STS (RFC 8460, RFC 8461) ---------------------
+    tlsrpt_org: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_ORG"),
+        description="`organization-name` of the TLS-RPT reports Hato sends. Default: "
+        "HATO_HOSTNAME.",
+    )
+    tlsrpt_contact: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_CONTACT"),
+        description="`contact-info` of the TLS-RPT reports Hato sends. Default "
+        "`postmaster@` the first of HATO_DOMAINS (else of HATO_HOSTNAME).",
+    )
+    tlsrpt_from: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_FROM"),
+        description="From and envelope sender of the TLS-RPT report messages Hato sends. "
+        "Default `noreply-smtp-tls-reporting@` HATO_HOSTNAME.",
+    )
+    tlsrpt_send: bool = Field(
+        default=True,
+        validation_alias=_env("HATO_TLSRPT_SEND"),
+        description="`hato serve` sends yesterday's TLS-RPT reports once a day, shortly "
+        "after midnight UTC, to the `rua` of each recipient domain's `_smtp._tls` record.",
+    )
+    tlsrpt_rua: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_TLSRPT_RUA"),
+        description="Where other servers send TLS-RPT reports about our domains (the `rua` "
+        "that `hato dns records` puts in `_smtp._tls`): mail addresses or `https:` URIs. "
+        "Default `postmaster@DOMAIN`. Reports that reach a Maildir of ours are read by "
+        "`hato tls reports`.",
+    )
+    mta_sts_mode: Literal["enforce", "testing", "none"] = Field(
+        default="testing",
+        validation_alias=_env("HATO_MTA_STS_MODE"),
+        description="`mode` of our own MTA-STS policy (`hato dns mta-sts-policy`, "
+        "`/.well-known/mta-sts.txt`): start with `testing`, then `enforce`.",
+    )
+    mta_sts_max_age: int = Field(
+        default=604800,
+        ge=86400,
+        le=31557600,
+        validation_alias=_env("HATO_MTA_STS_MAX_AGE"),
+        description="`max_age` (seconds) of our own MTA-STS policy: how long senders cache it.",
+    )
+
     # --- application side: Mailer and hato worker --------------------------------------
     default_from: str | None = Field(
         default=None,
@@ -837,6 +884,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: object) -> list[str]:
         return split_list(value)
+
+    @field_validator("tlsrpt_rua", mode="before")
+    @classmethod
+    def _split_tlsrpt(cls, value: object) -> list[str]:
+        return split_list(value)
+
+    @field_validator("mta_sts_mode", mode="before")
+    @classmethod
+    def _lower_sts_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("mynetworks", mode="before")
     @classmethod
@@ -949,6 +1006,15 @@ class Settings(BaseSettings):
     @property
     def effective_dkim_dir(self) -> Path:
         return self.dkim_dir or self.data_dir / "dkim"
+
+    @property
+    def effective_tlsrpt_contact(self) -> str:
+        domain = self.domains[0] if self.domains else self.hostname
+        return self.tlsrpt_contact or f"postmaster@{domain}"
+
+    def effective_tlsrpt_rua(self, domain: str) -> list[str]:
+        """The rua of ``_smtp._tls.DOMAIN``: HATO_TLSRPT_RUA, else postmaster@DOMAIN."""
+        return list(self.tlsrpt_rua) or [f"postmaster@{domain}"]
 
     @property
     def effective_mynetworks(self) -> list[str]:

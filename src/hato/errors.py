@@ -11,6 +11,7 @@
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
     ├── DsnError               (hato.dsn_params) a bad ``notify=``, ENVID, ORCPT or xtext
     ├── TLSPolicyError         an MTA-STS policy or TLSA record that cannot be used as written
+    ├── TLSReportError         (hato.tlsrpt) a TLS-RPT record, report or the report store cannot be read
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it

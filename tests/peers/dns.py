@@ -224,9 +224,11 @@ class TestDNS:
         for value in values:
             self.add(name, "TXT", TXT(_txt_chunks(value)))
 
-    def tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes) -> None:
-        """A TLSA record (RFC 6698) at ``name`` (``_25._tcp.HOST``)."""
-        self.add(name, "TLSA", TLSA(usage, selector, mtype, data))
+    def tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes | str) -> None:
+        """A TLSA record (RFC 6698) at ``name`` (``_25._tcp.HOST``); ``data`` as bytes or
+        hex, e.g. ``tlsa("_25._tcp.mx.example.test", 3, 1, 1, digest)``."""
+        raw = bytes.fromhex(data) if isinstance(data, str) else data
+        self.add(name, "TLSA", TLSA(usage, selector, mtype, raw))
 
     def signed(self, *zones: str) -> None:
         """Answers for names in ``zones`` (and below) carry the AD bit: this server then
