@@ -692,6 +692,7 @@ async def serve(
                     limits=build_session_config(settings),
                     auth_throttle=throttle,
                     submitted=submitted,
+                    handoff=worker.enqueue_fresh,
                 )
                 servers.append(server)
                 bound.append((listener, server.port))

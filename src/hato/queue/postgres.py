@@ -56,7 +56,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -83,6 +83,7 @@ from hato.queue.base import (
     RecoveryReport,
     StoredMessage,
     apply_bounce,
+    check_enqueue_lease,
     new_message_id,
     settle_attempt,
     state_after_bounce,
@@ -224,9 +225,9 @@ class _Names:
         return (
             f"WITH ins AS (INSERT INTO {self.messages}"
             " (id, sender, recipients, data, state, created_at, next_attempt_at,"
-            " idempotency_key, meta)"
+            " idempotency_key, meta, lease_owner, lease_until)"
             " VALUES (%(id)s, %(sender)s, %(recipients)s, %(data)s, %(state)s, %(now)s,"
-            " %(due)s, %(key)s, %(meta)s)"
+            " %(due)s, %(key)s, %(meta)s, %(owner)s, %(until)s)"
             # No conflict target: a retried INSERT (same id) and a repeated
             # idempotency key both end up in the SELECT of ``existing``.
             " ON CONFLICT DO NOTHING RETURNING id, state),"
@@ -252,10 +253,10 @@ class _Names:
         return (
             f"WITH ins AS (INSERT INTO {self.messages}"
             " (id, sender, recipients, data, state, created_at, next_attempt_at,"
-            " idempotency_key, meta)"
+            " idempotency_key, meta, lease_owner, lease_until)"
             " SELECT * FROM unnest(%(id)s::text[], %(sender)s::text[], %(recipients)s::jsonb[],"
             " %(data)s::bytea[], %(state)s::text[], %(now)s::float8[], %(due)s::float8[],"
-            " %(key)s::text[], %(meta)s::jsonb[])"
+            " %(key)s::text[], %(meta)s::jsonb[], %(owner)s::text[], %(until)s::float8[])"
             " ON CONFLICT DO NOTHING RETURNING id, state),"
             f" ev AS (INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
             " SELECT e.event_id, ins.id, e.envid, e.time, e.body FROM ins JOIN"
@@ -467,11 +468,30 @@ def _enqueue_params(
     idempotency_key: str | None,
     meta: dict[str, str] | None,
     events: Sequence[DeliveryEvent] = (),
+    lease_owner: str | None = None,
+    lease_seconds: float = 0.0,
 ) -> dict[str, object]:
     if not envelope.recipients:
         raise ValueError("a message needs at least one recipient")
+    check_enqueue_lease(
+        lease_owner,
+        lease_seconds,
+        held=held,
+        not_before=not_before,
+        idempotency_key=idempotency_key,
+    )
     now = clock()
     message_id = new_message_id(lambda: now)
+    if lease_owner is not None:
+        until = now + lease_seconds
+        leased: dict[str, object] = {
+            "state": MessageState.SENDING.value,
+            "due": until,
+            "owner": lease_owner,
+            "until": until,
+        }
+    else:
+        leased = {"owner": "", "until": 0.0}
     return {
         **_event_params(stamped(events, message_id)),
         "id": message_id,
@@ -484,6 +504,7 @@ def _enqueue_params(
         "key": idempotency_key,
         "meta": Jsonb({**envelope.meta, **(meta or {})}),
         "channel": names.channel,
+        **leased,
     }
 
 
@@ -768,12 +789,16 @@ class PostgresQueue:
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
         connection: object | None = None,
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         """Store a message and return its id (see :class:`hato.queue.base.Queue`).
 
         ``connection``: as :meth:`enqueue_in` (a psycopg ``AsyncConnection`` or
-        ``Connection``; :class:`TypeError` for anything else).
+        ``Connection``; :class:`TypeError` for anything else); not with ``lease_owner``.
         """
+        if lease_owner is not None and connection is not None:
+            raise ValueError("lease_owner is for the queue's own commit, not a connection")
         if connection is not None:
             if not isinstance(connection, psycopg.AsyncConnection | psycopg.Connection):
                 raise TypeError(
@@ -800,8 +825,29 @@ class PostgresQueue:
             idempotency_key=idempotency_key,
             meta=meta,
             events=events,
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
         )
-        return await self._enqueue_grouped(params)
+        if lease_owner is not None:
+            # Before the lease commits: recovery elsewhere must find the owner alive.
+            await self._hold(lease_owner)
+        message_id = await self._enqueue_grouped(params)
+        if lease_owner is not None and message_id == params["id"]:
+            until = cast(float, params["until"])
+            self._remember_lease(
+                StoredMessage(
+                    id=message_id,
+                    sender=envelope.sender,
+                    recipients=[RecipientStatus(a) for a in envelope.recipients],
+                    data=b"",
+                    state=MessageState.SENDING,
+                    created_at=0.0,
+                    next_attempt_at=until,
+                    lease_owner=lease_owner,
+                    lease_until=until,
+                )
+            )
+        return message_id
 
     async def enqueue_in(
         self,
@@ -872,7 +918,19 @@ class PostgresQueue:
         if len(group) == 1:
             params = group[0]
             return [await self._run("enqueue", lambda c: _enqueue_on_async(c, self._names, params))]
-        columns = ("id", "sender", "recipients", "data", "state", "now", "due", "key", "meta")
+        columns = (
+            "id",
+            "sender",
+            "recipients",
+            "data",
+            "state",
+            "now",
+            "due",
+            "key",
+            "meta",
+            "owner",
+            "until",
+        )
         arrays: dict[str, object] = {c: [p[c] for p in group] for c in columns}
         for column in ("ev_id", "ev_qid", "ev_envid", "ev_time", "ev_body"):
             arrays[column] = [v for p in group for v in p[column]]  # type: ignore[attr-defined]

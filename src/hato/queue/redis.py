@@ -76,6 +76,7 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    check_enqueue_lease,
     last_reply_of,
     new_message_id,
 )
@@ -160,7 +161,8 @@ end
 """
 
 # ARGV: P, id, sender, rcpts, data, sum, created, next, held, idem, meta, state, nonce,
-# then the accepted events (see addevents).
+# lease owner ('' = none), lease until, then the accepted events (see addevents). With an
+# owner the message is stored leased (state sending, next = until).
 # Returns the stored (or, for a known idempotency key, the earlier) id; 0 on an id clash.
 _ENQUEUE = """
 local id, idem = ARGV[2], ARGV[10]
@@ -186,11 +188,14 @@ redis.call('HSET', h, 'sender', ARGV[3], 'rcpts', ARGV[4], 'data', ARGV[5], 'sum
   'nonce', ARGV[13])
 redis.call('ZADD', P .. 'all', ARGV[7], id)
 redis.call('ZADD', P .. 's:' .. ARGV[12], ARGV[7], id)
-if ARGV[9] ~= '1' then
+if ARGV[14] ~= '' then
+  redis.call('HSET', h, 'owner', ARGV[14], 'until', ARGV[15])
+  redis.call('ZADD', P .. 'leases', ARGV[15], id)
+elseif ARGV[9] ~= '1' then
   redis.call('ZADD', P .. 'due', ARGV[8], id)
   wake()
 end
-addevents(14)
+addevents(16)
 return id
 """
 
@@ -797,12 +802,27 @@ class RedisQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        check_enqueue_lease(
+            lease_owner,
+            lease_seconds,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+        )
+        if lease_owner is not None:
+            # Before the lease is stored: its heartbeat key says the owner runs.
+            await self._hold(lease_owner)
         now = self._clock()
         rcpts = [{"a": r, "s": "pending", "r": "", "l": "", "n": 0} for r in envelope.recipients]
         state = MessageState.HELD if held else MessageState.QUEUED
+        if lease_owner is not None:
+            state = MessageState.SENDING
+            not_before = now + lease_seconds
         fixed = (
             envelope.sender,
             json.dumps(rcpts),
@@ -815,6 +835,8 @@ class RedisQueue:
             json.dumps({**envelope.meta, **(meta or {})}),
             state.value,
             secrets.token_hex(8),
+            lease_owner or "",
+            _num(not_before) if lease_owner is not None and not_before is not None else "0",
         )
         with self._errors("enqueueing"):
             for _ in range(100):  # a clash needs the same microsecond and 20 random bits

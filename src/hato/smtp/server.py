@@ -23,7 +23,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from hato import reply
@@ -54,6 +54,11 @@ _debug = logging.getLogger(__name__)
 # the authenticated user ("" for a trusted network), returns the bytes to queue. Raising
 # hato.errors.HatoError refuses the message with 554 5.6.0.
 MessageTransform = Callable[[bytes, str], Awaitable[bytes]]
+
+# Enqueues an accepted message in place of ``queue.enqueue`` (``Worker.enqueue_fresh``:
+# leased to the in-process worker in the same commit): given the envelope, the bytes and
+# the ``accepted`` events, returns the queue id once the message is durable.
+Handoff = Callable[[Envelope, bytes, Sequence[DeliveryEvent]], Awaitable[str]]
 
 # Reasons for which reading is paused; reading resumes when none is left.
 _ASYNC = "async"
@@ -138,8 +143,10 @@ class SMTPListener:
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
         greet_delay: float | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.listener = listener
+        self.handoff = handoff
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
             # the client speaks first, in TLS), not on a listener bound to loopback.
@@ -316,6 +323,7 @@ async def start_listener(
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
     greet_delay: float | None = None,
+    handoff: Handoff | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -325,6 +333,7 @@ async def start_listener(
     queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
     the greeting back from untrusted clients (the pregreet test); by default
     ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -355,6 +364,7 @@ async def start_listener(
         auth_throttle=auth_throttle,
         submitted=submitted,
         greet_delay=greet_delay,
+        handoff=handoff,
     )
     await smtp.start()
     return smtp
@@ -561,9 +571,12 @@ class _Connection(asyncio.Protocol):
         try:
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
-            queue_id = await listener.queue.enqueue(
-                envelope, data, held=listener.hold, events=self._accepted(envelope, data)
-            )
+            if listener.handoff is not None and not listener.hold:
+                queue_id = await listener.handoff(envelope, data, self._accepted(envelope, data))
+            else:
+                queue_id = await listener.queue.enqueue(
+                    envelope, data, held=listener.hold, events=self._accepted(envelope, data)
+                )
         except QueueFullError as exc:
             _debug.warning("queue full: %s", exc)
             events = session.message_rejected(reply.STORAGE_FULL)
