@@ -476,6 +476,15 @@ class MXCourier:
             answered = failure.kind is not FailureKind.UNREACHABLE
             return _Next(reply, failure.relay, answered=answered)
         transaction = await send(session, sender, [rcpt for _, rcpt in items], data, dsn=dsn)
+        if transaction.deferred_at_mail is not None and session.unchecked and not session.alive:
+            # A pooled connection reused without RSET was gone after all, before anything
+            # was accepted: once more on another.
+            try:
+                session = await self._open_for(domain, rule, key, host, ip)
+            except SessionFailure as failure:
+                unreachable = failure.kind is FailureKind.UNREACHABLE
+                return _Next(failure.reply, failure.relay, answered=not unreachable)
+            transaction = await send(session, sender, [rcpt for _, rcpt in items], data, dsn=dsn)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
             return _Next(transaction.deferred_at_mail, session.relay)
