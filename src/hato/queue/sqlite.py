@@ -796,6 +796,12 @@ class SQLiteQueue:
         held: bool = False,
         events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
+        """See :class:`hato.queue.base.Queue`. Records arriving together share the
+        writer's transaction, committed without an fsync of its own (``durable=False``):
+        the next durable commit's fsync covers it (the WAL is written in order). A power
+        cut may lose the last records, never a message: a lost record leaves the message
+        ``sending`` under a lease whose owner is gone, which recovery gives back, so it is
+        delivered once more (at-least-once)."""
         now = self._clock()
         bad: list[tuple[str, str]] = []
 
