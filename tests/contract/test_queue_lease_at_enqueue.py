@@ -5,12 +5,22 @@ and it comes back when its owner's process is gone."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import pytest
 
 from hato.message import Envelope
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState
 from hato.testing import FakeClock
 
+SRC = Path(__file__).resolve().parents[2] / "src"
 DATA = b"From: a@example.org\r\nSubject: handoff\r\n\r\nbody\r\n"
 LEASE = 300.0
 
@@ -123,3 +133,67 @@ async def test_the_lease_of_a_gone_owner_comes_back_at_recovery(
     assert report.leases_expired == 1
     (claimed,) = await other.claim(owner="w2", limit=10, lease_seconds=LEASE)
     assert (claimed.id, claimed.data) == (mid, DATA)
+
+
+# -- kill -9 of the owner's process ----------------------------------------------------
+
+LEASER = textwrap.dedent(
+    """
+    import asyncio, os, sys, time
+    from hato.message import Envelope
+    from hato.queue import open_queue
+    from hato.queue.redis import RedisQueue
+
+    async def main(url):
+        if url.startswith("redis"):
+            q = RedisQueue(url, clock=time.time, owner_ttl=1.0)
+        else:
+            q = open_queue(url, fsync=False)
+        await q.open()
+        mid = await q.enqueue(
+            Envelope("a@example.org", ["b@example.net"]), b"leased\\r\\n",
+            lease_owner=f"killed/{os.getpid()}", lease_seconds=3600,
+        )
+        print(mid, flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.durable_only
+async def test_a_killed_owners_lease_at_enqueue_comes_back_at_recovery(
+    queue: Queue, queue_url: str
+) -> None:
+    """kill -9 of the process that enqueued a message leased to itself: recovery in
+    another process gives the lease back once the liveness signal ends (the flock with
+    the process, the advisory lock with its session, the heartbeat key with its TTL),
+    long before the lease (an hour) runs out."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEASER, queue_url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+        assert line, f"the child died (rc={child.poll()})"
+        mid = line.strip()
+        assert (await queue.get(mid)).state is MessageState.SENDING
+        assert (await queue.recover()).leases_expired == 0  # its owner runs
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 20
+        while (await queue.recover()).leases_expired == 0:
+            assert time.monotonic() < deadline, "the dead owner's lease never came back"
+            await asyncio.sleep(0.05)
+        (claimed,) = await queue.claim(owner="w2", limit=10, lease_seconds=LEASE)
+        assert (claimed.id, claimed.data) == (mid, b"leased\r\n")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
