@@ -330,6 +330,9 @@ def build_worker(
         delay_warning=settings.delay_warning,
         envid_from_id=envid_from_id,
         return_path=verp.return_path if verp is not None else None,
+        # Only a queue several nodes share has one (PostgresQueue.take_over_dead).
+        take_over=getattr(queue, "take_over_dead", None),
+        take_over_every=settings.node_liveness_interval,
     )
 
 
