@@ -1250,13 +1250,14 @@ class PostgresQueue:
             "   ('pending', 'sent', 'failed')))"
         )
         quarantined = f"SELECT id FROM {names.messages} WHERE state = 'quarantined' ORDER BY id"
-        params = {"now": self._clock(), "channel": names.channel}
+        now = self._clock()
+        params = {"now": now, "channel": names.channel}
 
         async def run(conn: AsyncConn) -> RecoveryReport:
             async with conn.transaction():
                 cur = await conn.execute(expire, params)
                 expired = len(await cur.fetchall())
-                expired += await self._take_over_on(conn, float(params["now"]))
+                expired += await self._take_over_on(conn, now)
                 await conn.execute(quarantine, params)
                 cur = await conn.execute(quarantined)
                 bad = [str(r[0]) for r in await cur.fetchall()]
