@@ -57,6 +57,7 @@ from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_network
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.stages import StageTrace
 from hato.tlsrpt import (
     ReportConfig,
     SendOutcome,
@@ -669,6 +670,8 @@ async def serve(
         maildir = build_maildir(settings, queue, recipients, users)
         couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
     worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
+    stages = StageTrace(settings.trace_stages) if settings.trace_stages is not None else None
+    worker.stages = stages
     companions = [watcher.run]
     if settings.tlsrpt_send:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
@@ -696,6 +699,7 @@ async def serve(
                     auth_throttle=throttle,
                     submitted=submitted,
                 )
+                server.stages = stages
                 servers.append(server)
                 bound.append((listener, server.port))
                 host = f"[{listener.host}]" if ":" in listener.host else listener.host
@@ -721,6 +725,8 @@ async def serve(
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
             tlsrpt.close()
+            if stages is not None:
+                stages.close()
 
 
 # --- hato worker: the application's outbox worker ------------------------------------

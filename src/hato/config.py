@@ -629,6 +629,13 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_LEASE_SECONDS"),
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
+    trace_stages: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TRACE_STAGES"),
+        description="Debugging latency: append one JSON line per delivered message to this"
+        " file with the time it was accepted, committed, claimed, delivered and recorded (and"
+        " a line per garbage collection over 5 ms); see docs/performance.md. Off by default.",
+    )
     node_liveness_interval: float = Field(
         default=2.0,
         ge=0,

@@ -58,6 +58,7 @@ from hato.message import META_ENVID, message_id_of
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
+from hato.stages import StageTrace
 
 _debug = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class Worker:
         return_path: Callable[[str, str], str] | None = None,
         take_over: Callable[[], Awaitable[int]] | None = None,
         take_over_every: float = 2.0,
+        stages: StageTrace | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -188,6 +190,8 @@ class Worker:
         # ``take_over_every`` seconds while running (see PostgresQueue.take_over_dead).
         self.take_over = take_over
         self.take_over_every = take_over_every
+        # HATO_TRACE_STAGES: per-message stage timestamps (hato.stages), else None.
+        self.stages = stages
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -235,6 +239,8 @@ class Worker:
                     continue
                 self._claim_worked()
                 for msg in claimed:
+                    if self.stages is not None:
+                        self.stages.mark(msg.id, "claimed")
                     self._start(msg)
                 if claimed and len(claimed) == min(free, self.batch_size):
                     continue  # there may be more due right now
@@ -454,6 +460,8 @@ class Worker:
             for res in await self._deliver(kind, msg, recipients, dsn):
                 delivered.append((kind, res))
 
+        if self.stages is not None:
+            self.stages.mark(msg.id, "delivered")
         now = self._clock()
         attempt = msg.attempts + 1
         expired = self.retry.expired(msg.created_at, now)
@@ -501,6 +509,8 @@ class Worker:
             held=held,
             events=self._events(msg, decisions, now, attempt, envid, warned),
         )
+        if self.stages is not None:
+            self.stages.finish(msg.id)
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
