@@ -672,6 +672,9 @@ async def serve(
     worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
     stages = StageTrace(settings.trace_stages) if settings.trace_stages is not None else None
     worker.stages = stages
+    for courier in worker.couriers.values():
+        if isinstance(courier, SmarthostCourier):
+            courier.stages = stages
     companions = [watcher.run]
     if settings.tlsrpt_send:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))

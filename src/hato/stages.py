@@ -4,13 +4,16 @@ A debugging aid, off by default. When on, ``hato serve`` writes one JSON line pe
 that reached the end of a delivery attempt in this process::
 
     {"id": "...", "accepted": 1764770000.1234, "committed": ..., "claimed": ...,
-     "delivered": ..., "recorded": ..., "ms": {"commit": 1.9, "wait": 0.4, ...}}
+     "connected": ..., "delivered": ..., "recorded": ..., "ms": {"commit": 1.9, ...}}
 
 (unix seconds; ``ms`` holds the gaps between consecutive stages: ``commit`` = accepted →
 committed (the durable enqueue, fsync included), ``wait`` = committed → claimed (the
-worker noticing the message), ``deliver`` = claimed → delivered (connection from the pool
-or a new one, the relay's SMTP transaction), ``record`` = delivered → recorded). A
-message accepted by another process, or before a restart, lacks the first two stages.
+worker noticing the message), ``connect`` = claimed → connected (a free relay connection:
+waiting for one of the pool's slots, then a pooled connection or a new one), ``deliver``
+= connected → delivered (the relay's SMTP transaction), ``record`` = delivered →
+recorded). ``connected`` is marked by the smarthost courier only; without it ``deliver``
+spans claimed → delivered. A message accepted by another process, or before a restart,
+lacks the first two stages.
 Garbage collections longer than 5 ms are written as ``{"gc": GENERATION, "at": ...,
 "ms": ...}`` lines, so a stall can be matched against them.
 
@@ -27,8 +30,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TextIO
 
-STAGES = ("accepted", "committed", "claimed", "delivered", "recorded")
-_GAPS = {"committed": "commit", "claimed": "wait", "delivered": "deliver", "recorded": "record"}
+STAGES = ("accepted", "committed", "claimed", "connected", "delivered", "recorded")
+_GAPS = {
+    "committed": "commit",
+    "claimed": "wait",
+    "connected": "connect",
+    "delivered": "deliver",
+    "recorded": "record",
+}
 _MAX_OPEN = 100_000
 _GC_REPORTED_MS = 5.0
 
