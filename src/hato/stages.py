@@ -30,6 +30,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TextIO
 
+from hato.errors import ConfigError
+
 STAGES = ("accepted", "committed", "claimed", "connected", "delivered", "recorded")
 _GAPS = {
     "committed": "commit",
@@ -43,12 +45,16 @@ _GC_REPORTED_MS = 5.0
 
 
 class StageTrace:
-    """Collects stage times per message id and appends one JSON line when one finishes."""
+    """Collects stage times per message id and appends one JSON line when one finishes.
+    Raises :class:`hato.errors.ConfigError` if ``path`` cannot be opened for appending."""
 
     def __init__(self, path: str | Path, *, clock: Any = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._file: TextIO | None = self.path.open("a", buffering=1, encoding="utf-8")
+        try:
+            self._file: TextIO | None = self.path.open("a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"HATO_TRACE_STAGES: cannot open {self.path}: {exc}") from exc
         self._open: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._gc_started = 0.0
         gc.callbacks.append(self._gc)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from hato.errors import ConfigError
 from hato.stages import StageTrace
 
 
@@ -40,3 +43,8 @@ def test_a_message_from_elsewhere_has_only_the_worker_stages(tmp_path: Path) -> 
     trace.finish("q9")  # after close: ignored
     (record,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert record == {"id": "q9", "claimed": 4.0, "recorded": 5.0, "ms": {"record": 1000.0}}
+
+
+def test_a_path_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="HATO_TRACE_STAGES"):
+        StageTrace(tmp_path / "no-such-dir" / "stages.jsonl")
