@@ -114,13 +114,11 @@ def client(node: HatoServe, ledger: Ledger) -> None:
                 conn.quit()
 
 
-def leases_of(schema: str, pid: int) -> set[str]:
+def leases_of(conn: psycopg.Connection[tuple[object, ...]], schema: str, pid: int) -> set[str]:
     """Ids of the messages leased (state sending) by the worker of process ``pid``."""
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        rows = conn.execute(
-            f'SELECT id, lease_owner FROM "{schema}".hato_messages WHERE state = %s',
-            ("sending",),
-        ).fetchall()
+    rows = conn.execute(
+        f'SELECT id, lease_owner FROM "{schema}".hato_messages WHERE state = %s', ("sending",)
+    ).fetchall()
     return {str(mid) for mid, owner in rows if f"/{pid}/" in str(owner)}
 
 
@@ -157,9 +155,10 @@ def test_three_nodes_one_killed_loses_nothing_acknowledged(
     # Kill the victim at a moment it holds leases (bounded: the load is bounded too).
     held: set[str] = set()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(t.is_alive() for t in threads):
-        if len(ledger.acked) >= 60 and (held := leases_of(schema, victim_pid)):
-            break
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as watcher:
+        while time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            if len(ledger.acked) >= 60 and (held := leases_of(watcher, schema, victim_pid)):
+                break
     victim.kill(signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=120)
