@@ -200,6 +200,7 @@ class Result:
     expected: int
     load: Load
     durability: str
+    other_cores: float = 0.0  # busy CPU of the machine's other work during the run
 
     def pct(self, p: float) -> float | None:
         data = sorted(self.latencies_ms)
@@ -228,6 +229,8 @@ def measure(system_name: str, args: argparse.Namespace) -> Result:
         total = args.total
         load = Load()
         plan = schedule(args.rate, args.clients, total)
+        busy0, own0, t0 = smtp_bench.machine_busy(), smtp_bench.own_cpu(), time.monotonic()
+        system0, sink0 = smtp_bench.tree_cpu(system.pid()), smtp_bench.tree_cpu(sink.proc.pid)
         start = time.monotonic() + 0.2
         counted_from = time.time() + 0.2 + args.warmup
         threads = [
@@ -244,6 +247,10 @@ def measure(system_name: str, args: argparse.Namespace) -> Result:
         sink.wait_for(load.sent, deadline + args.drain)
         with sink._cond:
             samples = list(sink.samples)
+        # The machine's busy CPU less this process (the load), the system and the sink.
+        busy = smtp_bench.machine_busy() - busy0 - (smtp_bench.own_cpu() - own0)
+        system_cpu = smtp_bench.tree_cpu(system.pid()) - system0
+        system_cpu += smtp_bench.tree_cpu(sink.proc.pid) - sink0
         return Result(
             system_name,
             [(arrived - sent) * 1000 for sent, arrived in samples if sent >= counted_from],
@@ -251,6 +258,7 @@ def measure(system_name: str, args: argparse.Namespace) -> Result:
             load.sent,
             load,
             durability_of(system_name, args),
+            max(0.0, (busy - system_cpu) / (time.monotonic() - t0)),
         )
     finally:
         if system is not None:
@@ -273,14 +281,14 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         " sessions and relay connections opening)",
         "",
         f"{'system':<8} {'run':>3} {'delivered':>11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
-        f" {'max ms':>8} {'late':>5} {'failed':>6}",
+        f" {'max ms':>8} {'late':>5} {'failed':>6} {'other CPU':>9}",
     ]
     for number, r in enumerate(results):
         lines.append(
             f"{r.system:<8} {number // len(args.system_list) + 1:>3}"
             f" {r.arrived:>5}/{r.expected:<5} {_ms(r.pct(50)):>8} {_ms(r.pct(90)):>8}"
             f" {_ms(r.pct(99)):>8} {_ms(max(r.latencies_ms, default=None)):>8}"
-            f" {r.load.late:>5} {r.load.failed:>6}"
+            f" {r.load.late:>5} {r.load.failed:>6} {r.other_cores:>9.2f}"
         )
     by_system: dict[str, list[Result]] = {}
     for r in results:
@@ -320,11 +328,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="hato: HATO_TRACE_STAGES=PATH (per-message stage timestamps)")  # fmt: skip
     parser.add_argument("--python", default="/work/venv/bin/python"
                         if Path("/work/venv/bin/python").exists() else sys.executable)  # fmt: skip
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each run, wait up to this long for other work to stop")  # fmt: skip
+    parser.add_argument("--quiet-limit", type=float, default=0.25,
+                        help="cores of other work that count as quiet")  # fmt: skip
     parser.add_argument("--sink-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 10.0)
         args.warmup = min(args.warmup, 1.0)
+        args.quiet_wait = min(args.quiet_wait, 5.0)
         args.runs = 1
     args.total = int(args.rate * args.seconds)
     if args.messages:
@@ -351,6 +364,7 @@ def main(argv: list[str]) -> int:
     results: list[Result] = []
     for _ in range(args.runs):
         for name in args.system_list:
+            smtp_bench.wait_for_quiet(args.quiet_limit, args.quiet_wait)
             print(f"{name}: {args.total} messages at {args.rate:g}/s ...", flush=True)
             results.append(measure(name, args))
     print()
