@@ -148,6 +148,7 @@ TEXT_LINE_TOO_LONG = Reply(
 
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST], closing connection")
 BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "BDAT after a failed chunk; send RSET")
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session; send STARTTLS first")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed in a BDAT transaction; send RSET")
 
 

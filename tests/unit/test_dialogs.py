@@ -12,7 +12,8 @@ Format of a ``.dialog`` file (one item per line)::
     ! closed               the server has closed the connection by now
     ! starttls             the last chunk made the server start TLS (handshake simulated)
     ! queued N             N messages have been queued so far
-    E: key=value ...       envelope of the last queued message (from, to, body_8bit, ...)
+    E: key=value ...       envelope of the last queued message (from, to, body_8bit,
+                           smtputf8, requiretls, ...)
     Q: text                a line of the last queued message's data (CRLF added)
 
 Escapes in text: ``\\r \\n \\t \\0 \\\\ \\xNN``. The server's bytes after each client chunk
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from hato import reply
-from hato.message import Envelope
+from hato.message import META_REQUIRETLS, Envelope
 from hato.smtp.auth import StaticAuthenticator
 from hato.smtp.policy import ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import (
@@ -240,6 +241,7 @@ def run_dialog(path: Path) -> None:
                     "user": envelope.auth_user,
                     "body_8bit": "yes" if envelope.body_8bit else "no",
                     "smtputf8": "yes" if envelope.smtputf8 else "no",
+                    "requiretls": envelope.meta.get(META_REQUIRETLS, "no"),
                 }[key]
                 assert actual == value, f"{path.name}:{lineno}: envelope {key}={actual!r}"
         elif line.startswith("! "):

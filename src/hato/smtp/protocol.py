@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from hato import reply
-from hato.message import Envelope
+from hato.message import META_REQUIRETLS, Envelope
 from hato.reply import Reply
 from hato.smtp.auth import (
     MECHANISMS,
@@ -245,6 +245,7 @@ class ServerSession:
         self.recipients: list[str] = []
         self._rcpt_set: set[str] = set()
         self._smtputf8 = False
+        self._requiretls = False
         # DATA scanning; see _feed_data.
         self._scan = 0
         self._checked = 0
@@ -481,6 +482,7 @@ class ServerSession:
             self.recipients = []
             self._rcpt_set = set()
         self._smtputf8 = False
+        self._requiretls = False
         if self._bdat_active:
             self._bdat_active = False
             self._bdat_body = bytearray()
@@ -498,6 +500,8 @@ class ServerSession:
             "CHUNKING",
             "ENHANCEDSTATUSCODES",
         ]
+        if self.facts.tls:
+            lines.append("REQUIRETLS")  # RFC 8689 2: only on a TLS session
         if self.tls_available and not self.facts.tls:
             lines.append("STARTTLS")
         if self.auth_available and self.policy.auth_permitted(self.facts) and not self.facts.user:
@@ -541,7 +545,7 @@ class ServerSession:
         if m is None:
             self._error(reply.MAIL_SYNTAX)
             return
-        smtputf8 = False
+        smtputf8 = requiretls = False
         declared = 0
         rest = arg[m.end() :]
         if rest:
@@ -573,6 +577,16 @@ class ServerSession:
                     smtputf8 = True
                 elif key == "AUTH":
                     pass  # RFC 4954 5: we may ignore the claimed submitter.
+                elif key == "REQUIRETLS":
+                    if value:
+                        self._error(reply.MAIL_SYNTAX)
+                        return
+                    # RFC 8689 4.1: over TLS only; a trusted network's plaintext is the
+                    # first hop from our own worker (docs/security.md).
+                    if not (self.facts.tls or self.facts.trusted):
+                        self._reject("MAIL", reply.REQUIRETLS_NEEDS_TLS)
+                        return
+                    requiretls = True
                 else:
                     self._error(reply.PARAM_UNRECOGNIZED)
                     return
@@ -588,6 +602,7 @@ class ServerSession:
             return
         self.sender = decision
         self._smtputf8 = smtputf8
+        self._requiretls = requiretls
         self._bdat_failed = False
         self._send(reply.SENDER_OK)
 
@@ -873,6 +888,8 @@ class ServerSession:
             smtputf8=self._smtputf8,
             body_8bit=body_8bit,
         )
+        if self._requiretls:
+            envelope.meta[META_REQUIRETLS] = "yes"
         self._state = _WAIT_MESSAGE
         self._out.append(MessageComplete(envelope, data))
 
