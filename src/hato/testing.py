@@ -89,7 +89,13 @@ class ScriptedCourier:
         self.closed = False
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         self.calls.append((sender, list(recipients)))
         self.messages.append(data)

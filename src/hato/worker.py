@@ -44,7 +44,7 @@ from hato.dsn import FailedRecipient, build_bounce
 from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, message_id_of
+from hato.message import META_ENVID, META_REQUIRETLS, message_id_of
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
@@ -346,7 +346,12 @@ class Worker:
             reply = Reply(451, "4.3.5", f"no courier is configured for route {kind.value}")
             return all_results(recipients, Result.TEMPORARY, reply)
         try:
-            results = await courier.deliver(msg.sender, recipients, msg.data, message_id=msg.id)
+            if msg.meta.get(META_REQUIRETLS) == "yes":
+                results = await courier.deliver(
+                    msg.sender, recipients, msg.data, message_id=msg.id, require_tls=True
+                )
+            else:
+                results = await courier.deliver(msg.sender, recipients, msg.data, message_id=msg.id)
         except Exception as exc:  # unknown means temporary: retry rather than drop
             _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
             reply = Reply(

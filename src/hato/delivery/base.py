@@ -49,10 +49,18 @@ class Courier(Protocol):
     name: str
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         """Try once; one result per recipient, in the order given. Never raises for a
-        delivery failure (only for programming errors)."""
+        delivery failure (only for programming errors). ``require_tls``: the message is
+        REQUIRETLS (RFC 8689); network couriers send it only over verified TLS to a next
+        hop that offers REQUIRETLS, local ones (maildir, hold) have no hop to protect."""
         ...
 
     async def close(self) -> None: ...

@@ -23,7 +23,13 @@ class HoldCourier:
         self.reply = reply
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         return all_results(recipients, Result.HELD, self.reply, relay="hold")
 

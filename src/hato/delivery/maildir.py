@@ -112,7 +112,13 @@ class MaildirCourier:
         self._ready: set[Path] = set()
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         seen = _delivered_to(data)
         results: list[DeliveryResult] = []
