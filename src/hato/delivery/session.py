@@ -42,7 +42,7 @@ REQUIRETLS (RFC 8689): a message that requires it goes only on a session whose
 certificate was verified, to a server that offers REQUIRETLS, and the parameter is passed
 on; otherwise every recipient fails with ``5.7.30`` (not offered) or ``5.7.10`` (no
 verified TLS), permanently. A ``trusted_hop`` (Hato's own relay server on a trusted
-network, ``HATO_RELAY_REQUIRETLS=trusted``) gets the parameter without those checks and
+network, ``HATO_SMTP_REQUIRETLS=trusted``) gets the parameter without those checks and
 enforces it from there on.
 """
 
@@ -607,7 +607,13 @@ async def send(
     relay = session.relay
     try:
         mail_reply = await _transact(
-            session, sender, recipients, data, results, (require_tls, trusted_hop)
+            session,
+            sender,
+            recipients,
+            data,
+            results,
+            require_tls=require_tls,
+            trusted_hop=trusted_hop,
         )
         if mail_reply is not None and mail_reply.is_temporary:
             deferred_at_mail = mail_reply
@@ -639,7 +645,9 @@ async def _transact(
     recipients: Sequence[str],
     data: bytes,
     results: dict[int, DeliveryResult],
-    requiretls: tuple[bool, bool] = (False, False),
+    *,
+    require_tls: bool = False,
+    trusted_hop: bool = False,
 ) -> Reply | None:
     """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
     the same connection, for the recipients a server's recipient limit left over.
@@ -666,7 +674,7 @@ async def _transact(
     everyone = range(len(recipients))
     utf8_envelope = not (sender.isascii() and all(r.isascii() for r in recipients))
     refusal = _refusal(smtp, relay, sender, utf8_envelope=utf8_envelope)
-    if refusal is None and requiretls[0] and not requiretls[1]:
+    if refusal is None and require_tls and not trusted_hop:
         refusal = _requiretls_refusal(session)
     if refusal is None and not data.isascii() and not smtp.supports_extension("8bitmime"):
         try:
@@ -682,7 +690,7 @@ async def _transact(
         decide(everyone, Result.PERMANENT, refusal)
         return None
     options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
-    if requiretls[0]:
+    if require_tls:
         options.append(b"REQUIRETLS")
 
     pending = list(everyone)

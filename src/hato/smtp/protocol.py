@@ -113,8 +113,8 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A rejection for the operator log; ``command`` is ``MAIL``, ``RCPT``, ``DATA``,
-    ``END-OF-MESSAGE``, ``BDAT``, ``AUTH``, ``CONNECT``, or the junk command that was one too many
-    (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
+    ``BDAT``, ``END-OF-MESSAGE``, ``AUTH``, ``CONNECT``, or the junk command that was one
+    too many (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
 
     command: str
     reply: Reply
