@@ -4,7 +4,7 @@
   when it offers CHUNKING, in one ``BDAT n LAST`` or in several chunks, and DATA when
   CHUNKING is turned off; a wire tap (:mod:`peers.tap`) between them shows which.
 * Postfix's smtpd (a private ``plain_relay``) takes Hato's BDAT; Postfix's smtp client
-  has no BDAT, and delivers to Hato's intake (which offers CHUNKING) with DATA.
+  sends DATA even to Hato's intake, which offers CHUNKING.
 * REQUIRETLS: delivered over verified STARTTLS to Hato's intake, which offers it, with the
   parameter passed on (the intake stores it with the message); refused with 5.7.30 by an
   aiosmtpd next hop that does not offer it, with 5.7.10 in plaintext, and passed on in
@@ -136,8 +136,8 @@ async def test_courier_sends_bdat_to_postfix_smtpd() -> None:
 async def test_postfix_smtp_client_delivers_to_hato_offering_chunking(
     relay: RelayServer,
 ) -> None:
-    # Postfix's smtp client does not implement BDAT (only its smtpd does), so it answers
-    # Hato's CHUNKING with DATA; the message must arrive intact all the same.
+    # Postfix's smtp client (3.7) sends DATA even when CHUNKING is offered (only its
+    # smtpd speaks BDAT); the message must arrive intact all the same.
     with Tap(relay.port(ListenerRole.SMTP)) as tap:
         instance = plain_relay(("127.0.0.1", tap.port))
         with running(instance):
