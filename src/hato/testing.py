@@ -34,6 +34,7 @@ from email.message import EmailMessage
 
 from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
+from hato.dsn_params import DsnRequest
 from hato.errors import MessageNotFound
 from hato.mailer import Composed, MailerBase, MessageId, Status
 from hato.mailer.async_mailer import TemplateSource
@@ -95,6 +96,7 @@ class ScriptedCourier:
         data: bytes,
         *,
         message_id: str = "",
+        dsn: DsnRequest | None = None,
         require_tls: bool = False,
     ) -> list[DeliveryResult]:
         self.calls.append((sender, list(recipients)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.dsn_params import DsnRequest
 from hato.reply import Reply
 
 HELD = Reply(250, "2.0.0", "held: no relay configured")
@@ -29,6 +30,7 @@ class HoldCourier:
         data: bytes,
         *,
         message_id: str = "",
+        dsn: DsnRequest | None = None,
         require_tls: bool = False,
     ) -> list[DeliveryResult]:
         return all_results(recipients, Result.HELD, self.reply, relay="hold")

@@ -40,6 +40,7 @@ from pathlib import Path
 from hato.aliases import UNKNOWN_USER, Expansion, LocalRecipients, Mailbox
 from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
+from hato.dsn_params import DsnRequest
 from hato.reply import Reply
 
 # (envelope sender, external recipients, message bytes, idempotency key) -> queued id.
@@ -118,6 +119,7 @@ class MaildirCourier:
         data: bytes,
         *,
         message_id: str = "",
+        dsn: DsnRequest | None = None,
         require_tls: bool = False,
     ) -> list[DeliveryResult]:
         seen = _delivered_to(data)

@@ -37,6 +37,7 @@ from hato.delivery.session import (
     send,
     shut_down,
 )
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
 
 __all__ = [
@@ -155,6 +156,7 @@ class SmarthostCourier:
         data: bytes,
         *,
         message_id: str = "",
+        dsn: DsnRequest | None = None,
         require_tls: bool = False,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
@@ -169,6 +171,7 @@ class SmarthostCourier:
                 sender,
                 recipients,
                 data,
+                dsn=dsn,
                 require_tls=require_tls,
                 trusted_hop=self.config.requiretls == "trusted",
             )
