@@ -251,6 +251,7 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             helo_name=hostname,
             timeout=resolved.timeout,
             pool_size=resolved.pool_size,
+            requiretls=resolved.requiretls,
         )
     )
 

@@ -283,6 +283,7 @@ class Smarthost(BaseModel):
     password_file: Path | None = None
     timeout: float = 60.0
     pool_size: int = 4
+    requiretls: Literal["verify", "trusted"] = "verify"
 
     @field_validator("password")
     @classmethod
@@ -864,6 +865,15 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
         description="CA bundle for HATO_SMTP_HOST.",
     )
+    smtp_requiretls: Literal["verify", "trusted"] = Field(
+        default="verify",
+        validation_alias=_env("HATO_SMTP_REQUIRETLS"),
+        description="REQUIRETLS mail (RFC 8689, `require_tls=True`) to HATO_SMTP_HOST: "
+        "`verify` sends it only over verified TLS to a server that offers REQUIRETLS; "
+        "`trusted` (HATO_SMTP_HOST is Hato's relay server on a trusted network, e.g. in "
+        "one compose network) passes the REQUIRETLS parameter on even in plaintext, and "
+        "the relay server enforces it from there.",
+    )
     smtp_username: str | None = Field(
         default=None,
         validation_alias=_env("HATO_SMTP_USERNAME"),
@@ -937,7 +947,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
         return value.strip()
 
-    @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
+    @field_validator(
+        "relay_tls", "smtp_tls", "route", "mx_tls", "log_format", "smtp_requiretls", mode="before"
+    )
     @classmethod
     def _lower_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -1081,6 +1093,7 @@ class Settings(BaseSettings):
             password_file=self.smtp_password_file,
             timeout=self.relay_timeout,
             pool_size=max(self.relay_pool_size, self.worker_concurrency),
+            requiretls=self.smtp_requiretls,
         )
 
     @property

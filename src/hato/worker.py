@@ -64,7 +64,7 @@ from hato.dsn_params import NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_SUCCESS, DsnReq
 from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, Envelope, message_id_of
+from hato.message import META_ENVID, META_REQUIRETLS, Envelope, message_id_of
 from hato.queue.base import (
     MessageState,
     Outcome,
@@ -509,9 +509,14 @@ class Worker:
         if self.return_path is not None and kind in (RouteKind.RELAY, RouteKind.MX):
             sender = self.return_path(sender, msg.id)
         try:
-            results = await courier.deliver(
-                sender, recipients, msg.data, message_id=msg.id, dsn=dsn
-            )
+            if msg.meta.get(META_REQUIRETLS) == "yes":
+                results = await courier.deliver(
+                    sender, recipients, msg.data, message_id=msg.id, dsn=dsn, require_tls=True
+                )
+            else:
+                results = await courier.deliver(
+                    sender, recipients, msg.data, message_id=msg.id, dsn=dsn
+                )
         except Exception as exc:  # unknown means temporary: retry rather than drop
             _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
             reply = Reply(
