@@ -45,6 +45,7 @@ from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
 from hato.message import META_ENVID, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
@@ -143,6 +144,7 @@ class Worker:
         stop_timeout: float = 10.0,
         error_backoff: float = 1.0,
         bounces: bool = True,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -162,6 +164,7 @@ class Worker:
         # An application outbox (``hato worker``) turns DSNs off: its senders are
         # noreply addresses, and the app reads failures from ``Mailer.status`` instead.
         self.bounces = bounces
+        self.observer = observer  # told of each recipient's attempt (metrics)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -429,6 +432,7 @@ class Worker:
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
+            self.observer.delivery(d.kind.value, d.status, max(0.0, now - msg.created_at))
             detail = str(d.result.reply)
             if d.expired:
                 detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"

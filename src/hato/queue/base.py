@@ -206,6 +206,17 @@ def settle_attempt(
     return updated, last_reply, state
 
 
+async def oldest_by_listing(queue: Queue, limit: int = 10_000) -> dict[MessageState, float]:
+    """``Queue.oldest`` for a backend without a cheaper way: the oldest among each
+    state's newest ``limit`` messages."""
+    result: dict[MessageState, float] = {}
+    for state in MessageState:
+        listed = await queue.list(states=[state], limit=limit)
+        if listed:
+            result[state] = min(m.created_at for m in listed)
+    return result
+
+
 def new_message_id(clock: Clock = time.time) -> str:
     """A queue id: 11 upper-case hex digits of microseconds, then 8 random ones.
 
@@ -295,6 +306,15 @@ class Queue(Protocol):
     async def delete(self, message_id: str) -> None: ...
 
     async def counts(self) -> dict[MessageState, int]: ...
+
+    async def oldest(self) -> dict[MessageState, float]:
+        """The ``created_at`` of the oldest message in each state that has any."""
+        ...
+
+    async def ping(self) -> None:
+        """Prove the queue takes writes now, by a small real write that touches no
+        message (``/readyz``); raises :class:`hato.errors.QueueError` when it does not."""
+        ...
 
     async def recover(self) -> RecoveryReport:
         """Start-up: expired leases come back; unreadable records are quarantined."""

@@ -78,6 +78,7 @@ from hato.queue.base import (
     StoredMessage,
     last_reply_of,
     new_message_id,
+    oldest_by_listing,
 )
 
 _OUR_PARAMS = ("prefix", "wait_aof", "wait_replicas", "wait_timeout")
@@ -985,6 +986,13 @@ class RedisQueue:
 
     def _key(self, raw_id: object) -> bytes:
         return self.prefix.encode() + b"m:" + _bytes(raw_id)
+
+    async def oldest(self) -> dict[MessageState, float]:
+        return await oldest_by_listing(self)
+
+    async def ping(self) -> None:
+        with self._errors("probing"):
+            await self._redis.set(self.prefix + "probe", repr(self._clock()), ex=60)
 
     async def counts(self) -> dict[MessageState, int]:
         with self._errors("counting"):
