@@ -10,16 +10,18 @@ from __future__ import annotations
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from peers import free_port, missing
-from peers.hato import HatoFactory, HatoServe, run_hato
+from peers.hato import HatoFactory, HatoServe, operator_setup, run_hato
 from peers.sinks import RecordingSink
 
 
@@ -204,3 +206,67 @@ def test_a_port_in_use_is_a_one_line_start_up_error(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if "cannot listen on http" in line]
     assert errors == [f"hato: cannot listen on http 127.0.0.1:{port}: Address already in use"]
     assert "Traceback" not in proc.stderr
+
+
+def test_https_with_the_listeners_certificate(hato_serve: HatoFactory, tmp_path: Path) -> None:
+    data_dir = tmp_path / "tls-data"
+    tls_env = operator_setup(data_dir, {})
+    serve = hato_serve({**tls_env, "HATO_HTTP_TLS": "true"}, data_dir=data_dir)
+    assert serve.http_url.startswith("https://127.0.0.1:")
+    assert httpx.get(serve.http_url + "/readyz", verify=False).status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(serve.http_url.replace("https://", "http://") + "/healthz")
+    proc = run_hato(["health", "--url", serve.http_url], data_dir=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_https_without_a_certificate_refuses_to_start(tmp_path: Path) -> None:
+    proc = run_hato(
+        ["serve"],
+        data_dir=tmp_path,
+        env={"HATO_LISTEN": "127.0.0.1:0", "HATO_HTTP_LISTEN": "127.0.0.1:0", "HATO_HTTP_TLS": "1"},
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "hato: HATO_HTTP_TLS needs HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE"
+    ]
+
+
+def test_rejections_and_auth_failures_are_counted(hato_serve: HatoFactory, tmp_path: Path) -> None:
+    data_dir = tmp_path / "relay-data"
+    tls_env = operator_setup(data_dir, {"alice": "right-password"})
+    smtp_port, submission_port = free_port(), free_port()
+    serve = hato_serve(
+        {
+            **tls_env,
+            "HATO_LISTEN": f"smtp=127.0.0.1:{smtp_port},submission=127.0.0.1:{submission_port}",
+            "HATO_MESSAGE_SIZE_LIMIT": "2000",
+        },
+        data_dir=data_dir,
+    )
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        code, _ = client.docmd("MAIL FROM:<app@example.com>")
+        assert code == 250
+        assert client.docmd("RCPT TO:<big@example.org>")[0] == 250
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: big\r\n\r\n" + b"x" * 3000 + b"\r\n.\r\n")
+        code, _ = client.getreply()
+        assert code == 552
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", submission_port, timeout=30) as client:
+        client.starttls(context=tls)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("alice", "wrong-password")
+    s = _samples(httpx.get(serve.http_url + "/metrics").text)
+    smtp = f"smtp=127.0.0.1:{smtp_port}"
+    submission = f"submission=127.0.0.1:{submission_port}"
+    assert _value(s, "hato_smtp_messages_total", listener=smtp, result="rejected") == 1
+    assert _value(s, "hato_smtp_messages_total", listener=smtp, result="accepted") == 0
+    # smtplib tries PLAIN, then LOGIN: two failed attempts.
+    assert _value(s, "hato_smtp_auth_failures_total", listener=submission) == 2
+    assert _value(s, "hato_smtp_auth_failures_total", listener=smtp) == 0
+    assert _value(s, "hato_smtp_connections_total", listener=submission) == 1
