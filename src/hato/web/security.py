@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html import escape
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -319,7 +319,7 @@ class Guard:
         accept = _header(scope, b"accept") or ""
         if scope["method"] == "GET" and "text/html" in accept:
             target = scope["path"]
-            response: Response = RedirectResponse(f"/login?next={target}", status_code=303)
+            response: Response = RedirectResponse(f"/login?next={quote(target)}", status_code=303)
         else:
             response = problem(
                 401,
