@@ -166,8 +166,11 @@ class Metrics(Observer):
         now = self._clock()
         if now - self._queue_read < QUEUE_CACHE:
             return
-        counts = await ctx.queue.counts()
-        oldest = await ctx.queue.oldest()
+        try:
+            counts = await ctx.queue.counts()
+            oldest = await ctx.queue.oldest()
+        except Exception:  # the queue is down: hato_ready says so; the gauges keep their values
+            return
         self._queue_read = now
         for state, n in counts.items():
             self.queue_messages.labels(state.value).set(n)
