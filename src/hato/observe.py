@@ -20,6 +20,9 @@ class Observer:
     def smtp_auth_failed(self, listener: str) -> None:
         """An AUTH attempt failed."""
 
+    def event(self, name: str, count: int = 1) -> None:
+        """``count`` delivery events ``name`` were recorded (``accepted``, ``relayed``...)."""
+
     def delivery(self, route: str, status: str, seconds: float) -> None:
         """One recipient's attempt ended ``status`` (``sent``, ``deferred``, ``bounced``,
         ``held``) on ``route``, ``seconds`` after the message was queued."""

@@ -433,6 +433,7 @@ class Worker:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
             self.observer.delivery(d.kind.value, d.status, max(0.0, now - msg.created_at))
+            self.observer.event(_event_name(d))
             detail = str(d.result.reply)
             if d.expired:
                 detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"

@@ -133,6 +133,9 @@ def test_metrics_follow_the_mail(
     )
     assert waiting == 1
     assert _value(s, "hato_queue_messages", state="failed") == 0
+    assert _value(s, "hato_events_total", event="accepted") == 3
+    assert _value(s, "hato_events_total", event="relayed") == 2
+    assert _value(s, "hato_events_total", event="deferred") >= 1
     assert _value(s, "hato_ready") == 1
     assert _value(s, "hato_build_info", version="0.1.0", role="serve") == 1
     # The deferred message is the oldest waiting one; nothing is held.

@@ -589,6 +589,7 @@ class _Connection(asyncio.Protocol):
             events = session.message_rejected(reply.LOCAL_ERROR)
         else:
             listener.observer.smtp_message(listener.name, True)
+            listener.observer.event(ACCEPTED, len(envelope.recipients))
             listener.log.received(
                 queue_id,
                 client=self.client,

@@ -16,6 +16,8 @@ statuses):
 * ``hato_deliveries_total{route,status}`` (sent, deferred, bounced, held)
 * ``hato_delivery_seconds{route}``: queued → delivered, a histogram
 * ``hato_last_delivery_timestamp_seconds``: when a recipient was last delivered
+* ``hato_events_total{event}``: delivery events recorded (accepted, relayed, delivered,
+  deferred, bounced, expired, held)
 * ``hato_ready``: 1 when the checks of ``/readyz`` pass, else 0
 * ``hato_http_auth_failures_total``: wrong tokens on the HTTP listener
 * ``hato_build_info{version,role}``: always 1
@@ -94,6 +96,9 @@ class Metrics(Observer):
             "When a recipient was last delivered (Unix time; 0: not since start).",
             registry=r,
         )
+        self.events = Counter(
+            "hato_events_total", "Delivery events recorded, by event.", ["event"], registry=r
+        )
         self.ready = Gauge("hato_ready", "1 when the checks of /readyz pass.", registry=r)
         self.http_auth_failures = Counter(
             "hato_http_auth_failures_total", "Wrong tokens on the HTTP listener.", registry=r
@@ -113,6 +118,7 @@ class Metrics(Observer):
         self._auth: dict[str, Counter] = {}
         self._deliv: dict[tuple[str, str], Counter] = {}
         self._secs: dict[str, Histogram] = {}
+        self._events: dict[str, Counter] = {}
 
     # Observer: called on the hot path.
 
@@ -134,6 +140,12 @@ class Metrics(Observer):
         if child is None:
             child = self._auth[listener] = self.auth_failures.labels(listener)
         child.inc()
+
+    def event(self, name: str, count: int = 1) -> None:
+        child = self._events.get(name)
+        if child is None:
+            child = self._events[name] = self.events.labels(name)
+        child.inc(count)
 
     def delivery(self, route: str, status: str, seconds: float) -> None:
         child = self._deliv.get((route, status))
