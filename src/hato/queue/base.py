@@ -206,17 +206,6 @@ def settle_attempt(
     return updated, last_reply, state
 
 
-async def oldest_by_listing(queue: Queue, limit: int = 10_000) -> dict[MessageState, float]:
-    """``Queue.oldest`` for a backend without a cheaper way: the oldest among each
-    state's newest ``limit`` messages."""
-    result: dict[MessageState, float] = {}
-    for state in MessageState:
-        listed = await queue.list(states=[state], limit=limit)
-        if listed:
-            result[state] = min(m.created_at for m in listed)
-    return result
-
-
 def new_message_id(clock: Clock = time.time) -> str:
     """A queue id: 11 upper-case hex digits of microseconds, then 8 random ones.
 

@@ -78,7 +78,6 @@ from hato.queue.base import (
     StoredMessage,
     last_reply_of,
     new_message_id,
-    oldest_by_listing,
 )
 
 _OUR_PARAMS = ("prefix", "wait_aof", "wait_replicas", "wait_timeout")
@@ -988,7 +987,17 @@ class RedisQueue:
         return self.prefix.encode() + b"m:" + _bytes(raw_id)
 
     async def oldest(self) -> dict[MessageState, float]:
-        return await oldest_by_listing(self)
+        # Each state's sorted set is scored by the creation time.
+        with self._errors("reading the oldest messages"):
+            pipe = self._redis.pipeline(transaction=False)
+            for state in MessageState:
+                pipe.zrange(self.prefix + "s:" + state.value, 0, 0, withscores=True)
+            firsts = await pipe.execute()
+        return {
+            state: float(rows[0][1])
+            for state, rows in zip(MessageState, firsts, strict=True)
+            if rows
+        }
 
     async def ping(self) -> None:
         with self._errors("probing"):
