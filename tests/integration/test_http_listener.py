@@ -273,3 +273,25 @@ def test_rejections_and_auth_failures_are_counted(hato_serve: HatoFactory, tmp_p
     assert _value(s, "hato_smtp_auth_failures_total", listener=submission) == 2
     assert _value(s, "hato_smtp_auth_failures_total", listener=smtp) == 0
     assert _value(s, "hato_smtp_connections_total", listener=submission) == 1
+
+
+def test_hato_health_sends_the_token(hato_serve: HatoFactory, tmp_path: Path) -> None:
+    serve = hato_serve({"HATO_HTTP_TOKEN": "the-right-token"})
+    right = run_hato(
+        ["health", "--url", serve.http_url],
+        data_dir=tmp_path,
+        env={"HATO_HTTP_TOKEN": "the-right-token"},
+        check=False,
+    )
+    assert right.returncode == 0, right.stdout + right.stderr
+    # A token sent on loopback is checked: a wrong one shows that it was sent.
+    secret = tmp_path / "token"
+    secret.write_text("a-wrong-token\n")
+    wrong = run_hato(
+        ["health", "--url", serve.http_url],
+        data_dir=tmp_path,
+        env={"HATO_HTTP_TOKEN_FILE": str(secret)},
+        check=False,
+    )
+    assert wrong.returncode == 1
+    assert wrong.stdout == "not ready: HTTP 401: wrong token\n"

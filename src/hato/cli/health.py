@@ -50,6 +50,8 @@ def readyz_url(url: str) -> str:
 
 def summary(body: object) -> str:
     """The failing checks of a ``/readyz`` body, as one line."""
+    if isinstance(body, dict) and isinstance(body.get("detail"), str):
+        return str(body["detail"])  # a problem body (RFC 9457)
     if not isinstance(body, dict) or not isinstance(body.get("checks"), dict):
         return "unexpected answer"
     failing = [
