@@ -295,3 +295,21 @@ def test_hato_health_sends_the_token(hato_serve: HatoFactory, tmp_path: Path) ->
     )
     assert wrong.returncode == 1
     assert wrong.stdout == "not ready: HTTP 401: wrong token\n"
+
+
+def test_the_other_parts_routes_are_mounted(hato_serve: HatoFactory) -> None:
+    """MTA-STS policy (for mta-sts.DOMAIN, through a proxy) and the TLS-RPT reports API."""
+    serve = hato_serve(
+        {"HATO_DOMAINS": "example.com", "HATO_MTA_STS_MODE": "testing", "HATO_HOSTNAME": "mx.test"}
+    )
+    policy = httpx.get(
+        serve.http_url + "/.well-known/mta-sts.txt", headers={"Host": "mta-sts.example.com"}
+    )
+    assert policy.status_code == 200, policy.text
+    assert policy.text.startswith("version: STSv1\r\nmode: testing\r\nmx: mx.test\r\n")
+    other = httpx.get(
+        serve.http_url + "/.well-known/mta-sts.txt", headers={"Host": "mta-sts.example.net"}
+    )
+    assert other.status_code == 421
+    reports = httpx.get(serve.http_url + "/api/v1/tls/reports")
+    assert reports.status_code == 200 and reports.json() == {"reports": []}

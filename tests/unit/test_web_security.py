@@ -307,3 +307,20 @@ def test_sessions_are_bounded_and_expire() -> None:
     assert sessions.get(last.id) is last
     now[0] = 11
     assert sessions.get(last.id) is None
+
+
+def test_the_mta_sts_policy_needs_no_token(public: tuple[Access, io.StringIO]) -> None:
+    access, _ = public
+    app = Starlette(
+        routes=[Route("/.well-known/mta-sts.txt", _thing)],
+        middleware=[Middleware(Guard, access=access)],
+    )
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.5", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://hato.example") as c:
+            return await c.get("/.well-known/mta-sts.txt")
+
+    response = run(go())
+    assert isinstance(response, httpx.Response)
+    assert response.status_code == 200 and response.json()["auth"] == "public"

@@ -9,7 +9,8 @@ server-sent events pass through untouched). In order, for each HTTP request:
 2. **Origin** (CSRF, on loopback too): a state-changing request (POST, PUT, PATCH,
    DELETE) that carries an ``Origin`` must come from this very origin (scheme, host,
    port); else ``403``. Clients without a browser send no ``Origin`` and pass.
-3. **Token**: off loopback every path but ``/healthz``, ``/readyz`` and ``/login`` needs
+3. **Token**: off loopback every path but ``/healthz``, ``/readyz``, ``/login`` and the
+   MTA-STS policy (``/.well-known/mta-sts.txt``) needs
    the token, as ``Authorization: Bearer TOKEN`` or as the session cookie that
    ``POST /login`` (a form with the token) sets: HttpOnly, SameSite=Strict, Secure under
    HTTPS, holding a random server-side session id (sessions live in this process and
@@ -56,7 +57,8 @@ CSRF_FIELD = "csrf_token"
 SESSION_SECONDS = 12 * 3600.0
 MAX_SESSIONS = 1000
 # Paths anyone may reach, off loopback too.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+# The MTA-STS policy is for every sending MTA (RFC 8461), never behind the token.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/.well-known/mta-sts.txt"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # A urlencoded form larger than this is not read for its CSRF field.
 MAX_FORM_BYTES = 1024 * 1024

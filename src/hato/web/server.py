@@ -31,7 +31,16 @@ from starlette.routing import BaseRoute
 from hato.config import Settings
 from hato.errors import ConfigError
 from hato.smtp.auth import AuthThrottle
-from hato.web import api, console, events_api, health, metrics, security
+from hato.web import (
+    api,
+    console,
+    events_api,
+    health,
+    metrics,
+    mta_sts,
+    security,
+    tls_reports,
+)
 from hato.web.context import WebContext
 from hato.web.problems import problem
 
@@ -76,7 +85,9 @@ class HttpSettings:
             if settings.tls_cert_file is None or settings.tls_key_file is None:
                 raise ConfigError("HATO_HTTP_TLS needs HATO_TLS_CERT_FILE and HATO_TLS_KEY_FILE")
             cert, key = str(settings.tls_cert_file), str(settings.tls_key_file)
-        return cls(host, port, token, tuple(settings.http_hosts), settings.http_tls, cert, key)
+        # Senders fetch our MTA-STS policy from https://mta-sts.DOMAIN/ (through a proxy).
+        hosts = (*settings.http_hosts, *(f"mta-sts.{domain}" for domain in settings.domains))
+        return cls(host, port, token, hosts, settings.http_tls, cert, key)
 
 
 def _problem_for(request: Request, exc: Exception) -> Response:
@@ -113,6 +124,8 @@ def build_asgi(
         *health.routes(ctx, readiness),
         *metrics.routes(ctx, scrape, readiness),
         *security.routes(access),
+        *mta_sts.routes(ctx),
+        *tls_reports.routes(ctx),
         *api.routes(ctx),
         *events_api.routes(ctx),
         *console.routes(ctx),  # last: it owns "/"
