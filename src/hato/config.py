@@ -631,6 +631,22 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_LEASE_SECONDS"),
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
+    trace_stages: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TRACE_STAGES"),
+        description="Debugging latency: append one JSON line per delivered message to this"
+        " file with the time it was accepted, committed, claimed, delivered and recorded (and"
+        " a line per garbage collection over 5 ms); see docs/performance.md. Off by default.",
+    )
+    node_liveness_interval: float = Field(
+        default=2.0,
+        ge=0,
+        validation_alias=_env("HATO_NODE_LIVENESS_INTERVAL"),
+        description="On a PostgreSQL queue shared by several nodes: how often each worker"
+        " looks for nodes that died (their liveness lock is free) and puts the messages they"
+        " held back in the queue, instead of waiting for the lease to run out; 0: only at"
+        " start-up.",
+    )
 
     # --- relay server role: MX delivery, users, own domains, DKIM ----------------------
     dns_servers: CommaList = Field(

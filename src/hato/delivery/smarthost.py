@@ -39,6 +39,7 @@ from hato.delivery.session import (
 )
 from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
+from hato.stages import StageTrace
 
 __all__ = [
     "DEFAULT_PORT",
@@ -133,6 +134,8 @@ class SmarthostCourier:
             monotonic=monotonic,
         )
         self._slots = asyncio.Semaphore(config.pool_size)
+        # HATO_TRACE_STAGES (hato.stages): set by the composition root, else None.
+        self.stages: StageTrace | None = None
 
     @property
     def connections_opened(self) -> int:
@@ -154,6 +157,8 @@ class SmarthostCourier:
                 session = await self._pool.session((), self._plan)
             except SessionFailure as failure:
                 return all_results(recipients, Result.TEMPORARY, failure.reply, failure.relay)
+            if self.stages is not None and message_id:
+                self.stages.mark(message_id, "connected")
             transaction = await send(session, sender, recipients, data, dsn=dsn)
             self._pool.release((), session)
             return transaction.results
