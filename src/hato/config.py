@@ -59,6 +59,8 @@ ListenerRole = Literal["smtp", "submission", "submissions"]
 LISTENER_ROLES: tuple[str, ...] = ("smtp", "submission", "submissions")
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+# The HTTP listener of `hato serve` when HATO_HTTP_LISTEN is unset (Mailpit's port).
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8025"
 # boky/postfix trusts the private ranges by default so that a compose network can send.
 PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 
@@ -896,6 +898,41 @@ class Settings(BaseSettings):
         "NAME.txt, NAME.html). Default `./templates`.",
     )
 
+    # --- the HTTP listener (console, API, health, metrics) ----------------------------
+    http_listen: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_LISTEN"),
+        description="The HTTP listener (web console, API, `/healthz`, `/readyz`, "
+        "`/metrics`): `HOST:PORT`; empty turns it off. Unset, it depends on the command: "
+        f"`{DEFAULT_HTTP_LISTEN}` for `hato serve`, off for `hato worker`. Off loopback "
+        "it needs HATO_HTTP_TOKEN or HATO_HTTP_TOKEN_FILE.",
+    )
+    http_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_TOKEN"),
+        description="The token for the HTTP listener: API clients send "
+        "`Authorization: Bearer TOKEN`, the browser logs in with it once. Required off "
+        "loopback; `hato health` sends it.",
+    )
+    http_token_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_TOKEN_FILE"),
+        description="A file holding HATO_HTTP_TOKEN (a container secret, `/run/secrets/...`).",
+    )
+    http_hosts: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_HTTP_HOSTS"),
+        description="Host names the HTTP listener answers to besides loopback names and "
+        "addresses (and its own bound address); any other `Host` is refused "
+        "(DNS rebinding).",
+    )
+    http_tls: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_HTTP_TLS"),
+        description="Serve HTTPS on HATO_HTTP_LISTEN with HATO_TLS_CERT_FILE and "
+        "HATO_TLS_KEY_FILE; plain HTTP otherwise.",
+    )
+
     # --- logging ---------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(
         default="text",
@@ -905,7 +942,13 @@ class Settings(BaseSettings):
 
     # --- validators ------------------------------------------------------------------
     @field_validator(
-        "listen", "domains", "allowed_sender_domains", "dns_servers", "mx_tls_policy", mode="before"
+        "listen",
+        "domains",
+        "allowed_sender_domains",
+        "dns_servers",
+        "mx_tls_policy",
+        "http_hosts",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: object) -> list[str]:
@@ -1005,6 +1048,34 @@ class Settings(BaseSettings):
     @property
     def listeners(self) -> list[Listener]:
         return [parse_listener(item) for item in self.listen]
+
+    def http_listener(self, command: Literal["serve", "worker"]) -> tuple[str, int] | None:
+        """Where ``command``'s HTTP listener binds, ``(host, port)``, or ``None`` when it
+        is off: HATO_HTTP_LISTEN, or unset, ``127.0.0.1:8025`` for ``serve`` and off for
+        ``worker``. Raises ConfigError on bad syntax."""
+        text = self.http_listen
+        if text is None:
+            text = DEFAULT_HTTP_LISTEN if command == "serve" else ""
+        text = text.strip()
+        if not text:
+            return None
+        try:
+            listener = parse_listener(text)
+        except ValueError as exc:
+            raise ConfigError(f"HATO_HTTP_LISTEN: {text!r} is not HOST:PORT") from exc
+        return listener.host, listener.port
+
+    def http_token_value(self) -> str | None:
+        """HATO_HTTP_TOKEN, else the content of HATO_HTTP_TOKEN_FILE (read now), else
+        ``None``. Raises ConfigError when the file cannot be read or is empty."""
+        if self.http_token is not None and self.http_token.get_secret_value().strip():
+            return self.http_token.get_secret_value().strip()
+        if self.http_token_file is None:
+            return None
+        token = _read_secret(self.http_token_file, "HATO_HTTP_TOKEN")
+        if not token:
+            raise ConfigError(f"HATO_HTTP_TOKEN_FILE {self.http_token_file} is empty")
+        return token
 
     @property
     def effective_queue_url(self) -> str:

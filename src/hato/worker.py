@@ -55,6 +55,7 @@ from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
 from hato.message import META_ENVID, META_REQUIRETLS, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
@@ -160,6 +161,7 @@ class Worker:
         take_over: Callable[[], Awaitable[int]] | None = None,
         take_over_every: float = 2.0,
         stages: StageTrace | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -192,6 +194,7 @@ class Worker:
         self.take_over_every = take_over_every
         # HATO_TRACE_STAGES: per-message stage timestamps (hato.stages), else None.
         self.stages = stages
+        self.observer = observer  # told of each recipient's attempt (metrics)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -519,6 +522,8 @@ class Worker:
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
+            self.observer.delivery(d.kind.value, d.status, max(0.0, now - msg.created_at))
+            self.observer.event(_event_name(d))
             detail = str(d.result.reply)
             if d.expired:
                 detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"

@@ -339,6 +339,15 @@ class Queue(Protocol):
 
     async def counts(self) -> dict[MessageState, int]: ...
 
+    async def oldest(self) -> dict[MessageState, float]:
+        """The ``created_at`` of the oldest message in each state that has any."""
+        ...
+
+    async def ping(self) -> None:
+        """Prove the queue takes writes now, by a small real write that touches no
+        message (``/readyz``); raises :class:`hato.errors.QueueError` when it does not."""
+        ...
+
     async def recover(self) -> RecoveryReport:
         """Start-up: expired leases come back; unreadable records are quarantined."""
         ...

@@ -275,6 +275,17 @@ class MemoryQueue:
             self._by_key.pop(msg.idempotency_key, None)
         self._ticket.pop(message_id, None)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        self._check_open()
+        result: dict[MessageState, float] = {}
+        for msg in self._messages.values():
+            state = msg.state
+            result[state] = min(result.get(state, msg.created_at), msg.created_at)
+        return result
+
+    async def ping(self) -> None:
+        self._check_open()
+
     async def counts(self) -> dict[MessageState, int]:
         self._check_open()
         counts = dict.fromkeys(MessageState, 0)

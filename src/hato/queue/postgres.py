@@ -1221,6 +1221,18 @@ class PostgresQueue:
         if not await self._execute("delete", query, (message_id,)):
             raise MessageNotFound(message_id)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        query = f"SELECT state, min(created_at) FROM {self._names.messages} GROUP BY state"
+        result: dict[MessageState, float] = {}
+        for state, created in await self._execute("oldest", query, None):
+            known = _STATE_OF.get(state, MessageState.QUARANTINED)
+            result[known] = min(result.get(known, float(created)), float(created))
+        return result
+
+    async def ping(self) -> None:
+        # Assigning a transaction id writes to the WAL, and fails on a read-only standby.
+        await self._execute("ping", "SELECT txid_current()", None)
+
     async def counts(self) -> dict[MessageState, int]:
         query = f"SELECT state, count(*) FROM {self._names.messages} GROUP BY state"
         counts = dict.fromkeys(MessageState, 0)

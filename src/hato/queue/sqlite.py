@@ -957,6 +957,28 @@ class SQLiteQueue:
 
         return await self._read(list_rows)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        def oldest(conn: sqlite3.Connection) -> list[tuple[object, float]]:
+            return conn.execute(
+                "SELECT state, min(created_at) FROM messages GROUP BY state"
+            ).fetchall()
+
+        result: dict[MessageState, float] = {}
+        for state, created in await self._read(oldest):
+            known = _STATE_OF.get(state, MessageState.QUARANTINED)
+            result[known] = min(result.get(known, float(created)), float(created))
+        return result
+
+    async def ping(self) -> None:
+        now = repr(self._clock())
+
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO hato_meta (key, value) VALUES ('probe', ?)", (now,)
+            )
+
+        await self._change(probe)
+
     async def counts(self) -> dict[MessageState, int]:
         def counts(conn: sqlite3.Connection) -> list[tuple[object, int]]:
             try:
