@@ -9,6 +9,7 @@
     ├── UserError              (hato.users) a ``hato user`` request that cannot be done
     ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
+    ├── SignatureError         a webhook's ``Hato-Signature`` is missing, forged or stale
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it
@@ -64,6 +65,12 @@ class AddressError(HatoError, ValueError):
 
 class TemplateError(HatoError):
     """A mail template (``Mailer.send_template``) is missing or fails to render."""
+
+
+class SignatureError(HatoError, ValueError):
+    """A webhook's ``Hato-Signature`` header is missing or malformed, matches none of the
+    secrets, or is older (or newer) than the tolerance allows (a replay); the message
+    says which. Raised by :func:`hato.webhooks.verify`."""
 
 
 class QueueError(HatoError):

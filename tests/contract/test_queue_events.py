@@ -162,3 +162,13 @@ async def test_prune_forgets_old_events_only(queue: Queue, clock: FakeClock) -> 
 async def test_a_cursor_from_nowhere_is_refused(queue: Queue) -> None:
     with pytest.raises(QueueError):
         await queue.events(after="not a cursor")
+
+
+async def test_cursors_are_kept_by_name_and_replaced(queue: Queue) -> None:
+    assert await queue.get_cursor("webhook:https://a.example/hook") == ""
+    await queue.set_cursor("webhook:https://a.example/hook", "12")
+    await queue.set_cursor("pull:https://relay.example/api/v1/events", "1-0")
+    await queue.set_cursor("webhook:https://a.example/hook", "15")
+    assert await queue.get_cursor("webhook:https://a.example/hook") == "15"
+    assert await queue.get_cursor("pull:https://relay.example/api/v1/events") == "1-0"
+    assert await queue.get_cursor("webhook:https://b.example/hook") == ""
