@@ -39,6 +39,7 @@ from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from hato.dkim import DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
+from hato.errors import ConfigError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue, redact_url
@@ -215,6 +216,40 @@ def build_worker(
         idle_wait=min(5.0, settings.retry_min_delay),
         bounces=bounces,
     )
+
+
+def build_event_companions(
+    settings: Settings, queue: Queue, *, pull_from: str | None, upstream: Smarthost | None
+) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    """What runs beside the worker for delivery events: the webhook sender
+    (``HATO_WEBHOOK_URL``) and the puller of an upstream's events (``pull_from``, with
+    the credentials of ``upstream``, resolved)."""
+    from hato.config import settings_webhook_secrets
+
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if settings.webhook_url:
+        from hato.webhooks import WebhookSender
+
+        secrets = settings_webhook_secrets(settings)
+        if not secrets:
+            raise ConfigError("HATO_WEBHOOK_URL needs HATO_WEBHOOK_SECRET (or _FILE)")
+        companions.append(WebhookSender(queue, settings.webhook_url, secrets).run)
+    if pull_from:
+        from hato.event_pull import EventPuller
+
+        username = upstream.username if upstream is not None else None
+        password = upstream.password if upstream is not None else None
+        companions.append(
+            EventPuller(
+                queue,
+                pull_from,
+                node=settings.hostname,
+                username=username,
+                password=password.get_secret_value() if password is not None else None,
+                interval=settings.events_poll_interval,
+            ).run
+        )
+    return companions
 
 
 def build_session_config(settings: Settings) -> SessionConfig:
@@ -420,6 +455,13 @@ async def serve(
     queue = build_queue(settings)
     if recipients is not None:
         couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
+    relay = settings.relay
+    events_companions = build_event_companions(
+        settings,
+        queue,
+        pull_from=settings.relay_events_url,
+        upstream=relay.resolve() if relay is not None and settings.relay_events_url else None,
+    )
     worker = build_worker(settings, queue, log, couriers=couriers)
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
@@ -460,7 +502,7 @@ async def serve(
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=[watcher.run],
+                companions=[watcher.run, *events_companions],
                 stop_intake=stop_intake,
             )
         finally:
@@ -506,6 +548,9 @@ async def work(
     log = build_log(settings)
     queue = build_queue(settings)
     worker = build_outbox_worker(settings, queue, log, bounces=bounces, smarthost=smarthost)
+    events_companions = build_event_companions(
+        settings, queue, pull_from=settings.smtp_events_url, upstream=smarthost
+    )
     async with _Service(queue, worker, log, say) as service:
         say(f"worker {worker.owner}")
         say(f"queue: {redact_url(settings.effective_queue_url)}")
@@ -518,5 +563,6 @@ async def work(
             stop=stop,
             stopping="stopping: no more claims; finishing deliveries in flight",
             ready=(lambda: ready(worker)) if ready is not None else None,
+            companions=events_companions,
         )
         say("stopped")
