@@ -1175,6 +1175,15 @@ def settings_webhook_secrets(settings: Settings) -> list[str]:
     )
 
 
+def environment_webhook_secrets() -> list[str]:
+    """The webhook keys of the environment alone (``HATO_WEBHOOK_SECRET``, else
+    ``HATO_WEBHOOK_SECRET_FILE``), for receivers inside an application; may be empty."""
+    secret_file = os.environ.get("HATO_WEBHOOK_SECRET_FILE")
+    return webhook_secrets(
+        os.environ.get("HATO_WEBHOOK_SECRET"), Path(secret_file) if secret_file else None
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookEnvironment:
     """What :func:`webhook_environment` read; see there."""
@@ -1190,10 +1199,7 @@ def webhook_environment() -> WebhookEnvironment:
     ``HATO_DATA_DIR``), and ``HATO_WEBHOOK_SECRET`` or ``HATO_WEBHOOK_SECRET_FILE``
     (required: ConfigError without one)."""
     mailer = mailer_environment()
-    secret_file = os.environ.get("HATO_WEBHOOK_SECRET_FILE")
-    secrets = webhook_secrets(
-        os.environ.get("HATO_WEBHOOK_SECRET"), Path(secret_file) if secret_file else None
-    )
+    secrets = environment_webhook_secrets()
     if not secrets:
         raise ConfigError("set HATO_WEBHOOK_SECRET (or HATO_WEBHOOK_SECRET_FILE)")
     return WebhookEnvironment(queue_url=mailer.queue_url, secrets=secrets)
