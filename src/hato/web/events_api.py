@@ -10,14 +10,14 @@ is a Server-Sent Events stream instead: one ``event: <name>`` / ``id: <cursor>``
 
 Who may read what:
 
-* a request the security middleware authenticated (the console token or cookie): every
-  event. The middleware marks it by setting ``scope["hato.authenticated"] = True``
-  (:data:`AUTHENTICATED`); it lets requests to this path that carry
-  ``Authorization: Basic`` through unmarked, for the next rule.
 * HTTP Basic with a SASL user's name and password (``hato user add``), as a relay that
   submitted mail here uses (``HATO_RELAY_EVENTS_URL``): only the events of messages that
-  user submitted (intake records the user on each message). The password check (argon2)
-  runs off the event loop.
+  user submitted (intake records the user on each message), wherever the request comes
+  from. The password check (argon2) runs off the event loop. The security middleware
+  lets requests to this path that carry ``Authorization: Basic`` through to here.
+* without Basic, a request the security middleware let in with the console token or
+  cookie, or on a loopback listener (``scope["hato.auth"]`` is ``bearer``, ``cookie`` or
+  ``loopback``; or ``scope["hato.authenticated"] = True``): every event.
 * anything else: ``401`` with ``WWW-Authenticate: Basic``.
 """
 
@@ -43,6 +43,13 @@ from hato.web.context import WebContext
 AUTHENTICATED = "hato.authenticated"
 """The ``scope`` key the security middleware sets (to ``True``) on a request it
 authenticated with the console token or cookie."""
+
+AUTH = "hato.auth"
+"""The ``scope`` key in which the security middleware (:mod:`hato.web.security`) says how
+it let a request in: ``loopback``, ``bearer`` or ``cookie`` see every event (:data:`FULL`);
+``public`` and ``basic`` (a request to this path it let through for its
+``Authorization: Basic``) only what Basic credentials allow."""
+FULL = frozenset({"loopback", "bearer", "cookie"})
 
 PATH = "/api/v1/events"
 MAX_LIMIT = 1000
@@ -135,11 +142,15 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
     async def who(request: Request) -> tuple[bool, str | None]:
         """``(True, None)`` for full access, ``(True, user)`` for one user's events,
         ``(False, reason)`` for none."""
-        if request.scope.get(AUTHENTICATED) is True:
-            return True, None
         credentials = _basic(request.headers.get("authorization", ""))
-        if credentials is None or ctx.users is None:
+        if credentials is None:
+            # Basic credentials always narrow the view to their user's messages; without
+            # them, what the security middleware let in sees everything.
+            if request.scope.get(AUTHENTICATED) is True or request.scope.get(AUTH) in FULL:
+                return True, None
             return False, "authentication required"
+        if ctx.users is None:
+            return False, "no SASL users on this node"
         name, password = credentials
         user = await asyncio.to_thread(ctx.users.verify, name, password)
         if user is None:
