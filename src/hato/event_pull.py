@@ -95,7 +95,7 @@ class EventPuller:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
         try:
-            quiet = 0
+            quiet, failing, last_error = 0, 0, ""
             while True:
                 try:
                     pending, watched = await self._watch()
@@ -104,10 +104,15 @@ class EventPuller:
                         await self.pull_once()
                     else:
                         quiet += 1
+                    failing = 0
                 except HatoError as exc:
                     self.errors += 1
-                    _debug.warning("events from %s: %s", self.url, exc)
-                await asyncio.sleep(self.interval)
+                    failing += 1
+                    if str(exc) != last_error or failing % 20 == 1:
+                        _debug.warning("events from %s: %s", self.url, exc)
+                    last_error = str(exc)
+                # Backoff while the upstream fails: up to a minute between tries.
+                await asyncio.sleep(min(self.interval * 2 ** min(failing, 10), 60.0))
         finally:
             if self._own and self._client is not None:
                 await self._client.aclose()
