@@ -116,6 +116,7 @@ class EventPuller:
         finally:
             if self._own and self._client is not None:
                 await self._client.aclose()
+                self._client = None
 
     async def _watch(self) -> tuple[bool, bool]:
         """Read this node's new events; whether a watched message has a recipient not
@@ -154,8 +155,13 @@ class EventPuller:
         stored here; how many were new. Raises HatoError when the upstream cannot be read."""
         import httpx
 
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+        if self._client is None:  # one round outside run(): a client of its own
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+                self._client = client
+                try:
+                    return await self.pull_once()
+                finally:
+                    self._client = None
         cursor = await self.queue.get_cursor(self.cursor_name)
         stored = 0
         for _ in range(100):  # a bounded catch-up; the next round goes on
