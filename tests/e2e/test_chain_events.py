@@ -36,6 +36,7 @@ LOCAL_NODE = "smtp.app.internal"
 RELAY_NODE = "relay.dbmx.net"
 SECRET = "e2e-webhook-secret"
 POLL = "0.2"
+FINAL = ("delivered", "bounced", "failed")
 
 
 @pytest.fixture
@@ -117,11 +118,13 @@ def test_delivered_after_three_hops_by_pull_alone(
         HATO_SMTP_EVENTS_URL=f"http://127.0.0.1:{local_http}/api/v1/events",
         HATO_EVENTS_POLL_INTERVAL=POLL,
     )
-    with Mailer(outbox_url, default_from=SENDER) as mailer:
-        message_id = mailer.send(RECIPIENT, "Confirm your address", text="Welcome!")
-        status = mailer.wait(message_id, states=("delivered", "bounced", "failed"), timeout=120)
-    postfix_mx.wait_for(RECIPIENT, timeout=60)
-    worker.stop()
+    try:
+        with Mailer(outbox_url, default_from=SENDER) as mailer:
+            message_id = mailer.send(RECIPIENT, "Confirm your address", text="Welcome!")
+            status = mailer.wait(message_id, states=FINAL, timeout=120)
+        postfix_mx.wait_for(RECIPIENT, timeout=60)
+    finally:
+        worker.stop()
     check_three_hops(status)
 
 
@@ -145,10 +148,12 @@ def test_delivered_after_three_hops_by_webhooks(
         )
         local = local_relay_factory(relay, HATO_HTTP_LISTEN=f"127.0.0.1:{free_port()}", **hook)
         worker = start_worker(tmp_path, outbox_url, local)
-        with Mailer(outbox_url, default_from=SENDER) as mailer:
-            message_id = mailer.send(RECIPIENT, "Confirm your address", text="Welcome!")
-            status = mailer.wait(message_id, states=("delivered", "bounced", "failed"), timeout=120)
-        worker.stop()
+        try:
+            with Mailer(outbox_url, default_from=SENDER) as mailer:
+                message_id = mailer.send(RECIPIENT, "Confirm your address", text="Welcome!")
+                status = mailer.wait(message_id, states=FINAL, timeout=120)
+        finally:
+            worker.stop()
     finally:
         receiver.stop()
     check_three_hops(status)
