@@ -53,6 +53,7 @@ FULL = frozenset({"loopback", "bearer", "cookie"})
 
 PATH = "/api/v1/events"
 MAX_LIMIT = 1000
+WRONG = "wrong user name or password"
 # An idle stream sends a comment this often, so proxies and clients keep it open.
 KEEPALIVE = 15.0
 # The owners of this many messages are remembered between requests.
@@ -154,7 +155,7 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         name, password = credentials
         user = await asyncio.to_thread(ctx.users.verify, name, password)
         if user is None:
-            return False, "wrong user name or password"
+            return False, WRONG
         return True, user.name
 
     async def visible(events: list[DeliveryEvent], user: str | None) -> list[DeliveryEvent]:
@@ -165,6 +166,16 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
     async def endpoint(request: Request) -> Response:
         allowed, user = await who(request)
         if not allowed:
+            if user == WRONG:
+                # Counted with the listener's wrong tokens (hato.web.security's Access in
+                # scope["hato.access"]): a password guesser is slowed down, then blocked.
+                access = request.scope.get("hato.access")
+                failed = getattr(access, "failed", None)
+                if failed is not None:
+                    client = request.client
+                    answer = await failed(client.host if client else "", "basic")
+                    if isinstance(answer, Response) and answer.status_code == 429:
+                        return answer
             return _unauthorized(user or "authentication required")
         params = request.query_params
         envid = params.get("envid") or None
