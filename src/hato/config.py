@@ -845,6 +845,14 @@ class Settings(BaseSettings):
         # Postfix writes IPv6 networks as [::1]/128.
         return [item.replace("[", "").replace("]", "") for item in split_list(value)]
 
+    @field_validator("webhook_url", "relay_events_url", "smtp_events_url")
+    @classmethod
+    def _http_urls(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for url in [value] if isinstance(value, str) else value or []:
+            if not url.lower().startswith(("http://", "https://")) or len(url) < 10:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return value
+
     @field_validator("domains", "allowed_sender_domains")
     @classmethod
     def _lower_domains(cls, value: list[str]) -> list[str]:
