@@ -200,6 +200,7 @@ def build_worker(
     couriers: dict[RouteKind, Courier] | None = None,
     router: Router | None = None,
     bounces: bool = True,
+    envid_from_id: bool = False,
 ) -> Worker:
     """The delivery worker of ``hato serve`` (or, with ``couriers``/``router``, of
     ``hato worker``)."""
@@ -215,6 +216,8 @@ def build_worker(
         lease_seconds=settings.lease_seconds,
         idle_wait=min(5.0, settings.retry_min_delay),
         bounces=bounces,
+        delay_warning=settings.delay_warning,
+        envid_from_id=envid_from_id,
     )
 
 
@@ -531,6 +534,7 @@ def build_outbox_worker(
         couriers={RouteKind.RELAY: build_smarthost(smarthost or settings.smtp, settings.hostname)},
         router=Router((), RouteKind.RELAY),
         bounces=bounces,
+        envid_from_id=True,
     )
 
 

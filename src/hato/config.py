@@ -609,6 +609,14 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_MAX_QUEUE_LIFETIME"),
         description="Give up and bounce after this long. Postfix: 5d.",
     )
+    delay_warning: float = Field(
+        default=4 * 3600.0,
+        ge=0,
+        validation_alias=_env("HATO_DELAY_WARNING"),
+        description="Send the sender one delayed-mail DSN (RFC 3461 NOTIFY=DELAY, the default)"
+        " for a message still queued after this long; 0 turns the warning off."
+        " Postfix: delay_warning_time.",
+    )
     worker_concurrency: int = Field(
         default=32,
         ge=1,
@@ -873,6 +881,7 @@ class Settings(BaseSettings):
         "retry_min_delay",
         "retry_max_delay",
         "max_queue_lifetime",
+        "delay_warning",
         "idle_timeout",
         "command_timeout",
         "lease_seconds",

@@ -10,6 +10,7 @@
     ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
     ├── SignatureError         a webhook's ``Hato-Signature`` is missing, forged or stale
+    ├── DsnError               (hato.dsn_params) a bad ``notify=``, ENVID, ORCPT or xtext
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it

@@ -168,6 +168,7 @@ class MailLog:
         status: str,
         detail: str,
         service: str = "relay",
+        envid: str = "",
     ) -> None:
         self.event(
             service,
@@ -177,6 +178,7 @@ class MailLog:
             delay=f"{delay:.2f}",
             attempts=attempts,
             dsn=dsn,
+            envid=envid or None,
             status=status,
             detail=detail,
         )

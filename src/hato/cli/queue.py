@@ -22,6 +22,7 @@ import click
 from hato.app import build_queue
 from hato.cli import friendly, main, make_settings, run, settings_options
 from hato.errors import ConfigError
+from hato.message import META_ENVID
 from hato.queue import redact_url
 from hato.queue.base import MessageState, Queue, StoredMessage
 
@@ -134,6 +135,8 @@ def queue_show(
     click.echo(f"id:       {m.id}")
     click.echo(f"state:    {m.state}")
     click.echo(f"from:     <{m.sender}>")
+    if m.meta.get(META_ENVID):
+        click.echo(f"envid:    {_printable(m.meta[META_ENVID])}")
     for r in m.recipients:
         reply = f" ({r.reply})" if r.reply else ""
         click.echo(f"to:       <{r.address}> {r.state}{reply}")

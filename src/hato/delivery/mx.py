@@ -63,6 +63,7 @@ from hato.delivery.session import (
     shut_down,
 )
 from hato.dns import NO_RELAY, MXHost, NullMX, Resolver, is_private
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError, DeliveryError
 from hato.message import domain_of
 from hato.reply import Reply
@@ -244,7 +245,13 @@ class MXCourier:
     # The Courier protocol.
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
             return shut_down("MX", recipients, NO_RELAY)
@@ -253,7 +260,10 @@ class MXCourier:
         for i, rcpt in enumerate(recipients):
             by_domain.setdefault(domain_of(rcpt), []).append((i, rcpt))
         outcomes = await asyncio.gather(
-            *(self._guarded(domain, sender, items, data) for domain, items in by_domain.items())
+            *(
+                self._guarded(domain, sender, items, data, dsn)
+                for domain, items in by_domain.items()
+            )
         )
         results: dict[int, DeliveryResult] = {}
         for outcome in outcomes:
@@ -266,10 +276,15 @@ class MXCourier:
     # One destination domain.
 
     async def _guarded(
-        self, domain: str, sender: str, items: list[tuple[int, str]], data: bytes
+        self,
+        domain: str,
+        sender: str,
+        items: list[tuple[int, str]],
+        data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult]:
         try:
-            return await self._deliver_domain(domain, sender, items, data)
+            return await self._deliver_domain(domain, sender, items, data, dsn)
         except Exception as exc:  # a bug must defer the mail, never lose it
             reply = Reply(
                 451, "4.3.0", f"internal error delivering to {domain}: {type(exc).__name__}: {exc}"
@@ -277,7 +292,12 @@ class MXCourier:
             return _every(items, Result.TEMPORARY, reply, NO_RELAY)
 
     async def _deliver_domain(
-        self, domain: str, sender: str, items: list[tuple[int, str]], data: bytes
+        self,
+        domain: str,
+        sender: str,
+        items: list[tuple[int, str]],
+        data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult]:
         hosts = await self._mx_hosts(domain)
         if isinstance(hosts, tuple):
@@ -286,7 +306,7 @@ class MXCourier:
         tried = _Tried(domain)
         async with self._limit(domain), aclosing(self._addresses(domain, hosts, tried)) as each:
             async for host, ip in each:
-                outcome = await self._attempt(host, ip, level, sender, items, data)
+                outcome = await self._attempt(host, ip, level, sender, items, data, dsn)
                 if not isinstance(outcome, _Next):
                     return outcome
                 tried.note(outcome)
@@ -351,6 +371,7 @@ class MXCourier:
         sender: str,
         items: list[tuple[int, str]],
         data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult] | _Next:
         key = (host, ip)
         try:
@@ -358,7 +379,7 @@ class MXCourier:
         except SessionFailure as failure:
             answered = failure.kind is not FailureKind.UNREACHABLE
             return _Next(failure.reply, failure.relay, answered=answered)
-        transaction = await send(session, sender, [rcpt for _, rcpt in items], data)
+        transaction = await send(session, sender, [rcpt for _, rcpt in items], data, dsn=dsn)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
             return _Next(transaction.deferred_at_mail, session.relay)

@@ -52,6 +52,7 @@ from enum import StrEnum
 import aiosmtplib
 
 from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
 from hato.mime7bit import NotConvertible, to_7bit
 from hato.reply import Reply
@@ -577,15 +578,26 @@ class Transaction:
 
 
 async def send(
-    session: Session, sender: str, recipients: Sequence[str], data: bytes
+    session: Session,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    dsn: DsnRequest | None = None,
 ) -> Transaction:
     """Deliver to ``recipients`` on ``session`` (see :func:`_transact`); a session that
-    broke, or was cancelled half-way, is closed."""
+    broke, or was cancelled half-way, is closed.
+
+    ``dsn`` goes on as MAIL and RCPT parameters when the server offers DSN (RFC 3461
+    5.2); every result then says ``next_hop_dsn``."""
     results: dict[int, DeliveryResult] = {}
     deferred_at_mail: Reply | None = None
     relay = session.relay
+    offers_dsn = session.smtp.supports_extension("dsn")
     try:
-        mail_reply = await _transact(session, sender, recipients, data, results)
+        mail_reply = await _transact(
+            session, sender, recipients, data, results, dsn if offers_dsn else None
+        )
         if mail_reply is not None and mail_reply.is_temporary:
             deferred_at_mail = mail_reply
     except asyncio.CancelledError:
@@ -601,8 +613,11 @@ async def send(
     undecided = Reply(451, "4.3.0", f"no reply from {relay} for this recipient")
     return Transaction(
         [
-            session.stamp(
-                results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+            replace(
+                session.stamp(
+                    results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+                ),
+                next_hop_dsn=offers_dsn,
             )
             for i, rcpt in enumerate(recipients)
         ],
@@ -616,6 +631,7 @@ async def _transact(
     recipients: Sequence[str],
     data: bytes,
     results: dict[int, DeliveryResult],
+    dsn: DsnRequest | None = None,
 ) -> Reply | None:
     """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
     the same connection, for the recipients a server's recipient limit left over.
@@ -656,6 +672,8 @@ async def _transact(
         decide(everyone, Result.PERMANENT, refusal)
         return None
     options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
+    if dsn is not None:
+        options += dsn.mail_options()
 
     pending = list(everyone)
     while pending:
@@ -668,7 +686,7 @@ async def _transact(
             reply = reply_from_response(response.code, response.message)
             decide(pending, classify(reply), reply)
             return reply if first else None
-        accepted, pending = await _recipients(session, recipients, pending, decide)
+        accepted, pending = await _recipients(session, recipients, pending, decide, dsn)
         if not accepted or not smtp.is_connected:
             return None
         session.stage = "sending message body"
@@ -706,6 +724,7 @@ async def _recipients(
     recipients: Sequence[str],
     pending: list[int],
     decide: Callable[[Iterable[int], Result, Reply], None],
+    dsn: DsnRequest | None = None,
 ) -> tuple[list[int], list[int]]:
     """RCPT for each pending recipient: (accepted, left over for another transaction)."""
     smtp = session.smtp
@@ -716,7 +735,11 @@ async def _recipients(
         if bad_path(rcpt):
             decide([i], Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
             continue
-        response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">")
+        response = await smtp.execute_command(
+            b"RCPT",
+            b"TO:<" + rcpt.encode("utf-8") + b">",
+            *(dsn.rcpt_options(rcpt) if dsn is not None else ()),
+        )
         if response.code in (250, 251):
             accepted.append(i)
             continue
