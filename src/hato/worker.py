@@ -41,7 +41,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hato import events
@@ -155,6 +155,7 @@ class Worker:
         bounces: bool = True,
         delay_warning: float = 0.0,
         envid_from_id: bool = False,
+        return_path: Callable[[str, str], str] | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -178,6 +179,9 @@ class Worker:
         self.delay_warning = delay_warning
         # The outbox (``hato worker``) sends each message with ENVID=<its queue id>.
         self.envid_from_id = envid_from_id
+        # (sender, queue id) -> the MAIL FROM of mail leaving this node: a VERP return
+        # path (hato.verp) when HATO_VERP is on.
+        self.return_path = return_path
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -365,9 +369,12 @@ class Worker:
         if courier is None:
             reply = Reply(451, "4.3.5", f"no courier is configured for route {kind.value}")
             return all_results(recipients, Result.TEMPORARY, reply)
+        sender = msg.sender
+        if self.return_path is not None and kind in (RouteKind.RELAY, RouteKind.MX):
+            sender = self.return_path(sender, msg.id)
         try:
             results = await courier.deliver(
-                msg.sender, recipients, msg.data, message_id=msg.id, dsn=dsn
+                sender, recipients, msg.data, message_id=msg.id, dsn=dsn
             )
         except Exception as exc:  # unknown means temporary: retry rather than drop
             _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
@@ -477,6 +484,11 @@ class Worker:
                 detail=detail,
                 service=d.kind.value,
                 envid=envid,
+                tls=(
+                    (d.result.tls_version, d.result.tls_verified, d.result.tls_policy)
+                    if d.result.relay_host or d.result.tls_policy
+                    else None
+                ),
             )
         return state
 
@@ -589,6 +601,7 @@ class Worker:
                     reply_text=reply.text,
                     tls_version=res.tls_version,
                     tls_verified=res.tls_verified,
+                    tls_policy=res.tls_policy,
                 )
             )
         return out

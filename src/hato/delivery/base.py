@@ -33,7 +33,8 @@ class DeliveryResult:
     relay: str = ""  # "host[ip]:port" as in Postfix's log, or "maildir", "hold"
     # The next hop spoken to, for the attempt record (hato.events.Attempt): its name and
     # address, the TLS protocol version ("" in plaintext) and whether its certificate
-    # was checked. Empty when no SMTP session was reached.
+    # was checked. Empty when no SMTP session was reached. ``tls_policy`` names the rule
+    # that chose the TLS level (hato.events.Attempt lists them); empty where none did.
     relay_host: str = ""
     relay_ip: str = ""
     tls_version: str = ""
@@ -41,6 +42,7 @@ class DeliveryResult:
     # The next hop offered DSN (RFC 3461), so the DSN parameters went on with the
     # message and that hop reports from now on; False: it did not, or no SMTP hop.
     next_hop_dsn: bool = False
+    tls_policy: str = ""
 
     @property
     def ok(self) -> bool:

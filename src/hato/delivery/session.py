@@ -164,7 +164,10 @@ class Plan:
     the connection goes to ``address`` when given (an MX host's IP), else to ``host``.
     ``verify`` needs a context that checks the certificate and its name.
     ``connect_timeout`` bounds the TCP connect and greeting (default ``timeout``, which
-    bounds every later reply).
+    bounds every later reply). ``peer_check``, when given, authenticates the server
+    after the TLS handshake in a way the context does not (DANE's TLSA match): it gets
+    the TLS object and returns None (the session then counts as verified) or why the
+    server is refused (454 4.7.5, no plaintext retry).
     """
 
     host: str
@@ -176,6 +179,7 @@ class Plan:
     auth: Credentials | None = None
     timeout: float = 60.0
     connect_timeout: float | None = None
+    peer_check: Callable[[ssl.SSLObject], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.tls is Tls.IMPLICIT and self.address is not None:
@@ -206,13 +210,26 @@ class FailureKind(StrEnum):
 
 
 class SessionFailure(Exception):
-    """A session could not be set up; ``reply`` says why (always temporary)."""
+    """A session could not be set up; ``reply`` says why (always temporary).
 
-    def __init__(self, reply: Reply, relay: str, kind: FailureKind = FailureKind.ANSWERED) -> None:
+    ``tls_error`` is the certificate problem when the TLS handshake or the peer check
+    refused the server (OpenSSL's verify message, or ``peer_check``'s reason), for
+    TLS reporting; empty otherwise.
+    """
+
+    def __init__(
+        self,
+        reply: Reply,
+        relay: str,
+        kind: FailureKind = FailureKind.ANSWERED,
+        *,
+        tls_error: str = "",
+    ) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.relay = relay
         self.kind = kind
+        self.tls_error = tls_error
 
 
 class Session:
@@ -333,7 +350,7 @@ async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.mono
     except BaseException:
         smtp.close()
         raise
-    verified = encrypted and _checks_name(plan.context)
+    verified = encrypted and (_checks_name(plan.context) or plan.peer_check is not None)
     return Session(smtp, relay, encrypted, monotonic(), verified=verified, host=plan.host, ip=ip)
 
 
@@ -350,6 +367,8 @@ async def _handshake(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
         if plan.tls in _STARTTLS and smtp.supports_extension("starttls"):
             stage = "sending STARTTLS"
             encrypted = await _starttls(smtp, plan, relay)
+            if encrypted and plan.peer_check is not None:
+                _check_peer(smtp, plan.peer_check, relay)
             if encrypted:
                 stage = "sending EHLO after STARTTLS"
                 await ehlo(smtp)
@@ -377,6 +396,16 @@ async def _handshake(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
     return encrypted
 
 
+def _check_peer(
+    smtp: aiosmtplib.SMTP, check: Callable[[ssl.SSLObject], str | None], relay: str
+) -> None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    why = check(ssl_object) if isinstance(ssl_object, ssl.SSLObject) else "no TLS session"
+    if why is not None:
+        reply = Reply(454, "4.7.5", f"TLS with {relay} refused: {why}")
+        raise SessionFailure(reply, relay, tls_error=why)
+
+
 async def ehlo(smtp: aiosmtplib.SMTP) -> None:
     """EHLO, or HELO when the server refuses EHLO (but not when it is closing)."""
     try:
@@ -402,8 +431,11 @@ async def _starttls(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
         reply = Reply(454, "4.7.5", f"TLS is required, but host {relay} said: {remote}")
         raise SessionFailure(reply, relay) from exc
     except Exception as exc:
-        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {_tls_reason(exc)}")
-        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE) from exc
+        reason, detail = _tls_reason(exc), _verify_message(exc)
+        if detail and detail not in reason:
+            reason = f"{reason} ({detail})"
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {reason}")
+        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE, tls_error=detail) from exc
     return True
 
 
@@ -444,6 +476,14 @@ def _tls_reason(exc: BaseException) -> str:
         if isinstance(candidate, ssl.SSLError):
             return str(candidate.reason or candidate)
     return str(exc) or type(exc).__name__
+
+
+def _verify_message(exc: BaseException) -> str:
+    """OpenSSL's words for a refused certificate (``Hostname mismatch, ...``), else ``""``."""
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, ssl.SSLCertVerificationError):
+            return str(candidate.verify_message or candidate.reason or "certificate verify failed")
+    return ""
 
 
 def _connect_failure(exc: BaseException, relay: str) -> SessionFailure:
