@@ -53,6 +53,7 @@ BOKY_AND_HATO_NAMES = [
     "HATO_SMTP_PASSWORD_FILE",
     "HATO_SMTP_TLS",
     "HATO_SMTP_TLS_CA_FILE",
+    "HATO_SMTP_REQUIRETLS",
     "HATO_RELAY_POOL_SIZE",
     "HATO_RELAY_TIMEOUT",
     "HATO_WORKER_CONCURRENCY",
@@ -377,3 +378,12 @@ def test_event_urls_and_webhook_secrets(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("HATO_SMTP_EVENTS_URL", "ftp://local/api")
     with pytest.raises(ConfigError, match=r"HATO_SMTP_EVENTS_URL|smtp_events_url"):
         load_settings(data_dir=tmp_path)
+
+
+def test_smtp_requiretls_names_the_first_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().smtp.requiretls == "verify"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", " Trusted ")
+    assert load_settings().smtp.requiretls == "trusted"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", "always")
+    with pytest.raises(ConfigError, match="HATO_SMTP_REQUIRETLS"):
+        load_settings()
