@@ -345,6 +345,40 @@ def build_worker(
     )
 
 
+def build_event_companions(
+    settings: Settings, queue: Queue, *, pull_from: str | None, upstream: Smarthost | None
+) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    """What runs beside the worker for delivery events: the webhook sender
+    (``HATO_WEBHOOK_URL``) and the puller of an upstream's events (``pull_from``, with
+    the credentials of ``upstream``, resolved)."""
+    from hato.config import settings_webhook_secrets
+
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if settings.webhook_url:
+        from hato.webhooks import WebhookSender
+
+        secrets = settings_webhook_secrets(settings)
+        if not secrets:
+            raise ConfigError("HATO_WEBHOOK_URL needs HATO_WEBHOOK_SECRET (or _FILE)")
+        companions.append(WebhookSender(queue, settings.webhook_url, secrets).run)
+    if pull_from:
+        from hato.event_pull import EventPuller
+
+        username = upstream.username if upstream is not None else None
+        password = upstream.password if upstream is not None else None
+        companions.append(
+            EventPuller(
+                queue,
+                pull_from,
+                node=settings.hostname,
+                username=username,
+                password=password.get_secret_value() if password is not None else None,
+                interval=settings.events_poll_interval,
+            ).run
+        )
+    return companions
+
+
 def queue_directory(settings: Settings) -> Path | None:
     """The directory SQLite writes the database and its WAL to (as open_queue reads
     it); ``None`` for the other backends."""
@@ -752,6 +786,13 @@ async def serve(
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
     if dkim_keys.keys:
         companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
+    relay = settings.relay
+    events_companions = build_event_companions(
+        settings,
+        queue,
+        pull_from=settings.relay_events_url,
+        upstream=relay.resolve() if relay is not None and settings.relay_events_url else None,
+    )
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 
@@ -812,7 +853,7 @@ async def serve(
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=companions,
+                companions=[*companions, *events_companions],
                 stop_intake=stop_intake,
             )
         finally:
@@ -873,7 +914,9 @@ async def work(
         smarthost=smarthost,
         observer=metrics if metrics is not None else NO_OBSERVER,
     )
-    companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = build_event_companions(
+        settings, queue, pull_from=settings.smtp_events_url, upstream=smarthost
+    )
     async with _Service(queue, worker, log, say) as service:
         say(f"worker {worker.owner}")
         say(f"queue: {redact_url(settings.effective_queue_url)}")

@@ -365,6 +365,26 @@ def test_plaintext_auth_for_loopback_smtp_clients_only(monkeypatch: pytest.Monke
     assert not submission.auth_permitted(submission.facts("127.0.0.1"))
 
 
+def test_event_urls_and_webhook_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hato.config import settings_webhook_secrets
+
+    monkeypatch.setenv("HATO_WEBHOOK_URL", "https://app.example/hook, http://127.0.0.1:9/h")
+    monkeypatch.setenv("HATO_WEBHOOK_SECRET", "new-secret, old-secret")
+    monkeypatch.setenv("HATO_RELAY_EVENTS_URL", "https://relay.example/api/v1/events")
+    s = load_settings(data_dir=tmp_path)
+    assert s.webhook_url == ["https://app.example/hook", "http://127.0.0.1:9/h"]
+    assert settings_webhook_secrets(s) == ["new-secret", "old-secret"]
+    assert "new-secret" not in repr(s)
+    monkeypatch.delenv("HATO_WEBHOOK_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    monkeypatch.setenv("HATO_WEBHOOK_SECRET_FILE", str(secret_file))
+    assert settings_webhook_secrets(load_settings(data_dir=tmp_path)) == ["from-file"]
+    monkeypatch.setenv("HATO_SMTP_EVENTS_URL", "ftp://local/api")
+    with pytest.raises(ConfigError, match=r"HATO_SMTP_EVENTS_URL|smtp_events_url"):
+        load_settings(data_dir=tmp_path)
+
+
 def test_smtp_requiretls_names_the_first_hop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().smtp.requiretls == "verify"
     monkeypatch.setenv("HATO_SMTP_REQUIRETLS", " Trusted ")

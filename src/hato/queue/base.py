@@ -382,3 +382,12 @@ class Queue(Protocol):
     async def prune_events(self, before: float) -> int:
         """Forget events whose ``time`` is before ``before`` (retention); how many."""
         ...
+
+    async def get_cursor(self, name: str) -> str:
+        """A cursor a reader of events keeps here (a webhook URL's, an upstream's);
+        ``""`` when none was stored under ``name``."""
+        ...
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        """Store ``value`` durably as cursor ``name`` (replacing the previous one)."""
+        ...

@@ -80,6 +80,7 @@ class MemoryQueue:
         self._event_ids: set[str] = set()
         # Cursor of the first event in _events: pruning drops from the front.
         self._events_base = 0
+        self._cursors: dict[str, str] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -378,3 +379,11 @@ class MemoryQueue:
             self._event_ids = {e.event_id for e in keep}
             self._events = keep
         return dropped
+
+    async def get_cursor(self, name: str) -> str:
+        self._check_open()
+        return self._cursors.get(name, "")
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        self._check_open()
+        self._cursors[name] = value

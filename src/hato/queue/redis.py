@@ -1211,6 +1211,15 @@ class RedisQueue:
                     return dropped
                 start = f"({_str(old[-1])}"
 
+    async def get_cursor(self, name: str) -> str:
+        with self._errors("reading a cursor"):
+            value: Any = await self._redis.hget(f"{self.prefix}cursors", name)
+        return _str(value) if value is not None else ""
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        with self._errors("storing a cursor"):
+            await self._redis.hset(f"{self.prefix}cursors", name, value)
+
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a wake-up was published (enqueue, release, requeue, retry from any
         process), when the earliest due time or lease expiry arrives, or after ``timeout``.

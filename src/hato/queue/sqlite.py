@@ -1108,6 +1108,27 @@ class SQLiteQueue:
     async def prune_events(self, before: float) -> int:
         return await self._change(lambda conn: delete_events_before(conn, before), durable=False)
 
+    async def get_cursor(self, name: str) -> str:
+        def read(conn: sqlite3.Connection) -> str:
+            row = conn.execute("SELECT value FROM hato_meta WHERE key = ?", (_CURSOR + name,))
+            found = row.fetchone()
+            return str(found[0]) if found is not None else ""
+
+        return await self._read(read)
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO hato_meta (key, value) VALUES (?, ?)",
+                (_CURSOR + name, value),
+            )
+
+        await self._change(write)
+
+
+# Cursors of event readers live in ``hato_meta`` under this key prefix.
+_CURSOR = "cursor:"
+
 
 # A damaged file is rebuilt in place at most this often (seconds): each try reads the
 # whole table.

@@ -30,7 +30,7 @@ from hato import reply
 from hato.errors import ConfigError, HatoError, QueueError, QueueFullError
 from hato.events import ACCEPTED, DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, Envelope, message_id_of
+from hato.message import META_AUTH_USER, META_ENVID, Envelope, message_id_of
 from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import Queue
 from hato.reply import Reply
@@ -576,6 +576,8 @@ class _Connection(asyncio.Protocol):
         try:
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
+            if envelope.auth_user:  # who may read this message's events (hato.web.events_api)
+                envelope.meta.setdefault(META_AUTH_USER, envelope.auth_user)
             queue_id = await listener.queue.enqueue(
                 envelope, data, held=listener.hold, events=self._accepted(envelope, data)
             )

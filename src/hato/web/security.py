@@ -59,6 +59,8 @@ MAX_SESSIONS = 1000
 # Paths anyone may reach, off loopback too.
 # The MTA-STS policy is for every sending MTA (RFC 8461), never behind the token.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/.well-known/mta-sts.txt"})
+# Paths whose route checks ``Authorization: Basic`` (SASL users) itself.
+BASIC_PATHS = frozenset({"/api/v1/events"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # A urlencoded form larger than this is not read for its CSRF field.
 MAX_FORM_BYTES = 1024 * 1024
@@ -284,10 +286,13 @@ class Guard:
                     scope, receive, send
                 )
                 return
-            if kind.lower() != "bearer" or not access.token_ok(offered.strip()):
+            if kind.lower() == "basic" and path in BASIC_PATHS:
+                how = "basic"  # SASL credentials: the route checks them (hato.web.events_api)
+            elif kind.lower() != "bearer" or not access.token_ok(offered.strip()):
                 await (await access.failed(ip, "bearer"))(scope, receive, send)
                 return
-            how = "bearer"
+            else:
+                how = "bearer"
         else:
             sid = _cookie(scope, SESSION_COOKIE)
             session = access.sessions.get(sid) if sid else None
