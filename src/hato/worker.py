@@ -65,6 +65,7 @@ from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
 from hato.message import META_ENVID, META_REQUIRETLS, Envelope, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import (
     MessageState,
     Outcome,
@@ -177,6 +178,7 @@ class Worker:
         take_over: Callable[[], Awaitable[int]] | None = None,
         take_over_every: float = 2.0,
         stages: StageTrace | None = None,
+        observer: Observer = NO_OBSERVER,
         handoff_limit: int | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
@@ -212,6 +214,7 @@ class Worker:
         self.take_over_every = take_over_every
         # HATO_TRACE_STAGES: per-message stage timestamps (hato.stages), else None.
         self.stages = stages
+        self.observer = observer  # told of each recipient's attempt (metrics)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -615,6 +618,8 @@ class Worker:
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
+            self.observer.delivery(d.kind.value, d.status, max(0.0, now - msg.created_at))
+            self.observer.event(_event_name(d))
             detail = str(d.result.reply)
             if d.expired:
                 detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"

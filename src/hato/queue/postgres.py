@@ -1398,6 +1398,18 @@ class PostgresQueue:
         if not await self._execute("delete", query, (message_id,)):
             raise MessageNotFound(message_id)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        query = f"SELECT state, min(created_at) FROM {self._names.messages} GROUP BY state"
+        result: dict[MessageState, float] = {}
+        for state, created in await self._execute("oldest", query, None):
+            known = _STATE_OF.get(state, MessageState.QUARANTINED)
+            result[known] = min(result.get(known, float(created)), float(created))
+        return result
+
+    async def ping(self) -> None:
+        # Assigning a transaction id writes to the WAL, and fails on a read-only standby.
+        await self._execute("ping", "SELECT txid_current()", None)
+
     async def counts(self) -> dict[MessageState, int]:
         query = f"SELECT state, count(*) FROM {self._names.messages} GROUP BY state"
         counts = dict.fromkeys(MessageState, 0)
@@ -1566,6 +1578,41 @@ class PostgresQueue:
             return max(cur.rowcount, 0)
 
         return await self._run("prune events", run)
+
+    # Cursors of event readers (webhooks, pullers): a small table made on first use, so
+    # the schema version stays that of the messages and events.
+    def _cursors_table(self) -> str:
+        names = self._names
+        table = _quote(names.prefix + "cursors")
+        return f"{_quote(names.schema)}.{table}" if names.schema else table
+
+    async def get_cursor(self, name: str) -> str:
+        table = self._cursors_table()
+
+        async def run(conn: AsyncConn) -> str:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, value text NOT NULL)"
+            )
+            cur = await conn.execute(f"SELECT value FROM {table} WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            return str(row[0]) if row is not None else ""
+
+        return await self._run("get cursor", run)
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        table = self._cursors_table()
+
+        async def run(conn: AsyncConn) -> None:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, value text NOT NULL)"
+            )
+            await conn.execute(
+                f"INSERT INTO {table} (name, value) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (name, value),
+            )
+
+        await self._run("set cursor", run)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return on a NOTIFY from any process, when the earliest waiting message falls
