@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
-from hato.config import Listener, Settings, Smarthost
+from hato.config import Listener, Settings, Smarthost, parse_relayhost
 from hato.delivery.base import Courier
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
@@ -160,6 +160,24 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             pool_size=resolved.pool_size,
         )
     )
+
+
+def build_release_courier(settings: Settings) -> Callable[[str | None], Courier | None]:
+    """What a console or API release of a held message sends it through: a one-off
+    smarthost at ``"host:port"`` (STARTTLS when offered, like ``RELAYHOST``'s default),
+    or, given ``None``, the configured relay (``None`` without one). Raises ConfigError
+    for a relay that does not parse."""
+
+    def courier(relay: str | None) -> Courier | None:
+        if relay is None:
+            configured = settings.relay
+            return build_smarthost(configured, settings.hostname) if configured else None
+        host, port = parse_relayhost(relay)
+        return SmarthostCourier(
+            SmarthostConfig(host=host, port=port, tls="may", helo_name=settings.hostname)
+        )
+
+    return courier
 
 
 def build_couriers(settings: Settings, local: Courier | None = None) -> dict[RouteKind, Courier]:

@@ -281,3 +281,33 @@ def test_send_verbose_prints_the_dialog_like_swaks(tmp_path: Path) -> None:
         server.wait(timeout=30)
         if server.stderr is not None:
             server.stderr.close()
+
+
+def test_queue_bulk_flags_share_the_api_filter(tmp_path: Path) -> None:
+    one, two = _fill(f"sqlite:///{tmp_path}/queue.db")
+    data_dir = ["--data-dir", str(tmp_path)]
+
+    dry = hato("queue", "release", "--all", "--dry-run", *data_dir)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == "would release 1 message(s)"  # only the held one
+
+    dry = hato("queue", "delete", "--domain", "example.net", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would delete 2 message(s)"
+    dry = hato("queue", "delete", "--sender", "C@example.org", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would delete 1 message(s)"
+    dry = hato("queue", "retry", "--older-than", "1h", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would retry 0 message(s)"  # both were queued just now
+
+    done = hato("queue", "delete", "--recipient", "e@example.net", *data_dir)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "delete: 1 of 1 message(s) deleted"
+    remaining = [i["id"] for i in json.loads(hato("queue", "list", "--json", *data_dir).stdout)]
+    assert remaining == [one]
+    assert two not in remaining
+
+    assert_one_line_error(hato("queue", "retry", *data_dir), "--all or a filter")
+    assert_one_line_error(hato("queue", "retry", one, "--all", *data_dir), "not both")
+    assert_one_line_error(hato("queue", "retry", one, "--dry-run", *data_dir), "--dry-run")
+    assert_one_line_error(
+        hato("queue", "delete", "--older-than", "soon", *data_dir), "--older-than"
+    )
