@@ -120,7 +120,7 @@ class ImageServer:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 with outer.cond:
                     outer.paths.append(self.path)
                     outer.cond.notify_all()
