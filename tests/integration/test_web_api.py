@@ -403,3 +403,42 @@ async def test_bulk_dry_run_then_act(desk: Desk) -> None:
 async def test_bulk_refuses_bad_requests(desk: Desk, body: dict[str, Any], fragment: str) -> None:
     assert_problem(await desk.client.post("/api/v1/messages/bulk", json=body), 400, fragment)
     assert_problem(await desk.client.post("/api/v1/messages/bulk", content=b""), 400, "JSON")
+
+
+async def test_release_with_a_configured_relay(tmp_path: Path) -> None:
+    """With RELAYHOST set, a release without a body hands the message to the worker's
+    route, and a one-off recipient goes through the configured relay."""
+    async with Sink() as sink:
+        queue = open_queue("memory://")
+        await queue.open()
+        settings = load_settings(
+            data_dir=tmp_path, hostname="desk.test", relay_host=f"[127.0.0.1]:{sink.port}"
+        )
+        ctx = WebContext(
+            settings=settings,
+            queue=queue,
+            log=MailLog(io.StringIO()),
+            clock=FakeClock(),
+            role="serve",
+            node="desk.test",
+            release_courier=build_release_courier(settings),
+        )
+        transport = httpx.ASGITransport(app=Starlette(routes=api.routes(ctx)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            held = await queue.enqueue(
+                Envelope("app@example.org", ["x@example.net"]), plain("kept"), held=True
+            )
+            r = await client.post(
+                f"/api/v1/messages/{held}/release", json={"recipient": "qa@example.com"}
+            )
+            assert r.status_code == 200, r.text
+            (got,) = sink.handler.messages
+            assert got.rcpt_tos == ["qa@example.com"]
+            assert (await queue.get(held)).state is MessageState.HELD
+
+            r = await client.post(f"/api/v1/messages/{held}/release")
+            assert r.status_code == 200 and r.json() == {"id": held, "state": "queued"}
+            assert (await queue.get(held)).state is MessageState.QUEUED
+            events = [e.event for e in (await queue.events(queue_id=held)).events]
+            assert events == ["released", "released"]
+        await queue.close()

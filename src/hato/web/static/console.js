@@ -8,6 +8,9 @@
   const EVENT_NAMES = ["accepted", "deferred", "relayed", "delivered", "bounced", "expired",
     "delayed", "held", "released", "deleted", "message", "bulk"];
   const POLL_MS = 3000;
+  // Beside the event stream, a slow refresh catches changes that carry no event
+  // (a retry makes a deferred message queued again).
+  const SLOW_POLL_MS = 15000;
 
   function csrfToken() {
     const meta = document.querySelector('meta[name="csrf-token"]');
@@ -138,6 +141,7 @@
       }
       const source = new EventSource(API + "/events");
       source.onopen = function () { table.dataset.live = "events"; };
+      setInterval(function () { if (polling === null) { refresh(); } }, SLOW_POLL_MS);
       source.onmessage = soon;
       for (const name of EVENT_NAMES) {
         source.addEventListener(name, soon);
