@@ -110,6 +110,14 @@ def test_sent_mail_appears_live_and_opens_with_text_and_html(
         page.set_viewport_size({"width": 1200, "height": height})
         page.screenshot(path=str(tmp_path / "console-message.png"))
 
+        # Usable on a phone: neither page scrolls sideways at 375 px.
+        page.set_viewport_size({"width": 375, "height": 800})
+        overflow = "document.documentElement.scrollWidth - window.innerWidth"
+        assert page.evaluate(overflow) <= 0
+        page.goto(console.url + "/")
+        row(page, "Two faces").wait_for()
+        assert page.evaluate(overflow) <= 0
+
 
 class ImageServer:
     """A loopback HTTP server that records each path asked of it (the remote image)."""
@@ -228,9 +236,21 @@ def test_bulk_retry_shows_the_count_first(hato_serve: HatoFactory, page: Any) ->
         page.goto(console.url + "/?state=deferred")
         row(page, "Deferred 2").wait_for()
         page.get_by_label("With every message shown").select_option("retry")
+        # By keyboard: Tab to Apply, Enter; the dialog shows the count; Escape cancels.
+        page.get_by_label("With every message shown").focus()
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "bulk-go"
+        page.keyboard.press("Enter")
+        question = page.locator("#bulk-question")
+        question.wait_for()
+        assert question.inner_text() == "Retry 3 messages?"
+        page.keyboard.press("Escape")
+        question.wait_for(state="hidden")
+        assert page.locator("#live").inner_text() == ""  # nothing was done
+        assert all(i["state"] == "deferred" for i in serve.queue_list())
+
         page.get_by_role("button", name="Apply…").click()
-        dialog = page.locator("#bulk-confirm")
-        dialog.wait_for()
-        assert page.locator("#bulk-question").inner_text() == "Retry 3 messages?"
+        question.wait_for()
+        assert question.inner_text() == "Retry 3 messages?"
         page.get_by_role("button", name="Confirm").click()
         page.locator("#live", has_text="retry: 3 of 3 message(s) done.").wait_for()
