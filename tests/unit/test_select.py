@@ -8,7 +8,7 @@ from hato.errors import ConfigError
 from hato.message import Envelope
 from hato.queue.base import MessageState, Outcome, RecipientState, RecipientStatus, StoredMessage
 from hato.queue.memory import MemoryQueue
-from hato.queue.select import FilterError, MessageFilter, bulk, page, select
+from hato.queue.select import FilterError, MessageFilter, bulk, page, select, select_page
 from hato.testing import FakeClock
 
 NOW = 1_700_000_000.0
@@ -209,3 +209,42 @@ async def test_bulk_retry_touches_queued_and_deferred_only() -> None:
 
 def _pending(m: StoredMessage, reply: str) -> Outcome:
     return Outcome(m.recipients[0].address, RecipientState.PENDING, reply)
+
+
+class CountingQueue(MemoryQueue):
+    """The memory queue, remembering the limit of each ``list``."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.limits: list[int] = []
+
+    async def list(self, *, states=None, limit=100):  # type: ignore[no-untyped-def]
+        self.limits.append(limit)
+        return await super().list(states=states, limit=limit)
+
+
+async def test_select_page_reads_only_as_much_as_the_page_needs() -> None:
+    clock = FakeClock()
+    q = CountingQueue(clock)
+    await q.open()
+    ids = []
+    for n in range(700):
+        domain = "rare.example" if n % 10 == 0 else "example.com"
+        ids.append(await q.enqueue(Envelope("a@example.org", [f"u{n}@{domain}"]), b"x\r\n"))
+        clock.advance(1)
+    first, cursor = await select_page(q, MessageFilter(), limit=50, now=clock())
+    assert [m.id for m in first] == ids[::-1][:50] and cursor
+    assert q.limits == [256]  # the newest 256 held the page
+
+    q.limits.clear()
+    rare = MessageFilter(domain="rare.example")
+    got: list[str] = []
+    cursor = ""
+    for _ in range(10):
+        chunk, cursor = await select_page(q, rare, limit=30, cursor=cursor, now=clock())
+        got += [m.id for m in chunk]
+        if not cursor:
+            break
+    assert got == [i for n, i in enumerate(ids) if n % 10 == 0][::-1]
+    assert len(got) == 70
+    assert max(q.limits) == 1024  # doubled until the queue was read to its end

@@ -206,16 +206,53 @@ async def select(
 ) -> list[StoredMessage]:
     """The messages ``message_filter`` matches, newest first (without their bytes, as
     ``Queue.list`` gives them). ``states``, when given, narrows further (an action's)."""
+    matched, _ = await _scan(queue, message_filter, now=now, states=states, scan=SCAN_LIMIT)
+    return matched
+
+
+async def _scan(
+    queue: Queue,
+    message_filter: MessageFilter,
+    *,
+    now: float | None,
+    states: Iterable[MessageState] | None,
+    scan: int,
+) -> tuple[list[StoredMessage], bool]:
+    """What the filter matches among the ``scan`` newest messages, and whether those
+    were all there are."""
     at = time.time() if now is None else now
     wanted: set[MessageState] | None = set(message_filter.states) or None
     if states is not None:
         allowed = set(states)
         wanted = allowed if wanted is None else wanted & allowed
     if wanted is not None and not wanted:
-        return []
+        return [], True
     order = [s for s in MessageState if wanted is None or s in wanted]
-    listed = await queue.list(states=None if wanted is None else order, limit=SCAN_LIMIT)
-    return newest_first(m for m in listed if message_filter.matches(m, at))
+    listed = await queue.list(states=None if wanted is None else order, limit=scan)
+    matched = newest_first(m for m in listed if message_filter.matches(m, at))
+    return matched, len(listed) < scan
+
+
+async def select_page(
+    queue: Queue,
+    message_filter: MessageFilter,
+    *,
+    limit: int,
+    cursor: str = "",
+    now: float | None = None,
+) -> tuple[list[StoredMessage], str]:
+    """One :func:`page` of what ``message_filter`` matches, reading no more of the queue
+    than it needs: the newest 256 messages first, twice as many each time the page is not
+    complete among them (a list the console polls stays cheap on a big queue)."""
+    scan = 256
+    while True:
+        matched, exhausted = await _scan(
+            queue, message_filter, now=now, states=None, scan=min(scan, SCAN_LIMIT)
+        )
+        chunk, next_cursor = page(matched, limit=limit, cursor=cursor)
+        if exhausted or next_cursor or scan >= SCAN_LIMIT:
+            return chunk, next_cursor
+        scan *= 2
 
 
 def operator_events(

@@ -22,6 +22,7 @@ an unknown id 404, a queue that cannot be reached 503; never a traceback.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,8 +38,7 @@ from hato.queue.select import (
     MessageFilter,
     act,
     bulk,
-    page,
-    select,
+    select_page,
     summary,
 )
 from hato.web import mime
@@ -49,6 +49,8 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # How many events one message's timeline reads at most (pages of 500).
 TIMELINE_PAGES = 20
+# How many listed messages' subjects one process remembers.
+SUBJECT_CACHE = 10_000
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -119,14 +121,29 @@ async def _json_body(request: Request, *, optional: bool = False) -> dict[str, A
     return data
 
 
-async def _subject(ctx: WebContext, message: StoredMessage) -> str:
-    data = message.data
-    if not data:
-        try:
-            data = (await ctx.queue.get(message.id)).data
-        except QueueError:  # quarantined or gone meanwhile: the list still shows it
-            return ""
-    return mime.subject_of(data)
+class _Subjects:
+    """The Subject of listed messages, read once per message: a message's bytes never
+    change, and the list (polled by the console) would otherwise read them every time."""
+
+    def __init__(self, size: int = SUBJECT_CACHE) -> None:
+        self.size = size
+        self.known: OrderedDict[str, str] = OrderedDict()
+
+    async def of(self, ctx: WebContext, message: StoredMessage) -> str:
+        if message.id in self.known:
+            self.known.move_to_end(message.id)
+            return self.known[message.id]
+        data = message.data
+        if not data:
+            try:
+                data = (await ctx.queue.get(message.id)).data
+            except QueueError:  # quarantined or gone meanwhile: the list still shows it
+                return ""
+        subject = mime.subject_of(data)
+        self.known[message.id] = subject
+        if len(self.known) > self.size:
+            self.known.popitem(last=False)
+        return subject
 
 
 async def timeline(ctx: WebContext, message_id: str) -> list[DeliveryEvent]:
@@ -144,15 +161,21 @@ async def timeline(ctx: WebContext, message_id: str) -> list[DeliveryEvent]:
 
 def routes(ctx: WebContext) -> list[BaseRoute]:
     """The API's routes over ``ctx``."""
+    subjects = _Subjects()
 
     async def list_messages(request: Request) -> Response:
         params = request.query_params
         keys = {k: params[k] for k in params if k not in ("limit", "cursor")}
         message_filter = MessageFilter.parse(keys)
         limit = _limit(params.get("limit"))
-        matched = await select(ctx.queue, message_filter, now=ctx.clock())
-        chunk, cursor = page(matched, limit=limit, cursor=params.get("cursor", ""))
-        items = [{**summary(m), "subject": await _subject(ctx, m)} for m in chunk]
+        chunk, cursor = await select_page(
+            ctx.queue,
+            message_filter,
+            limit=limit,
+            cursor=params.get("cursor", ""),
+            now=ctx.clock(),
+        )
+        items = [{**summary(m), "subject": await subjects.of(ctx, m)} for m in chunk]
         counts = {str(state): n for state, n in (await ctx.queue.counts()).items()}
         return JSONResponse({"items": items, "next_cursor": cursor, "counts": counts})
 

@@ -75,7 +75,7 @@
 
     async function refresh() {
       const params = new URLSearchParams(filter());
-      params.set("limit", "200");
+      params.set("limit", "100");
       let data;
       try {
         data = await send("GET", API + "/messages?" + params.toString());
