@@ -311,3 +311,37 @@ def test_queue_bulk_flags_share_the_api_filter(tmp_path: Path) -> None:
     assert_one_line_error(
         hato("queue", "delete", "--older-than", "soon", *data_dir), "--older-than"
     )
+
+
+def test_queue_bulk_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    _fill(f"sqlite:///{tmp_path}/queue.db")
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hato", "queue", "delete", "--all", "--data-dir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "100"},
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0 and proc.stdout.strip() == "delete: 2 of 2 message(s) deleted"
+    assert b"delete" in seen and b"\x1b[" in seen  # rich drew (and cleared) its bar
