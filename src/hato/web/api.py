@@ -55,7 +55,7 @@ SUBJECT_CACHE = 10_000
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Problem(Exception):
+class _Problem(Exception):
     """A request this API refuses: answered as an RFC 9457 problem body."""
 
     def __init__(self, status: int, title: str, detail: str = "", **extra: Any) -> None:
@@ -81,7 +81,7 @@ def _guarded(handler: Handler) -> Handler:
     async def guarded(request: Request) -> Response:
         try:
             return await handler(request)
-        except Problem as p:
+        except _Problem as p:
             return problem(p.status, p.title, p.detail, **p.extra)
         except MessageNotFound as exc:
             name = exc.args[0] if exc.args else request.path_params.get("id", "")
@@ -100,9 +100,9 @@ def _limit(text: str | None) -> int:
     try:
         limit = int(text)
     except ValueError:
-        raise Problem(400, "Bad Request", "limit must be a whole number") from None
+        raise _Problem(400, "Bad Request", "limit must be a whole number") from None
     if not 1 <= limit <= MAX_LIMIT:
-        raise Problem(400, "Bad Request", f"limit must be between 1 and {MAX_LIMIT}")
+        raise _Problem(400, "Bad Request", f"limit must be between 1 and {MAX_LIMIT}")
     return limit
 
 
@@ -111,13 +111,13 @@ async def _json_body(request: Request, *, optional: bool = False) -> dict[str, A
     if not raw.strip():
         if optional:
             return {}
-        raise Problem(400, "Bad Request", "a JSON object is required")
+        raise _Problem(400, "Bad Request", "a JSON object is required")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise Problem(400, "Bad Request", "the body is not JSON") from None
+        raise _Problem(400, "Bad Request", "the body is not JSON") from None
     if not isinstance(data, dict):
-        raise Problem(400, "Bad Request", "the body must be a JSON object")
+        raise _Problem(400, "Bad Request", "the body must be a JSON object")
     return data
 
 
@@ -183,16 +183,16 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         body = await _json_body(request)
         unknown = sorted(set(body) - {"action", "filter", "dry_run"})
         if unknown:
-            raise Problem(400, "Bad Request", f"unknown key: {', '.join(unknown)}")
+            raise _Problem(400, "Bad Request", f"unknown key: {', '.join(unknown)}")
         action = body.get("action")
         if action not in ACTIONS:
-            raise Problem(400, "Bad Request", f"action must be one of {', '.join(ACTIONS)}")
+            raise _Problem(400, "Bad Request", f"action must be one of {', '.join(ACTIONS)}")
         raw_filter = body.get("filter", {})
         if not isinstance(raw_filter, dict):
-            raise Problem(400, "Bad Request", "filter must be a JSON object")
+            raise _Problem(400, "Bad Request", "filter must be a JSON object")
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
-            raise Problem(400, "Bad Request", "dry_run must be true or false")
+            raise _Problem(400, "Bad Request", "dry_run must be true or false")
         result = await bulk(
             ctx.queue,
             action,
@@ -254,21 +254,21 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         body = await _json_body(request, optional=True)
         unknown = sorted(set(body) - {"relay", "recipient"})
         if unknown:
-            raise Problem(400, "Bad Request", f"unknown key: {', '.join(unknown)}")
+            raise _Problem(400, "Bad Request", f"unknown key: {', '.join(unknown)}")
         relay, recipient = body.get("relay"), body.get("recipient")
         for key, value in (("relay", relay), ("recipient", recipient)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise Problem(400, "Bad Request", f"{key} must be non-empty text")
+                raise _Problem(400, "Bad Request", f"{key} must be non-empty text")
         if isinstance(recipient, str) and (
             "@" not in recipient or any(c in recipient for c in "\r\n <>,")
         ):
-            raise Problem(400, "Bad Request", "recipient must be one address, like a@example.org")
+            raise _Problem(400, "Bad Request", "recipient must be one address, like a@example.org")
         message = await ctx.queue.get(message_id)
         if message.state is not MessageState.HELD:
-            raise Problem(409, "Conflict", f"message {message_id} is {message.state}, not held")
+            raise _Problem(409, "Conflict", f"message {message_id} is {message.state}, not held")
         if relay is None and recipient is None:
             if ctx.settings.effective_route == "hold":
-                raise Problem(
+                raise _Problem(
                     409,
                     "Conflict",
                     'no relay is configured: name one ({"relay": "host:port"})',
@@ -281,7 +281,7 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         message_id = request.path_params["id"]
         message = await ctx.queue.get(message_id)
         if message.state not in (MessageState.QUEUED, MessageState.DEFERRED):
-            raise Problem(
+            raise _Problem(
                 409, "Conflict", f"message {message_id} is {message.state}: nothing to retry"
             )
         await act(ctx.queue, "retry", message, node=ctx.node, clock=ctx.clock)
@@ -311,10 +311,10 @@ async def _release_copy(
     through the configured relay (Mailpit's release): the message itself stays held, and
     a ``released`` event per recipient records the attempt."""
     if ctx.release_courier is None:
-        raise Problem(409, "Conflict", "release to a relay is not available here")
+        raise _Problem(409, "Conflict", "release to a relay is not available here")
     courier = ctx.release_courier(relay)
     if courier is None:
-        raise Problem(409, "Conflict", 'no relay is configured: name one ({"relay": "host:port"})')
+        raise _Problem(409, "Conflict", 'no relay is configured: name one ({"relay": "host:port"})')
     pending = [r.address for r in message.recipients if r.state is RecipientState.PENDING]
     recipients = [recipient] if recipient else pending or [r.address for r in message.recipients]
     try:
@@ -360,7 +360,7 @@ async def _release_copy(
     ]
     if not all(r.ok for r in results):
         failed = next(r for r in results if not r.ok)
-        raise Problem(
+        raise _Problem(
             502,
             "Bad Gateway",
             f"{courier.name} answered {failed.reply.code} {failed.reply.text}".strip(),
