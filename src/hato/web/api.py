@@ -247,7 +247,15 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
 
     async def raw_message(request: Request) -> Response:
         message = await ctx.queue.get(request.path_params["id"])
-        return Response(message.data, media_type="message/rfc822")
+        # Never rendered in the console's origin, whatever a browser makes of it.
+        return Response(
+            message.data,
+            media_type="message/rfc822",
+            headers={
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'; sandbox",
+            },
+        )
 
     async def release(request: Request) -> Response:
         message_id = request.path_params["id"]
