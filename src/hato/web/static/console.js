@@ -139,7 +139,8 @@
         poll();
         return;
       }
-      const source = new EventSource(API + "/events");
+      // Only what happens from now on (the list itself is read by refresh()).
+      const source = new EventSource(API + "/events?since=10s");
       source.onopen = function () { table.dataset.live = "events"; };
       setInterval(function () { if (polling === null) { refresh(); } }, SLOW_POLL_MS);
       source.onmessage = soon;
