@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import os
 import signal
+import ssl
 import sys
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,24 +35,40 @@ from typing import Any, TextIO
 from hato.aliases import LocalRecipients, load_aliases
 from hato.config import Listener, Settings, Smarthost, parse_relayhost
 from hato.delivery.base import Courier
+from hato.delivery.bounce import BounceCourier
+from hato.delivery.dane import DANEResolver
 from hato.delivery.hold import HoldCourier
 from hato.delivery.maildir import MaildirCourier
+from hato.delivery.mta_sts import MTASTS
 from hato.delivery.mx import MXCourier, MXTLSPolicy
 from hato.delivery.router import RouteKind, Router
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
-from hato.dkim import DKIMSigner, from_addresses, load_signers
+from hato.dkim import DKIMKeys, DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
+from hato.errors import ConfigError, HatoError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue, redact_url
 from hato.queue.base import Queue
 from hato.queue.retry import RetrySchedule
+from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.tlsrpt import (
+    ReportConfig,
+    SendOutcome,
+    TLSReportStore,
+    import_reports,
+    maildir_files,
+    seconds_until_next_run,
+    send_reports,
+)
+from hato.tlsrpt_types import TLSReporter
 from hato.users import UserAuthenticator, UserStore, UserWatcher
+from hato.verp import Verp, load_secret
 from hato.worker import Worker
 
 Say = Callable[[str], None]
@@ -126,20 +145,93 @@ def build_maildir(
     )
 
 
-def build_dkim_transform(settings: Settings, users: UserStore) -> MessageTransform | None:
+def build_verp(settings: Settings) -> Verp | None:
+    """VERP return paths for mail from our own domains (``HATO_VERP``); ``None`` when
+    off or without own domains (bounces could not come back here). Reads or makes the
+    secret now, so a bad one is a start-up error."""
+    if not settings.verp or not settings.domains:
+        return None
+    if settings.verp_secret is not None:
+        secret = settings.verp_secret.get_secret_value().encode()
+    else:
+        path = settings.data_dir / "verp.key"
+        try:
+            secret = load_secret(path)
+        except (OSError, UnicodeError) as exc:
+            raise ConfigError(f"cannot read or make the VERP key {path}: {exc}") from None
+    try:
+        return Verp(secret, settings.domains)
+    except ValueError as exc:
+        raise ConfigError(f"HATO_VERP_SECRET: {exc}") from None
+
+
+def build_bounce_courier(
+    settings: Settings, queue: Queue, local: Courier, verp: Verp | None, log: MailLog
+) -> BounceCourier:
+    """The local route's front: bounces for mail this node sent become events
+    (:mod:`hato.delivery.bounce`); everything else goes on to ``local``."""
+    return BounceCourier(
+        local, queue, hostname=settings.hostname, verp=verp, keep=settings.bounce_keep, log=log
+    )
+
+
+def build_dkim_transform(
+    settings: Settings, users: UserStore, keys: DKIMKeys | None = None
+) -> MessageTransform | None:
     """DKIM-sign submitted mail once, before it is queued. Loading the keys here makes a
-    missing or unreadable key a start-up error, never silently unsigned mail."""
-    signer: DKIMSigner = load_signers(settings.effective_dkim_dir)
-    if not signer:
+    missing or unreadable key a start-up error, never silently unsigned mail. ``keys``
+    (kept current by :func:`build_dkim_rotation_task`) signs with its active keys."""
+    current = keys if keys is not None else DKIMKeys(settings.effective_dkim_dir)
+    if not current.keys:
         return None
     check = settings.sender_login_check
 
     async def sign(data: bytes, user: str) -> bytes:
         if user and check and not all(users.sender_allowed(user, a) for a in from_addresses(data)):
             return data  # a From the user does not own is not vouched for with our key
+        signer: DKIMSigner = current.signer
         return await asyncio.to_thread(signer.sign, data)
 
     return sign
+
+
+DKIM_DNS_CHECK_INTERVAL = 3600.0  # how often pending DKIM keys are looked for in DNS
+
+
+def build_dkim_rotation_task(
+    settings: Settings, keys: DKIMKeys, log: MailLog, say: Say
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``hato serve``'s side of ``hato dkim rotate``: at start and hourly, a pending key
+    that DNS publishes becomes active; changed key states (here or by ``hato dns
+    check``) are loaded within seconds."""
+
+    async def watch() -> None:
+        next_dns = 0.0
+        while True:
+            if time.monotonic() >= next_dns:
+                next_dns = time.monotonic() + DKIM_DNS_CHECK_INTERVAL
+                for domain in keys.pending_domains():
+                    try:
+                        # Made here, not at start: only a rotation needs DNS.
+                        resolver = Resolver(settings.dns_servers, cache=False)
+                        changes = await activate_published(
+                            resolver, keys.directory, domain, now=time.time()
+                        )
+                    except HatoError as exc:
+                        say(f"dkim: checking {domain}'s pending key in DNS: {exc}")
+                        continue
+                    for change in changes:
+                        say(f"dkim: {change}")
+                        log.event("dkim", "", status="rotated", detail=change)
+            try:
+                if await asyncio.to_thread(keys.refresh):
+                    active = ", ".join(f"{k.domain}/{k.selector}" for k in keys.signer.keys)
+                    say(f"dkim: keys reloaded; signing with {active or 'none'}")
+            except HatoError as exc:  # keep signing with the keys loaded before
+                say(f"dkim: keys not reloaded: {exc}")
+            await asyncio.sleep(FILE_CHECK_INTERVAL)
+
+    return watch
 
 
 def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
@@ -180,8 +272,11 @@ def build_release_courier(settings: Settings) -> Callable[[str | None], Courier 
     return courier
 
 
-def build_couriers(settings: Settings, local: Courier | None = None) -> dict[RouteKind, Courier]:
-    """The couriers of ``hato serve``'s routes (reads the relay's secret files)."""
+def build_couriers(
+    settings: Settings, local: Courier | None = None, tls_reporter: TLSReporter | None = None
+) -> dict[RouteKind, Courier]:
+    """The couriers of ``hato serve``'s routes (reads the relay's secret files).
+    ``tls_reporter`` receives the MX courier's per-attempt TLS results (TLS-RPT)."""
     couriers: dict[RouteKind, Courier] = {RouteKind.HOLD: HoldCourier()}
     if local is not None:
         couriers[RouteKind.LOCAL] = local
@@ -189,12 +284,28 @@ def build_couriers(settings: Settings, local: Courier | None = None) -> dict[Rou
     if relay is not None:
         couriers[RouteKind.RELAY] = build_smarthost(relay, settings.hostname)
     if settings.effective_route == "mx":
+        resolver = Resolver(settings.dns_servers)
+        ca_file = str(settings.mx_tls_ca_file) if settings.mx_tls_ca_file else None
+        try:
+            mta_sts = MTASTS(
+                resolver,
+                cache_dir=settings.data_dir / "mta-sts",
+                port=settings.mta_sts_port,
+                ca_file=ca_file,
+                allow_private=settings.allow_private_mx,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"HATO_MX_TLS_CA_FILE {ca_file!r}: {exc}") from exc
         couriers[RouteKind.MX] = MXCourier(
-            Resolver(settings.dns_servers),
+            resolver,
             helo_name=settings.hostname,
             port=settings.outbound_port,
             allow_private=settings.allow_private_mx,
             tls_policy=MXTLSPolicy.parse(settings.mx_tls, settings.mx_tls_policy),
+            ca_file=ca_file,
+            mta_sts=mta_sts,
+            dane=DANEResolver(settings.dnssec_resolver) if settings.dnssec_resolver else None,
+            tls_reporter=tls_reporter,
             concurrency=settings.mx_concurrency,
         )
     return couriers
@@ -217,6 +328,8 @@ def build_worker(
     couriers: dict[RouteKind, Courier] | None = None,
     router: Router | None = None,
     bounces: bool = True,
+    envid_from_id: bool = False,
+    verp: Verp | None = None,
 ) -> Worker:
     """The delivery worker of ``hato serve`` (or, with ``couriers``/``router``, of
     ``hato worker``)."""
@@ -232,6 +345,9 @@ def build_worker(
         lease_seconds=settings.lease_seconds,
         idle_wait=min(5.0, settings.retry_min_delay),
         bounces=bounces,
+        delay_warning=settings.delay_warning,
+        envid_from_id=envid_from_id,
+        return_path=verp.return_path if verp is not None else None,
     )
 
 
@@ -273,9 +389,14 @@ def build_policy(
     users: UserStore | None = None,
     recipients: LocalRecipients | None = None,
     watcher: UserWatcher | None = None,
+    verp: Verp | None = None,
 ) -> Policy:
     """One listener's policy. ``recipients`` is the RCPT check of our own domains and
-    ``watcher`` what keeps the users behind it current."""
+    ``watcher`` what keeps the users behind it current; a VERP address signed by
+    ``verp`` is accepted too (the bounces it brings back are this node's)."""
+    exists: Callable[[str], bool] | None = recipients.exists if recipients is not None else None
+    if exists is not None and verp is not None:
+        exists = _or_signed(exists, verp)
     return Policy(
         role=role,
         mynetworks=parse_networks(settings.effective_mynetworks),
@@ -286,13 +407,20 @@ def build_policy(
         sender_allowed=(
             users.sender_allowed if users is not None and settings.sender_login_check else None
         ),
-        local_recipient_exists=recipients.exists if recipients is not None else None,
+        local_recipient_exists=exists,
         recipients_pending=(
             watcher.pending if recipients is not None and watcher is not None else None
         ),
         route=settings.effective_route,
         allow_private_mx=settings.allow_private_mx,
     )
+
+
+def _or_signed(exists: Callable[[str], bool], verp: Verp) -> Callable[[str], bool]:
+    def check(address: str) -> bool:
+        return verp.is_signed(address) or exists(address)
+
+    return check
 
 
 def build_tls(settings: Settings) -> TLSContextProvider | None:
@@ -304,6 +432,119 @@ def build_tls(settings: Settings) -> TLSContextProvider | None:
         check_interval=FILE_CHECK_INTERVAL,
         notify=_say,
     )
+
+
+# --- TLS-RPT (RFC 8460): the reports we send, the reports we receive --------------------
+
+
+def build_tlsrpt_store(settings: Settings) -> TLSReportStore:
+    """The TLS results and reports of ``DATA_DIR/tlsrpt.sqlite3``; the MX courier records
+    into it (its ``record(result)`` is the :class:`~hato.tlsrpt.TLSReporter`)."""
+    return TLSReportStore.in_data_dir(settings.data_dir, clock=time.time)
+
+
+def build_report_config(settings: Settings) -> ReportConfig:
+    return ReportConfig(
+        organization=settings.tlsrpt_org or settings.hostname,
+        contact=settings.effective_tlsrpt_contact,
+        submitter=settings.hostname,
+        sender=settings.tlsrpt_from or f"noreply-smtp-tls-reporting@{settings.hostname}",
+    )
+
+
+def tlsrpt_maildirs(settings: Settings) -> list[Path]:
+    """The Maildirs our own rua addresses deliver to (those in HATO_DOMAINS)."""
+    out: list[Path] = []
+    for domain in settings.domains:
+        for uri in settings.effective_tlsrpt_rua(domain):
+            address = uri.removeprefix("mailto:")
+            if uri.lower().startswith("https:") or "@" not in address:
+                continue
+            local, _, at = address.rpartition("@")
+            if at.lower() not in {d.lower() for d in settings.domains}:
+                continue
+            if settings.recipient_delimiter:
+                local = local.split(settings.recipient_delimiter, 1)[0]
+            path = settings.effective_maildir_root / at.lower() / local.lower()
+            if path not in out:
+                out.append(path)
+    return out
+
+
+def import_tls_reports(settings: Settings, store: TLSReportStore) -> tuple[int, list[str]]:
+    """Read new reports from our rua Maildirs into ``store``: (added, skipped files)."""
+    files = [f for maildir in tlsrpt_maildirs(settings) for f in maildir_files(maildir)]
+    outcome = import_reports(store, files)
+    return outcome.added, outcome.skipped
+
+
+async def send_tls_reports(
+    settings: Settings,
+    queue: Queue,
+    store: TLSReportStore,
+    *,
+    day: datetime.date | None = None,
+    force: bool = False,
+    verify: ssl.SSLContext | bool = True,
+) -> list[SendOutcome]:
+    """Send the TLS-RPT reports that are due (or ``day``'s): mail through ``queue``,
+    DKIM-signed with our keys when there are any, and HTTPS POSTs."""
+    today = datetime.datetime.now(datetime.UTC).date()
+    if day is None and not store.days_pending(today):
+        return []  # the usual case: nothing due, no DNS, no keys read
+    resolver = Resolver(settings.dns_servers)
+    signer = load_signers(settings.effective_dkim_dir)
+
+    async def sign(data: bytes) -> bytes:
+        return await asyncio.to_thread(signer.sign, data)
+
+    async def enqueue(envelope: Envelope, data: bytes, key: str) -> str:
+        return await queue.enqueue(envelope, data, idempotency_key=key)
+
+    return await send_reports(
+        store,
+        build_report_config(settings),
+        txt=resolver.txt,
+        enqueue=enqueue,
+        sign=sign if signer else None,
+        verify=verify,
+        now=time.time(),
+        day=day,
+        force=force,
+    )
+
+
+TLSRPT_INTERVAL = 600.0  # how often received reports are read and due reports sent
+
+
+def build_tlsrpt_task(
+    settings: Settings, queue: Queue, store: TLSReportStore, log: MailLog, say: Say
+) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``hato serve``'s TLS-RPT run, at start and every 10 minutes: read the reports
+    received in our rua Maildirs, and send the reports due (each finished UTC day's, once
+    per domain; so shortly after midnight, and days missed while stopped at start)."""
+
+    async def daily() -> None:
+        while True:
+            try:
+                added, _skipped = await asyncio.to_thread(import_tls_reports, settings, store)
+                if added:
+                    log.event("tlsrpt", "", status="received", detail=f"{added} report(s)")
+                for outcome in await send_tls_reports(settings, queue, store):
+                    log.event(
+                        "tlsrpt",
+                        "",
+                        domain=outcome.domain,
+                        day=outcome.day.isoformat(),
+                        status=outcome.status,
+                        detail=outcome.detail,
+                    )
+                await asyncio.to_thread(store.prune)
+            except HatoError as exc:  # the next day tries again; delivery goes on
+                say(f"tls reports: {exc}")
+            await asyncio.sleep(min(TLSRPT_INTERVAL, seconds_until_next_run(time.time(), minute=1)))
+
+    return daily
 
 
 def _say(line: str) -> None:
@@ -424,9 +665,12 @@ async def serve(
     # Everything that can refuse the settings comes first, before the queue is touched.
     tls = build_tls(settings)
     users = build_users(settings)
-    submitted = build_dkim_transform(settings, users)
-    couriers = build_couriers(settings)
+    dkim_keys = DKIMKeys(settings.effective_dkim_dir)
+    submitted = build_dkim_transform(settings, users, dkim_keys)
+    tlsrpt = build_tlsrpt_store(settings)  # the MX courier's TLS reporter (RFC 8460)
+    couriers = build_couriers(settings, tls_reporter=tlsrpt)
     recipients = build_local_recipients(settings, users)
+    verp = build_verp(settings)
     watcher = UserWatcher(users, interval=FILE_CHECK_INTERVAL)
     authenticator = UserAuthenticator(users)
     throttle = AuthThrottle(
@@ -437,8 +681,14 @@ async def serve(
     )
     queue = build_queue(settings)
     if recipients is not None:
-        couriers[RouteKind.LOCAL] = build_maildir(settings, queue, recipients, users)
-    worker = build_worker(settings, queue, log, couriers=couriers)
+        maildir = build_maildir(settings, queue, recipients, users)
+        couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
+    worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
+    companions = [watcher.run]
+    if settings.tlsrpt_send:
+        companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
+    if dkim_keys.keys:
+        companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 
@@ -453,7 +703,7 @@ async def serve(
                 server = await start_listener(
                     ListenerConfig(host=listener.host, port=listener.port, role=role),
                     queue=queue,
-                    policy=build_policy(settings, role, users, recipients, watcher),
+                    policy=build_policy(settings, role, users, recipients, watcher, verp),
                     authenticator=authenticator,
                     tls=tls,
                     log=log,
@@ -478,13 +728,14 @@ async def serve(
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=[watcher.run],
+                companions=companions,
                 stop_intake=stop_intake,
             )
         finally:
             for server in servers:
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
+            tlsrpt.close()
 
 
 # --- hato worker: the application's outbox worker ------------------------------------
@@ -507,6 +758,7 @@ def build_outbox_worker(
         couriers={RouteKind.RELAY: build_smarthost(smarthost or settings.smtp, settings.hostname)},
         router=Router((), RouteKind.RELAY),
         bounces=bounces,
+        envid_from_id=True,
     )
 
 

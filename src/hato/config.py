@@ -609,6 +609,14 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_MAX_QUEUE_LIFETIME"),
         description="Give up and bounce after this long. Postfix: 5d.",
     )
+    delay_warning: float = Field(
+        default=4 * 3600.0,
+        ge=0,
+        validation_alias=_env("HATO_DELAY_WARNING"),
+        description="Send the sender one delayed-mail DSN (RFC 3461 NOTIFY=DELAY, the default)"
+        " for a message still queued after this long; 0 turns the warning off."
+        " Postfix: delay_warning_time.",
+    )
     worker_concurrency: int = Field(
         default=32,
         ge=1,
@@ -652,6 +660,28 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=_env("HATO_MX_TLS_POLICY"),
         description="Per-destination TLS levels: `domain=encrypt`, `domain=verify`, `domain=may`.",
+    )
+    mx_tls_ca_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_MX_TLS_CA_FILE"),
+        description="CA bundle (PEM) trusted besides the system's CAs for MX certificates "
+        "and MTA-STS policy fetches (private deployments, tests). Unlike "
+        "HATO_RELAY_TLS_CA_FILE it adds to the system's CAs, not replaces them.",
+    )
+    mta_sts_port: int = Field(
+        default=443,
+        ge=1,
+        le=65535,
+        validation_alias=_env("HATO_MTA_STS_PORT"),
+        description="HTTPS port of MTA-STS policy fetches "
+        "(`https://mta-sts.DOMAIN:PORT/.well-known/mta-sts.txt`). Only tests change it.",
+    )
+    dnssec_resolver: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_DNSSEC_RESOLVER"),
+        description="A validating resolver (`IP[:PORT]`, e.g. a local unbound at "
+        "`127.0.0.1:53`) asked for TLSA records with DO set; its AD bit is trusted for "
+        "DANE (RFC 7672). Unset: no DANE.",
     )
     mx_concurrency: int = Field(
         default=10,
@@ -710,11 +740,78 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_RECIPIENT_DELIMITER"),
         description="`user+tag@domain` is delivered to `user` (empty turns it off).",
     )
+    verp: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_VERP"),
+        description="Send mail from our own domains with a VERP return path, "
+        "`local+<signed queue id>@domain`, so a bounce names its message even when the "
+        "upstream drops ENVID (docs/bounces.md).",
+    )
+    verp_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_VERP_SECRET"),
+        repr=False,
+        description="The key that signs VERP tokens (16 bytes or more). Default: a random "
+        "key kept in `DATA_DIR/verp.key`, made on first use.",
+    )
+    bounce_keep: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_BOUNCE_KEEP"),
+        description="Also deliver to the mailbox the bounces that were matched to a message "
+        "this node sent and recorded as events (by default they are only recorded).",
+    )
     dkim_dir: Path | None = Field(
         default=None,
         validation_alias=_env("HATO_DKIM_DIR"),
         description="DKIM keys written by `hato dkim keygen` as `DOMAIN/SELECTOR.{rsa,ed25519}.key`;"
         " every key found there signs mail from its domain. Default `DATA_DIR/dkim`.",
+    )
+
+    # --- our own domains: TLS-RPT and MTA-STS (RFC 8460, RFC 8461) ---------------------
+    tlsrpt_org: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_ORG"),
+        description="`organization-name` of the TLS-RPT reports Hato sends. Default: "
+        "HATO_HOSTNAME.",
+    )
+    tlsrpt_contact: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_CONTACT"),
+        description="`contact-info` of the TLS-RPT reports Hato sends. Default "
+        "`postmaster@` the first of HATO_DOMAINS (else of HATO_HOSTNAME).",
+    )
+    tlsrpt_from: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TLSRPT_FROM"),
+        description="From and envelope sender of the TLS-RPT report messages Hato sends. "
+        "Default `noreply-smtp-tls-reporting@` HATO_HOSTNAME.",
+    )
+    tlsrpt_send: bool = Field(
+        default=True,
+        validation_alias=_env("HATO_TLSRPT_SEND"),
+        description="`hato serve` sends yesterday's TLS-RPT reports once a day, shortly "
+        "after midnight UTC, to the `rua` of each recipient domain's `_smtp._tls` record.",
+    )
+    tlsrpt_rua: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_TLSRPT_RUA"),
+        description="Where other servers send TLS-RPT reports about our domains (the `rua` "
+        "that `hato dns records` puts in `_smtp._tls`): mail addresses or `https:` URIs. "
+        "Default `postmaster@DOMAIN`. Reports that reach a Maildir of ours are read by "
+        "`hato tls reports`.",
+    )
+    mta_sts_mode: Literal["enforce", "testing", "none"] = Field(
+        default="testing",
+        validation_alias=_env("HATO_MTA_STS_MODE"),
+        description="`mode` of our own MTA-STS policy (`hato dns mta-sts-policy`, "
+        "`/.well-known/mta-sts.txt`): start with `testing`, then `enforce`.",
+    )
+    mta_sts_max_age: int = Field(
+        default=604800,
+        ge=86400,
+        le=31557600,
+        validation_alias=_env("HATO_MTA_STS_MAX_AGE"),
+        description="`max_age` (seconds) of our own MTA-STS policy: how long senders cache it.",
     )
 
     # --- application side: Mailer and hato worker --------------------------------------
@@ -788,6 +885,16 @@ class Settings(BaseSettings):
     def _split(cls, value: object) -> list[str]:
         return split_list(value)
 
+    @field_validator("tlsrpt_rua", mode="before")
+    @classmethod
+    def _split_tlsrpt(cls, value: object) -> list[str]:
+        return split_list(value)
+
+    @field_validator("mta_sts_mode", mode="before")
+    @classmethod
+    def _lower_sts_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("mynetworks", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> list[str] | None:
@@ -800,6 +907,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_domains(cls, value: list[str]) -> list[str]:
         return [normalize_domain(d) for d in value]
+
+    @field_validator("dnssec_resolver")
+    @classmethod
+    def _resolver_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from hato.dns import parse_server  # dnspython only where DANE is asked for
+
+        try:
+            parse_server(value)
+        except ConfigError:
+            raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
+        return value.strip()
 
     @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
     @classmethod
@@ -816,6 +936,7 @@ class Settings(BaseSettings):
         "retry_min_delay",
         "retry_max_delay",
         "max_queue_lifetime",
+        "delay_warning",
         "idle_timeout",
         "command_timeout",
         "lease_seconds",
@@ -885,6 +1006,15 @@ class Settings(BaseSettings):
     @property
     def effective_dkim_dir(self) -> Path:
         return self.dkim_dir or self.data_dir / "dkim"
+
+    @property
+    def effective_tlsrpt_contact(self) -> str:
+        domain = self.domains[0] if self.domains else self.hostname
+        return self.tlsrpt_contact or f"postmaster@{domain}"
+
+    def effective_tlsrpt_rua(self, domain: str) -> list[str]:
+        """The rua of ``_smtp._tls.DOMAIN``: HATO_TLSRPT_RUA, else postmaster@DOMAIN."""
+        return list(self.tlsrpt_rua) or [f"postmaster@{domain}"]
 
     @property
     def effective_mynetworks(self) -> list[str]:

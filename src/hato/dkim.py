@@ -7,6 +7,14 @@ Ed25519 key for one domain each message carries both signatures (RFC 8463 recomm
 the pair while receivers learn Ed25519). A selector's DNS record holds one key, so one
 selector cannot have both kinds.
 
+Each key has a state, kept beside the keys in ``DOMAIN/.state.json``: ``pending`` (made
+by ``hato dkim rotate``, published in DNS but not signing yet), ``active`` (signing) or
+``retired`` (replaced; not signing, its record stays published for a grace period so
+mail signed with it still verifies). A key the state file does not name is active, so
+keys from before rotation keep working. :func:`rotate_key` makes the next key (a
+date-based selector), :func:`activate_key` switches to it once DNS publishes it (``hato
+dns check`` and ``hato serve`` look), retiring the keys of its algorithm it replaces.
+
 Keys are read and checked once, by :func:`load_signers`, at start-up: a key that cannot
 be read or parsed, or a file that does not belong in the directory, is a
 :class:`~hato.errors.ConfigError`, never silently unsigned mail. :meth:`DKIMSigner.sign`
@@ -22,7 +30,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import email.utils
+import json
 import os
 import re
 import secrets
@@ -401,18 +411,233 @@ def load_key(path: Path, domain: str, selector: str, algorithm: Algorithm) -> DK
 
 
 def dkim_txt_records(directory: Path) -> list[DKIMRecord]:
-    """The DNS TXT records of every key under ``directory``: ``(domain, selector, txt)``
-    tuples, sorted by domain and selector. A missing directory has none."""
-    return [key.record for key in load_signers(directory).keys]
+    """The DNS TXT records of every key under ``directory`` (pending, active and retired:
+    all are to be published): ``(domain, selector, txt)`` tuples, sorted by domain and
+    selector. A missing directory has none."""
+    keys = sorted(load_keys(directory), key=lambda ks: key_order(ks[0]))
+    return [key.record for key, _status in keys]
+
+
+def key_order(key: DKIMKey) -> tuple[str, bool, str]:
+    """Domain, RSA first, then selector: the order keys sign and are listed in."""
+    return (key.domain, key.algorithm is not Algorithm.RSA, key.selector)
+
+
+def load_keys(directory: Path) -> list[tuple[DKIMKey, KeyStatus]]:
+    """Every key under ``directory`` with its state (see :func:`load_signers`)."""
+    directory = Path(directory)
+    entries = _scan(directory)
+    states: dict[str, dict[str, KeyStatus]] = {}
+    out = []
+    for path, domain, selector, algorithm in entries:
+        if domain not in states:
+            states[domain] = read_states(directory, domain)
+        status = states[domain].get(selector, KeyStatus(KeyState.ACTIVE, 0.0))
+        out.append((load_key(path, domain, selector, algorithm), status))
+    return out
 
 
 def load_signers(directory: Path) -> DKIMSigner:
-    """Load every key under ``directory`` (none if it does not exist).
+    """Load the active keys under ``directory`` (none if it does not exist).
 
     Raises :class:`ConfigError` for a key that is missing, unreadable or unusable, and for
     any file that does not belong in the layout.
     """
-    return DKIMSigner(load_key(*entry) for entry in _scan(Path(directory)))
+    return DKIMSigner(
+        key for key, status in load_keys(directory) if status.state is KeyState.ACTIVE
+    )
+
+
+# --- key states and rotation ------------------------------------------------------------
+
+
+class KeyState(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+STATE_FILE = ".state.json"
+GRACE_DAYS = 7  # how long a retired key's record stays published, at least
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    """A key's state and since when (epoch seconds; 0 for a key from before rotation)."""
+
+    state: KeyState
+    since: float
+
+    def remove_after(self) -> float | None:
+        """When a retired key's DNS record may go."""
+        if self.state is not KeyState.RETIRED:
+            return None
+        return self.since + GRACE_DAYS * 86400
+
+
+def read_states(directory: Path, domain: str) -> dict[str, KeyStatus]:
+    """The states of ``domain``'s keys named in its state file (others are active)."""
+    path = Path(directory) / check_domain(domain) / STATE_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read DKIM key states {path}: {exc}") from None
+    out: dict[str, KeyStatus] = {}
+    try:
+        for selector, entry in dict(raw).items():
+            out[str(selector)] = KeyStatus(KeyState(entry["state"]), float(entry["since"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"DKIM key states {path} are malformed: {exc}") from None
+    return out
+
+
+def write_states(directory: Path, domain: str, states: dict[str, KeyStatus]) -> None:
+    path = Path(directory) / check_domain(domain) / STATE_FILE
+    data = {s: {"state": st.state.value, "since": st.since} for s, st in sorted(states.items())}
+    try:
+        _write_new(path, (json.dumps(data, indent=1) + "\n").encode(), force=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write DKIM key states {path}: {exc.strerror or exc}") from None
+
+
+def next_selector(existing: Container[str], algorithm: str, today: datetime.date) -> str:
+    """A date-based selector for a new key: ``rsa20261203`` / ``ed20261203``, with a
+    ``-2``, ``-3``… suffix when that is taken."""
+    algo = _algorithm(algorithm)
+    base = f"{'rsa' if algo is Algorithm.RSA else 'ed'}{today:%Y%m%d}"
+    candidate, n = base, 1
+    while candidate in existing:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def rotate_key(
+    directory: Path,
+    domain: str,
+    *,
+    now: float,
+    algorithm: str | None = None,
+    selector: str | None = None,
+    bits: int = DEFAULT_RSA_BITS,
+) -> list[DKIMRecord]:
+    """Make the next key of ``domain`` (one per algorithm in use, or ``algorithm``), in
+    state pending; the records to publish. Refuses while a rotation is under way (a
+    pending key of that algorithm exists)."""
+    directory = Path(directory)
+    name = check_domain(domain)
+    keys = [(k, st) for k, st in load_keys(directory) if k.domain == name]
+    if algorithm is not None:
+        algorithms = [_algorithm(algorithm)]
+    else:
+        algorithms = sorted(
+            {k.algorithm for k, st in keys if st.state is KeyState.ACTIVE}, key=lambda a: a.value
+        ) or [Algorithm.RSA]
+    if selector is not None and len(algorithms) > 1:
+        raise ConfigError("--selector names one key: give --algorithm too")
+    for algo in algorithms:
+        pending = [k for k, st in keys if st.state is KeyState.PENDING and k.algorithm is algo]
+        if pending:
+            raise ConfigError(
+                f"a rotation of {name}'s {algo.value} key is under way: publish "
+                f"{pending[0].record.name} and run hato dns check {name}"
+            )
+    states = read_states(directory, name)
+    taken = {k.selector for k, _ in keys}
+    today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    made: list[tuple[str, DKIMRecord]] = []
+    for algo in algorithms:
+        chosen = selector or next_selector(taken, algo, today)
+        record = generate_key(name, chosen, algo.value, directory=directory, bits=bits)
+        taken.add(chosen)
+        made.append((chosen, record))
+        states[chosen] = KeyStatus(KeyState.PENDING, now)
+        # A key with no entry is active: name the current ones, so the file says it all.
+        for key, status in keys:
+            states.setdefault(key.selector, status)
+        write_states(directory, name, states)
+    return [record for _, record in made]
+
+
+def pending_keys(directory: Path, domain: str) -> list[DKIMKey]:
+    return [
+        k
+        for k, st in load_keys(directory)
+        if k.domain == check_domain(domain) and st.state is KeyState.PENDING
+    ]
+
+
+def activate_key(directory: Path, domain: str, selector: str, *, now: float) -> list[str]:
+    """Make a pending key active and retire the active keys of its algorithm; what
+    changed, as sentences for the operator."""
+    directory = Path(directory)
+    name = check_domain(domain)
+    keys = {k.selector: (k, st) for k, st in load_keys(directory) if k.domain == name}
+    if selector not in keys:
+        raise ConfigError(f"no DKIM key {selector!r} for {name}")
+    key, status = keys[selector]
+    if status.state is not KeyState.PENDING:
+        return []
+    states = {s: st for s, (_k, st) in keys.items()}
+    states[selector] = KeyStatus(KeyState.ACTIVE, now)
+    changes = [f"{name} selector {selector}: pending -> active (signs from now on)"]
+    until = datetime.datetime.fromtimestamp(now + GRACE_DAYS * 86400, datetime.UTC)
+    for other, (other_key, other_status) in sorted(keys.items()):
+        if (
+            other != selector
+            and other_key.algorithm is key.algorithm
+            and other_status.state is KeyState.ACTIVE
+        ):
+            states[other] = KeyStatus(KeyState.RETIRED, now)
+            changes.append(
+                f"{name} selector {other}: active -> retired (keep its DNS record published "
+                f"until at least {until:%Y-%m-%d}, then remove it and the key file)"
+            )
+    write_states(directory, name, states)
+    return changes
+
+
+class DKIMKeys:
+    """The keys of a directory as ``hato serve`` signs with them: :attr:`signer` holds the
+    active keys; :meth:`refresh` loads them again when a state file or key file changed
+    (a key activated by ``hato dns check`` or by the server's own check)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._stamp = self._look()
+        self.keys = load_keys(self.directory)
+        self.signer = DKIMSigner(k for k, st in self.keys if st.state is KeyState.ACTIVE)
+
+    def _look(self) -> tuple[tuple[str, int], ...]:
+        seen: list[tuple[str, int]] = []
+        try:
+            for ddir in sorted(self.directory.iterdir()):
+                if not ddir.is_dir():
+                    continue
+                for path in sorted(ddir.iterdir()):
+                    if path.name == STATE_FILE or not path.name.startswith("."):
+                        with contextlib.suppress(OSError):
+                            seen.append((str(path), path.stat().st_mtime_ns))
+        except OSError:
+            pass
+        return tuple(seen)
+
+    def pending_domains(self) -> list[str]:
+        return sorted({k.domain for k, st in self.keys if st.state is KeyState.PENDING})
+
+    def refresh(self) -> bool:
+        """Reload when anything changed; True when it did. A directory that no longer
+        loads raises :class:`ConfigError` and the keys in use stay."""
+        stamp = self._look()
+        if stamp == self._stamp:
+            return False
+        keys = load_keys(self.directory)
+        self._stamp = stamp
+        self.keys = keys
+        self.signer = DKIMSigner(k for k, st in keys if st.state is KeyState.ACTIVE)
+        return True
 
 
 # --- signing ----------------------------------------------------------------------------
@@ -491,9 +716,7 @@ class DKIMSigner:
     """Signs messages with the keys of their From domain. Pure: no I/O after loading."""
 
     def __init__(self, keys: Iterable[DKIMKey] = ()) -> None:
-        self.keys: tuple[DKIMKey, ...] = tuple(
-            sorted(keys, key=lambda k: (k.domain, k.algorithm is not Algorithm.RSA, k.selector))
-        )
+        self.keys: tuple[DKIMKey, ...] = tuple(sorted(keys, key=key_order))
         by_domain: dict[str, list[DKIMKey]] = {}
         for key in self.keys:
             by_domain.setdefault(key.domain, []).append(key)

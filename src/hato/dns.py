@@ -316,6 +316,14 @@ class Resolver:
         answer = await self._lookup(name, "PTR")
         return [r.target.to_text(omit_final_dot=True).lower() for r in answer.records]
 
+    async def tlsa_records(self, name: str) -> list[str]:
+        """The TLSA records of ``name`` in presentation form: ``3 1 1 <hex>`` (lower case)."""
+        answer = await self._lookup(name, "TLSA")
+        return [
+            f"{int(r.usage)} {int(r.selector)} {int(r.mtype)} {r.cert.hex()}"
+            for r in answer.records
+        ]
+
 
 def _not_found(name: str, rdtype: str) -> Reply:
     return Reply(

@@ -6,6 +6,14 @@ then one block per recipient) and the original message's headers as
 ``text/rfc822-headers``. It comes from ``MAILER-DAEMON@hostname``, travels with the null
 envelope sender (so it can never be bounced in turn) and goes to the original envelope
 sender. A message whose sender is null gets no bounce at all (RFC 5321 §6.1, §4.5.5).
+
+The same builder makes the other DSNs RFC 3461 asks for: ``delayed`` (a warning, once,
+while retries go on), ``relayed`` (handed to a next hop that does not offer DSN, for a
+recipient that asked NOTIFY=SUCCESS) and ``delivered`` (stored in our own Maildir). They
+carry the sender's ``Original-Envelope-Id`` (ENVID) and each recipient's
+``Original-Recipient`` (ORCPT). A failure report returns the whole original message
+(``message/rfc822``) when the sender asked RET=FULL and it is at most
+:data:`MAX_FULL_RETURNED` bytes, else its headers.
 """
 
 from __future__ import annotations
@@ -21,12 +29,16 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Literal
 
+from hato.dsn_params import encode_orcpt, xtext_encode
 from hato.message import Envelope
 from hato.reply import Reply
 
-Action = Literal["failed", "delayed"]
+Action = Literal["failed", "delayed", "delivered", "relayed"]
 
 MAX_HEADERS_RETURNED = 64 * 1024
+MAX_FULL_RETURNED = 50_000
+"""RET=FULL returns the message up to this size, else its headers (Postfix
+``bounce_size_limit``)."""
 _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f]+")
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
@@ -43,6 +55,8 @@ class FailedRecipient:
     reply: Reply
     relay: str = ""
     action: Action = "failed"
+    # RFC 3461 ORCPT, decoded (``rfc822;a@b``): reported as Original-Recipient.
+    orcpt: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +69,11 @@ class Bounce:
 
 def status_of(reply: Reply, action: Action = "failed") -> str:
     """The RFC 3463 status for a reply: its enhanced code if valid, else the class of its
-    code. A ``delayed`` report always carries a 4.x.x status."""
+    code. A ``delayed`` report always carries a 4.x.x status, a ``delivered`` or
+    ``relayed`` one a 2.x.x status."""
     status = reply.enhanced if _STATUS_RE.match(reply.enhanced or "") else ""
+    if action in ("delivered", "relayed"):
+        return status if status.startswith("2") else "2.0.0"
     if not status:
         klass = str(reply.code)[:1] if reply.code >= 400 else "5"
         status = f"{klass}.0.0"
@@ -123,7 +140,12 @@ def _human_text(
     hostname: str, recipients: Sequence[FailedRecipient], delayed: bool, reason: str
 ) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if delayed:
+    if all(r.action in ("delivered", "relayed") for r in recipients):
+        lines += [
+            "Your message was successfully delivered to the destination(s) listed below.",
+            "If the message was relayed, no further notification may follow.",
+        ]
+    elif delayed:
         lines += [
             "Your message could not be delivered yet to one or more recipients.",
             "It will be retried; you do not need to send it again.",
@@ -152,24 +174,32 @@ def build_bounce(
     arrival: float,
     now: float,
     reason: str = "",
+    envid: str = "",
+    ret: str = "",
 ) -> Bounce | None:
     """The DSN for ``recipients`` of the message ``queue_id``, or ``None`` when there is
     nobody to tell (null sender: never bounce a bounce; or no recipient to report).
 
     ``arrival`` and ``now`` are Unix times (the message's arrival, the report's date);
-    ``reason`` adds a sentence to the human part (e.g. why the queue gave up).
+    ``reason`` adds a sentence to the human part (e.g. why the queue gave up);
+    ``envid`` and ``ret`` are the message's RFC 3461 ENVID (decoded) and RET.
     """
     if not sender or not recipients:
         return None
     hostname = _clean(hostname) or "localhost"
     delayed = all(r.action == "delayed" for r in recipients)
+    success = all(r.action in ("delivered", "relayed") for r in recipients)
+    failed = any(r.action == "failed" for r in recipients)
 
     report = MIMEMultipart("report", report_type="delivery-status", policy=_POLICY)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = f"<{_clean(sender)}>"
-    report["Subject"] = (
-        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
-    )
+    if success:
+        report["Subject"] = "Successful Mail Delivery Report"
+    elif delayed:
+        report["Subject"] = "Delayed Mail (still being retried)"
+    else:
+        report["Subject"] = "Undelivered Mail Returned to Sender"
     report["Date"] = _date(now)
     report["Message-ID"] = f"<{_clean(queue_id)}.{int(now)}.dsn@{hostname}>"
     report["Auto-Submitted"] = "auto-replied"
@@ -184,17 +214,24 @@ def build_bounce(
     per_message = Message(policy=_POLICY)
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Hato-Queue-ID"] = _clean(queue_id)
+    if envid and envid.isascii():
+        per_message["Original-Envelope-Id"] = xtext_encode(_clean(envid))
     per_message["Arrival-Date"] = _date(arrival)
     blocks = [per_message]
     for r in recipients:
         block = Message(policy=_POLICY)
+        if r.orcpt:
+            # A utf-8 ORCPT (RFC 6533) in its ASCII form: this part is message/delivery-status.
+            orcpt = r.orcpt if r.orcpt.isascii() else encode_orcpt(r.orcpt)
+            block["Original-Recipient"] = _clean(orcpt)
         block["Final-Recipient"] = _address_field(r.address)
         block["Action"] = r.action
         block["Status"] = status_of(r.reply, r.action)
         remote = remote_mta_of(r.relay)
         if remote:
             block["Remote-MTA"] = f"dns; {remote}"
-        block["Diagnostic-Code"] = f"smtp; {_diagnostic(r.reply)}"
+        if remote or r.action == "failed" or r.action == "delayed":
+            block["Diagnostic-Code"] = f"smtp; {_diagnostic(r.reply)}"
         block["Last-Attempt-Date"] = _date(now)
         blocks.append(block)
     status_part = Message(policy=_POLICY)
@@ -204,10 +241,20 @@ def build_bounce(
     report.attach(status_part)
 
     headers = original_headers(original)
-    text = headers.decode("utf-8", "replace")
-    returned = MIMEText(text, "rfc822-headers", "us-ascii" if text.isascii() else "utf-8")
-    del returned["MIME-Version"]
-    returned["Content-Description"] = "Undelivered Message Headers"
+    full = failed and ret == "FULL" and len(original) <= MAX_FULL_RETURNED
+    if full:
+        returned = Message(policy=_POLICY)
+        returned["Content-Type"] = "message/rfc822"
+        returned["Content-Description"] = "Undelivered Message"
+        returned.set_payload([email.message_from_bytes(original, policy=_POLICY)])
+        headers = original
+    else:
+        text = headers.decode("utf-8", "replace")
+        returned = MIMEText(text, "rfc822-headers", "us-ascii" if text.isascii() else "utf-8")
+        del returned["MIME-Version"]
+        returned["Content-Description"] = (
+            "Undelivered Message Headers" if failed else "Message Headers"
+        )
     report.attach(returned)
     report.set_boundary(_boundary(f"{_clean(queue_id)}.{int(now)}/{hostname}", headers, human_text))
 

@@ -10,6 +10,9 @@
     ├── UserError              (hato.users) a ``hato user`` request that cannot be done
     ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
+    ├── DsnError               (hato.dsn_params) a bad ``notify=``, ENVID, ORCPT or xtext
+    ├── TLSPolicyError         an MTA-STS policy or TLSA record that cannot be used as written
+    ├── TLSReportError         (hato.tlsrpt) a TLS-RPT record, report or the report store cannot be read
     ├── QueueError             the queue backend failed (database down, disk full, ...)
     │   ├── QueueFullError     storage exhausted; intake answers 452 4.3.1
     │   ├── QueueDamaged       the queue's file is damaged or missing; says how to repair it
@@ -36,6 +39,9 @@ Outside the tree, on purpose:
 * ``SessionFailure`` (hato.delivery.session) carries the reply of an SMTP session that
   could not be set up from the session code to its courier, which turns it into a
   temporary result; it never leaves ``delivery/``.
+* ``PolicyFetchError`` (hato.delivery.mta_sts) says an MTA-STS policy could not be
+  fetched or parsed, with its TLS-RPT result type; ``MTASTS.policy_for`` turns it into
+  a lookup without a policy, so it never leaves ``delivery/``.
 * ``NotConvertible`` (hato.mime7bit) says an 8-bit message has no faithful 7-bit form;
   the session turns it into a 554 5.6.3 result and DKIM signing into "sign as it is".
   It never leaves the package.
@@ -57,6 +63,11 @@ class HatoError(Exception):
 
 class ConfigError(HatoError):
     """The settings are invalid; the message says which one and why."""
+
+
+class TLSPolicyError(HatoError):
+    """A recipient domain's transport policy (an MTA-STS policy file, a TLSA record)
+    cannot be used as written; the message says what is wrong."""
 
 
 class AddressError(HatoError, ValueError):

@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+# (TLS version or "", certificate verified, tls_policy) of a delivery attempt.
+TLSFields = tuple[str, bool, str]
+
 # What may not reach the text log as itself: C0 controls, DEL and the C1 controls, the
 # Unicode line and paragraph separators, lone surrogates, and the backslash that starts
 # our own escapes.
@@ -168,15 +171,33 @@ class MailLog:
         status: str,
         detail: str,
         service: str = "relay",
+        envid: str = "",
+        tls: TLSFields | None = None,
     ) -> None:
+        """One delivery outcome. ``tls`` (an SMTP hop's protocol version, whether its
+        certificate was verified, the rule that chose the TLS level) is written after
+        ``relay=`` as ``tls=TLSv1.3 verified=yes policy=dane`` (``tls=none`` for
+        plaintext; no ``policy=`` where no rule chose the level); in the JSON log as
+        ``tls``, ``tls_verified`` and ``tls_policy``."""
+        extra: dict[str, object] = {}
+        if tls is not None:
+            version, verified, policy = tls
+            if self._json:
+                extra = {"tls": version, "tls_verified": verified, "tls_policy": policy}
+            else:
+                yes = "yes" if verified else "no"
+                text = f"{version or 'none'} verified={yes}"
+                extra = {"tls": f"{text} policy={policy}" if policy else text}
         self.event(
             service,
             queue_id,
             to=to,
             relay=relay,
+            **extra,
             delay=f"{delay:.2f}",
             attempts=attempts,
             dsn=dsn,
+            envid=envid or None,
             status=status,
             detail=detail,
         )

@@ -153,3 +153,14 @@ def queued_as(queue_id: str) -> Reply:
 
 MESSAGE_REFUSED = Reply(554, "5.6.0", "Message content rejected: cannot be signed")
 LOCAL_LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient lookup failed, try again later")
+
+
+def param_invalid(name: str, reason: str) -> Reply:
+    """``501 5.5.4`` for a MAIL or RCPT parameter with a bad value (RFC 3461 DSN
+    parameters); ``reason`` is one line of ours, never the client's text."""
+    return Reply(501, "5.5.4", f"Invalid {name} parameter: {reason}")
+
+
+def param_duplicate(name: str) -> Reply:
+    """``501 5.5.4`` for a MAIL or RCPT parameter given twice."""
+    return Reply(501, "5.5.4", f"Duplicate {name} parameter")

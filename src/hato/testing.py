@@ -34,6 +34,7 @@ from email.message import EmailMessage
 
 from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
+from hato.dsn_params import DsnRequest
 from hato.errors import MessageNotFound
 from hato.mailer import Composed, MailerBase, MessageId, Status
 from hato.mailer.async_mailer import TemplateSource
@@ -89,7 +90,13 @@ class ScriptedCourier:
         self.closed = False
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         self.calls.append((sender, list(recipients)))
         self.messages.append(data)

@@ -8,6 +8,15 @@ in the same queue with the null sender (so a bounce is never bounced). Held reci
 stay in the queue as ``held``. With ``bounces=False`` (``hato worker``) no DSN is
 sent: failures are only recorded, for ``Mailer.status`` and the log.
 
+DSNs follow RFC 3461: each recipient's NOTIFY (default FAILURE and DELAY) says which
+reports it gets. A failure report as above; one ``delayed`` report per recipient once the
+message has waited ``delay_warning`` (the ``delayed`` delivery event recorded with it is
+what keeps it to once); for NOTIFY=SUCCESS a ``relayed`` report when the next hop does not
+offer DSN (one that does got NOTIFY passed on and reports itself) and a ``delivered``
+report for our own Maildir. Never for NOTIFY=NEVER or a null sender. The message's
+ENVID (or, with ``envid_from_id`` — ``hato worker`` — its own queue id) goes on to the
+next hop with the other DSN parameters, into every event and the log lines.
+
 Order of writes, for at-least-once: the DSN is enqueued before the outcome that causes it
 is recorded (a crash in between gives the same DSN id back, through its idempotency key,
 instead of losing it), and the outcome is recorded only after the remote reply.
@@ -32,7 +41,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hato import events
@@ -40,7 +49,8 @@ from hato.clock import Clock
 from hato.delivery.base import Courier, DeliveryResult, Result, all_results
 from hato.delivery.hold import HoldCourier
 from hato.delivery.router import RouteKind, Router
-from hato.dsn import FailedRecipient, build_bounce
+from hato.dsn import Action, FailedRecipient, build_bounce
+from hato.dsn_params import NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_SUCCESS, DsnRequest, request_of
 from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
@@ -143,6 +153,9 @@ class Worker:
         stop_timeout: float = 10.0,
         error_backoff: float = 1.0,
         bounces: bool = True,
+        delay_warning: float = 0.0,
+        envid_from_id: bool = False,
+        return_path: Callable[[str, str], str] | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -162,6 +175,13 @@ class Worker:
         # An application outbox (``hato worker``) turns DSNs off: its senders are
         # noreply addresses, and the app reads failures from ``Mailer.status`` instead.
         self.bounces = bounces
+        # Seconds in the queue after which a DELAY report goes out (once); 0: never.
+        self.delay_warning = delay_warning
+        # The outbox (``hato worker``) sends each message with ENVID=<its queue id>.
+        self.envid_from_id = envid_from_id
+        # (sender, queue id) -> the MAIL FROM of mail leaving this node: a VERP return
+        # path (hato.verp) when HATO_VERP is on.
+        self.return_path = return_path
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -339,14 +359,23 @@ class Worker:
         return courier
 
     async def _deliver(
-        self, kind: RouteKind, msg: StoredMessage, recipients: Sequence[str]
+        self,
+        kind: RouteKind,
+        msg: StoredMessage,
+        recipients: Sequence[str],
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         courier = self._courier_for(kind)
         if courier is None:
             reply = Reply(451, "4.3.5", f"no courier is configured for route {kind.value}")
             return all_results(recipients, Result.TEMPORARY, reply)
+        sender = msg.sender
+        if self.return_path is not None and kind in (RouteKind.RELAY, RouteKind.MX):
+            sender = self.return_path(sender, msg.id)
         try:
-            results = await courier.deliver(msg.sender, recipients, msg.data, message_id=msg.id)
+            results = await courier.deliver(
+                sender, recipients, msg.data, message_id=msg.id, dsn=dsn
+            )
         except Exception as exc:  # unknown means temporary: retry rather than drop
             _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
             reply = Reply(
@@ -384,9 +413,11 @@ class Worker:
         groups: dict[RouteKind, list[str]] = {}
         for rcpt in msg.pending:
             groups.setdefault(self.router.route(rcpt), []).append(rcpt)
+        envid = self._envid(msg)
+        dsn = request_of(msg.meta, envid=envid)
         delivered: list[tuple[RouteKind, DeliveryResult]] = []
         for kind, recipients in groups.items():
-            for res in await self._deliver(kind, msg, recipients):
+            for res in await self._deliver(kind, msg, recipients, dsn):
                 delivered.append((kind, res))
 
         now = self._clock()
@@ -395,7 +426,15 @@ class Worker:
         decisions = [self._decide(kind, res, expired) for kind, res in delivered]
 
         bounced = [d for d in decisions if d.bounce]
-        if bounced and msg.sender and self.bounces and not await self._send_dsn(msg, bounced, now):
+        # NOTIFY without FAILURE (NEVER, or SUCCESS/DELAY only): the failure is recorded,
+        # no report goes out.
+        reported = [d for d in bounced if dsn.of(d.result.recipient).wants(NOTIFY_FAILURE)]
+        if (
+            reported
+            and msg.sender
+            and self.bounces
+            and not await self._send_dsn(msg, reported, now, dsn)
+        ):
             # No DSN could be queued: keep those recipients pending rather than fail them
             # silently; the next attempt bounces them again.
             decisions = [
@@ -409,10 +448,12 @@ class Worker:
                     False,
                     False,
                 )
-                if d.bounce
+                if d.bounce and d in reported
                 else d
                 for d in decisions
             ]
+        warned = await self._delay_warnings(msg, decisions, now, dsn)
+        await self._success_reports(msg, decisions, now, dsn)
 
         pending = [d for d in decisions if d.outcome.state is RecipientState.PENDING]
         retrying = [d for d in pending if d.result.result is not Result.HELD]
@@ -424,7 +465,7 @@ class Worker:
             owner=self.owner,
             retry_at=retry_at,
             held=held,
-            events=self._events(msg, decisions, now, attempt),
+            events=self._events(msg, decisions, now, attempt, envid, warned),
         )
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
@@ -442,22 +483,109 @@ class Worker:
                 status=d.status,
                 detail=detail,
                 service=d.kind.value,
+                envid=envid,
+                tls=(
+                    (d.result.tls_version, d.result.tls_verified, d.result.tls_policy)
+                    if d.result.relay_host or d.result.tls_policy
+                    else None
+                ),
             )
         return state
 
-    def _events(
-        self, msg: StoredMessage, decisions: Sequence[_Decision], now: float, attempt: int
-    ) -> list[DeliveryEvent]:
-        """The delivery events of one attempt, one per recipient (see :mod:`hato.events`)."""
+    def _envid(self, msg: StoredMessage) -> str:
+        """The ENVID the message travels with: the one it came with, else (outbox) its id."""
         envid = msg.meta.get(META_ENVID, "")
+        if not envid and self.envid_from_id:
+            return msg.id
+        return envid
+
+    async def _delay_warnings(
+        self, msg: StoredMessage, decisions: Sequence[_Decision], now: float, dsn: DsnRequest
+    ) -> list[_Decision]:
+        """Once the message has waited ``delay_warning``: the recipients still being
+        retried that were not warned yet. Each gets a ``delayed`` event (recorded with
+        the attempt, which keeps this to once) and, if it asked for DELAY, a report; a
+        report that cannot be queued is tried again on the next attempt."""
+        if self.delay_warning <= 0 or now - msg.created_at < self.delay_warning:
+            return []
+        waiting = [
+            d
+            for d in decisions
+            if d.outcome.state is RecipientState.PENDING and d.result.result is Result.TEMPORARY
+        ]
+        if not waiting:
+            return []
+        try:
+            warned = await self._warned(msg.id)
+        except Exception as exc:  # unknown: do not warn twice, try on the next attempt
+            _debug.warning("reading the events of %s failed: %s", msg.id, exc)
+            return []
+        due = [d for d in waiting if d.result.recipient not in warned]
+        wanted = [d for d in due if dsn.of(d.result.recipient).wants(NOTIFY_DELAY)]
+        if (
+            wanted
+            and msg.sender
+            and self.bounces
+            and not await self._send_dsn(msg, wanted, now, dsn, action="delayed")
+        ):
+            return [d for d in due if d not in wanted]
+        return due
+
+    async def _warned(self, queue_id: str) -> set[str]:
+        """The recipients of ``queue_id`` that have a ``delayed`` event already."""
+        warned: set[str] = set()
+        cursor = ""
+        for _ in range(1000):  # bounded: 100,000 events of one message
+            page = await self.queue.events(after=cursor, queue_id=queue_id, limit=100)
+            warned.update(e.recipient for e in page.events if e.event == events.DELAYED)
+            if not page.events or page.cursor == cursor:
+                break
+            cursor = page.cursor
+        return warned
+
+    async def _success_reports(
+        self, msg: StoredMessage, decisions: Sequence[_Decision], now: float, dsn: DsnRequest
+    ) -> None:
+        """NOTIFY=SUCCESS (RFC 3461 5.2.2): ``delivered`` for our own Maildir, ``relayed``
+        for a next hop without DSN; a next hop with DSN got NOTIFY and reports itself."""
+        if not (msg.sender and self.bounces):
+            return
+        delivered = [
+            d
+            for d in decisions
+            if d.outcome.state is RecipientState.SENT
+            and not d.result.next_hop_dsn
+            and d.result.result is Result.OK
+            and dsn.of(d.result.recipient).wants(NOTIFY_SUCCESS)
+        ]
+        local = [d for d in delivered if d.kind is RouteKind.LOCAL]
+        relayed = [d for d in delivered if d.kind is not RouteKind.LOCAL]
+        if local:
+            await self._send_dsn(msg, local, now, dsn, action="delivered")
+        if relayed:
+            await self._send_dsn(msg, relayed, now, dsn, action="relayed")
+
+    def _events(
+        self,
+        msg: StoredMessage,
+        decisions: Sequence[_Decision],
+        now: float,
+        attempt: int,
+        envid: str = "",
+        warned: Sequence[_Decision] = (),
+    ) -> list[DeliveryEvent]:
+        """The delivery events of one attempt, one per recipient (see :mod:`hato.events`),
+        and a ``delayed`` one for each recipient in ``warned``."""
         message_id = message_id_of(msg.data)
         out = []
-        for d in decisions:
+        named = [(d, _event_name(d)) for d in decisions]
+        named += [(d, events.DELAYED) for d in warned]
+        for d, name in named:
             res, reply = d.result, d.result.reply
             out.append(
                 DeliveryEvent(
                     event_id=new_event_id(self._clock),
-                    event=_event_name(d),
+                    event=name,
                     time=now,
                     node=self.hostname,
                     queue_id=msg.id,
@@ -473,17 +601,28 @@ class Worker:
                     reply_text=reply.text,
                     tls_version=res.tls_version,
                     tls_verified=res.tls_verified,
+                    tls_policy=res.tls_policy,
                 )
             )
         return out
 
-    async def _send_dsn(self, msg: StoredMessage, bounced: Sequence[_Decision], now: float) -> bool:
-        """Queue the bounce for ``bounced``; False if it could not be queued."""
+    async def _send_dsn(
+        self,
+        msg: StoredMessage,
+        bounced: Sequence[_Decision],
+        now: float,
+        dsn: DsnRequest | None = None,
+        *,
+        action: Action = "failed",
+    ) -> bool:
+        """Queue the DSN (a bounce unless ``action`` says otherwise) for ``bounced``;
+        False if it could not be queued."""
+        dsn = dsn if dsn is not None else DsnRequest()
         any_expired = any(d.expired for d in bounced)
         reason = (
             f"The message could not be delivered within {_lifetime(self.retry.max_lifetime)} "
             "and was given up."
-            if any_expired
+            if any_expired and action == "failed"
             else ""
         )
         try:
@@ -492,20 +631,29 @@ class Worker:
                 queue_id=msg.id,
                 sender=msg.sender,
                 recipients=[
-                    FailedRecipient(d.result.recipient, d.result.reply, d.result.relay)
+                    FailedRecipient(
+                        d.result.recipient,
+                        d.result.reply,
+                        d.result.relay,
+                        action,
+                        dsn.of(d.result.recipient).orcpt,
+                    )
                     for d in bounced
                 ],
                 original=msg.data,
                 arrival=msg.created_at,
                 now=now,
                 reason=reason,
+                envid=dsn.envid,
+                ret=dsn.ret,
             )
             if bounce is None:
                 return True
+            kind = "dsn" if action == "failed" else f"dsn-{action}"
             dsn_id = await self.queue.enqueue(
                 bounce.envelope,
                 bounce.data,
-                idempotency_key=f"dsn:{msg.id}:{msg.attempts}",
+                idempotency_key=f"{kind}:{msg.id}:{msg.attempts}",
             )
         except Exception as exc:
             _debug.error("bounce for %s failed", msg.id, exc_info=True)
@@ -513,5 +661,11 @@ class Worker:
                 "bounce", msg.id, warning=f"could not queue DSN: {type(exc).__name__}: {exc}"
             )
             return False
-        self.log.event("bounce", msg.id, notification=dsn_id, to=msg.sender)
+        self.log.event(
+            "bounce",
+            msg.id,
+            notification=dsn_id,
+            to=msg.sender,
+            action=None if action == "failed" else action,
+        )
         return True

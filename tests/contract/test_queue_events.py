@@ -12,7 +12,7 @@ import pytest
 from hato.errors import QueueError
 from hato.events import DeliveryEvent, new_event_id
 from hato.message import Envelope
-from hato.queue.base import Outcome, Queue, RecipientState
+from hato.queue.base import MessageState, Outcome, Queue, RecipientState
 from hato.testing import FakeClock
 
 DATA = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -162,3 +162,93 @@ async def test_prune_forgets_old_events_only(queue: Queue, clock: FakeClock) -> 
 async def test_a_cursor_from_nowhere_is_refused(queue: Queue) -> None:
     with pytest.raises(QueueError):
         await queue.events(after="not a cursor")
+
+
+async def test_record_bounce_fails_delivered_recipients_after_the_fact(
+    queue: Queue, clock: FakeClock
+) -> None:
+    envelope = Envelope("a@example.org", ["b@example.net", "c@example.net", "d@example.net"])
+    message_id = await queue.enqueue(envelope, DATA)
+    [msg] = await queue.claim(owner="w1", limit=1, lease_seconds=60)
+    sent = [
+        Outcome(r, RecipientState.SENT, "250 2.0.0 ok", "mx[192.0.2.1]:25") for r in msg.pending
+    ]
+    assert await queue.record(message_id, sent, owner="w1", retry_at=None) is MessageState.SENT
+    before = await queue.get(message_id)
+
+    bounced = event("bounced", clock, queue_id=message_id, reply_code=550)
+    state = await queue.record_bounce(
+        message_id,
+        [
+            Outcome("b@example.net", RecipientState.FAILED, "550 5.1.1 unknown", "bounce"),
+            Outcome("c@example.net", RecipientState.PENDING, "451 later", "bounce"),  # ignored
+            Outcome("x@example.net", RecipientState.FAILED, "550 not ours", "bounce"),  # ignored
+        ],
+        events=[bounced],
+    )
+    assert state is MessageState.FAILED
+    after = await queue.get(message_id)
+    assert after.state is MessageState.FAILED
+    assert [(r.address, r.state, r.reply, r.relay) for r in after.recipients] == [
+        ("b@example.net", RecipientState.FAILED, "550 5.1.1 unknown", "bounce"),
+        ("c@example.net", RecipientState.SENT, "250 2.0.0 ok", "mx[192.0.2.1]:25"),
+        ("d@example.net", RecipientState.SENT, "250 2.0.0 ok", "mx[192.0.2.1]:25"),
+    ]
+    assert after.attempts == before.attempts
+    assert [r.attempts for r in after.recipients] == [r.attempts for r in before.recipients]
+    assert [e.event_id for e in (await queue.events(queue_id=message_id)).events] == [
+        bounced.event_id
+    ]
+    assert message_id in [m.id for m in await queue.list(states=[MessageState.FAILED])]
+    assert message_id not in [m.id for m in await queue.list(states=[MessageState.SENT])]
+    assert await queue.claim(owner="w2", limit=5, lease_seconds=60) == []
+
+    # Told twice (a bounce delivered again): nothing changes, the event is kept once.
+    again = await queue.record_bounce(
+        message_id,
+        [Outcome("b@example.net", RecipientState.FAILED, "550 5.1.1 unknown", "bounce")],
+        events=[bounced],
+    )
+    assert again is MessageState.FAILED
+    assert len((await queue.events(queue_id=message_id)).events) == 1
+
+
+async def test_record_bounce_leaves_a_pending_message_to_its_attempts(
+    queue: Queue, clock: FakeClock
+) -> None:
+    envelope = Envelope("a@example.org", ["b@example.net", "c@example.net"])
+    message_id = await queue.enqueue(envelope, DATA)
+    await queue.claim(owner="w1", limit=1, lease_seconds=60)
+    outcomes = [
+        Outcome("b@example.net", RecipientState.SENT, "250 ok"),
+        Outcome("c@example.net", RecipientState.PENDING, "451 later"),
+    ]
+    retry_at = clock() + 60
+    assert (
+        await queue.record(message_id, outcomes, owner="w1", retry_at=retry_at)
+        is MessageState.DEFERRED
+    )
+    state = await queue.record_bounce(
+        message_id,
+        [
+            Outcome("b@example.net", RecipientState.FAILED, "550 gone"),
+            Outcome("c@example.net", RecipientState.FAILED, "550 gone"),  # still pending here
+        ],
+    )
+    assert state is MessageState.DEFERRED
+    after = await queue.get(message_id)
+    assert [(r.address, r.state) for r in after.recipients] == [
+        ("b@example.net", RecipientState.FAILED),
+        ("c@example.net", RecipientState.PENDING),
+    ]
+    assert after.next_attempt_at == retry_at
+    clock.advance(61)
+    [again] = await queue.claim(owner="w2", limit=1, lease_seconds=60)
+    assert again.pending == ["c@example.net"]
+
+
+async def test_record_bounce_for_a_message_not_in_the_queue(queue: Queue, clock: FakeClock) -> None:
+    bounced = event("bounced", clock, queue_id="0000000000000DEADBEEF")
+    outcome = Outcome("b@example.net", RecipientState.FAILED, "550 gone")
+    assert await queue.record_bounce("0000000000000DEADBEEF", [outcome], events=[bounced]) is None
+    assert (await queue.events(queue_id="0000000000000DEADBEEF")).events == []

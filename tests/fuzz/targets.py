@@ -25,6 +25,11 @@ The invariants, per target:
     :func:`hato.mailer.compose` raises only ``AddressError``/``ValueError``/``TypeError``/
     ``HatoError``; what it builds is 7-bit, CRLF only, no line over 998 octets, parses
     back with the ``email`` package, carries no Bcc and no header it was not asked for.
+``dsn``
+    the RFC 3461 parsers (:mod:`hato.dsn_params`: xtext, RET, ENVID, NOTIFY, ORCPT, the
+    stored per-recipient JSON) raise only ``DsnError`` (``request_of`` never raises);
+    what they accept is printable US-ASCII within the limits and, encoded again, parses
+    back to itself; every parameter a stored request would send on parses again.
 """
 
 from __future__ import annotations
@@ -36,6 +41,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hato import reply
+from hato.dsn_params import (
+    MAX_ENVID,
+    MAX_ORCPT,
+    META_NOTIFY,
+    META_RCPT,
+    META_RET,
+    DsnError,
+    encode_orcpt,
+    notify_text,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+    request_of,
+    xtext_decode,
+    xtext_encode,
+)
 from hato.errors import AddressError, HatoError
 from hato.message import normalize_domain, parse_address
 from hato.smtp.auth import decode_response, parse_login_text, parse_plain
@@ -307,11 +329,57 @@ def fuzz_compose(data: bytes) -> None:
     assert len(message.get_all("Subject") or []) <= 1
 
 
+# -- DSN parameters --------------------------------------------------------------------
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= c <= "~" for c in text)
+
+
+def fuzz_dsn(data: bytes) -> None:
+    text = data[1:].decode("utf-8", "replace")
+    which = data[0] % 6 if data else 0
+    try:
+        if which == 0:
+            value = xtext_decode(text)
+            assert xtext_decode(xtext_encode(value)) == value
+        elif which == 1:
+            envid = parse_envid(text)
+            assert len(text) <= MAX_ENVID and _printable(envid), envid
+            assert parse_envid(xtext_encode(envid)) == envid
+        elif which == 2:
+            words = parse_notify(text)
+            assert words == {"NEVER"} or (words and words <= {"SUCCESS", "FAILURE", "DELAY"})
+            assert parse_notify(notify_text(words)) == words
+        elif which == 3:
+            orcpt = parse_orcpt(text)
+            assert len(text) <= MAX_ORCPT and orcpt.isprintable(), orcpt
+            assert parse_orcpt(encode_orcpt(orcpt)) == orcpt
+        elif which == 4:
+            assert parse_ret(text) in ("FULL", "HDRS")
+        else:
+            ascii_text = text.encode("ascii", "replace").decode()
+            assert xtext_decode(xtext_encode(ascii_text)) == ascii_text
+    except DsnError:
+        pass
+    request = request_of(
+        {META_RCPT: text, META_NOTIFY: text[:20], META_RET: text[:4], "envid": text[:100]}
+    )
+    for option in request.mail_options():
+        key, _, value = option.decode("ascii").partition("=")
+        (parse_ret if key == "RET" else parse_envid)(value)
+    for address in request.recipients:
+        for option in request.rcpt_options(address):
+            key, _, value = option.decode("ascii").partition("=")
+            (parse_notify if key == "NOTIFY" else parse_orcpt)(value)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "intake": fuzz_intake,
     "sasl": fuzz_sasl,
     "address": fuzz_address,
     "compose": fuzz_compose,
+    "dsn": fuzz_dsn,
 }
 
 
@@ -378,5 +446,16 @@ def seeds(target: str) -> list[bytes]:
             b"user@example.net\x1fHello\x1fHi there\x1f\x1fAda\x1fv\x1fk1",
             "a@bücher.example\x1fGrüße aus Köln\x1fこんにちは\x1f<p>x</p>\x1fJosé\x1f\x1f".encode(),
             b"Name <u@example.net>\x1f" + b"s" * 300 + b"\x1f" + b"long " * 400,
+        ]
+    if target == "dsn":
+        return [
+            b"\x00a+2Bb+3D",
+            b"\x01Q+204711",
+            b"\x02SUCCESS,FAILURE,DELAY",
+            b"\x02NEVER",
+            b"\x03rfc822;a+2Bb@example.org",
+            b"\x04hdrs",
+            b"\x05a b=c+d",
+            b'\x00{"a@x":{"notify":"SUCCESS","orcpt":"rfc822;a@x"}}',
         ]
     raise KeyError(target)

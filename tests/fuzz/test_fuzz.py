@@ -19,7 +19,7 @@ from fuzz.targets import TARGETS, seeds
 
 HERE = Path(__file__).resolve().parent
 REGRESSIONS = HERE / "regressions"
-SECONDS = {"intake": 60, "sasl": 10, "address": 10, "compose": 10}
+SECONDS = {"intake": 60, "sasl": 10, "address": 10, "compose": 10, "dsn": 10}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

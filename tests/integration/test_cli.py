@@ -137,7 +137,7 @@ def _fill(url: str) -> list[str]:
         await q.open()
         try:
             one = await q.enqueue(
-                Envelope("a@example.org", ["b@example.net"]),
+                Envelope("a@example.org", ["b@example.net"], meta={"envid": "app-1"}),
                 b"Subject: one\r\n\r\nbody one\r\n",
                 held=True,
             )
@@ -170,6 +170,7 @@ def test_queue_commands(tmp_path: Path) -> None:
     shown = hato("queue", "show", one, *data_dir)
     assert shown.returncode == 0
     assert "Subject: one" in shown.stdout and "body one" in shown.stdout
+    assert "\nenvid:    app-1\n" in shown.stdout
 
     released = hato("queue", "release", one, *data_dir)
     assert released.returncode == 0 and f"{one}: released" in released.stdout

@@ -11,6 +11,9 @@ Built on dnslib. Tests point Hato at it with ``HATO_DNS_SERVERS=127.0.0.1:PORT``
         dns.null_mx("nomail.test")
         dns.servfail("broken.test")      # every query for the name answers SERVFAIL
         dns.drop("slow.test")            # no answer at all: the client times out
+        dns.tlsa("_25._tcp.mx1.example.test", 3, 1, 1, digest)
+        dns.signed("example.test")       # answers under it carry AD, as a validating
+                                         # resolver's do for a DNSSEC-signed zone
 
 A name with any record (of any type) exists: other types get NOERROR with no data;
 unknown names get NXDOMAIN. Answers larger than 512 bytes over UDP are truncated, so
@@ -27,7 +30,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, TLSA, TXT, A, DNSRecord
 from dnslib.server import DNSError, DNSHandler, DNSLogger, DNSServer
 
 
@@ -79,10 +82,12 @@ class _Zones:
         self.records: dict[str, list[RR]] = {}
         self.servfail: set[str] = set()
         self.drop: set[str] = set()
+        self.signed: set[str] = set()
         self.queries: list[tuple[str, str]] = []
 
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         reply = request.reply()
+        reply.header.ad = 0  # dnslib copies the query's flags; AD is set below, or never
         qname = str(request.q.qname).lower()
         qtype = QTYPE[request.q.qtype]
         with self.lock:
@@ -102,6 +107,8 @@ class _Zones:
                 ):
                     reply.add_answer(rr)
             reply.header.aa = 1
+            if any(qname == z or qname.endswith("." + z) for z in self.signed):
+                reply.header.ad = 1  # what a validating resolver says of a signed zone
         return reply
 
 
@@ -216,6 +223,22 @@ class TestDNS:
     def txt(self, name: str, *values: str) -> None:
         for value in values:
             self.add(name, "TXT", TXT(_txt_chunks(value)))
+
+    def tlsa(self, name: str, usage: int, selector: int, mtype: int, data: bytes | str) -> None:
+        """A TLSA record (RFC 6698) at ``name`` (``_25._tcp.HOST``); ``data`` as bytes or
+        hex, e.g. ``tlsa("_25._tcp.mx.example.test", 3, 1, 1, digest)``."""
+        raw = bytes.fromhex(data) if isinstance(data, str) else data
+        self.add(name, "TLSA", TLSA(usage, selector, mtype, raw))
+
+    def signed(self, *zones: str) -> None:
+        """Answers for names in ``zones`` (and below) carry the AD bit: this server then
+        plays a validating resolver for a DNSSEC-signed zone."""
+        with self._zones.lock:
+            self._zones.signed.update(_norm(z) for z in zones)
+
+    def unsigned(self, *zones: str) -> None:
+        with self._zones.lock:
+            self._zones.signed.difference_update(_norm(z) for z in zones)
 
     def ptr(self, ip: str, name: str) -> None:
         self.add(ipaddress.ip_address(ip).reverse_pointer, "PTR", PTR(_norm(name)))

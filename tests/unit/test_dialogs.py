@@ -12,7 +12,8 @@ Format of a ``.dialog`` file (one item per line)::
     ! closed               the server has closed the connection by now
     ! starttls             the last chunk made the server start TLS (handshake simulated)
     ! queued N             N messages have been queued so far
-    E: key=value ...       envelope of the last queued message (from, to, body_8bit, ...)
+    E: key=value ...       envelope of the last queued message (from, to, body_8bit, ...;
+                           meta.K: its meta entry K, "" when absent)
     Q: text                a line of the last queued message's data (CRLF added)
 
 Escapes in text: ``\\r \\n \\t \\0 \\\\ \\xNN``. The server's bytes after each client chunk
@@ -240,7 +241,10 @@ def run_dialog(path: Path) -> None:
                     "user": envelope.auth_user,
                     "body_8bit": "yes" if envelope.body_8bit else "no",
                     "smtputf8": "yes" if envelope.smtputf8 else "no",
-                }[key]
+                }.get(key)
+                if key.startswith("meta."):
+                    actual = envelope.meta.get(key[5:], "")
+                assert actual is not None, f"{path.name}:{lineno}: unknown envelope key {key}"
                 assert actual == value, f"{path.name}:{lineno}: envelope {key}={actual!r}"
         elif line.startswith("! "):
             flush_chunk()

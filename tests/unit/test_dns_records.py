@@ -89,3 +89,97 @@ def test_records_text_zone_and_words() -> None:
 )
 def test_zone_lines(line: str, expected: str) -> None:
     assert line == expected
+
+
+# --- MTA-STS, TLS-RPT, TLSA, alignment --------------------------------------------------
+
+
+def test_own_mta_sts_policy_and_record() -> None:
+    from hato.records import mta_sts_id, mta_sts_policy, mta_sts_record, parse_mta_sts_policy
+
+    policy = mta_sts_policy(["mail.dbmx.net"], "enforce", 604800)
+    assert policy == "version: STSv1\r\nmode: enforce\r\nmx: mail.dbmx.net\r\nmax_age: 604800\r\n"
+    assert parse_mta_sts_policy(policy) == {
+        "version": ["STSv1"],
+        "mode": ["enforce"],
+        "mx": ["mail.dbmx.net"],
+        "max_age": ["604800"],
+    }
+    ident = mta_sts_id(policy)
+    assert ident.isalnum() and 1 <= len(ident) <= 32
+    assert mta_sts_record(policy) == f"v=STSv1; id={ident}"
+    assert mta_sts_id(mta_sts_policy(["mail.dbmx.net"], "testing", 604800)) != ident
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "match"),
+    [
+        ("mail.example.org", "mail.example.org", True),
+        ("mail.example.org", "MAIL.example.org.", True),
+        ("*.example.org", "mx1.example.org", True),
+        ("*.example.org", "a.b.example.org", False),
+        ("*.example.org", "example.org", False),
+        ("mail.example.org", "mx.example.org", False),
+    ],
+)
+def test_mx_patterns(pattern: str, host: str, match: bool) -> None:
+    from hato.records import mx_matches
+
+    assert mx_matches(pattern, host) is match
+
+
+@pytest.mark.parametrize(
+    ("domain", "from_domain", "mode", "ok"),
+    [
+        ("example.org", "example.org", "s", True),
+        ("bounce.example.org", "example.org", "r", True),
+        ("bounce.example.org", "example.org", "s", False),
+        ("example.net", "example.org", "r", False),
+        ("a.example.co.uk", "example.co.uk", "r", True),
+        ("other.co.uk", "example.co.uk", "r", False),
+    ],
+)
+def test_dmarc_alignment(domain: str, from_domain: str, mode: str, ok: bool) -> None:
+    from hato.records import aligned
+
+    assert aligned(domain, from_domain, mode) is ok
+
+
+def test_tlsa_of_a_certificate() -> None:
+    import hashlib
+
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from hato.records import certificate_spki_sha256, tlsa_name, tlsa_record
+
+    pem = trustme.CA().issue_cert("mail.dbmx.net").cert_chain_pems[0].bytes()
+    spki = (
+        x509.load_pem_x509_certificate(pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert certificate_spki_sha256(pem) == hashlib.sha256(spki).hexdigest()
+    assert tlsa_record("AB" * 32) == "3 1 1 " + "ab" * 32
+    assert tlsa_name("mail.dbmx.net") == "_25._tcp.mail.dbmx.net"
+
+
+def test_records_text_with_mta_sts_tlsrpt_and_tlsa() -> None:
+    text = records_text(
+        "dbmx.net",
+        "dbmx.net",
+        [V4],
+        [],
+        Path("/keys"),
+        mta_sts="version: STSv1\r\nmode: testing\r\nmx: dbmx.net\r\nmax_age: 86400\r\n",
+        tlsrpt_rua=["tls@dbmx.net"],
+        tlsa="3 1 1 " + "00" * 32,
+    )
+    lines = text.splitlines()
+    assert any(line.startswith('_mta-sts.dbmx.net. IN TXT "v=STSv1; id=') for line in lines)
+    assert '_smtp._tls.dbmx.net. IN TXT "v=TLSRPTv1; rua=mailto:tls@dbmx.net"' in lines
+    assert "_25._tcp.dbmx.net. IN TLSA 3 1 1 " + "00" * 32 in lines
+    assert "certbot --reuse-key" in text
+    # Without them, the output is as before.
+    assert "_mta-sts" not in records_text("dbmx.net", "dbmx.net", [V4], [], Path("/keys"))

@@ -205,3 +205,74 @@ def test_status_of(reply: Reply, action: str, expected: str) -> None:
 )
 def test_remote_mta_of(relay: str, expected: str) -> None:
     assert remote_mta_of(relay) == expected
+
+
+# RFC 3461: ENVID, ORCPT, RET and the other actions.
+
+
+def test_envid_and_orcpt_are_reported() -> None:
+    orcpt = FailedRecipient(
+        "user@example.net", Reply(550, "5.1.1", "User unknown"), orcpt="rfc822;Old+x@example.net"
+    )
+    msg = parse(bounce(recipients=[orcpt], envid="QQ 1=x"))
+    per_message, per_recipient = msg.get_payload()[1].get_payload()
+    assert per_message["Original-Envelope-Id"] == "QQ+201+3Dx"
+    assert per_recipient["Original-Recipient"] == "rfc822;Old+x@example.net"
+
+
+def test_no_envid_no_orcpt_no_fields() -> None:
+    per_message, per_recipient = parse(bounce()).get_payload()[1].get_payload()
+    assert per_message["Original-Envelope-Id"] is None
+    assert per_recipient["Original-Recipient"] is None
+
+
+def test_ret_full_returns_the_whole_message() -> None:
+    data = bounce(ret="FULL")
+    parts = parse(data).get_payload()
+    assert parts[2].get_content_type() == "message/rfc822"
+    (inner,) = parts[2].get_payload()
+    assert inner["Subject"] == "Reset your password"
+    assert b"secret reset link" in data
+
+
+def test_ret_full_of_a_large_message_returns_headers() -> None:
+    big = ORIGINAL + b"x" * 60_000 + b"\r\n"
+    data = bounce(ret="FULL", original=big)
+    assert parse(data).get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert b"secret reset link" not in data
+
+
+def test_ret_hdrs_returns_headers() -> None:
+    data = bounce(ret="HDRS")
+    assert parse(data).get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert b"secret reset link" not in data
+
+
+@pytest.mark.parametrize("action", ["relayed", "delivered"])
+def test_success_reports(action: str) -> None:
+    ok = FailedRecipient(
+        "user@example.net",
+        Reply(250, "2.0.0", "Ok: queued as X"),
+        "relay.example.net[192.0.2.1]:587" if action == "relayed" else "maildir",
+        action,  # type: ignore[arg-type]
+    )
+    data = bounce(recipients=[ok], ret="FULL")
+    msg = parse(data)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    per_recipient = msg.get_payload()[1].get_payload()[1]
+    assert per_recipient["Action"] == action
+    assert per_recipient["Status"] == "2.0.0"
+    # RET applies to failure reports only (RFC 3461 4.3).
+    assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert b"secret reset link" not in data
+
+
+def test_delayed_report_keeps_the_4xx_status() -> None:
+    late = FailedRecipient(
+        "user@example.net", Reply(451, "4.4.1", "Connection refused"), action="delayed"
+    )
+    msg = parse(bounce(recipients=[late]))
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    per_recipient = msg.get_payload()[1].get_payload()[1]
+    assert per_recipient["Action"] == "delayed"
+    assert per_recipient["Status"] == "4.4.1"

@@ -77,3 +77,18 @@ def test_courier_refuses_bad_settings(kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"helo_name": "relay.example", **kwargs}
     with pytest.raises(ConfigError):
         MXCourier(Resolver(["127.0.0.1:53"]), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("strict.test", "verify"),
+        ("mail.sub.test", "encrypt"),
+        ("sub.test", None),  # ".sub.test" covers the subdomains only
+        ("other.test", None),  # the default is no operator entry
+    ],
+)
+def test_an_explicit_entry_is_the_operators_word(domain: str, expected: str | None) -> None:
+    policy = MXTLSPolicy.parse("may", ["strict.test=verify", ".sub.test=encrypt"])
+    assert policy.explicit(domain) == expected
+    assert policy.level_for(domain) == (expected or "may")

@@ -15,7 +15,13 @@ import pytest
 from argon2 import PasswordHasher
 
 from hato import reply
-from hato.app import build_local_recipients, build_policy, build_session_config, build_users
+from hato.app import (
+    build_local_recipients,
+    build_policy,
+    build_session_config,
+    build_users,
+    build_verp,
+)
 from hato.config import Settings, load_settings
 from hato.delivery.router import RouteKind, Router
 from hato.smtp.policy import ListenerRole, Policy
@@ -201,3 +207,27 @@ async def test_without_inotify_the_watcher_polls(
         assert not watcher.notified and not watcher.pending()
     finally:
         await stop_watcher(task)
+
+
+def test_a_signed_verp_address_is_accepted_without_a_user(tmp_path: Path) -> None:
+    settings = load_settings(
+        data_dir=tmp_path, domains=["dbmx.net"], verp=True, verp_secret="k" * 32
+    )
+    users = build_users(settings)
+    verp = build_verp(settings)
+    assert verp is not None
+    policy = build_policy(
+        settings, ListenerRole.SMTP, users, build_local_recipients(settings, users), None, verp
+    )
+    signed = verp.return_path("noreply@dbmx.net", "0193A1B2C3D4E5F6A7B")
+    forged = signed[:-20] + "0" + signed[-19:]
+    session = ServerSession(build_session_config(settings), policy, client_ip=OUTSIDER_IP)
+    session.greeting()
+    events = session.receive(
+        b"EHLO mx.example.net\r\nMAIL FROM:<>\r\n"
+        + f"RCPT TO:<{signed}>\r\nRCPT TO:<{forged}>\r\n".encode()
+        + b"RCPT TO:<noreply@dbmx.net>\r\n"
+    )
+    replies = [event.reply for event in events if isinstance(event, Send)]
+    assert [r.code for r in replies] == [250, 250, 250, 550, 550]
+    assert not (tmp_path / "verp.key").exists()  # HATO_VERP_SECRET given: no key file

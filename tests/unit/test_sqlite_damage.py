@@ -194,7 +194,13 @@ class Recorder:
         self.delivered: list[bytes] = []
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: object = None,
     ) -> list[DeliveryResult]:
         self.delivered.append(data)
         return [

@@ -122,7 +122,13 @@ async def test_temporary_failure_is_rescheduled_with_jitter() -> None:
 async def test_courier_exception_counts_as_temporary() -> None:
     class Broken(ScriptedCourier):
         async def deliver(
-            self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+            self,
+            sender: str,
+            recipients: Sequence[str],
+            data: bytes,
+            *,
+            message_id: str = "",
+            dsn: object = None,
         ) -> list[DeliveryResult]:
             raise RuntimeError("boom")
 
@@ -137,7 +143,13 @@ async def test_courier_exception_counts_as_temporary() -> None:
 async def test_missing_results_and_missing_courier_are_temporary() -> None:
     class Forgetful(ScriptedCourier):
         async def deliver(
-            self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+            self,
+            sender: str,
+            recipients: Sequence[str],
+            data: bytes,
+            *,
+            message_id: str = "",
+            dsn: object = None,
         ) -> list[DeliveryResult]:
             return all_results(recipients[:1], Result.OK, Reply(250, "2.0.0", "ok"))
 
@@ -275,7 +287,13 @@ async def test_graceful_stop_releases_what_is_still_in_flight() -> None:
 
     class Slow(ScriptedCourier):
         async def deliver(
-            self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+            self,
+            sender: str,
+            recipients: Sequence[str],
+            data: bytes,
+            *,
+            message_id: str = "",
+            dsn: object = None,
         ) -> list[DeliveryResult]:
             started.set()
             await gate.wait()

@@ -30,7 +30,7 @@ UNKNOWN = (Result.PERMANENT, Reply(550, "5.1.1", "User unknown"))
 class HopCourier(ScriptedCourier):
     """A scripted courier whose results carry the next hop, as a session's do."""
 
-    async def deliver(self, sender, recipients, data, *, message_id=""):  # type: ignore[no-untyped-def]
+    async def deliver(self, sender, recipients, data, *, message_id="", dsn=None):  # type: ignore[no-untyped-def]
         results = await super().deliver(sender, recipients, data, message_id=message_id)
         return [
             dataclasses.replace(

@@ -55,7 +55,13 @@ class Accept:
     name = "relay.test"
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: object = None,
     ) -> list[DeliveryResult]:
         return [DeliveryResult(r, Result.OK, Reply(250, "2.0.0", "ok")) for r in recipients]
 

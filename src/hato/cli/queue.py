@@ -24,7 +24,9 @@ import click
 from hato.app import build_queue
 from hato.cli import friendly, main, make_settings, run, settings_options
 from hato.config import parse_duration
-from hato.errors import ConfigError
+from hato.errors import ConfigError, QueueError
+from hato.events import DeliveryEvent
+from hato.message import META_ENVID
 from hato.queue import redact_url
 from hato.queue.base import MessageState, Queue, StoredMessage
 from hato.queue.select import (
@@ -117,25 +119,64 @@ def queue_show(
     message_id: str,
     as_json: bool,
 ) -> None:
-    """Show one message: envelope, per-recipient state, headers and body."""
+    """Show one message: envelope, per-recipient state (with the last attempt's TLS),
+    headers and body."""
 
-    async def action(q: Queue) -> StoredMessage:
-        return await q.get(message_id)
+    async def action(q: Queue) -> tuple[StoredMessage, dict[str, DeliveryEvent]]:
+        m = await q.get(message_id)
+        try:
+            return m, await _last_attempts(q, message_id)
+        except QueueError:  # the events are extra: the message is shown without them
+            return m, {}
 
-    m = _with_queue(config_file, data_dir, queue_url, action)
+    m, last = _with_queue(config_file, data_dir, queue_url, action)
     text = m.data.decode("utf-8", "replace")
     if as_json:
-        click.echo(json.dumps({**_summary(m), "message": text}, indent=2, ensure_ascii=False))
+        summary = _summary(m)
+        for status in summary["recipient_status"]:
+            event = last.get(status["address"])
+            if event is not None:
+                status.update(
+                    tls_version=event.tls_version,
+                    tls_verified=event.tls_verified,
+                    tls_policy=event.tls_policy,
+                )
+        click.echo(json.dumps({**summary, "message": text}, indent=2, ensure_ascii=False))
         return
     click.echo(f"id:       {m.id}")
     click.echo(f"state:    {m.state}")
     click.echo(f"from:     <{m.sender}>")
+    if m.meta.get(META_ENVID):
+        click.echo(f"envid:    {_printable(m.meta[META_ENVID])}")
     for r in m.recipients:
         reply = f" ({r.reply})" if r.reply else ""
         click.echo(f"to:       <{r.address}> {r.state}{reply}")
+        event = last.get(r.address)
+        if event is not None:
+            verified = "yes" if event.tls_verified else "no"
+            click.echo(
+                f"          tls={event.tls_version or 'none'} verified={verified} "
+                f"policy={event.tls_policy or 'none'}"
+            )
     click.echo(f"attempts: {m.attempts}")
     click.echo("")
     click.echo(text.replace("\r\n", "\n"), nl=False)
+
+
+async def _last_attempts(q: Queue, message_id: str) -> dict[str, DeliveryEvent]:
+    """Each recipient's last delivery attempt that reached a next hop or made a TLS
+    decision (from the queue's delivery events; bounded)."""
+    last: dict[str, DeliveryEvent] = {}
+    cursor = ""
+    for _page in range(100):
+        page = await q.events(after=cursor, queue_id=message_id, limit=500)
+        for event in page.events:
+            if event.relay_host or event.tls_policy:
+                last[event.recipient] = event
+        if not page.events or page.cursor == cursor:
+            break
+        cursor = page.cursor
+    return last
 
 
 def _printable(text: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+from hato.dsn_params import DsnRequest
 from hato.reply import Reply
 
 
@@ -32,11 +33,16 @@ class DeliveryResult:
     relay: str = ""  # "host[ip]:port" as in Postfix's log, or "maildir", "hold"
     # The next hop spoken to, for the attempt record (hato.events.Attempt): its name and
     # address, the TLS protocol version ("" in plaintext) and whether its certificate
-    # was checked. Empty when no SMTP session was reached.
+    # was checked. Empty when no SMTP session was reached. ``tls_policy`` names the rule
+    # that chose the TLS level (hato.events.Attempt lists them); empty where none did.
     relay_host: str = ""
     relay_ip: str = ""
     tls_version: str = ""
     tls_verified: bool = False
+    # The next hop offered DSN (RFC 3461), so the DSN parameters went on with the
+    # message and that hop reports from now on; False: it did not, or no SMTP hop.
+    next_hop_dsn: bool = False
+    tls_policy: str = ""
 
     @property
     def ok(self) -> bool:
@@ -49,10 +55,17 @@ class Courier(Protocol):
     name: str
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         """Try once; one result per recipient, in the order given. Never raises for a
-        delivery failure (only for programming errors)."""
+        delivery failure (only for programming errors). ``dsn``: the message's DSN
+        parameters, passed on to a next hop that offers DSN (SMTP couriers)."""
         ...
 
     async def close(self) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.dsn_params import DsnRequest
 from hato.reply import Reply
 
 HELD = Reply(250, "2.0.0", "held: no relay configured")
@@ -23,7 +24,13 @@ class HoldCourier:
         self.reply = reply
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         return all_results(recipients, Result.HELD, self.reply, relay="hold")
 

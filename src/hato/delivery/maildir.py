@@ -40,6 +40,7 @@ from pathlib import Path
 from hato.aliases import UNKNOWN_USER, Expansion, LocalRecipients, Mailbox
 from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
+from hato.dsn_params import DsnRequest
 from hato.reply import Reply
 
 # (envelope sender, external recipients, message bytes, idempotency key) -> queued id.
@@ -112,7 +113,13 @@ class MaildirCourier:
         self._ready: set[Path] = set()
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         seen = _delivered_to(data)
         results: list[DeliveryResult] = []

@@ -30,6 +30,32 @@ One message may name recipients in several domains; each domain is delivered on 
   ``none``
       Never STARTTLS (for a peer whose TLS is broken).
 
+* Which rule sets the TLS level, in this order (RFC 8461 §2, RFC 7672 §1.3); the rule's
+  name is each result's ``tls_policy``:
+
+  ``operator``
+      an explicit ``HATO_MX_TLS_POLICY`` entry for the domain (or a global ``HATO_MX_TLS``
+      of ``encrypt``/``verify``, once DANE and MTA-STS found nothing): the operator's
+      word beats what DNS says.
+  ``dane``
+      the MX host has DNSSEC-validated TLSA records (:mod:`hato.delivery.dane`, only
+      with ``HATO_DNSSEC_RESOLVER``): TLS required, the certificate matched against the
+      records, not against the system's CAs. A TLSA lookup that fails defers that host.
+  ``mta-sts-enforce``
+      the domain's MTA-STS policy (:mod:`hato.delivery.mta_sts`) is in mode
+      ``enforce``: only MX hosts its ``mx`` patterns match are used, each with
+      ``verify`` (the system's CAs plus ``HATO_MX_TLS_CA_FILE``, the MX name); a host
+      that does not match or fails is skipped, and with none left the mail is deferred
+      (4.7.5, saying why).
+  ``mta-sts-testing``
+      mode ``testing``: ``verify`` is tried, and a failure is reported, then the mail
+      goes as under ``may``.
+  ``opportunistic`` / ``none``
+      the default ``HATO_MX_TLS``: ``may`` or (per domain) ``none``.
+
+  Under ``operator`` (above ``may``), ``dane`` and ``mta-sts-enforce`` a failed
+  handshake is never followed by plaintext. Every attempt at an MX host is also given,
+  as a :class:`~hato.tlsrpt_types.TLSResult`, to the ``tls_reporter`` (TLS-RPT).
 * AUTH is never sent to an MX host. How sessions are opened, checked and pooled is
   :mod:`hato.delivery.session`'s; this module chooses the plan for each address.
 * At most ``concurrency`` deliveries run at once per destination domain; sessions are
@@ -43,14 +69,20 @@ One message may name recipients in several domains; each domain is delivered on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import ipaddress
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from hato import tlsrpt_types as rpt
 from hato.delivery.base import DeliveryResult, Result
+from hato.delivery.dane import DANEResolver, TLSALookup, check_chain, peer_chain
+from hato.delivery.mta_sts import MTASTS, STSLookup
 from hato.delivery.session import (
     FailureKind,
     Plan,
@@ -63,9 +95,11 @@ from hato.delivery.session import (
     shut_down,
 )
 from hato.dns import NO_RELAY, MXHost, NullMX, Resolver, is_private
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError, DeliveryError
 from hato.message import domain_of
 from hato.reply import Reply
+from hato.tlsrpt_types import NullTLSReporter, TLSReporter, TLSResult
 
 MXTLSLevel = Literal["none", "may", "encrypt", "verify"]
 MX_TLS_LEVELS: tuple[MXTLSLevel, ...] = ("none", "may", "encrypt", "verify")
@@ -109,6 +143,11 @@ class MXTLSPolicy:
         return cls(default, domains)
 
     def level_for(self, domain: str) -> MXTLSLevel:
+        explicit = self.explicit(domain)
+        return self.default if explicit is None else explicit
+
+    def explicit(self, domain: str) -> MXTLSLevel | None:
+        """The level of the domain's own entry (exact or a parent's ``.domain``), else None."""
         domain = domain.lower().rstrip(".")
         if domain in self.domains:
             return self.domains[domain]
@@ -117,7 +156,7 @@ class MXTLSPolicy:
             level = self.domains.get("." + ".".join(labels[i:]))
             if level is not None:
                 return level
-        return self.default
+        return None
 
 
 @dataclass(slots=True)
@@ -143,6 +182,7 @@ class _Tried:
     failure: _Next | None = None
     refused: list[str] = field(default_factory=list)  # ``host[ip]`` in private space
     without_address: list[str] = field(default_factory=list)
+    tls_policy: str = ""  # the rule of the last host tried
 
     def note(self, outcome: _Next) -> None:
         if outcome.worth_reporting_over(self.failure):
@@ -186,9 +226,43 @@ def _domain_literal(domain: str) -> str | None:
 
 
 def _every(
-    items: list[tuple[int, str]], result: Result, reply: Reply, relay: str
+    items: list[tuple[int, str]], result: Result, reply: Reply, relay: str, tls_policy: str = ""
 ) -> dict[int, DeliveryResult]:
-    return {i: DeliveryResult(rcpt, result, reply, relay) for i, rcpt in items}
+    return {
+        i: DeliveryResult(rcpt, result, reply, relay, tls_policy=tls_policy) for i, rcpt in items
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """How to treat one MX host of one destination domain (see the module docstring)."""
+
+    name: str  # the tls_policy
+    level: MXTLSLevel
+    policy_type: rpt.PolicyType = "no-policy-found"
+    policy_strings: tuple[str, ...] = ()
+    mx_patterns: tuple[str, ...] = ()
+    refuse: Reply | None = None  # do not connect at all
+    refuse_type: str = ""  # its TLS-RPT result type
+    tlsa: TLSALookup | None = None
+    testing: bool = False  # MTA-STS testing: try verify, report, then go on as may
+    why: str = ""  # what demands TLS, for the reply of a failure (testing: the MX mismatch)
+
+
+def _result_type(failure: SessionFailure) -> str | None:
+    """The TLS-RPT result type of a session failure; None when it was not about TLS."""
+    error = failure.tls_error.lower()
+    if failure.reply.enhanced == "4.7.4":
+        return rpt.STARTTLS_NOT_SUPPORTED
+    if "hostname mismatch" in error or "does not name" in error:
+        return rpt.CERTIFICATE_HOST_MISMATCH
+    if "expired" in error or "not valid now" in error:
+        return rpt.CERTIFICATE_EXPIRED
+    if "self-signed" in error or "self signed" in error or "issuer" in error:
+        return rpt.CERTIFICATE_NOT_TRUSTED
+    if error or failure.kind is FailureKind.HANDSHAKE or failure.reply.enhanced == "4.7.5":
+        return rpt.VALIDATION_FAILURE
+    return None
 
 
 class MXCourier:
@@ -205,12 +279,16 @@ class MXCourier:
         allow_private: bool = False,
         tls_policy: MXTLSPolicy | None = None,
         ca_file: str | None = None,
+        mta_sts: MTASTS | None = None,
+        dane: DANEResolver | None = None,
+        tls_reporter: TLSReporter | None = None,
         concurrency: int = 10,
         timeout: float = 300.0,
         connect_timeout: float = 30.0,
         idle_seconds: float = 30.0,
         max_age_seconds: float = 300.0,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 < port < 65536:
             raise ConfigError(f"outbound port {port} out of range")
@@ -230,6 +308,10 @@ class MXCourier:
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self.max_age_seconds = max_age_seconds
+        self.mta_sts = mta_sts
+        self.dane = dane
+        self.tls_reporter: TLSReporter = tls_reporter or NullTLSReporter()
+        self._clock = clock
         what = "MX TLS CA file"
         self._opportunistic = client_context(verify=False, ca_file=None, what=what)
         self._verifying = client_context(verify=True, ca_file=ca_file, what=what)
@@ -244,7 +326,13 @@ class MXCourier:
     # The Courier protocol.
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
             return shut_down("MX", recipients, NO_RELAY)
@@ -253,7 +341,10 @@ class MXCourier:
         for i, rcpt in enumerate(recipients):
             by_domain.setdefault(domain_of(rcpt), []).append((i, rcpt))
         outcomes = await asyncio.gather(
-            *(self._guarded(domain, sender, items, data) for domain, items in by_domain.items())
+            *(
+                self._guarded(domain, sender, items, data, dsn)
+                for domain, items in by_domain.items()
+            )
         )
         results: dict[int, DeliveryResult] = {}
         for outcome in outcomes:
@@ -261,15 +352,22 @@ class MXCourier:
         return [results[i] for i in range(len(recipients))]
 
     async def close(self) -> None:
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
         await self._pool.close(min(self.timeout, 5.0))
 
     # One destination domain.
 
     async def _guarded(
-        self, domain: str, sender: str, items: list[tuple[int, str]], data: bytes
+        self,
+        domain: str,
+        sender: str,
+        items: list[tuple[int, str]],
+        data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult]:
         try:
-            return await self._deliver_domain(domain, sender, items, data)
+            return await self._deliver_domain(domain, sender, items, data, dsn)
         except Exception as exc:  # a bug must defer the mail, never lose it
             reply = Reply(
                 451, "4.3.0", f"internal error delivering to {domain}: {type(exc).__name__}: {exc}"
@@ -277,20 +375,27 @@ class MXCourier:
             return _every(items, Result.TEMPORARY, reply, NO_RELAY)
 
     async def _deliver_domain(
-        self, domain: str, sender: str, items: list[tuple[int, str]], data: bytes
+        self,
+        domain: str,
+        sender: str,
+        items: list[tuple[int, str]],
+        data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult]:
         hosts = await self._mx_hosts(domain)
         if isinstance(hosts, tuple):
             return _every(items, *hosts)
-        level = self.tls_policy.level_for(domain)
+        rules = _Rules(self, domain)
         tried = _Tried(domain)
         async with self._limit(domain), aclosing(self._addresses(domain, hosts, tried)) as each:
             async for host, ip in each:
-                outcome = await self._attempt(host, ip, level, sender, items, data)
+                rule = await rules.for_host(host)
+                tried.tls_policy = rule.name
+                outcome = await self._attempt(domain, rule, host, ip, sender, items, data, dsn)
                 if not isinstance(outcome, _Next):
                     return outcome
                 tried.note(outcome)
-        return _every(items, *tried.verdict())
+        return _every(items, *tried.verdict(), tls_policy=tried.tls_policy)
 
     async def _mx_hosts(self, domain: str) -> list[MXHost] | tuple[Result, Reply, str]:
         """Where mail for ``domain`` goes, or the verdict when it goes nowhere."""
@@ -345,26 +450,93 @@ class MXCourier:
 
     async def _attempt(
         self,
+        domain: str,
+        rule: _Rule,
         host: str,
         ip: str,
-        level: MXTLSLevel,
         sender: str,
         items: list[tuple[int, str]],
         data: bytes,
+        dsn: DsnRequest | None = None,
     ) -> dict[int, DeliveryResult] | _Next:
-        key = (host, ip)
+        relay = f"{host}[{ip}]:{self.port}"
+        if rule.refuse is not None:
+            self._report(domain, rule, host, ip, rule.refuse_type, rule.refuse.text)
+            return _Next(rule.refuse, relay)
+        key: tuple[str, ...] = (host, ip, "dane") if rule.tlsa is not None else (host, ip)
         try:
-            session = await self._session(key, self._plan(host, ip, level))
+            session = await self._open_for(domain, rule, key, host, ip)
         except SessionFailure as failure:
+            reply = failure.reply
+            result_type = _result_type(failure)
+            if result_type is not None:
+                self._report(domain, rule, host, ip, result_type, reply.text)
+                if rule.why:
+                    reply = Reply(reply.code, reply.enhanced, f"{reply.text}; {rule.why}")
             answered = failure.kind is not FailureKind.UNREACHABLE
-            return _Next(failure.reply, failure.relay, answered=answered)
-        transaction = await send(session, sender, [rcpt for _, rcpt in items], data)
+            return _Next(reply, failure.relay, answered=answered)
+        transaction = await send(session, sender, [rcpt for _, rcpt in items], data, dsn=dsn)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
             return _Next(transaction.deferred_at_mail, session.relay)
-        return {i: result for (i, _), result in zip(items, transaction.results, strict=True)}
+        return {
+            i: replace(result, tls_policy=rule.name)
+            for (i, _), result in zip(items, transaction.results, strict=True)
+        }
 
-    async def _session(self, key: tuple[str, str], plan: Plan) -> Session:
+    async def _open_for(
+        self, domain: str, rule: _Rule, key: tuple[str, ...], host: str, ip: str
+    ) -> Session:
+        """A session as ``rule`` says, reported to TLS-RPT when it is set up."""
+        if rule.testing and rule.why:  # an MX the policy does not list: report, deliver
+            self._report(domain, rule, host, ip, rpt.VALIDATION_FAILURE, rule.why)
+            return await self._session(key, self._plan(host, ip, "may"))
+        if rule.testing:
+            try:
+                session = await self._pool.session(key, self._plan(host, ip, "verify"))
+            except SessionFailure as failure:
+                result_type = _result_type(failure)
+                if result_type is None:
+                    raise
+                self._report(domain, rule, host, ip, result_type, failure.reply.text)
+                session = await self._session(key, self._plan(host, ip, "may"))
+                return session  # delivered regardless, as testing mode asks
+        else:
+            session = await self._session(key, self._plan(host, ip, rule.level, rule, host))
+        sockname = session.smtp.get_transport_info("sockname")
+        sending_ip = str(sockname[0]) if isinstance(sockname, tuple) and sockname else ""
+        self._report(domain, rule, host, ip, rpt.SUCCESS, "", sending_ip=sending_ip)
+        return session
+
+    def _report(
+        self,
+        domain: str,
+        rule: _Rule,
+        host: str,
+        ip: str,
+        result_type: str,
+        reason: str,
+        *,
+        sending_ip: str = "",
+    ) -> None:
+        with contextlib.suppress(Exception):  # reporting must never cost a delivery
+            self.tls_reporter.record(
+                TLSResult(
+                    policy_domain=domain,
+                    policy_type=rule.policy_type,
+                    mx_host=host,
+                    result_type=result_type,
+                    time=self._clock(),
+                    policy_strings=rule.policy_strings,
+                    mx_host_patterns=rule.mx_patterns,
+                    sending_ip=sending_ip,
+                    receiving_ip=ip,
+                    failure_reason=reason,
+                    tls_policy=rule.name,
+                )
+            )
+
+    async def _session(self, key: tuple[str, ...], plan: Plan) -> Session:
         """A session as ``plan`` says; under ``may``, a failed TLS handshake is followed
         by one plaintext connection to the same address."""
         try:
@@ -374,7 +546,19 @@ class MXCourier:
                 raise
         return await self._pool.open(plan.in_plaintext())
 
-    def _plan(self, host: str, ip: str, level: MXTLSLevel) -> Plan:
+    def _plan(
+        self, host: str, ip: str, level: MXTLSLevel, rule: _Rule | None = None, name: str = ""
+    ) -> Plan:
+        tlsa = rule.tlsa if rule is not None else None
+        check: Callable[[ssl.SSLObject], str | None] | None = None
+        if tlsa is not None and any(r.usable for r in tlsa.records):
+            records = tlsa.records
+
+            def check(ssl_object: ssl.SSLObject) -> str | None:
+                now = datetime.datetime.now(datetime.UTC)
+                why = check_chain(records, peer_chain(ssl_object), name, now)
+                return None if why is None else f"DANE: {why}"
+
         return Plan(
             host=host,
             address=ip,
@@ -384,11 +568,121 @@ class MXCourier:
             context=self._verifying if level == "verify" else self._opportunistic,
             timeout=self.timeout,
             connect_timeout=self.connect_timeout,
+            peer_check=check,
         )
 
     @property
     def connections_opened(self) -> int:
         return self._pool.opened
+
+
+class _Rules:
+    """The TLS rule of each MX host of one destination domain, for one delivery: the
+    domain's MTA-STS policy is looked up once, the TLSA records once per host."""
+
+    def __init__(self, courier: MXCourier, domain: str) -> None:
+        self._courier = courier
+        self._domain = domain
+        self._sts: STSLookup | None = None
+        self._hosts: dict[str, _Rule] = {}
+
+    async def for_host(self, host: str) -> _Rule:
+        rule = self._hosts.get(host)
+        if rule is None:
+            rule = self._hosts[host] = await self._decide(host)
+        return rule
+
+    async def _decide(self, host: str) -> _Rule:
+        courier, domain = self._courier, self._domain
+        explicit = courier.tls_policy.explicit(domain)
+        if explicit is not None:
+            return _Rule("operator", explicit)
+        if courier.dane is not None and not _domain_literal(domain):
+            try:
+                tlsa = await courier.dane.tlsa(host)
+            except DeliveryError as exc:
+                return _Rule(
+                    "dane",
+                    "encrypt",
+                    "tlsa",
+                    refuse=Reply(451, "4.7.5", f"{exc.reply.text}; not delivering to {host}"),
+                    refuse_type=rpt.DNSSEC_INVALID,
+                )
+            if tlsa.applies:
+                return _Rule(
+                    "dane",
+                    "encrypt",
+                    "tlsa",
+                    tuple(str(r) for r in tlsa.records),
+                    tlsa=tlsa,
+                    why=f"TLS required by the DNSSEC-signed TLSA records of {host} (DANE)",
+                )
+        sts = await self._sts_lookup()
+        policy = sts.policy
+        if policy is not None and policy.mode != "none":
+            strings, patterns = policy.lines, policy.mx
+            if policy.mode == "testing":
+                mismatch = (
+                    ""
+                    if policy.matches(host)
+                    else (
+                        f"MX host {host} does not match the MTA-STS policy of {domain} "
+                        f"(mode testing; mx: {', '.join(policy.mx)})"
+                    )
+                )
+                return _Rule(
+                    "mta-sts-testing", "may", "sts", strings, patterns, testing=True, why=mismatch
+                )
+            if not policy.matches(host):
+                why = (
+                    f"MX host {host} does not match the MTA-STS policy of {domain} "
+                    f"(mode enforce; mx: {', '.join(policy.mx)}); not delivering there"
+                )
+                return _Rule(
+                    "mta-sts-enforce",
+                    "verify",
+                    "sts",
+                    strings,
+                    patterns,
+                    refuse=Reply(451, "4.7.5", why),
+                    refuse_type=rpt.VALIDATION_FAILURE,
+                )
+            return _Rule(
+                "mta-sts-enforce",
+                "verify",
+                "sts",
+                strings,
+                patterns,
+                why=f"verified TLS required by the MTA-STS policy of {domain} (mode enforce)",
+            )
+        # No policy (or one announced that could not be had: reported by _sts_lookup).
+        return self._default()
+
+    def _default(self) -> _Rule:
+        level = self._courier.tls_policy.default
+        return _Rule({"may": "opportunistic", "none": "none"}.get(level, "operator"), level)
+
+    async def _sts_lookup(self) -> STSLookup:
+        if self._sts is None:
+            mta_sts = self._courier.mta_sts
+            if mta_sts is None or _domain_literal(self._domain):
+                self._sts = STSLookup(None)
+            else:
+                try:
+                    self._sts = await mta_sts.policy_for(self._domain)
+                except Exception as exc:  # a bug in policy handling must not stop the mail
+                    why = f"MTA-STS lookup failed: {type(exc).__name__}: {exc}"
+                    self._sts = STSLookup(None, rpt.STS_POLICY_FETCH_ERROR, why)
+                if self._sts.error:
+                    self._courier._report(
+                        self._domain,
+                        replace(self._default(), policy_type="sts"),
+                        "",
+                        "",
+                        self._sts.error,
+                        self._sts.reason,
+                    )
+        return self._sts
 
 
 class _DomainSlot:

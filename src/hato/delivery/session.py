@@ -52,6 +52,7 @@ from enum import StrEnum
 import aiosmtplib
 
 from hato.delivery.base import DeliveryResult, Result, all_results
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
 from hato.mime7bit import NotConvertible, to_7bit
 from hato.reply import Reply
@@ -163,7 +164,10 @@ class Plan:
     the connection goes to ``address`` when given (an MX host's IP), else to ``host``.
     ``verify`` needs a context that checks the certificate and its name.
     ``connect_timeout`` bounds the TCP connect and greeting (default ``timeout``, which
-    bounds every later reply).
+    bounds every later reply). ``peer_check``, when given, authenticates the server
+    after the TLS handshake in a way the context does not (DANE's TLSA match): it gets
+    the TLS object and returns None (the session then counts as verified) or why the
+    server is refused (454 4.7.5, no plaintext retry).
     """
 
     host: str
@@ -175,6 +179,7 @@ class Plan:
     auth: Credentials | None = None
     timeout: float = 60.0
     connect_timeout: float | None = None
+    peer_check: Callable[[ssl.SSLObject], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.tls is Tls.IMPLICIT and self.address is not None:
@@ -205,13 +210,26 @@ class FailureKind(StrEnum):
 
 
 class SessionFailure(Exception):
-    """A session could not be set up; ``reply`` says why (always temporary)."""
+    """A session could not be set up; ``reply`` says why (always temporary).
 
-    def __init__(self, reply: Reply, relay: str, kind: FailureKind = FailureKind.ANSWERED) -> None:
+    ``tls_error`` is the certificate problem when the TLS handshake or the peer check
+    refused the server (OpenSSL's verify message, or ``peer_check``'s reason), for
+    TLS reporting; empty otherwise.
+    """
+
+    def __init__(
+        self,
+        reply: Reply,
+        relay: str,
+        kind: FailureKind = FailureKind.ANSWERED,
+        *,
+        tls_error: str = "",
+    ) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.relay = relay
         self.kind = kind
+        self.tls_error = tls_error
 
 
 class Session:
@@ -332,7 +350,7 @@ async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.mono
     except BaseException:
         smtp.close()
         raise
-    verified = encrypted and _checks_name(plan.context)
+    verified = encrypted and (_checks_name(plan.context) or plan.peer_check is not None)
     return Session(smtp, relay, encrypted, monotonic(), verified=verified, host=plan.host, ip=ip)
 
 
@@ -349,6 +367,8 @@ async def _handshake(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
         if plan.tls in _STARTTLS and smtp.supports_extension("starttls"):
             stage = "sending STARTTLS"
             encrypted = await _starttls(smtp, plan, relay)
+            if encrypted and plan.peer_check is not None:
+                _check_peer(smtp, plan.peer_check, relay)
             if encrypted:
                 stage = "sending EHLO after STARTTLS"
                 await ehlo(smtp)
@@ -376,6 +396,16 @@ async def _handshake(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
     return encrypted
 
 
+def _check_peer(
+    smtp: aiosmtplib.SMTP, check: Callable[[ssl.SSLObject], str | None], relay: str
+) -> None:
+    ssl_object = smtp.get_transport_info("ssl_object")
+    why = check(ssl_object) if isinstance(ssl_object, ssl.SSLObject) else "no TLS session"
+    if why is not None:
+        reply = Reply(454, "4.7.5", f"TLS with {relay} refused: {why}")
+        raise SessionFailure(reply, relay, tls_error=why)
+
+
 async def ehlo(smtp: aiosmtplib.SMTP) -> None:
     """EHLO, or HELO when the server refuses EHLO (but not when it is closing)."""
     try:
@@ -401,8 +431,11 @@ async def _starttls(smtp: aiosmtplib.SMTP, plan: Plan, relay: str) -> bool:
         reply = Reply(454, "4.7.5", f"TLS is required, but host {relay} said: {remote}")
         raise SessionFailure(reply, relay) from exc
     except Exception as exc:
-        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {_tls_reason(exc)}")
-        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE) from exc
+        reason, detail = _tls_reason(exc), _verify_message(exc)
+        if detail and detail not in reason:
+            reason = f"{reason} ({detail})"
+        reply = Reply(454, "4.7.5", f"TLS with {relay} failed: {reason}")
+        raise SessionFailure(reply, relay, FailureKind.HANDSHAKE, tls_error=detail) from exc
     return True
 
 
@@ -443,6 +476,14 @@ def _tls_reason(exc: BaseException) -> str:
         if isinstance(candidate, ssl.SSLError):
             return str(candidate.reason or candidate)
     return str(exc) or type(exc).__name__
+
+
+def _verify_message(exc: BaseException) -> str:
+    """OpenSSL's words for a refused certificate (``Hostname mismatch, ...``), else ``""``."""
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, ssl.SSLCertVerificationError):
+            return str(candidate.verify_message or candidate.reason or "certificate verify failed")
+    return ""
 
 
 def _connect_failure(exc: BaseException, relay: str) -> SessionFailure:
@@ -577,15 +618,26 @@ class Transaction:
 
 
 async def send(
-    session: Session, sender: str, recipients: Sequence[str], data: bytes
+    session: Session,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    dsn: DsnRequest | None = None,
 ) -> Transaction:
     """Deliver to ``recipients`` on ``session`` (see :func:`_transact`); a session that
-    broke, or was cancelled half-way, is closed."""
+    broke, or was cancelled half-way, is closed.
+
+    ``dsn`` goes on as MAIL and RCPT parameters when the server offers DSN (RFC 3461
+    5.2); every result then says ``next_hop_dsn``."""
     results: dict[int, DeliveryResult] = {}
     deferred_at_mail: Reply | None = None
     relay = session.relay
+    offers_dsn = session.smtp.supports_extension("dsn")
     try:
-        mail_reply = await _transact(session, sender, recipients, data, results)
+        mail_reply = await _transact(
+            session, sender, recipients, data, results, dsn if offers_dsn else None
+        )
         if mail_reply is not None and mail_reply.is_temporary:
             deferred_at_mail = mail_reply
     except asyncio.CancelledError:
@@ -601,8 +653,11 @@ async def send(
     undecided = Reply(451, "4.3.0", f"no reply from {relay} for this recipient")
     return Transaction(
         [
-            session.stamp(
-                results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+            replace(
+                session.stamp(
+                    results.get(i) or DeliveryResult(rcpt, Result.TEMPORARY, undecided, relay)
+                ),
+                next_hop_dsn=offers_dsn,
             )
             for i, rcpt in enumerate(recipients)
         ],
@@ -616,6 +671,7 @@ async def _transact(
     recipients: Sequence[str],
     data: bytes,
     results: dict[int, DeliveryResult],
+    dsn: DsnRequest | None = None,
 ) -> Reply | None:
     """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
     the same connection, for the recipients a server's recipient limit left over.
@@ -656,6 +712,8 @@ async def _transact(
         decide(everyone, Result.PERMANENT, refusal)
         return None
     options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
+    if dsn is not None:
+        options += dsn.mail_options()
 
     pending = list(everyone)
     while pending:
@@ -668,7 +726,7 @@ async def _transact(
             reply = reply_from_response(response.code, response.message)
             decide(pending, classify(reply), reply)
             return reply if first else None
-        accepted, pending = await _recipients(session, recipients, pending, decide)
+        accepted, pending = await _recipients(session, recipients, pending, decide, dsn)
         if not accepted or not smtp.is_connected:
             return None
         session.stage = "sending message body"
@@ -706,6 +764,7 @@ async def _recipients(
     recipients: Sequence[str],
     pending: list[int],
     decide: Callable[[Iterable[int], Result, Reply], None],
+    dsn: DsnRequest | None = None,
 ) -> tuple[list[int], list[int]]:
     """RCPT for each pending recipient: (accepted, left over for another transaction)."""
     smtp = session.smtp
@@ -716,7 +775,11 @@ async def _recipients(
         if bad_path(rcpt):
             decide([i], Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
             continue
-        response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">")
+        response = await smtp.execute_command(
+            b"RCPT",
+            b"TO:<" + rcpt.encode("utf-8") + b">",
+            *(dsn.rcpt_options(rcpt) if dsn is not None else ()),
+        )
         if response.code in (250, 251):
             accepted.append(i)
             continue

@@ -37,6 +37,7 @@ from hato.delivery.session import (
     send,
     shut_down,
 )
+from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
 
 __all__ = [
@@ -138,7 +139,13 @@ class SmarthostCourier:
         return self._pool.opened
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
             return shut_down("smarthost", recipients, self._plan.relay)
@@ -147,7 +154,7 @@ class SmarthostCourier:
                 session = await self._pool.session((), self._plan)
             except SessionFailure as failure:
                 return all_results(recipients, Result.TEMPORARY, failure.reply, failure.relay)
-            transaction = await send(session, sender, recipients, data)
+            transaction = await send(session, sender, recipients, data, dsn=dsn)
             self._pool.release((), session)
             return transaction.results
 

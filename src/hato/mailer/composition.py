@@ -14,6 +14,10 @@
 * ``send_at`` more than a year (366 days) ahead of the clock is refused with
   :class:`ValueError`: it is a mistake (milliseconds for seconds, a wrong year), and a
   message held that long would outlive any retry or lease setting.
+* ``notify`` (RFC 3461 NOTIFY for every recipient, default ``("failure", "delay")``) is
+  ``"never"`` alone or any of ``"success"``, ``"failure"``, ``"delay"``; anything else
+  raises :class:`~hato.dsn_params.DsnError` (a ``ValueError``). It is kept in the
+  message's meta; ``hato worker`` sends it on with ``ENVID=<the outbox id>``.
 
 The message is written with the email package's encoders (:mod:`email.header`,
 :mod:`email.quoprimime`, :mod:`email.utils`) rather than ``EmailMessage`` with
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict
 
 from hato.clock import Clock
+from hato.dsn_params import META_NOTIFY, notify_option, notify_text
 from hato.errors import AddressError, ConfigError, HatoError
 from hato.mailer.addresses import AddressLike, Mailbox, mailbox, mailboxes
 from hato.message import Envelope, check_header_value
@@ -115,6 +120,9 @@ class Email:
     attachments: Iterable[Attachment] = ()
     send_at: datetime | float | None = None
     idempotency_key: str | None = None
+    # RFC 3461 NOTIFY for every recipient: "never", or any of "success", "failure",
+    # "delay"; sent on with ENVID=<the outbox id> (see docs/dsn.md).
+    notify: str | Iterable[str] = ("failure", "delay")
 
 
 class EmailOptions(TypedDict, total=False):
@@ -130,6 +138,7 @@ class EmailOptions(TypedDict, total=False):
     attachments: Iterable[Attachment]
     send_at: datetime | float | None
     idempotency_key: str | None
+    notify: str | Iterable[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +250,7 @@ def compose_email(
         if name.lower() in _RESERVED_HEADERS:
             raise AddressError(f"header {name!r} is set by send()'s own parameters")
         extra[name.lower()] = (name, check_header_value(str(value), f"header {name}"))
+    notify = notify_option(message.notify)
     files = [_attachment(item) for item in message.attachments]
     now = clock()
     not_before = _not_before(message.send_at, now)
@@ -272,6 +282,7 @@ def compose_email(
             seen.add(box.addr_spec.lower())
             recipients.append(box.addr_spec)
     envelope = Envelope(sender=sender.addr_spec, recipients=recipients)
+    envelope.meta[META_NOTIFY] = notify_text(notify)
     return Composed(envelope, data, message_id, idempotency_key, not_before)
 
 

@@ -206,6 +206,35 @@ def settle_attempt(
     return updated, last_reply, state
 
 
+def apply_bounce(
+    recipients: Sequence[RecipientStatus], outcomes: Sequence[Outcome]
+) -> tuple[list[RecipientStatus], bool]:
+    """The recipients after a bounce that came once the message was delivered, and
+    whether any changed: each ``sent`` recipient named by a ``failed`` outcome becomes
+    ``failed`` with its reply and relay (attempts unchanged); anything else, an address
+    the message does not have included, changes nothing."""
+    failed = {o.address: o for o in outcomes if o.state is RecipientState.FAILED}
+    updated, changed = [], False
+    for r in recipients:
+        o = failed.get(r.address)
+        if o is not None and r.state is RecipientState.SENT:
+            updated.append(
+                RecipientStatus(r.address, RecipientState.FAILED, o.reply, o.relay, r.attempts)
+            )
+            changed = True
+        else:
+            updated.append(RecipientStatus(r.address, r.state, r.reply, r.relay, r.attempts))
+    return updated, changed
+
+
+def state_after_bounce(state: MessageState, recipients: Sequence[RecipientStatus]) -> MessageState:
+    """A ``sent`` message with a recipient failed by a bounce is ``failed``; any other
+    state stands (pending recipients, a lease or a quarantine decide it)."""
+    if state is MessageState.SENT and any(r.state is RecipientState.FAILED for r in recipients):
+        return MessageState.FAILED
+    return state
+
+
 def new_message_id(clock: Clock = time.time) -> str:
     """A queue id: 11 upper-case hex digits of microseconds, then 8 random ones.
 
@@ -270,6 +299,20 @@ class Queue(Protocol):
         ``events`` (what the attempt did) are stored in the same commit.
         Returns ``None`` (and changes nothing) when ``owner`` no longer holds the lease.
         """
+        ...
+
+    async def record_bounce(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        events: Sequence[DeliveryEvent] = (),
+    ) -> MessageState | None:
+        """Store what a bounce that came after delivery says (:func:`apply_bounce`): no
+        lease needed, attempts, lease and schedule untouched; a ``sent`` message becomes
+        ``failed`` (:func:`state_after_bounce`). ``events`` are stored in the same
+        commit. Returns the state after; ``None`` (storing nothing) when the message is
+        not in the queue."""
         ...
 
     async def release(self, message_id: str, *, owner: str) -> None:

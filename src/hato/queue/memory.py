@@ -30,9 +30,11 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    apply_bounce,
     derive_state,
     new_message_id,
     settle_attempt,
+    state_after_bounce,
 )
 
 _CLAIMABLE = frozenset({MessageState.QUEUED, MessageState.DEFERRED, MessageState.SENDING})
@@ -197,6 +199,23 @@ class MemoryQueue:
         self._schedule(msg)
         self._store_events(events)
         return state
+
+    async def record_bounce(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        events: Sequence[DeliveryEvent] = (),
+    ) -> MessageState | None:
+        self._check_open()
+        msg = self._messages.get(message_id)
+        if msg is None:
+            return None
+        if msg.state is not MessageState.QUARANTINED:
+            msg.recipients, _ = apply_bounce(msg.recipients, outcomes)
+            msg.state = state_after_bounce(msg.state, msg.recipients)
+        self._store_events(events)
+        return msg.state
 
     async def release(self, message_id: str, *, owner: str) -> None:
         self._check_open()

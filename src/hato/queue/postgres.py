@@ -82,8 +82,10 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    apply_bounce,
     new_message_id,
     settle_attempt,
+    state_after_bounce,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgresQueue", "enqueue_sync"]
@@ -1099,6 +1101,43 @@ class PostgresQueue:
             return state if await cur.fetchone() is not None else None
 
         return await self._run("record", run)
+
+    async def record_bounce(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        events: Sequence[DeliveryEvent] = (),
+    ) -> MessageState | None:
+        names = self._names
+        read = f"SELECT recipients, state FROM {names.messages} WHERE id = %s FOR UPDATE"
+        update = f"UPDATE {names.messages} SET recipients = %s, state = %s WHERE id = %s"
+
+        async def run(conn: AsyncConn) -> MessageState | None:
+            async with conn.transaction():
+                cur = await conn.execute(read, (message_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                try:
+                    state = MessageState(row[1])
+                    recipients = (
+                        _parse_recipients(row[0]) if state is not MessageState.QUARANTINED else []
+                    )
+                except ValueError:  # unreadable: left for claim/get to quarantine
+                    state, recipients = MessageState.QUARANTINED, []
+                if state is not MessageState.QUARANTINED:
+                    updated, changed = apply_bounce(recipients, outcomes)
+                    if changed:
+                        state = state_after_bounce(state, updated)
+                        await conn.execute(
+                            update, (_recipients_json(updated), state.value, message_id)
+                        )
+                if events:
+                    await conn.execute(names.insert_events, _event_params(events))
+                return state
+
+        return await self._run("record bounce", run)
 
     def _remember_lease(self, message: StoredMessage) -> None:
         self._leases[message.id] = _Lease(

@@ -287,6 +287,40 @@ addevents(9)
 return new
 """
 
+# ARGV: P, id, outcomes JSON ({a, r, l} of the failed recipients), then events (see
+# addevents). Returns the state after; nil when the message is absent (nothing stored).
+_RECORD_BOUNCE = """
+local id = ARGV[2]
+local h = mkey(id)
+if redis.call('EXISTS', h) == 0 then return false end
+local state = 'quarantined'
+if ishash(h) then
+  local cur = redis.call('HMGET', h, 'state', 'rcpts', 'created')
+  if not cur[1] then return false end
+  state = cur[1]
+  local ok, rcpts = pcall(cjson.decode, cur[2] or '')
+  if state ~= 'quarantined' and ok and type(rcpts) == 'table' and #rcpts > 0 then
+    local changed = false
+    for _, o in ipairs(cjson.decode(ARGV[3])) do
+      for _, r in ipairs(rcpts) do
+        if r.a == o.a and r.s == 'sent' then
+          r.s = 'failed'; r.r = o.r; r.l = o.l; changed = true
+        end
+      end
+    end
+    if changed then
+      redis.call('HSET', h, 'rcpts', cjson.encode(rcpts))
+      if state == 'sent' then
+        setstate(id, state, 'failed', cur[3])
+        state = 'failed'
+      end
+    end
+  end
+end
+addevents(4)
+return state
+"""
+
 # ARGV: P, id, owner, now. Returns 1 when released.
 _RELEASE = """
 local id, owner, now = ARGV[2], ARGV[3], ARGV[4]
@@ -684,6 +718,7 @@ class RedisQueue:
             "enqueue": _ENQUEUE,
             "claim": _CLAIM,
             "record": _RECORD,
+            "record_bounce": _RECORD_BOUNCE,
             "release": _RELEASE,
             "requeue": _REQUEUE,
             "delete": _DELETE,
@@ -887,6 +922,24 @@ class RedisQueue:
                 raise ValueError(f"outcomes for unknown recipients of {message_id}: {unknown}")
             raise ValueError("retry_at is required while recipients stay pending")
         return MessageState(_str(new))
+
+    async def record_bounce(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        events: Sequence[DeliveryEvent] = (),
+    ) -> MessageState | None:
+        payload = json.dumps(
+            [
+                {"a": o.address, "r": o.reply, "l": o.relay}
+                for o in outcomes
+                if o.state is RecipientState.FAILED
+            ]
+        )
+        with self._errors(f"recording a bounce for {message_id}"):
+            new = await self._write("record_bounce", message_id, payload, *_event_args(events))
+        return None if new is None else MessageState(_str(new))
 
     async def release(self, message_id: str, *, owner: str) -> None:
         with self._errors(f"releasing {message_id}"):

@@ -68,8 +68,10 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    apply_bounce,
     new_message_id,
     settle_attempt,
+    state_after_bounce,
 )
 from hato.queue.sqlite_check import rebuild_damaged_indexes, startup_check
 from hato.queue.sqlite_events import delete_events_before, insert_events, select_events
@@ -811,6 +813,49 @@ class SQLiteQueue:
             return state
 
         state = await self._change(record, durable=False)
+        self._report(bad)
+        return state
+
+    async def record_bounce(
+        self,
+        message_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        events: Sequence[DeliveryEvent] = (),
+    ) -> MessageState | None:
+        bad: list[tuple[str, str]] = []
+
+        def record_bounce(conn: sqlite3.Connection) -> MessageState | None:
+            bad.clear()
+            rows = _fetch(
+                conn,
+                "SELECT seq, state, envelope, rcpt_state FROM messages WHERE id = ?",
+                (message_id,),
+            )
+            if not rows:
+                return None
+            seq, stored_state, envelope, rcpt_state = rows[0]
+            try:
+                state = MessageState(stored_state)
+                if state is not MessageState.QUARANTINED:
+                    _, addresses, _ = decode_envelope(envelope)
+                    recipients = decode_recipients(addresses, rcpt_state)
+            except (Unreadable, ValueError) as exc:
+                _quarantine(conn, seq, str(exc))
+                bad.append((message_id, str(exc)))
+                state = MessageState.QUARANTINED
+            if state is not MessageState.QUARANTINED:
+                updated, changed = apply_bounce(recipients, outcomes)
+                if changed:
+                    state = state_after_bounce(state, updated)
+                    conn.execute(
+                        "UPDATE messages SET state = ?, rcpt_state = ? WHERE seq = ?",
+                        (state.value, encode_rcpt_state(updated), seq),
+                    )
+            insert_events(conn, events)
+            return state
+
+        state = await self._change(record_bounce)
         self._report(bad)
         return state
 

@@ -39,7 +39,17 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from hato import reply
-from hato.message import Envelope
+from hato.dsn_params import (
+    META_RET,
+    DsnError,
+    RecipientDsn,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+    store_recipients,
+)
+from hato.message import META_ENVID, Envelope
 from hato.reply import Reply
 from hato.smtp.auth import (
     MECHANISMS,
@@ -170,6 +180,8 @@ _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e\x80-\U0
 _RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HELO_UNSAFE_RE = re.compile(r"[^\x21-\x27\x2a-\x7e]")
 _DATA_END = b"\r\n.\r\n"
+_DSN_MAIL_PARAMS = frozenset({"RET", "ENVID"})
+_DSN_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 _NO_SIZE_LIMIT = 1 << 62
 
 
@@ -233,6 +245,10 @@ class ServerSession:
         self.recipients: list[str] = []
         self._rcpt_set: set[str] = set()
         self._smtputf8 = False
+        # DSN (RFC 3461): RET and ENVID of MAIL, NOTIFY and ORCPT of each RCPT.
+        self._dsn_ret = ""
+        self._dsn_envid = ""
+        self._dsn_rcpt: dict[str, RecipientDsn] = {}
         # DATA scanning; see _feed_data.
         self._scan = 0
         self._checked = 0
@@ -459,6 +475,9 @@ class ServerSession:
             self.recipients = []
             self._rcpt_set = set()
         self._smtputf8 = False
+        self._dsn_ret = self._dsn_envid = ""
+        if self._dsn_rcpt:
+            self._dsn_rcpt = {}
 
     # Commands --------------------------------------------------------------------
 
@@ -467,6 +486,7 @@ class ServerSession:
             self.config.hostname,
             "PIPELINING",
             f"SIZE {self.config.max_message_size}" if self.config.max_message_size else "SIZE",
+            "DSN",
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
@@ -516,6 +536,8 @@ class ServerSession:
             return
         smtputf8 = False
         declared = 0
+        ret = envid = ""
+        seen: set[str] = set()
         rest = arg[m.end() :]
         if rest:
             if rest[0] != " ":
@@ -527,7 +549,20 @@ class ServerSession:
                     return
                 key, _, value = param.partition("=")
                 key = key.upper()
-                if key == "SIZE":
+                if key in _DSN_MAIL_PARAMS:
+                    if key in seen:
+                        self._error(reply.param_duplicate(key))
+                        return
+                    seen.add(key)
+                    try:
+                        if key == "RET":
+                            ret = parse_ret(value)
+                        else:
+                            envid = parse_envid(value)
+                    except DsnError as exc:
+                        self._error(reply.param_invalid(key, str(exc)))
+                        return
+                elif key == "SIZE":
                     if not value.isdigit() or len(value) > 20:
                         self._error(reply.MAIL_SYNTAX)
                         return
@@ -561,6 +596,7 @@ class ServerSession:
             return
         self.sender = decision
         self._smtputf8 = smtputf8
+        self._dsn_ret, self._dsn_envid = ret, envid
         self._send(reply.SENDER_OK)
 
     def _cmd_rcpt(self, arg: str) -> None:
@@ -575,12 +611,15 @@ class ServerSession:
             self._error(reply.RCPT_SYNTAX)
             return
         rest = arg[m.end() :]
+        dsn = RecipientDsn()
         if rest:
             if rest[0] != " ":
                 self._error(reply.RCPT_SYNTAX)
                 return
-            self._error(reply.PARAM_UNRECOGNIZED)
-            return
+            found = self._rcpt_params(rest)
+            if found is None:
+                return
+            dsn = found
         if len(self.recipients) >= self.config.max_recipients:
             self._reject("RCPT", reply.TOO_MANY_RECIPIENTS, recipient=m.group(1))
             return
@@ -591,7 +630,37 @@ class ServerSession:
         if decision not in self._rcpt_set:
             self._rcpt_set.add(decision)
             self.recipients.append(decision)
+            if dsn.notify or dsn.orcpt:
+                self._dsn_rcpt[decision] = dsn
         self._send(reply.RECIPIENT_OK)
+
+    def _rcpt_params(self, rest: str) -> RecipientDsn | None:
+        """The DSN parameters of a RCPT (the only ones it takes); None once refused."""
+        notify: frozenset[str] = frozenset()
+        orcpt = ""
+        seen: set[str] = set()
+        for param in rest.split():
+            if _PARAM_RE.fullmatch(param) is None:
+                self._error(reply.RCPT_SYNTAX)
+                return None
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key not in _DSN_RCPT_PARAMS:
+                self._error(reply.PARAM_UNRECOGNIZED)
+                return None
+            if key in seen:
+                self._error(reply.param_duplicate(key))
+                return None
+            seen.add(key)
+            try:
+                if key == "NOTIFY":
+                    notify = parse_notify(value)
+                else:
+                    orcpt = parse_orcpt(value)
+            except DsnError as exc:
+                self._error(reply.param_invalid(key, str(exc)))
+                return None
+        return RecipientDsn(notify, orcpt)
 
     def _cmd_data(self, arg: str) -> None:
         if arg:
@@ -837,6 +906,12 @@ class ServerSession:
             smtputf8=self._smtputf8,
             body_8bit=body_8bit,
         )
+        if self._dsn_envid:
+            envelope.meta[META_ENVID] = self._dsn_envid
+        if self._dsn_ret:
+            envelope.meta[META_RET] = self._dsn_ret
+        if self._dsn_rcpt:
+            store_recipients(envelope.meta, self._dsn_rcpt)
         self._state = _WAIT_MESSAGE
         self._out.append(MessageComplete(envelope, data))
 

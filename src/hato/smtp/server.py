@@ -584,6 +584,7 @@ class _Connection(asyncio.Protocol):
                 size=len(data),
                 nrcpt=len(envelope.recipients),
                 sasl_username=envelope.auth_user or None,
+                envid=envelope.meta.get(META_ENVID) or None,
             )
             events = session.message_accepted(queue_id)
         self._resume(_ASYNC)
