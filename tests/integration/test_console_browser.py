@@ -47,8 +47,24 @@ def page(browser: Any) -> Iterator[Any]:
         context.close()
 
 
-def console_of(serve: HatoServe) -> ConsoleServer:
-    return ConsoleServer(serve.data_dir)
+class _Own:
+    """The console of ``hato serve`` itself, on its HTTP listener."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> _Own:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def console_of(serve: HatoServe) -> _Own | ConsoleServer:
+    """``hato serve``'s own console (``HatoServe.http_url``, its HTTP listener on a free
+    loopback port); where a ``hato serve`` has none, the same routes over its queue."""
+    url = getattr(serve, "http_url", "")
+    return _Own(url) if url else ConsoleServer(serve.data_dir)
 
 
 def hato_send(serve: HatoServe, subject: str, body: str, *headers: str) -> None:
