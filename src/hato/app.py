@@ -57,6 +57,7 @@ from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_network
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.tls import TLSContextProvider
+from hato.stages import StageTrace
 from hato.tlsrpt import (
     ReportConfig,
     SendOutcome,
@@ -250,6 +251,7 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             helo_name=hostname,
             timeout=resolved.timeout,
             pool_size=resolved.pool_size,
+            requiretls=resolved.requiretls,
         )
     )
 
@@ -348,6 +350,9 @@ def build_worker(
         delay_warning=settings.delay_warning,
         envid_from_id=envid_from_id,
         return_path=verp.return_path if verp is not None else None,
+        # Only a queue several nodes share has one (PostgresQueue.take_over_dead).
+        take_over=getattr(queue, "take_over_dead", None),
+        take_over_every=settings.node_liveness_interval,
     )
 
 
@@ -684,6 +689,11 @@ async def serve(
         maildir = build_maildir(settings, queue, recipients, users)
         couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
     worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
+    stages = StageTrace(settings.trace_stages) if settings.trace_stages is not None else None
+    worker.stages = stages
+    for courier in worker.couriers.values():
+        if isinstance(courier, SmarthostCourier):
+            courier.stages = stages
     companions = [watcher.run]
     if settings.tlsrpt_send:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
@@ -711,6 +721,7 @@ async def serve(
                     auth_throttle=throttle,
                     submitted=submitted,
                 )
+                server.stages = stages
                 servers.append(server)
                 bound.append((listener, server.port))
                 host = f"[{listener.host}]" if ":" in listener.host else listener.host
@@ -736,6 +747,8 @@ async def serve(
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
             tlsrpt.close()
+            if stages is not None:
+                stages.close()
 
 
 # --- hato worker: the application's outbox worker ------------------------------------

@@ -283,6 +283,7 @@ class Smarthost(BaseModel):
     password_file: Path | None = None
     timeout: float = 60.0
     pool_size: int = 4
+    requiretls: Literal["verify", "trusted"] = "verify"
 
     @field_validator("password")
     @classmethod
@@ -629,6 +630,22 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_LEASE_SECONDS"),
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
+    trace_stages: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TRACE_STAGES"),
+        description="Debugging latency: append one JSON line per delivered message to this"
+        " file with the time it was accepted, committed, claimed, delivered and recorded (and"
+        " a line per garbage collection over 5 ms); see docs/performance.md. Off by default.",
+    )
+    node_liveness_interval: float = Field(
+        default=2.0,
+        ge=0,
+        validation_alias=_env("HATO_NODE_LIVENESS_INTERVAL"),
+        description="On a PostgreSQL queue shared by several nodes: how often each worker"
+        " looks for nodes that died (their liveness lock is free) and puts the messages they"
+        " held back in the queue, instead of waiting for the lease to run out; 0: only at"
+        " start-up.",
+    )
 
     # --- relay server role: MX delivery, users, own domains, DKIM ----------------------
     dns_servers: CommaList = Field(
@@ -848,6 +865,15 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
         description="CA bundle for HATO_SMTP_HOST.",
     )
+    smtp_requiretls: Literal["verify", "trusted"] = Field(
+        default="verify",
+        validation_alias=_env("HATO_SMTP_REQUIRETLS"),
+        description="REQUIRETLS mail (RFC 8689, `require_tls=True`) to HATO_SMTP_HOST: "
+        "`verify` sends it only over verified TLS to a server that offers REQUIRETLS; "
+        "`trusted` (HATO_SMTP_HOST is Hato's relay server on a trusted network, e.g. in "
+        "one compose network) passes the REQUIRETLS parameter on even in plaintext, and "
+        "the relay server enforces it from there.",
+    )
     smtp_username: str | None = Field(
         default=None,
         validation_alias=_env("HATO_SMTP_USERNAME"),
@@ -921,7 +947,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
         return value.strip()
 
-    @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
+    @field_validator(
+        "relay_tls", "smtp_tls", "route", "mx_tls", "log_format", "smtp_requiretls", mode="before"
+    )
     @classmethod
     def _lower_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -1065,6 +1093,7 @@ class Settings(BaseSettings):
             password_file=self.smtp_password_file,
             timeout=self.relay_timeout,
             pool_size=max(self.relay_pool_size, self.worker_concurrency),
+            requiretls=self.smtp_requiretls,
         )
 
     @property

@@ -115,6 +115,9 @@ def check_header_value(value: str, what: str = "header value") -> str:
 # every queue backend as it is): these are its keys.
 META_ENVID = "envid"
 """The RFC 3461 envelope id (``ENVID=``) the message travels with, ``""`` for none."""
+META_REQUIRETLS = "requiretls"
+"""``"yes"`` when the message must travel only over verified TLS to next hops that offer
+REQUIRETLS (RFC 8689): ``MAIL FROM ... REQUIRETLS`` or ``Mailer.send(require_tls=True)``."""
 
 _MESSAGE_ID_RE = re.compile(rb"(?:^|\r?\n)message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 

@@ -97,6 +97,7 @@ class ScriptedCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         self.calls.append((sender, list(recipients)))
         self.messages.append(data)

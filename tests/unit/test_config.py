@@ -53,6 +53,7 @@ BOKY_AND_HATO_NAMES = [
     "HATO_SMTP_PASSWORD_FILE",
     "HATO_SMTP_TLS",
     "HATO_SMTP_TLS_CA_FILE",
+    "HATO_SMTP_REQUIRETLS",
     "HATO_RELAY_POOL_SIZE",
     "HATO_RELAY_TIMEOUT",
     "HATO_WORKER_CONCURRENCY",
@@ -357,3 +358,12 @@ def test_plaintext_auth_for_loopback_smtp_clients_only(monkeypatch: pytest.Monke
     assert not smtp.auth_permitted(smtp.facts("10.0.0.1"))  # trusted, but not loopback
     submission = build_policy(settings, ListenerRole.SUBMISSION)
     assert not submission.auth_permitted(submission.facts("127.0.0.1"))
+
+
+def test_smtp_requiretls_names_the_first_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().smtp.requiretls == "verify"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", " Trusted ")
+    assert load_settings().smtp.requiretls == "trusted"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", "always")
+    with pytest.raises(ConfigError, match="HATO_SMTP_REQUIRETLS"):
+        load_settings()

@@ -47,6 +47,7 @@ from hato.smtp.protocol import (
     StartTLS,
 )
 from hato.smtp.tls import TLSContextProvider
+from hato.stages import StageTrace
 
 _debug = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class SMTPListener:
         self._reserve_applies = listener.role is ListenerRole.SMTP
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        # HATO_TRACE_STAGES (hato.stages): set by the composition root, else None.
+        self.stages: StageTrace | None = None
 
     async def start(self) -> None:
         role = self.listener.role
@@ -558,6 +561,7 @@ class _Connection(asyncio.Protocol):
         session = self.session
         assert session is not None
         listener = self.listener
+        accepted = listener.clock() if listener.stages is not None else 0.0
         try:
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
@@ -577,6 +581,9 @@ class _Connection(asyncio.Protocol):
             _debug.exception("unexpected error while enqueueing")
             events = session.message_rejected(reply.LOCAL_ERROR)
         else:
+            if listener.stages is not None:
+                listener.stages.mark(queue_id, "accepted", accepted)
+                listener.stages.mark(queue_id, "committed")
             listener.log.received(
                 queue_id,
                 client=self.client,
