@@ -186,7 +186,7 @@ def config_check(
 
 
 # The other command groups register themselves on ``main`` when imported.
-from hato.cli import dkim, dns, queue, send, tls, user, worker  # noqa: E402, F401
+from hato.cli import dkim, dns, events, health, queue, send, tls, user, worker  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

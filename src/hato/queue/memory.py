@@ -31,6 +31,7 @@ from hato.queue.base import (
     RecoveryReport,
     StoredMessage,
     apply_bounce,
+    check_enqueue_lease,
     derive_state,
     new_message_id,
     settle_attempt,
@@ -80,6 +81,7 @@ class MemoryQueue:
         self._event_ids: set[str] = set()
         # Cursor of the first event in _events: pruning drops from the front.
         self._events_base = 0
+        self._cursors: dict[str, str] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -118,8 +120,17 @@ class MemoryQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         self._check_open()
+        check_enqueue_lease(
+            lease_owner,
+            lease_seconds,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+        )
         if idempotency_key is not None and idempotency_key in self._by_key:
             return self._by_key[idempotency_key]
         if not envelope.recipients:
@@ -139,6 +150,10 @@ class MemoryQueue:
             idempotency_key=idempotency_key,
             meta={**envelope.meta, **(meta or {})},
         )
+        if lease_owner is not None:
+            msg.state = MessageState.SENDING
+            msg.lease_owner = lease_owner
+            msg.lease_until = msg.next_attempt_at = now + lease_seconds
         self._messages[message_id] = msg
         if idempotency_key is not None:
             self._by_key[idempotency_key] = message_id
@@ -275,6 +290,17 @@ class MemoryQueue:
             self._by_key.pop(msg.idempotency_key, None)
         self._ticket.pop(message_id, None)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        self._check_open()
+        result: dict[MessageState, float] = {}
+        for msg in self._messages.values():
+            state = msg.state
+            result[state] = min(result.get(state, msg.created_at), msg.created_at)
+        return result
+
+    async def ping(self) -> None:
+        self._check_open()
+
     async def counts(self) -> dict[MessageState, int]:
         self._check_open()
         counts = dict.fromkeys(MessageState, 0)
@@ -367,3 +393,11 @@ class MemoryQueue:
             self._event_ids = {e.event_id for e in keep}
             self._events = keep
         return dropped
+
+    async def get_cursor(self, name: str) -> str:
+        self._check_open()
+        return self._cursors.get(name, "")
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        self._check_open()
+        self._cursors[name] = value

@@ -23,14 +23,15 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from hato import reply
 from hato.errors import ConfigError, HatoError, QueueError, QueueFullError
 from hato.events import ACCEPTED, DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, Envelope, message_id_of
+from hato.message import META_AUTH_USER, META_ENVID, Envelope, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import Queue
 from hato.reply import Reply
 from hato.smtp.auth import Authenticator, AuthThrottle
@@ -55,6 +56,11 @@ _debug = logging.getLogger(__name__)
 # the authenticated user ("" for a trusted network), returns the bytes to queue. Raising
 # hato.errors.HatoError refuses the message with 554 5.6.0.
 MessageTransform = Callable[[bytes, str], Awaitable[bytes]]
+
+# Enqueues an accepted message in place of ``queue.enqueue`` (``Worker.enqueue_fresh``:
+# leased to the in-process worker in the same commit): given the envelope, the bytes and
+# the ``accepted`` events, returns the queue id once the message is durable.
+Handoff = Callable[[Envelope, bytes, Sequence[DeliveryEvent]], Awaitable[str]]
 
 # Reasons for which reading is paused; reading resumes when none is left.
 _ASYNC = "async"
@@ -139,8 +145,13 @@ class SMTPListener:
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
         greet_delay: float | None = None,
+        observer: Observer = NO_OBSERVER,
+        handoff: Handoff | None = None,
     ) -> None:
         self.listener = listener
+        self.observer = observer
+        self.name = ""  # ``label`` once bound: the listener's name in metrics
+        self.handoff = handoff
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
             # the client speaks first, in TLS), not on a listener bound to loopback.
@@ -191,6 +202,7 @@ class SMTPListener:
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+        self.name = self.label
 
     @property
     def address(self) -> str:
@@ -314,11 +326,13 @@ async def start_listener(
     clock: Callable[[], float] = time.time,
     auth_throttle: AuthThrottle | None = None,
     submitted: MessageTransform | None = None,
+    observer: Observer = NO_OBSERVER,
     max_connections: int | None = None,
     max_connections_per_client: int | None = None,
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
     greet_delay: float | None = None,
+    handoff: Handoff | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -328,6 +342,8 @@ async def start_listener(
     queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
     the greeting back from untrusted clients (the pregreet test); by default
     ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    ``observer`` is told of connections, messages and AUTH failures (metrics).
+    ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -358,6 +374,8 @@ async def start_listener(
         auth_throttle=auth_throttle,
         submitted=submitted,
         greet_delay=greet_delay,
+        observer=observer,
+        handoff=handoff,
     )
     await smtp.start()
     return smtp
@@ -396,6 +414,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self.client = _client_name(self.ip)
+        listener.observer.smtp_connected(listener.name)
         throttle = listener.auth_throttle
         if throttle is not None and throttle.blocked(self.ip):
             # A password guesser: not even a greeting until its failures expire.
@@ -536,6 +555,8 @@ class _Connection(asyncio.Protocol):
             out.clear()
 
     def _log_rejected(self, event: Rejected) -> None:
+        if event.command in ("END-OF-MESSAGE", "DATA"):  # the message itself refused
+            self.listener.observer.smtp_message(self.listener.name, False)
         fields: dict[str, object] = {}
         if event.sender is not None:
             fields["from"] = event.sender
@@ -565,9 +586,14 @@ class _Connection(asyncio.Protocol):
         try:
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
-            queue_id = await listener.queue.enqueue(
-                envelope, data, held=listener.hold, events=self._accepted(envelope, data)
-            )
+            if envelope.auth_user:  # who may read this message's events (hato.web.events_api)
+                envelope.meta.setdefault(META_AUTH_USER, envelope.auth_user)
+            if listener.handoff is not None and not listener.hold:
+                queue_id = await listener.handoff(envelope, data, self._accepted(envelope, data))
+            else:
+                queue_id = await listener.queue.enqueue(
+                    envelope, data, held=listener.hold, events=self._accepted(envelope, data)
+                )
         except QueueFullError as exc:
             _debug.warning("queue full: %s", exc)
             events = session.message_rejected(reply.STORAGE_FULL)
@@ -581,6 +607,8 @@ class _Connection(asyncio.Protocol):
             _debug.exception("unexpected error while enqueueing")
             events = session.message_rejected(reply.LOCAL_ERROR)
         else:
+            listener.observer.smtp_message(listener.name, True)
+            listener.observer.event(ACCEPTED, len(envelope.recipients))
             if listener.stages is not None:
                 listener.stages.mark(queue_id, "accepted", accepted)
                 listener.stages.mark(queue_id, "committed")
@@ -658,6 +686,7 @@ class _Connection(asyncio.Protocol):
             if throttle is not None:
                 throttle.succeeded(self.ip, event.username)
         else:
+            listener.observer.smtp_auth_failed(listener.name)
             listener.log.auth_failed(self.client, event.username, event.mechanism)
             if throttle is not None:
                 locks = throttle.user_locks
