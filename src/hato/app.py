@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
-from hato.config import Listener, Settings, Smarthost
+from hato.config import Listener, Settings, Smarthost, parse_relayhost
 from hato.delivery.base import Courier
 from hato.delivery.bounce import BounceCourier
 from hato.delivery.dane import DANEResolver
@@ -259,6 +259,24 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             requiretls=resolved.requiretls,
         )
     )
+
+
+def build_release_courier(settings: Settings) -> Callable[[str | None], Courier | None]:
+    """What a console or API release of a held message sends it through: a one-off
+    smarthost at ``"host:port"`` (STARTTLS when offered, like ``RELAYHOST``'s default),
+    or, given ``None``, the configured relay (``None`` without one). Raises ConfigError
+    for a relay that does not parse."""
+
+    def courier(relay: str | None) -> Courier | None:
+        if relay is None:
+            configured = settings.relay
+            return build_smarthost(configured, settings.hostname) if configured else None
+        host, port = parse_relayhost(relay)
+        return SmarthostCourier(
+            SmarthostConfig(host=host, port=port, tls="may", helo_name=settings.hostname)
+        )
+
+    return courier
 
 
 def build_couriers(
@@ -520,6 +538,7 @@ def web_context(
         disk=queue_directory(settings),
         disk_min_free=queue_min_free(settings),
         metrics=metrics,
+        release_courier=build_release_courier(settings),
     )
 
 

@@ -4,6 +4,7 @@
 
     HatoError
     ├── ConfigError            invalid settings (the CLI prints it as one line, exit 2)
+    │   └── FilterError        (hato.queue.select) a message filter or cursor that does not parse
     ├── AddressError           an address or header value that cannot be sent (CR/LF, syntax)
     ├── TemplateError          a mail template is missing or fails to render
     ├── UserError              (hato.users) a ``hato user`` request that cannot be done

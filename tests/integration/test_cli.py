@@ -284,3 +284,67 @@ def test_send_verbose_prints_the_dialog_like_swaks(tmp_path: Path) -> None:
         server.wait(timeout=30)
         if server.stderr is not None:
             server.stderr.close()
+
+
+def test_queue_bulk_flags_share_the_api_filter(tmp_path: Path) -> None:
+    one, two = _fill(f"sqlite:///{tmp_path}/queue.db")
+    data_dir = ["--data-dir", str(tmp_path)]
+
+    dry = hato("queue", "release", "--all", "--dry-run", *data_dir)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == "would release 1 message(s)"  # only the held one
+
+    dry = hato("queue", "delete", "--domain", "example.net", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would delete 2 message(s)"
+    dry = hato("queue", "delete", "--sender", "C@example.org", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would delete 1 message(s)"
+    dry = hato("queue", "retry", "--older-than", "1h", "--dry-run", *data_dir)
+    assert dry.stdout.strip() == "would retry 0 message(s)"  # both were queued just now
+
+    done = hato("queue", "delete", "--recipient", "e@example.net", *data_dir)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "delete: 1 of 1 message(s) deleted"
+    remaining = [i["id"] for i in json.loads(hato("queue", "list", "--json", *data_dir).stdout)]
+    assert remaining == [one]
+    assert two not in remaining
+
+    assert_one_line_error(hato("queue", "retry", *data_dir), "--all or a filter")
+    assert_one_line_error(hato("queue", "retry", one, "--all", *data_dir), "not both")
+    assert_one_line_error(hato("queue", "retry", one, "--dry-run", *data_dir), "--dry-run")
+    assert_one_line_error(
+        hato("queue", "delete", "--older-than", "soon", *data_dir), "--older-than"
+    )
+
+
+def test_queue_bulk_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    _fill(f"sqlite:///{tmp_path}/queue.db")
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hato", "queue", "delete", "--all", "--data-dir", str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "100"},
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0 and proc.stdout.strip() == "delete: 2 of 2 message(s) deleted"
+    assert b"delete" in seen and b"\x1b[" in seen  # rich drew (and cleared) its bar

@@ -3,7 +3,9 @@
 Every command opens the queue of the settings (``HATO_QUEUE_URL``, default the SQLite
 file under ``HATO_DATA_DIR``), so it sees what ``hato serve`` or ``hato worker`` sees,
 also while they run. ``list`` and ``show`` print text, or JSON with ``--json``;
-``release``, ``retry`` and ``delete`` take ids and print one line per id; ``check``
+``release``, ``retry`` and ``delete`` take ids and print one line per id, or act on every
+message a filter matches (``--all``, ``--sender``, ``--recipient``, ``--domain``,
+``--older-than``; ``--dry-run`` counts them), with a progress bar on a terminal; ``check``
 proves an SQLite spool readable (``--repair`` copies what is readable to a new file);
 ``init`` creates or upgrades the schema (``hato worker``'s outbox needs it on PostgreSQL).
 """
@@ -21,11 +23,21 @@ import click
 
 from hato.app import build_queue
 from hato.cli import friendly, main, make_settings, run, settings_options
+from hato.config import parse_duration
 from hato.errors import ConfigError, QueueError
 from hato.events import DeliveryEvent
 from hato.message import META_ENVID
 from hato.queue import redact_url
 from hato.queue.base import MessageState, Queue, StoredMessage
+from hato.queue.select import (
+    Action,
+    BulkResult,
+    MessageFilter,
+    Progress,
+    act,
+    bulk,
+    summary,
+)
 
 T = TypeVar("T")
 
@@ -54,23 +66,7 @@ def _with_queue(
     return run(go())
 
 
-def _summary(msg: StoredMessage) -> dict[str, Any]:
-    return {
-        "id": msg.id,
-        "sender": msg.sender,
-        "recipients": [r.address for r in msg.recipients],
-        "state": str(msg.state),
-        # Backends may list without the bytes; then the size is unknown here.
-        "size": msg.size if msg.data else None,
-        "created_at": msg.created_at,
-        "next_attempt_at": msg.next_attempt_at,
-        "attempts": msg.attempts,
-        "last_reply": msg.last_reply,
-        "recipient_status": [
-            {"address": r.address, "state": str(r.state), "reply": r.reply, "relay": r.relay}
-            for r in msg.recipients
-        ],
-    }
+_summary = summary
 
 
 @queue.command("list")
@@ -283,40 +279,129 @@ def _show_check(report: Any) -> None:
         click.echo(f"  ... and {len(unreadable) - 20} more")
 
 
-def _simple_queue_command(
-    name: str, help_text: str, act: Callable[[Queue, str], Awaitable[None]], done: str
-) -> None:
+def _bulk_queue_command(name: Action, help_text: str, done: str) -> None:
     @queue.command(name, help=help_text)
     @settings_options
-    @click.argument("message_ids", nargs=-1, required=True)
+    @click.argument("message_ids", nargs=-1)
+    @click.option("--all", "every", is_flag=True, help="Every message the action applies to.")
+    @click.option("--sender", default="", help="Only messages from this envelope sender.")
+    @click.option("--recipient", default="", help="Only messages to this recipient.")
+    @click.option("--domain", default="", help="Only messages to a recipient at this domain.")
+    @click.option(
+        "--older-than", default=None, help="Only messages queued at least this long ago (5m, 2h)."
+    )
+    @click.option("--dry-run", is_flag=True, help="Only count the messages that would be touched.")
     @friendly
     def command(
         config_file: Path | None,
         data_dir: Path | None,
         queue_url: str | None,
         message_ids: tuple[str, ...],
+        every: bool,
+        sender: str,
+        recipient: str,
+        domain: str,
+        older_than: str | None,
+        dry_run: bool,
     ) -> None:
-        async def action(q: Queue) -> None:
-            for message_id in message_ids:
-                await act(q, message_id)
-                click.echo(f"{message_id}: {done}")
+        by_filter = every or sender or recipient or domain or older_than is not None
+        if message_ids and by_filter:
+            raise ConfigError("give message ids or a filter (--all, --sender, ...), not both")
+        if not message_ids and not by_filter:
+            raise ConfigError(f"name messages: hato queue {name} ID... or --all or a filter")
+        if message_ids:
+            if dry_run:
+                raise ConfigError("--dry-run goes with a filter (--all, --sender, ...)")
+            _act_on_ids(config_file, data_dir, queue_url, name, message_ids, done)
+            return
+        try:
+            seconds = parse_duration(older_than) if older_than is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"--older-than: {exc}") from exc
+        message_filter = MessageFilter.parse(
+            {"sender": sender, "recipient": recipient, "domain": domain, "older_than": seconds}
+        )
+        settings = make_settings(config_file, data_dir=data_dir, queue_url=queue_url)
 
-        _with_queue(config_file, data_dir, queue_url, action)
+        async def action(q: Queue) -> BulkResult:
+            with _BulkProgress(name) as progress:
+                return await bulk(
+                    q,
+                    name,
+                    message_filter,
+                    dry_run=dry_run,
+                    node=settings.hostname,
+                    progress=progress,
+                )
+
+        result = _with_queue(config_file, data_dir, queue_url, action)
+        if dry_run:
+            click.echo(f"would {name} {result.matched} message(s)")
+        else:
+            click.echo(f"{name}: {result.done} of {result.matched} message(s) {done}")
 
 
-_simple_queue_command(
+def _act_on_ids(
+    config_file: Path | None,
+    data_dir: Path | None,
+    queue_url: str | None,
+    name: Action,
+    message_ids: tuple[str, ...],
+    done: str,
+) -> None:
+    settings = make_settings(config_file, data_dir=data_dir, queue_url=queue_url)
+
+    async def action(q: Queue) -> None:
+        for message_id in message_ids:
+            message = await q.get(message_id)
+            await act(q, name, message, node=settings.hostname)
+            click.echo(f"{message_id}: {done}")
+
+    _with_queue(config_file, data_dir, queue_url, action)
+
+
+class _BulkProgress:
+    """A rich progress bar on stderr while a bulk action runs, on a terminal only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Progress | None:
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(self.name, total=None)
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+_bulk_queue_command(
     "release",
-    "Deliver held messages now (route them as the settings say).",
-    lambda q, message_id: q.requeue(message_id),
+    "Deliver held messages now (route them as the settings say): by id, or every held"
+    " message a filter matches.",
     "released",
 )
-_simple_queue_command(
-    "retry", "Retry deferred messages now.", lambda q, message_id: q.requeue(message_id), "due now"
+_bulk_queue_command(
+    "retry",
+    "Retry deferred messages now: by id, or every queued or deferred message a filter matches.",
+    "due now",
 )
-_simple_queue_command(
+_bulk_queue_command(
     "delete",
-    "Delete messages from the queue.",
-    lambda q, message_id: q.delete(message_id),
+    "Delete messages from the queue: by id, or every message a filter matches (except"
+    " those being delivered).",
     "deleted",
 )
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from hato.clock import Clock
 from hato.config import Settings
+from hato.delivery.base import Courier
 from hato.maillog import MailLog
 from hato.queue.base import Queue
 from hato.users import UserStore
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
     from hato.web.metrics import Metrics
 
 Role = Literal["serve", "worker"]
+
+ReleaseCourier = Callable[[str | None], Courier | None]
+"""The courier a console release sends a held message through: to ``"host:port"`` (a
+one-off relay the operator typed), or with ``None`` to the configured relay (``None``
+when there is none). Built by ``app.py`` (:func:`hato.app.build_release_courier`)."""
 
 
 @dataclass
@@ -35,6 +41,7 @@ class WebContext:
     node: str  # this machine's name, as in delivery events
     users: UserStore | None = None  # SASL users (who may read their own messages' events)
     listeners: list[tuple[str, str, int]] = field(default_factory=list)  # (role, host, port)
+    release_courier: ReleaseCourier | None = None  # console/API release of held mail
     # For /readyz: each SMTP listener's name and whether it is bound and serving now.
     serving: Callable[[], list[tuple[str, bool]]] = list
     # Open connections per SMTP listener name, for the metrics.
