@@ -25,12 +25,13 @@ import ctypes
 import datetime
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
 from hato.config import Listener, Settings, Smarthost
@@ -49,10 +50,11 @@ from hato.errors import ConfigError, HatoError
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue, redact_url
-from hato.queue.base import Queue
+from hato.queue.base import MessageState, Queue
 from hato.queue.retry import RetrySchedule
 from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
+from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
@@ -72,6 +74,11 @@ from hato.verp import Verp, load_secret
 from hato.worker import Worker
 
 Say = Callable[[str], None]
+ServeRole = Literal["all", "intake", "delivery"]
+# The delivery process's longest idle wait when intake runs in other processes.
+DELIVERY_POLL = 0.05
+# What flow control counts as not yet delivered.
+UNSENT_STATES = (MessageState.QUEUED, MessageState.SENDING, MessageState.DEFERRED)
 
 # How often the users file and the TLS certificates are looked at for changes.
 FILE_CHECK_INTERVAL = 2.0
@@ -529,6 +536,18 @@ def build_tlsrpt_task(
     return daily
 
 
+def build_flow(settings: Settings, queue: Queue) -> FlowGate | None:
+    """Intake's flow control (HATO_IN_FLOW_DELAY, HATO_QUEUE_HIGH_WATER), or None when off."""
+    if settings.in_flow_delay <= 0 or settings.queue_high_water <= 0:
+        return None
+
+    async def unsent() -> int:
+        counts = await queue.counts()
+        return sum(counts.get(state, 0) for state in UNSENT_STATES)
+
+    return FlowGate(unsent, high_water=settings.queue_high_water, delay=settings.in_flow_delay)
+
+
 def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
@@ -544,14 +563,21 @@ class _Service:
     the worker's couriers, then the queue, whatever happened in between.
     """
 
-    def __init__(self, queue: Queue, worker: Worker, log: MailLog, say: Say) -> None:
+    def __init__(
+        self, queue: Queue, worker: Worker, log: MailLog, say: Say, *, deliver: bool = True
+    ) -> None:
         self.queue = queue
         self.worker = worker
         self.log = log
         self.say = say
+        # False in an intake process of the supervisor: no worker runs, and recovery
+        # (taking back the leases of dead owners) is the delivery process's.
+        self.deliver = deliver
 
     async def __aenter__(self) -> _Service:
         await self.queue.open()
+        if not self.deliver:
+            return self
         try:
             report = await self.queue.recover()
         except BaseException:
@@ -599,7 +625,9 @@ class _Service:
             handlers[signal.SIGTERM] = handlers[signal.SIGINT] = stopped.set
         replaced = {sig: signal.getsignal(sig) for sig in handlers}
         installed: list[signal.Signals] = []
-        worker_task = asyncio.create_task(self.worker.run(), name="hato-worker")
+        worker_task = asyncio.create_task(
+            self.worker.run() if self.deliver else stopped.wait(), name="hato-worker"
+        )
         beside = [asyncio.create_task(start()) for start in companions]
         waiter = asyncio.create_task(stopped.wait())
         try:
@@ -628,6 +656,8 @@ class _Service:
                 task.cancel()
             if not worker_task.done():  # the run failed: still release what is in flight
                 self.worker.stop()
+                if not self.deliver:
+                    worker_task.cancel()
             await asyncio.gather(waiter, worker_task, *beside, return_exceptions=True)
 
 
@@ -640,8 +670,17 @@ async def serve(
     stop: asyncio.Event | None = None,
     ready: Callable[[list[tuple[Listener, int]]], None] | None = None,
     say: Say = _say,
+    role: ServeRole = "all",
+    sockets: Sequence[socket.socket] = (),
 ) -> None:
-    """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set)."""
+    """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
+
+    ``role`` is for the children of :mod:`hato.supervisor`: ``intake`` serves the
+    listeners on ``sockets`` (bound by the supervisor, one per ``settings.listeners``
+    entry) and runs no worker; ``delivery`` runs the worker and its companions and
+    listens on nothing. ``all`` (one process) does both."""
+    intake = role != "delivery"
+    deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
     log = build_log(settings)
     # Everything that can refuse the settings comes first, before the queue is touched.
@@ -666,10 +705,14 @@ async def serve(
         maildir = build_maildir(settings, queue, recipients, users)
         couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
     worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
+    if role == "delivery":
+        # Intake commits in other processes and cannot wake this one: look often.
+        worker.idle_wait = min(worker.idle_wait, DELIVERY_POLL)
+    flow = build_flow(settings, queue)
     companions = [watcher.run]
-    if settings.tlsrpt_send:
+    if settings.tlsrpt_send and deliver:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
-    if dkim_keys.keys:
+    if dkim_keys.keys and deliver:
         companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
@@ -678,20 +721,22 @@ async def serve(
         for server in servers:
             server.close()
 
-    async with _Service(queue, worker, log, say) as service:
+    async with _Service(queue, worker, log, say, deliver=deliver) as service:
         try:
-            for listener in settings.listeners:
-                role = ListenerRole(listener.role)
+            for index, listener in enumerate(settings.listeners if intake else ()):
+                listener_role = ListenerRole(listener.role)
                 server = await start_listener(
-                    ListenerConfig(host=listener.host, port=listener.port, role=role),
+                    ListenerConfig(host=listener.host, port=listener.port, role=listener_role),
                     queue=queue,
-                    policy=build_policy(settings, role, users, recipients, watcher, verp),
+                    policy=build_policy(settings, listener_role, users, recipients, watcher, verp),
                     authenticator=authenticator,
                     tls=tls,
                     log=log,
                     limits=build_session_config(settings),
                     auth_throttle=throttle,
                     submitted=submitted,
+                    flow=flow,
+                    sock=sockets[index] if index < len(sockets) else None,
                 )
                 servers.append(server)
                 bound.append((listener, server.port))

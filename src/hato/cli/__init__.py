@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,6 +34,10 @@ T = TypeVar("T")
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"hato: {message}", err=True)
     sys.exit(code)
+
+
+def _say(line: str) -> None:
+    click.echo(f"hato: {line}", err=True)
 
 
 def friendly(func: Callable[P, T]) -> Callable[P, T]:
@@ -118,7 +123,9 @@ def serve(
     log_format: str | None,
 ) -> None:
     """Run the SMTP server and its delivery worker."""
+    from hato.app import ServeRole
     from hato.app import serve as serve_forever
+    from hato.supervisor import Supervisor, effective_processes
 
     settings = make_settings(
         config_file,
@@ -131,7 +138,19 @@ def serve(
         log_format=log_format,
     )
     settings.validate_for_serve()
-    run(serve_forever(settings), fast=True)
+    processes = effective_processes(settings)
+    if processes <= 1:
+        run(serve_forever(settings), fast=True)
+        return
+
+    @friendly
+    def child(role: str, sockets: Sequence[socket.socket]) -> None:
+        part: ServeRole = "intake" if role == "intake" else "delivery"
+        run(serve_forever(settings, role=part, sockets=sockets), fast=True)
+
+    status = Supervisor(settings, processes, child, say=_say).run()
+    if status:
+        sys.exit(status)
 
 
 # --- config -----------------------------------------------------------------------------

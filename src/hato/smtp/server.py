@@ -21,6 +21,7 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from hato.message import META_ENVID, Envelope, message_id_of
 from hato.queue.base import Queue
 from hato.reply import Reply
 from hato.smtp.auth import Authenticator, AuthThrottle
+from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy
 from hato.smtp.protocol import (
     Authenticate,
@@ -138,8 +140,12 @@ class SMTPListener:
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
         greet_delay: float | None = None,
+        flow: FlowGate | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.listener = listener
+        self.flow = flow
+        self.sock = sock
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
             # the client speaks first, in TLS), not on a listener bound to loopback.
@@ -177,15 +183,23 @@ class SMTPListener:
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
         loop = asyncio.get_running_loop()
         try:
-            self.server = await loop.create_server(
-                lambda: _Connection(self),
-                self.listener.host,
-                self.listener.port,
-                ssl=ssl_ctx,
-                ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-            )
+            if self.sock is not None:  # bound by the supervisor, shared by its children
+                self.server = await loop.create_server(
+                    lambda: _Connection(self),
+                    sock=self.sock,
+                    ssl=ssl_ctx,
+                    ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
+                )
+            else:
+                self.server = await loop.create_server(
+                    lambda: _Connection(self),
+                    self.listener.host,
+                    self.listener.port,
+                    ssl=ssl_ctx,
+                    ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
 
@@ -316,6 +330,8 @@ async def start_listener(
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
     greet_delay: float | None = None,
+    flow: FlowGate | None = None,
+    sock: socket.socket | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -325,6 +341,8 @@ async def start_listener(
     queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
     the greeting back from untrusted clients (the pregreet test); by default
     ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    ``flow`` holds the reply to DATA back while delivery falls behind; ``sock`` is an
+    already bound listening socket to serve (the supervisor's, shared by its children).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -355,6 +373,8 @@ async def start_listener(
         auth_throttle=auth_throttle,
         submitted=submitted,
         greet_delay=greet_delay,
+        flow=flow,
+        sock=sock,
     )
     await smtp.start()
     return smtp
@@ -559,6 +579,8 @@ class _Connection(asyncio.Protocol):
         assert session is not None
         listener = self.listener
         try:
+            if listener.flow is not None:
+                await listener.flow.wait()  # before the commit: the 250 still follows it
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
             queue_id = await listener.queue.enqueue(
