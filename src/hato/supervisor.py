@@ -85,7 +85,8 @@ def effective_processes(settings: Settings, cpus: Callable[[], int] = available_
 
 def bind(listener: Listener, backlog: int = 1024) -> socket.socket:
     """A listening socket for ``listener``, inheritable by forked children, bound as
-    asyncio's ``create_server`` would (SO_REUSEADDR, IPv6 only on an IPv6 address)."""
+    asyncio's ``create_server`` would (SO_REUSEADDR, IPv6 only on an IPv6 address), and
+    with SO_REUSEPORT."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(listener.host).version == 6 else None
     except ValueError:
@@ -104,6 +105,9 @@ def bind(listener: Listener, backlog: int = 1024) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The children of a killed supervisor may still be draining when the next
+            # one starts on the same port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
@@ -243,7 +247,7 @@ class Supervisor:
         for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            self.say(f"supervisor: {listener.role} on {shown}:{port}")
+            self.say(f"supervisor: listener {listener.role} on {shown}:{port}")
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         status = 0
         try:
