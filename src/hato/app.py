@@ -58,6 +58,7 @@ from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
+from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
 from hato.tlsrpt import (
     ReportConfig,
@@ -672,13 +673,15 @@ async def serve(
     say: Say = _say,
     role: ServeRole = "all",
     sockets: Sequence[socket.socket] = (),
+    shared: SharedCounts | None = None,
 ) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
 
     ``role`` is for the children of :mod:`hato.supervisor`: ``intake`` serves the
     listeners on ``sockets`` (bound by the supervisor, one per ``settings.listeners``
     entry) and runs no worker; ``delivery`` runs the worker and its companions and
-    listens on nothing. ``all`` (one process) does both."""
+    listens on nothing. ``all`` (one process) does both. ``shared``: the per-client
+    connection counts of all intake processes."""
     intake = role != "delivery"
     deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
@@ -737,6 +740,7 @@ async def serve(
                     submitted=submitted,
                     flow=flow,
                     sock=sockets[index] if index < len(sockets) else None,
+                    shared=shared,
                 )
                 servers.append(server)
                 bound.append((listener, server.port))

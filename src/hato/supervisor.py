@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from hato.config import Listener, Settings
 from hato.errors import ConfigError
+from hato.smtp.shared import SharedCounts
 
 __all__ = ["MAX_AUTO_PROCESSES", "Supervisor", "available_cpus", "bind", "effective_processes"]
 
@@ -83,10 +85,13 @@ def effective_processes(settings: Settings, cpus: Callable[[], int] = available_
     return settings.processes
 
 
-def bind(listener: Listener, backlog: int = 1024) -> socket.socket:
+def bind(listener: Listener, port: int | None = None, backlog: int = 1024) -> socket.socket:
     """A listening socket for ``listener``, inheritable by forked children, bound as
     asyncio's ``create_server`` would (SO_REUSEADDR, IPv6 only on an IPv6 address), and
-    with SO_REUSEPORT."""
+    with SO_REUSEPORT; on ``port`` when given (the port a first bind of a listener
+    configured with port 0 got)."""
+    if port is not None:
+        listener = dataclasses.replace(listener, port=port)
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(listener.host).version == 6 else None
     except ValueError:
@@ -150,12 +155,18 @@ class Supervisor:
         self.say = say
         self.clock = clock
         self.slots = [_Slot("delivery")] + [_Slot("intake") for _ in range(intake)]
-        self.sockets: list[socket.socket] = []
+        # One listening socket per intake slot and listener, all on the same ports
+        # (SO_REUSEPORT): the kernel spreads connections evenly over them, and a
+        # restarted child finds the connections that waited in its slot's backlog.
+        self.sockets: dict[int, list[socket.socket]] = {}
+        # Per-client connection counts across the intake processes: one column each.
+        self.shared = SharedCounts(len(self.slots))
 
     # -- the children ------------------------------------------------------------------
 
     def _start(self, slot: _Slot) -> None:
-        sockets = self.sockets if slot.role == "intake" else ()
+        index = self.slots.index(slot)
+        sockets = self.sockets.get(index, [])
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the supervisor's code
@@ -163,9 +174,11 @@ class Supervisor:
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 _die_with(parent)
-                if slot.role != "intake":
-                    for sock in self.sockets:
-                        sock.close()
+                for other, theirs in self.sockets.items():
+                    if other != index:
+                        for sock in theirs:
+                            sock.close()
+                self.shared.attach(index)
                 self.child(slot.role, sockets)
                 code = 0
             except SystemExit as exc:
@@ -243,8 +256,24 @@ class Supervisor:
 
     def run(self) -> int:
         """Bind, start the children, supervise until SIGTERM or SIGINT; the exit status."""
-        self.sockets = [bind(listener) for listener in self.settings.listeners]
-        for listener, sock in zip(self.settings.listeners, self.sockets, strict=True):
+        first = [bind(listener) for listener in self.settings.listeners]
+        ports = [int(sock.getsockname()[1]) for sock in first]
+        try:
+            for index, slot in enumerate(self.slots):
+                if slot.role == "intake":
+                    self.sockets[index] = (
+                        first
+                        if not self.sockets
+                        else [
+                            bind(listener, port)
+                            for listener, port in zip(self.settings.listeners, ports, strict=True)
+                        ]
+                    )
+        except BaseException:
+            for sock in [*first, *(s for socks in self.sockets.values() for s in socks)]:
+                sock.close()
+            raise
+        for listener, sock in zip(self.settings.listeners, first, strict=True):
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             self.say(f"supervisor: listener {listener.role} on {shown}:{port}")
@@ -274,8 +303,9 @@ class Supervisor:
                         self._start(slot)
         finally:
             self._stop()
-            for sock in self.sockets:
-                sock.close()
+            for socks in self.sockets.values():
+                for sock in socks:
+                    sock.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         self.say("supervisor: stopped")
         return status

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +46,20 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def connected_pids(hato: HatoServe, want: int, timeout: float = 10.0) -> set[int]:
+    """The intake processes that logged a connection, waited for until ``want`` have
+    (the log is read in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {
+            int(m.group(1))
+            for m in re.finditer(r"hato/smtpd\[(\d+)\]: (?:connect|NOQUEUE)", hato.log)
+        }
+        if len(pids) >= want or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -101,7 +116,7 @@ def test_several_processes_share_the_port_and_deliver(
     assert proc.returncode == 0, proc.stderr
     recording_sink.wait_for_count(100, timeout=60)
     # Both intake processes took connections: the port is shared, not one child's.
-    intake = {int(m.group(1)) for m in re.finditer(r"hato/smtpd\[(\d+)\]: connect", hato.log)}
+    intake = connected_pids(hato, want=2)
     assert intake <= set(child_pids(hato, "intake")) and len(intake) == 2, intake
 
     assert hato.stop() == 0
@@ -161,3 +176,33 @@ def test_a_child_that_cannot_start_ends_the_supervisor_with_an_error(
     assert proc.returncode != 0
     assert "keeps failing at start" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_per_client_connection_limit_holds_across_intake_processes(
+    hato_serve: HatoFactory,
+) -> None:
+    """The kernel spreads one client's connections over the intake processes; the limit
+    counts them all (loopback made a stranger, so that the limit applies to it)."""
+    hato = hato_serve(
+        env={
+            **PROCESSES,
+            "HATO_MYNETWORKS": "192.0.2.0/24",
+            "ALLOW_EMPTY_SENDER_DOMAINS": "true",
+            "HATO_MAX_CONNECTIONS_PER_CLIENT": "3",
+        }
+    )
+    held: list[socket.socket] = []
+    greetings: list[bytes] = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection((hato.host, hato.port), timeout=10)
+            held.append(sock)
+            greetings.append(sock.recv(512)[:3])
+        assert greetings.count(b"220") == 3, greetings
+        assert greetings.count(b"421") == 9, greetings
+        # Both processes took part: otherwise this would test one process's own limit.
+        pids = connected_pids(hato, want=2)
+        assert len(pids) == 2, pids
+    finally:
+        for sock in held:
+            sock.close()

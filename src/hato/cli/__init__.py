@@ -146,9 +146,11 @@ def serve(
     @friendly
     def child(role: str, sockets: Sequence[socket.socket]) -> None:
         part: ServeRole = "intake" if role == "intake" else "delivery"
-        run(serve_forever(settings, role=part, sockets=sockets), fast=True)
+        shared = supervisor.shared
+        run(serve_forever(settings, role=part, sockets=sockets, shared=shared), fast=True)
 
-    status = Supervisor(settings, processes, child, say=_say).run()
+    supervisor = Supervisor(settings, processes, child, say=_say)
+    status = supervisor.run()
     if status:
         sys.exit(status)
 

@@ -48,6 +48,7 @@ from hato.smtp.protocol import (
     SessionConfig,
     StartTLS,
 )
+from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
 
 _debug = logging.getLogger(__name__)
@@ -142,10 +143,12 @@ class SMTPListener:
         greet_delay: float | None = None,
         flow: FlowGate | None = None,
         sock: socket.socket | None = None,
+        shared: SharedCounts | None = None,
     ) -> None:
         self.listener = listener
         self.flow = flow
         self.sock = sock
+        self.shared = shared
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
             # the client speaks first, in TLS), not on a listener bound to loopback.
@@ -249,9 +252,17 @@ class SMTPListener:
             share = limits.max_connections - limits.trusted_connection_reserve
             if self._reserve_applies and self._strangers >= share:
                 return False
+            # With several intake processes the per-client limit counts all of them.
+            if self.shared is not None and not self.shared.acquire(
+                self._shared_key(ip), limits.max_connections_per_client
+            ):
+                return False
             self._strangers += 1
         self._per_client[ip] = count + 1
         return True
+
+    def _shared_key(self, ip: str) -> str:
+        return f"{self.listener.role}={self.listener.host}:{self.listener.port}|{ip}"
 
     def release(self, ip: str) -> None:
         left = self._per_client.get(ip, 0) - 1
@@ -261,6 +272,8 @@ class SMTPListener:
             self._per_client.pop(ip, None)
         if not self.policy.is_trusted(ip):
             self._strangers -= 1
+            if self.shared is not None:
+                self.shared.release(self._shared_key(ip))
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -332,6 +345,7 @@ async def start_listener(
     greet_delay: float | None = None,
     flow: FlowGate | None = None,
     sock: socket.socket | None = None,
+    shared: SharedCounts | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -342,7 +356,8 @@ async def start_listener(
     the greeting back from untrusted clients (the pregreet test); by default
     ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
     ``flow`` holds the reply to DATA back while delivery falls behind; ``sock`` is an
-    already bound listening socket to serve (the supervisor's, shared by its children).
+    already bound listening socket to serve (the supervisor's, shared by its children);
+    ``shared`` counts each client's connections across those children.
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -375,6 +390,7 @@ async def start_listener(
         greet_delay=greet_delay,
         flow=flow,
         sock=sock,
+        shared=shared,
     )
     await smtp.start()
     return smtp
