@@ -54,6 +54,7 @@ from hato.queue.base import MessageState, Queue
 from hato.queue.retry import RetrySchedule
 from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
+from hato.smtp.auth_share import AuthShare
 from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
@@ -674,6 +675,7 @@ async def serve(
     role: ServeRole = "all",
     sockets: Sequence[socket.socket] = (),
     shared: SharedCounts | None = None,
+    auth_share: AuthShare | None = None,
 ) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
 
@@ -681,7 +683,8 @@ async def serve(
     listeners on ``sockets`` (bound by the supervisor, one per ``settings.listeners``
     entry) and runs no worker; ``delivery`` runs the worker and its companions and
     listens on nothing. ``all`` (one process) does both. ``shared``: the per-client
-    connection counts of all intake processes."""
+    connection counts of all intake processes; ``auth_share`` tells their AUTH
+    throttles each other's failures."""
     intake = role != "delivery"
     deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
@@ -703,6 +706,8 @@ async def serve(
         user_limit=settings.auth_user_failure_limit,
         user_window=settings.auth_user_failure_window,
     )
+    if auth_share is not None and intake:
+        auth_share.start(throttle)
     queue = build_queue(settings)
     if recipients is not None:
         maildir = build_maildir(settings, queue, recipients, users)

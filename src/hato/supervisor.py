@@ -42,6 +42,7 @@ from pathlib import Path
 
 from hato.config import Listener, Settings
 from hato.errors import ConfigError
+from hato.smtp.auth_share import AuthShare
 from hato.smtp.shared import SharedCounts
 
 __all__ = ["MAX_AUTO_PROCESSES", "Supervisor", "available_cpus", "bind", "effective_processes"]
@@ -161,6 +162,8 @@ class Supervisor:
         self.sockets: dict[int, list[socket.socket]] = {}
         # Per-client connection counts across the intake processes: one column each.
         self.shared = SharedCounts(len(self.slots))
+        # The AUTH throttle's failures and logins, told among the intake processes.
+        self.auth_share = AuthShare([i for i, s in enumerate(self.slots) if s.role == "intake"])
 
     # -- the children ------------------------------------------------------------------
 
@@ -179,6 +182,7 @@ class Supervisor:
                         for sock in theirs:
                             sock.close()
                 self.shared.attach(index)
+                self.auth_share.attach(index)
                 self.child(slot.role, sockets)
                 code = 0
             except SystemExit as exc:

@@ -16,9 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from test_crash import Ledger, client_loop, relay_env, run_and_kill, verify_delivered
+from test_swaks_serve import Swaks, auth, prepare, saw, swaks_at  # noqa: F401 (a fixture)
 
 from peers import require_tool
 from peers.hato import HatoFactory, HatoServe
@@ -206,3 +209,27 @@ def test_the_per_client_connection_limit_holds_across_intake_processes(
     finally:
         for sock in held:
             sock.close()
+
+
+def test_auth_failures_are_counted_across_intake_processes(
+    hato_serve: HatoFactory,
+    tmp_path: Path,
+    swaks_at: Callable[[HatoServe], Swaks],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Each guess on a new connection, which the kernel gives to either process: the
+    limit is reached at the same guess as with one process, and then every process
+    refuses the client at connect."""
+    data = tmp_path / "relay"
+    serve = hato_serve(env=prepare(data, HATO_AUTH_FAILURE_LIMIT="4", **PROCESSES), data_dir=data)
+    swaks = swaks_at(serve)
+    for guess in range(1, 4):
+        proc = swaks("submission", "--tls", *auth(password=f"guess-{guess}"))
+        assert saw(proc, "535 5.7.8") and not saw(proc, "421"), proc.stdout
+    fourth = swaks("submission", "--tls", *auth(password="guess-4"))
+    assert saw(fourth, "535 5.7.8") and saw(fourth, "421 4.7.0"), fourth.stdout
+    # Refused at connect now, by whichever process takes the connection.
+    for _ in range(6):
+        refused = swaks("smtp", "--tls", *auth())
+        assert refused.returncode == 21 and saw(refused, "421 4.7.0"), refused.stdout
+    # Both processes answered the guesser: otherwise one process counted alone.
+    assert len(connected_pids(serve, want=2)) == 2

@@ -146,8 +146,14 @@ def serve(
     @friendly
     def child(role: str, sockets: Sequence[socket.socket]) -> None:
         part: ServeRole = "intake" if role == "intake" else "delivery"
-        shared = supervisor.shared
-        run(serve_forever(settings, role=part, sockets=sockets, shared=shared), fast=True)
+        serving = serve_forever(
+            settings,
+            role=part,
+            sockets=sockets,
+            shared=supervisor.shared,
+            auth_share=supervisor.auth_share,
+        )
+        run(serving, fast=True)
 
     supervisor = Supervisor(settings, processes, child, say=_say)
     status = supervisor.run()
