@@ -311,6 +311,8 @@ class Supervisor:
                 for sock in socks:
                     sock.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            self.auth_share.close()
+            self.shared.close()
         self.say("supervisor: stopped")
         return status
 

@@ -1,5 +1,6 @@
 """The pure parts of several processes and flow control: how many intake processes
-``hato serve`` runs, and :class:`hato.smtp.flow.FlowGate`'s holding back."""
+``hato serve`` runs, :class:`hato.smtp.flow.FlowGate`'s holding back, the shared
+connection counts and the AUTH throttle's replay."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from hato.config import load_settings
+from hato.smtp.auth import AuthEvent, AuthThrottle
 from hato.smtp.flow import FlowGate
+from hato.smtp.shared import SharedCounts
 from hato.supervisor import MAX_AUTO_PROCESSES, available_cpus, effective_processes
 
 
@@ -140,3 +143,75 @@ async def test_a_failing_count_lets_mail_through() -> None:
 
     gate = FlowGate(broken, high_water=1, delay=1.0)
     assert await gate.wait() >= 0.0 and gate.delayed == 0
+
+
+@pytest.fixture
+def make_counts() -> Iterator[Callable[..., SharedCounts]]:
+    made: list[SharedCounts] = []
+
+    def make(**kwargs: int) -> SharedCounts:
+        made.append(SharedCounts(**kwargs))
+        return made[-1]
+
+    yield make
+    for counts in made:
+        counts.close()
+
+
+def test_shared_counts_sum_the_columns_and_hold_the_limit(
+    make_counts: Callable[..., SharedCounts],
+) -> None:
+    counts = make_counts(processes=3, slots=64)
+    counts.attach(1)
+    assert counts.acquire("smtp|192.0.2.1", limit=2)
+    counts.column = 2  # another process, as the supervisor's fork would make it
+    assert counts.acquire("smtp|192.0.2.1", limit=2)
+    assert not counts.acquire("smtp|192.0.2.1", limit=2)
+    assert counts.acquire("smtp|192.0.2.9", limit=2)  # another client
+    assert counts.total("smtp|192.0.2.1") == 2
+    counts.release("smtp|192.0.2.1")
+    assert counts.total("smtp|192.0.2.1") == 1
+    counts.release("smtp|192.0.2.1")  # nothing more of this column: no underflow
+    assert counts.total("smtp|192.0.2.1") == 1
+
+
+def test_a_restarted_process_forgets_what_its_predecessor_held(
+    make_counts: Callable[..., SharedCounts],
+) -> None:
+    counts = make_counts(processes=2, slots=64)
+    counts.attach(1)
+    for _ in range(3):
+        assert counts.acquire("k", limit=3)
+    assert not counts.acquire("k", limit=3)
+    counts.attach(1)  # the child in slot 1 was killed and started again
+    assert counts.total("k") == 0 and counts.acquire("k", limit=3)
+
+
+def test_shared_counts_fail_open_when_full(make_counts: Callable[..., SharedCounts]) -> None:
+    counts = make_counts(processes=1, slots=4)
+    for n in range(4):
+        assert counts.acquire(f"client-{n}", limit=1)
+    assert counts.acquire("one-too-many", limit=1)  # no slot: admitted
+    assert counts.total("one-too-many") == 0
+    counts.release("client-0")
+    assert counts.acquire("now-there-is-room", limit=1)
+    assert counts.total("now-there-is-room") == 1
+
+
+def test_the_throttle_replays_what_another_process_saw() -> None:
+    clock = Clock()
+    here = AuthThrottle(limit=3, window=60, user_limit=2, user_window=60, clock=clock)
+    there = AuthThrottle(limit=3, window=60, user_limit=2, user_window=60, clock=clock)
+    told: list[AuthEvent] = []
+    there.publish = told.append
+    there.failed("192.0.2.7", "alice")
+    there.failed("192.0.2.7", "alice")
+    for event in told:
+        here.replay(event)
+    assert here.failures("192.0.2.7") == 2 and here.locked("alice", "192.0.2.8")
+    assert here.failure_counts == {}  # metrics count this process's own attempts only
+    there.succeeded("192.0.2.8", "alice")
+    here.replay(told[-1])
+    assert not here.locked("alice", "192.0.2.8")  # that address knows the password
+    clock.now += 61
+    assert here.failures("192.0.2.7") == 0

@@ -36,6 +36,11 @@ class AuthShare:
             self.pairs[slot] = (inbox, outbox)
         self.slot: int | None = None
 
+    def close(self) -> None:
+        for inbox, outbox in self.pairs.values():
+            inbox.close()
+            outbox.close()
+
     def attach(self, slot: int) -> None:
         """In a child: this process is ``slot`` (no inbox of its own outside intake)."""
         self.slot = slot

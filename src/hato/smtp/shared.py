@@ -36,6 +36,16 @@ class SharedCounts:
         self._lock_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as we do
         self.column = 0
 
+    def close(self) -> None:
+        self._lock_file.close()
+        self._map.close()
+
+    def __enter__(self) -> SharedCounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def attach(self, column: int) -> None:
         """In a child: count in ``column`` from now on, forgetting what it held before
         (a previous child in the same place that died)."""
