@@ -538,7 +538,7 @@ def build_tlsrpt_task(
     return daily
 
 
-def build_flow(settings: Settings, queue: Queue) -> FlowGate | None:
+def build_flow(settings: Settings, queue: Queue, log: MailLog) -> FlowGate | None:
     """Intake's flow control (HATO_IN_FLOW_DELAY, HATO_QUEUE_HIGH_WATER), or None when off."""
     if settings.in_flow_delay <= 0 or settings.queue_high_water <= 0:
         return None
@@ -547,7 +547,16 @@ def build_flow(settings: Settings, queue: Queue) -> FlowGate | None:
         counts = await queue.counts()
         return sum(counts.get(state, 0) for state in UNSENT_STATES)
 
-    return FlowGate(unsent, high_water=settings.queue_high_water, delay=settings.in_flow_delay)
+    def changed(holding: bool, count: int) -> None:
+        status = "slowing intake" if holding else "intake at full speed"
+        log.event("smtpd", "", status=status, detail=f"{count} unsent messages")
+
+    return FlowGate(
+        unsent,
+        high_water=settings.queue_high_water,
+        delay=settings.in_flow_delay,
+        on_change=changed,
+    )
 
 
 def _say(line: str) -> None:
@@ -716,7 +725,7 @@ async def serve(
     if role == "delivery":
         # Intake commits in other processes and cannot wake this one: look often.
         worker.idle_wait = min(worker.idle_wait, DELIVERY_POLL)
-    flow = build_flow(settings, queue)
+    flow = build_flow(settings, queue, log)
     companions = [watcher.run]
     if settings.tlsrpt_send and deliver:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))

@@ -215,3 +215,23 @@ def test_the_throttle_replays_what_another_process_saw() -> None:
     assert not here.locked("alice", "192.0.2.8")  # that address knows the password
     clock.now += 61
     assert here.failures("192.0.2.7") == 0
+
+
+async def test_the_gate_says_when_it_starts_and_stops_holding() -> None:
+    clock = Clock()
+    # Each look at the queue takes longer than the delay: no message waits in this test.
+    asked, backlog = counts([2, 3, 3, 0], clock, 0.001)
+    changes: list[tuple[bool, int]] = []
+    gate = FlowGate(
+        backlog,
+        high_water=3,
+        delay=0.0001,
+        interval=0.0,
+        clock=clock,
+        on_change=lambda holding, n: changes.append((holding, n)),
+    )
+    for _ in range(3):
+        await gate.wait()
+    assert changes == [(True, 3)] and asked == [2, 3, 3]
+    await gate.wait()
+    assert changes == [(True, 3), (False, 0)]

@@ -22,7 +22,8 @@ class FlowGate:
     """Hold intake back while ``backlog()`` is at or above ``high_water``.
 
     ``backlog`` returns the number of unsent messages; ``delay`` (seconds) is the most
-    one message waits; ``high_water`` 0 or ``delay`` 0 turns the gate off."""
+    one message waits; ``high_water`` 0 or ``delay`` 0 turns the gate off;
+    ``on_change(holding, backlog)`` is called when the gate starts or stops holding."""
 
     def __init__(
         self,
@@ -32,6 +33,7 @@ class FlowGate:
         delay: float,
         interval: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool, int], None] | None = None,
     ) -> None:
         self._backlog = backlog
         self.high_water = high_water
@@ -42,6 +44,10 @@ class FlowGate:
         self._sampled_at: float | None = None
         self._sampling: asyncio.Future[int] | None = None
         self.delayed = 0  # messages held back so far (for metrics and tests)
+        # Told (holding back?, backlog) when the gate starts or stops holding mail back:
+        # one log line each way, not one per message.
+        self.on_change = on_change
+        self.holding = False
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +69,13 @@ class FlowGate:
                 self._sampling = None
         return self._count
 
+    def _note(self, count: int) -> None:
+        holding = count >= self.high_water
+        if holding != self.holding:
+            self.holding = holding
+            if self.on_change is not None:
+                self.on_change(holding, count)
+
     async def wait(self) -> float:
         """Wait while the backlog is high, at most ``delay`` seconds; return the seconds
         waited. A failing count lets the message through (the queue reports its own
@@ -77,8 +90,12 @@ class FlowGate:
                 count = await self.count()
             except Exception:
                 return self._clock() - start
+            self._note(count)
             now = self._clock()
             if count < self.high_water or now >= deadline:
+                # This message is about to be queued: count it until the next sample,
+                # so that a burst inside one interval is seen rising.
+                self._count += 1
                 return now - start
             if not held:
                 held = True
