@@ -321,6 +321,8 @@ class Hato(System):
         )
         if args.accept_only:
             del env["RELAYHOST"]  # the hold route: intake and queue only
+        # The HTTP listener (console, /metrics) on a free port, or off.
+        env["HATO_HTTP_LISTEN"] = f"{HOST}:0" if args.http == "on" else ""
         env.update(args.hato_env)
         self.log_path = self.dir / "hato.log"
         log = self.log_path.open("wb") if args.hato_log == "file" else open(os.devnull, "wb")  # noqa: SIM115
@@ -856,6 +858,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", help="where the hato data dirs go (default: $TMPDIR)")
     parser.add_argument("--hato-log", choices=["file", "null"], default="file",
                         help="hato's stderr (operator log) to a file or to /dev/null")  # fmt: skip
+    parser.add_argument(
+        "--http",
+        choices=("off", "on"),
+        default="off",
+        help="hato's HTTP listener (console, /metrics) on a free port, or off "
+        "(default off; compare both for its cost)",
+    )
     parser.add_argument("--hato-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for hato serve (repeatable)")  # fmt: skip
     parser.add_argument("--postfix-conf", action="append", default=[], metavar="KEY=VALUE",

@@ -32,6 +32,11 @@ HATO_TEST_DEFAULTS: Mapping[str, str] = {
     "HATO_LOG_FORMAT": "text",
 }
 
+# ``hato serve`` run in-process by a test would otherwise open its HTTP listener on
+# 127.0.0.1:8025, where the tests running in parallel open theirs. Tests of the HTTP
+# listener set HATO_HTTP_LISTEN themselves (127.0.0.1:0).
+os.environ["HATO_HTTP_LISTEN"] = ""
+
 _PEER_LOGS = pytest.StashKey[list[tuple[str, Callable[[], str]]]]()
 
 

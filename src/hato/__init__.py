@@ -8,6 +8,7 @@ from hato.errors import (
     MessageNotFound,
     QueueError,
     QueueFullError,
+    SignatureError,
     TemplateError,
 )
 from hato.mailer import (
@@ -38,6 +39,7 @@ __all__ = [
     "MessageNotFound",
     "QueueError",
     "QueueFullError",
+    "SignatureError",
     "State",
     "Status",
     "TemplateError",

@@ -49,6 +49,7 @@ from hato.dns import Resolver
 from hato.errors import ConfigError, HatoError
 from hato.maillog import MailLog
 from hato.message import Envelope
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue import open_queue, redact_url
 from hato.queue.base import MessageState, Queue
 from hato.queue.retry import RetrySchedule
@@ -61,6 +62,7 @@ from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
 from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
+from hato.stages import StageTrace
 from hato.tlsrpt import (
     ReportConfig,
     SendOutcome,
@@ -73,6 +75,10 @@ from hato.tlsrpt import (
 from hato.tlsrpt_types import TLSReporter
 from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.verp import Verp, load_secret
+from hato.web.context import Role, WebContext
+from hato.web.metrics import Metrics
+from hato.web.security import Access
+from hato.web.server import HttpServer, HttpSettings, build_asgi
 from hato.worker import Worker
 
 Say = Callable[[str], None]
@@ -259,6 +265,7 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             helo_name=hostname,
             timeout=resolved.timeout,
             pool_size=resolved.pool_size,
+            requiretls=resolved.requiretls,
         )
     )
 
@@ -321,6 +328,7 @@ def build_worker(
     bounces: bool = True,
     envid_from_id: bool = False,
     verp: Verp | None = None,
+    observer: Observer = NO_OBSERVER,
 ) -> Worker:
     """The delivery worker of ``hato serve`` (or, with ``couriers``/``router``, of
     ``hato worker``)."""
@@ -339,21 +347,68 @@ def build_worker(
         delay_warning=settings.delay_warning,
         envid_from_id=envid_from_id,
         return_path=verp.return_path if verp is not None else None,
+        # Only a queue several nodes share has one (PostgresQueue.take_over_dead).
+        take_over=getattr(queue, "take_over_dead", None),
+        take_over_every=settings.node_liveness_interval,
+        observer=observer,
     )
 
 
-def build_session_config(settings: Settings) -> SessionConfig:
+def build_event_companions(
+    settings: Settings, queue: Queue, *, pull_from: str | None, upstream: Smarthost | None
+) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    """What runs beside the worker for delivery events: the webhook sender
+    (``HATO_WEBHOOK_URL``) and the puller of an upstream's events (``pull_from``, with
+    the credentials of ``upstream``, resolved)."""
+    from hato.config import settings_webhook_secrets
+
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if settings.webhook_url:
+        from hato.webhooks import WebhookSender
+
+        secrets = settings_webhook_secrets(settings)
+        if not secrets:
+            raise ConfigError("HATO_WEBHOOK_URL needs HATO_WEBHOOK_SECRET (or _FILE)")
+        companions.append(WebhookSender(queue, settings.webhook_url, secrets).run)
+    if pull_from:
+        from hato.event_pull import EventPuller
+
+        username = upstream.username if upstream is not None else None
+        password = upstream.password if upstream is not None else None
+        companions.append(
+            EventPuller(
+                queue,
+                pull_from,
+                node=settings.hostname,
+                username=username,
+                password=password.get_secret_value() if password is not None else None,
+                interval=settings.events_poll_interval,
+            ).run
+        )
+    return companions
+
+
+def queue_directory(settings: Settings) -> Path | None:
+    """The directory SQLite writes the database and its WAL to (as open_queue reads
+    it); ``None`` for the other backends."""
     queue_url = settings.effective_queue_url
-    free_space: FreeSpace | None = None
-    if queue_url.split(":", 1)[0].lower() == "sqlite":
-        # The filesystem SQLite writes the database and its WAL to (as open_queue reads it).
-        database = Path(os.path.expanduser(queue_url.removeprefix("sqlite://")))
-        free_space = FreeSpace(database.parent)
-    min_free = settings.queue_minfree
-    if min_free is None:
-        # Postfix advises queue_minfree of 1.5 message_size_limit; with no size limit,
-        # as much as for the default limit.
-        min_free = (settings.message_size_limit or 10 * 1024 * 1024) * 3 // 2
+    if queue_url.split(":", 1)[0].lower() != "sqlite":
+        return None
+    return Path(os.path.expanduser(queue_url.removeprefix("sqlite://"))).parent
+
+
+def queue_min_free(settings: Settings) -> int:
+    """HATO_QUEUE_MINFREE, or what Postfix advises: 1.5 × the message size limit (with no
+    size limit, as much as for the default limit)."""
+    if settings.queue_minfree is not None:
+        return settings.queue_minfree
+    return (settings.message_size_limit or 10 * 1024 * 1024) * 3 // 2
+
+
+def build_session_config(settings: Settings) -> SessionConfig:
+    directory = queue_directory(settings)
+    free_space = FreeSpace(directory) if directory is not None else None
+    min_free = queue_min_free(settings)
     reserve = settings.trusted_connection_reserve
     if reserve is None:
         reserve = settings.max_connections // 10
@@ -422,6 +477,58 @@ def build_tls(settings: Settings) -> TLSContextProvider | None:
         settings.tls_key_file,
         check_interval=FILE_CHECK_INTERVAL,
         notify=_say,
+    )
+
+
+def build_http(
+    settings: Settings,
+    http: HttpSettings,
+    ctx: WebContext,
+    throttle: AuthThrottle | None = None,
+) -> HttpServer:
+    """The HTTP listener (console, API, health, metrics) over ``ctx``; not bound yet."""
+    metrics = ctx.metrics
+    access = Access(
+        token=http.token,
+        bound_host=http.host,
+        hosts=http.hosts,
+        tls=http.tls,
+        throttle=throttle,
+        log=ctx.log,
+        on_failure=metrics.http_auth_failures.inc if metrics is not None else None,
+    )
+    return HttpServer(build_asgi(ctx, access), http)
+
+
+def web_context(
+    settings: Settings,
+    role: Role,
+    queue: Queue,
+    log: MailLog,
+    worker: Worker,
+    metrics: Metrics | None,
+    *,
+    relay: tuple[str, int] | None,
+    users: UserStore | None = None,
+    servers: Sequence[SMTPListener] = (),
+) -> WebContext:
+    """What the HTTP routes of ``role`` see."""
+    return WebContext(
+        settings=settings,
+        queue=queue,
+        log=log,
+        clock=time.time,
+        role=role,
+        node=settings.hostname,
+        users=users,
+        listeners=[(s.listener.role.value, s.host, s.port) for s in servers],
+        serving=lambda: [(s.name, s.server is not None and s.server.is_serving()) for s in servers],
+        active_connections=lambda: {s.name: len(s.connections) for s in servers},
+        relay=relay,
+        worker_health=lambda: str(worker.health),
+        disk=queue_directory(settings),
+        disk_min_free=queue_min_free(settings),
+        metrics=metrics,
     )
 
 
@@ -717,11 +824,19 @@ async def serve(
     )
     if auth_share is not None and intake:
         auth_share.start(throttle)
+    http = HttpSettings.read(settings, "serve")
+    metrics = Metrics(role="serve") if http is not None else None
+    observer: Observer = metrics if metrics is not None else NO_OBSERVER
     queue = build_queue(settings)
     if recipients is not None:
         maildir = build_maildir(settings, queue, recipients, users)
         couriers[RouteKind.LOCAL] = build_bounce_courier(settings, queue, maildir, verp, log)
-    worker = build_worker(settings, queue, log, couriers=couriers, verp=verp)
+    worker = build_worker(settings, queue, log, couriers=couriers, verp=verp, observer=observer)
+    stages = StageTrace(settings.trace_stages) if settings.trace_stages is not None else None
+    worker.stages = stages
+    for courier in worker.couriers.values():
+        if isinstance(courier, SmarthostCourier):
+            courier.stages = stages
     if role == "delivery":
         # Intake commits in other processes and cannot wake this one: look often.
         worker.idle_wait = min(worker.idle_wait, DELIVERY_POLL)
@@ -731,6 +846,13 @@ async def serve(
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
     if dkim_keys.keys and deliver:
         companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
+    relay = settings.relay
+    events_companions = build_event_companions(
+        settings,
+        queue,
+        pull_from=settings.relay_events_url,
+        upstream=relay.resolve() if relay is not None and settings.relay_events_url else None,
+    )
     servers: list[SMTPListener] = []
     bound: list[tuple[Listener, int]] = []
 
@@ -755,7 +877,9 @@ async def serve(
                     flow=flow,
                     sock=sockets[index] if index < len(sockets) else None,
                     shared=shared,
+                    observer=observer,
                 )
+                server.stages = stages
                 servers.append(server)
                 bound.append((listener, server.port))
                 host = f"[{listener.host}]" if ":" in listener.host else listener.host
@@ -768,12 +892,31 @@ async def serve(
             else:
                 say(f"route: {settings.role}")
             say(f"queue: {redact_url(settings.effective_queue_url)}")
+            if http is not None and deliver:  # one console and /metrics: the delivery process's
+                relay = settings.relay
+                ctx = web_context(
+                    settings,
+                    "serve",
+                    queue,
+                    log,
+                    worker,
+                    metrics,
+                    relay=(relay.host, relay.port) if relay is not None else None,
+                    users=users,
+                    servers=servers,
+                )
+                if metrics is not None:
+                    metrics.listeners_known([s.name for s in servers])
+                web = build_http(settings, http, ctx, throttle)
+                web.bind()
+                companions.append(web.run)
+                say(f"http on {web.shown()}")
             await service.run(
                 stop=stop,
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=companions,
+                companions=[*companions, *(events_companions if deliver else ())],
                 stop_intake=stop_intake,
             )
         finally:
@@ -781,6 +924,8 @@ async def serve(
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
             tlsrpt.close()
+            if stages is not None:
+                stages.close()
 
 
 # --- hato worker: the application's outbox worker ------------------------------------
@@ -793,6 +938,7 @@ def build_outbox_worker(
     *,
     bounces: bool = False,
     smarthost: Smarthost | None = None,
+    observer: Observer = NO_OBSERVER,
 ) -> Worker:
     """The worker of ``hato worker``: every recipient goes to ``HATO_SMTP_HOST``
     (``smarthost``, when given, is ``settings.smtp`` with its secrets resolved)."""
@@ -804,6 +950,7 @@ def build_outbox_worker(
         router=Router((), RouteKind.RELAY),
         bounces=bounces,
         envid_from_id=True,
+        observer=observer,
     )
 
 
@@ -818,9 +965,21 @@ async def work(
     """Run ``hato worker`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     settings.validate_for_worker()
     smarthost = settings.smtp.resolve()
+    http = HttpSettings.read(settings, "worker")
+    metrics = Metrics(role="worker") if http is not None else None
     log = build_log(settings)
     queue = build_queue(settings)
-    worker = build_outbox_worker(settings, queue, log, bounces=bounces, smarthost=smarthost)
+    worker = build_outbox_worker(
+        settings,
+        queue,
+        log,
+        bounces=bounces,
+        smarthost=smarthost,
+        observer=metrics if metrics is not None else NO_OBSERVER,
+    )
+    companions: list[Callable[[], Coroutine[Any, Any, None]]] = build_event_companions(
+        settings, queue, pull_from=settings.smtp_events_url, upstream=smarthost
+    )
     async with _Service(queue, worker, log, say) as service:
         say(f"worker {worker.owner}")
         say(f"queue: {redact_url(settings.effective_queue_url)}")
@@ -829,9 +988,24 @@ async def work(
             f"concurrency {worker.concurrency}, lease {settings.lease_seconds:g}s, "
             f"bounces {'on' if bounces else 'off'}"
         )
+        if http is not None:
+            ctx = web_context(
+                settings,
+                "worker",
+                queue,
+                log,
+                worker,
+                metrics,
+                relay=(smarthost.host, smarthost.port),
+            )
+            web = build_http(settings, http, ctx)
+            web.bind()
+            companions.append(web.run)
+            say(f"http on {web.shown()}")
         await service.run(
             stop=stop,
             stopping="stopping: no more claims; finishing deliveries in flight",
             ready=(lambda: ready(worker)) if ready is not None else None,
+            companions=companions,
         )
         say("stopped")

@@ -59,6 +59,8 @@ ListenerRole = Literal["smtp", "submission", "submissions"]
 LISTENER_ROLES: tuple[str, ...] = ("smtp", "submission", "submissions")
 
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+# The HTTP listener of `hato serve` when HATO_HTTP_LISTEN is unset (Mailpit's port).
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8025"
 # boky/postfix trusts the private ranges by default so that a compose network can send.
 PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 
@@ -283,6 +285,7 @@ class Smarthost(BaseModel):
     password_file: Path | None = None
     timeout: float = 60.0
     pool_size: int = 4
+    requiretls: Literal["verify", "trusted"] = "verify"
 
     @field_validator("password")
     @classmethod
@@ -656,6 +659,22 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_LEASE_SECONDS"),
         description="How long a claimed message stays leased to a worker before another may take it.",
     )
+    trace_stages: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_TRACE_STAGES"),
+        description="Debugging latency: append one JSON line per delivered message to this"
+        " file with the time it was accepted, committed, claimed, delivered and recorded (and"
+        " a line per garbage collection over 5 ms); see docs/performance.md. Off by default.",
+    )
+    node_liveness_interval: float = Field(
+        default=2.0,
+        ge=0,
+        validation_alias=_env("HATO_NODE_LIVENESS_INTERVAL"),
+        description="On a PostgreSQL queue shared by several nodes: how often each worker"
+        " looks for nodes that died (their liveness lock is free) and puts the messages they"
+        " held back in the queue, instead of waiting for the lease to run out; 0: only at"
+        " start-up.",
+    )
 
     # --- relay server role: MX delivery, users, own domains, DKIM ----------------------
     dns_servers: CommaList = Field(
@@ -875,6 +894,15 @@ class Settings(BaseSettings):
         validation_alias=_env("HATO_SMTP_TLS_CA_FILE"),
         description="CA bundle for HATO_SMTP_HOST.",
     )
+    smtp_requiretls: Literal["verify", "trusted"] = Field(
+        default="verify",
+        validation_alias=_env("HATO_SMTP_REQUIRETLS"),
+        description="REQUIRETLS mail (RFC 8689, `require_tls=True`) to HATO_SMTP_HOST: "
+        "`verify` sends it only over verified TLS to a server that offers REQUIRETLS; "
+        "`trusted` (HATO_SMTP_HOST is Hato's relay server on a trusted network, e.g. in "
+        "one compose network) passes the REQUIRETLS parameter on even in plaintext, and "
+        "the relay server enforces it from there.",
+    )
     smtp_username: str | None = Field(
         default=None,
         validation_alias=_env("HATO_SMTP_USERNAME"),
@@ -897,6 +925,84 @@ class Settings(BaseSettings):
         "NAME.txt, NAME.html). Default `./templates`.",
     )
 
+    # --- the HTTP listener (console, API, health, metrics) ----------------------------
+    http_listen: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_LISTEN"),
+        description="The HTTP listener (web console, API, `/healthz`, `/readyz`, "
+        "`/metrics`): `HOST:PORT`; empty turns it off. Unset, it depends on the command: "
+        f"`{DEFAULT_HTTP_LISTEN}` for `hato serve`, off for `hato worker`. Off loopback "
+        "it needs HATO_HTTP_TOKEN or HATO_HTTP_TOKEN_FILE.",
+    )
+    http_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_TOKEN"),
+        description="The token for the HTTP listener: API clients send "
+        "`Authorization: Bearer TOKEN`, the browser logs in with it once. Required off "
+        "loopback; `hato health` sends it.",
+    )
+    http_token_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_HTTP_TOKEN_FILE"),
+        description="A file holding HATO_HTTP_TOKEN (a container secret, `/run/secrets/...`).",
+    )
+    http_hosts: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_HTTP_HOSTS"),
+        description="Host names the HTTP listener answers to besides loopback names and "
+        "addresses (and its own bound address); any other `Host` is refused "
+        "(DNS rebinding).",
+    )
+    http_tls: bool = Field(
+        default=False,
+        validation_alias=_env("HATO_HTTP_TLS"),
+        description="Serve HTTPS on HATO_HTTP_LISTEN with HATO_TLS_CERT_FILE and "
+        "HATO_TLS_KEY_FILE; plain HTTP otherwise.",
+    )
+
+    # --- delivery events: pull and push ------------------------------------------------
+    relay_events_url: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_RELAY_EVENTS_URL"),
+        description="The upstream Hato's events API (`https://relay.example/api/v1/events`): "
+        "`hato serve` pulls the events of the messages it relayed there, authenticated with "
+        "the relay credentials (HATO_RELAY_USERNAME/PASSWORD), and records them as its own.",
+    )
+    smtp_events_url: str | None = Field(
+        default=None,
+        validation_alias=_env("HATO_SMTP_EVENTS_URL"),
+        description="The local relay's events API: `hato worker` pulls the events of the "
+        "messages it delivered there (with HATO_SMTP_USERNAME/PASSWORD when set) and writes "
+        "them onto the outbox messages.",
+    )
+    events_poll_interval: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias=_env("HATO_EVENTS_POLL_INTERVAL"),
+        description="Seconds between two pulls of an upstream's events while messages "
+        "relayed there are not final (ten times as long otherwise).",
+    )
+    webhook_url: CommaList = Field(
+        default_factory=list,
+        validation_alias=_env("HATO_WEBHOOK_URL"),
+        description="Where each delivery event is POSTed as signed JSON (one or more URLs, "
+        "comma-separated); at least once, from the queue's event log, retried with backoff.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=_env("HATO_WEBHOOK_SECRET"),
+        repr=False,
+        description="The HMAC-SHA256 key(s) of the `Hato-Signature` header; several "
+        "comma-separated during a rotation (the sender signs with each, a receiver accepts "
+        "any).",
+    )
+    webhook_secret_file: Path | None = Field(
+        default=None,
+        validation_alias=_env("HATO_WEBHOOK_SECRET_FILE"),
+        repr=False,
+        description="File holding HATO_WEBHOOK_SECRET (Docker secrets).",
+    )
+
     # --- logging ---------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(
         default="text",
@@ -906,7 +1012,14 @@ class Settings(BaseSettings):
 
     # --- validators ------------------------------------------------------------------
     @field_validator(
-        "listen", "domains", "allowed_sender_domains", "dns_servers", "mx_tls_policy", mode="before"
+        "listen",
+        "domains",
+        "allowed_sender_domains",
+        "dns_servers",
+        "mx_tls_policy",
+        "http_hosts",
+        "webhook_url",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: object) -> list[str]:
@@ -930,6 +1043,14 @@ class Settings(BaseSettings):
         # Postfix writes IPv6 networks as [::1]/128.
         return [item.replace("[", "").replace("]", "") for item in split_list(value)]
 
+    @field_validator("webhook_url", "relay_events_url", "smtp_events_url")
+    @classmethod
+    def _http_urls(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for url in [value] if isinstance(value, str) else value or []:
+            if not url.lower().startswith(("http://", "https://")) or len(url) < 10:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return value
+
     @field_validator("domains", "allowed_sender_domains")
     @classmethod
     def _lower_domains(cls, value: list[str]) -> list[str]:
@@ -948,7 +1069,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not IP[:PORT] (a resolver by address)") from None
         return value.strip()
 
-    @field_validator("relay_tls", "smtp_tls", "route", "mx_tls", "log_format", mode="before")
+    @field_validator(
+        "relay_tls", "smtp_tls", "route", "mx_tls", "log_format", "smtp_requiretls", mode="before"
+    )
     @classmethod
     def _lower_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -1005,6 +1128,34 @@ class Settings(BaseSettings):
     @property
     def listeners(self) -> list[Listener]:
         return [parse_listener(item) for item in self.listen]
+
+    def http_listener(self, command: Literal["serve", "worker"]) -> tuple[str, int] | None:
+        """Where ``command``'s HTTP listener binds, ``(host, port)``, or ``None`` when it
+        is off: HATO_HTTP_LISTEN, or unset, ``127.0.0.1:8025`` for ``serve`` and off for
+        ``worker``. Raises ConfigError on bad syntax."""
+        text = self.http_listen
+        if text is None:
+            text = DEFAULT_HTTP_LISTEN if command == "serve" else ""
+        text = text.strip()
+        if not text:
+            return None
+        try:
+            listener = parse_listener(text)
+        except ValueError as exc:
+            raise ConfigError(f"HATO_HTTP_LISTEN: {text!r} is not HOST:PORT") from exc
+        return listener.host, listener.port
+
+    def http_token_value(self) -> str | None:
+        """HATO_HTTP_TOKEN, else the content of HATO_HTTP_TOKEN_FILE (read now), else
+        ``None``. Raises ConfigError when the file cannot be read or is empty."""
+        if self.http_token is not None and self.http_token.get_secret_value().strip():
+            return self.http_token.get_secret_value().strip()
+        if self.http_token_file is None:
+            return None
+        token = _read_secret(self.http_token_file, "HATO_HTTP_TOKEN")
+        if not token:
+            raise ConfigError(f"HATO_HTTP_TOKEN_FILE {self.http_token_file} is empty")
+        return token
 
     @property
     def effective_queue_url(self) -> str:
@@ -1093,6 +1244,7 @@ class Settings(BaseSettings):
             password_file=self.smtp_password_file,
             timeout=self.relay_timeout,
             pool_size=max(self.relay_pool_size, self.worker_concurrency),
+            requiretls=self.smtp_requiretls,
         )
 
     @property
@@ -1265,6 +1417,53 @@ def mailer_environment() -> MailerEnvironment:
         template_dir=Path(template_dir) if template_dir else None,
         data_dir=data_dir,
     )
+
+
+def webhook_secrets(secret: str | None, secret_file: Path | None) -> list[str]:
+    """The webhook keys, newest first: ``HATO_WEBHOOK_SECRET``'s comma-separated values,
+    else those of ``HATO_WEBHOOK_SECRET_FILE`` (ConfigError if it cannot be read)."""
+    text = secret or ""
+    if not text and secret_file is not None:
+        text = _read_secret(secret_file, "webhook secret")
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def settings_webhook_secrets(settings: Settings) -> list[str]:
+    """:func:`webhook_secrets` of the settings."""
+    secret = settings.webhook_secret
+    return webhook_secrets(
+        secret.get_secret_value() if secret is not None else None, settings.webhook_secret_file
+    )
+
+
+def environment_webhook_secrets() -> list[str]:
+    """The webhook keys of the environment alone (``HATO_WEBHOOK_SECRET``, else
+    ``HATO_WEBHOOK_SECRET_FILE``), for receivers inside an application; may be empty."""
+    secret_file = os.environ.get("HATO_WEBHOOK_SECRET_FILE")
+    return webhook_secrets(
+        os.environ.get("HATO_WEBHOOK_SECRET"), Path(secret_file) if secret_file else None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEnvironment:
+    """What :func:`webhook_environment` read; see there."""
+
+    queue_url: str
+    secrets: list[str]
+
+
+def webhook_environment() -> WebhookEnvironment:
+    """The settings of ``hato.webhooks.app`` (a receiver run as ``uvicorn
+    hato.webhooks:app`` beside the application), from the environment only, as
+    :func:`mailer_environment` reads them: ``HATO_QUEUE_URL`` (else the SQLite file in
+    ``HATO_DATA_DIR``), and ``HATO_WEBHOOK_SECRET`` or ``HATO_WEBHOOK_SECRET_FILE``
+    (required: ConfigError without one)."""
+    mailer = mailer_environment()
+    secrets = environment_webhook_secrets()
+    if not secrets:
+        raise ConfigError("set HATO_WEBHOOK_SECRET (or HATO_WEBHOOK_SECRET_FILE)")
+    return WebhookEnvironment(queue_url=mailer.queue_url, secrets=secrets)
 
 
 if __name__ == "__main__":

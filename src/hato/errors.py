@@ -9,6 +9,7 @@
     ├── UserError              (hato.users) a ``hato user`` request that cannot be done
     ├── SigningError           (hato.dkim) DKIM cannot sign the message; intake answers 554 5.6.0
     ├── SendError              (hato.cli.send) ``hato send`` failed: the step and the reply
+    ├── SignatureError         a webhook's ``Hato-Signature`` is missing, forged or stale
     ├── DsnError               (hato.dsn_params) a bad ``notify=``, ENVID, ORCPT or xtext
     ├── TLSPolicyError         an MTA-STS policy or TLSA record that cannot be used as written
     ├── TLSReportError         (hato.tlsrpt) a TLS-RPT record, report or the report store cannot be read
@@ -75,6 +76,12 @@ class AddressError(HatoError, ValueError):
 
 class TemplateError(HatoError):
     """A mail template (``Mailer.send_template``) is missing or fails to render."""
+
+
+class SignatureError(HatoError, ValueError):
+    """A webhook's ``Hato-Signature`` header is missing or malformed, matches none of the
+    secrets, or is older (or newer) than the tolerance allows (a replay); the message
+    says which. Raised by :func:`hato.webhooks.verify`."""
 
 
 class QueueError(HatoError):

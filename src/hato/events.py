@@ -31,6 +31,7 @@ message across every hop. Events pulled from another node keep that node's
 
 from __future__ import annotations
 
+import datetime
 import json
 import secrets
 import time
@@ -239,3 +240,65 @@ def decode(text: str | bytes) -> DeliveryEvent:
     if not isinstance(data, dict):
         raise ValueError("an event is a JSON object")
     return DeliveryEvent.from_json(data)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_since(text: str, now: float) -> float:
+    """The time ``text`` names, as ``hato events --since`` and the API's ``since=`` take
+    it: a duration back from ``now`` (``90s``, ``30m``, ``2h``, ``1d``, ``1w``), an ISO
+    8601 time (``2026-12-03T12:00:00Z``; without an offset it is UTC) or Unix seconds.
+    Raises ``ValueError`` for anything else."""
+    value = text.strip()
+    if not value:
+        raise ValueError("empty time")
+    unit = _DURATION_UNITS.get(value[-1].lower())
+    if unit is not None and value[:-1].replace(".", "", 1).isdigit():
+        return now - float(value[:-1]) * unit
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (a duration such as 2h, 30m, 1d, or ISO 8601)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def describe(event: DeliveryEvent) -> str:
+    """One line for a person: ``hato events``' text form."""
+    when = datetime.datetime.fromtimestamp(event.time, datetime.UTC)
+    parts = [
+        when.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        event.node,
+        event.queue_id,
+        event.event,
+        f"to=<{event.recipient}>",
+    ]
+    if event.envid:
+        parts.append(f"envid={event.envid}")
+    if event.route:
+        parts.append(f"route={event.route}")
+    if event.relay_host or event.relay_ip:
+        parts.append(f"relay={event.relay_host or '?'}[{event.relay_ip}]")
+    if event.tls_version:
+        parts.append(f"tls={event.tls_version}{'' if event.tls_verified else ',unverified'}")
+    if event.attempt:
+        parts.append(f"attempt={event.attempt}")
+    if event.reply_code:
+        reply = " ".join(
+            p for p in (str(event.reply_code), event.reply_enhanced, event.reply_text) if p
+        )
+        parts.append(f"({reply})")
+    return " ".join(parts)
+
+
+def reply_of(event: DeliveryEvent) -> str:
+    """The remote reply an event carries, as one line (``""`` when none)."""
+    if not event.reply_code:
+        return event.reply_text
+    return " ".join(p for p in (str(event.reply_code), event.reply_enhanced, event.reply_text) if p)

@@ -115,6 +115,11 @@ def check_header_value(value: str, what: str = "header value") -> str:
 # every queue backend as it is): these are its keys.
 META_ENVID = "envid"
 """The RFC 3461 envelope id (``ENVID=``) the message travels with, ``""`` for none."""
+META_AUTH_USER = "auth_user"
+"""The SASL user that submitted the message (who may read its events over the API)."""
+META_REQUIRETLS = "requiretls"
+"""``"yes"`` when the message must travel only over verified TLS to next hops that offer
+REQUIRETLS (RFC 8689): ``MAIL FROM ... REQUIRETLS`` or ``Mailer.send(require_tls=True)``."""
 
 _MESSAGE_ID_RE = re.compile(rb"(?:^|\r?\n)message-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 

@@ -105,7 +105,7 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 
 # Intake (smtp/protocol.py); the dialogs in tests/dialogs/ pin their exact wording.
 HELP = Reply(
-    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
 )
 AUTH_CHALLENGE_EMPTY = Reply(334, "", "")
 AUTH_CHALLENGE_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
@@ -144,6 +144,17 @@ NUL_IN_DATA = Reply(554, "5.6.0", "NUL character not allowed in message data")
 TEXT_LINE_TOO_LONG = Reply(
     554, "5.6.0", "Message has a line longer than 998 octets (RFC 5321 4.5.3.1.6)"
 )
+
+
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST], closing connection")
+BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "BDAT after a failed chunk; send RSET")
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs a TLS session; send STARTTLS first")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed in a BDAT transaction; send RSET")
+
+
+def chunk_received(total: int) -> Reply:
+    """The answer to a BDAT chunk that is not the last: the octets received so far."""
+    return Reply(250, "2.0.0", f"{total} octets received")
 
 
 def queued_as(queue_id: str) -> Reply:

@@ -36,10 +36,10 @@ from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
 from hato.dsn_params import DsnRequest
 from hato.errors import MessageNotFound
-from hato.mailer import Composed, MailerBase, MessageId, Status
+from hato.mailer import Composed, MailerBase, MessageId, RecipientReport, Status
 from hato.mailer.async_mailer import TemplateSource
 from hato.message import Envelope
-from hato.queue.base import RecipientState, RecipientStatus, new_message_id
+from hato.queue.base import new_message_id
 from hato.reply import Reply
 
 __all__ = ["CAPTURED_REPLY", "CaptureMailer", "CapturedMail", "FakeClock", "ScriptedCourier"]
@@ -97,6 +97,7 @@ class ScriptedCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         self.calls.append((sender, list(recipients)))
         self.messages.append(data)
@@ -200,7 +201,7 @@ class CaptureMailer(MailerBase):
                     created_at=mail.created_at,
                     next_attempt_at=None,
                     recipients=tuple(
-                        RecipientStatus(r, RecipientState.SENT, CAPTURED_REPLY, "capture", 1)
+                        RecipientReport(r, "sent", CAPTURED_REPLY, "capture", 1)
                         for r in mail.envelope.recipients
                     ),
                     queue_state="sent",

@@ -37,33 +37,16 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import httpx
 
 from hato.clock import Clock
 from hato.errors import DeliveryError, HatoError
 from hato.message import Envelope
-
-PolicyType = Literal["sts", "tlsa", "no-policy-found"]
-POLICY_TYPES: tuple[str, ...] = ("sts", "tlsa", "no-policy-found")
-
-# RFC 8460 4.3: the result types of a failed session.
-RESULT_TYPES: tuple[str, ...] = (
-    # 4.3.1 negotiation failures
-    "starttls-not-supported",
-    "certificate-host-mismatch",
-    "certificate-expired",
-    "certificate-not-trusted",
-    "validation-failure",
-    # 4.3.2.1 DANE
-    "tlsa-invalid",
-    "dnssec-invalid",
-    "dane-required",
-    # 4.3.2.2 MTA-STS
-    "sts-policy-fetch-error",
-    "sts-policy-invalid",
-    "sts-webpki-invalid",
+from hato.tlsrpt_types import (
+    SUCCESS,
+    TLSResult,
 )
 
 STORE_NAME = "tlsrpt.sqlite3"
@@ -75,76 +58,6 @@ KEEP_DAYS = 35  # results older than this are dropped after their report is due
 
 class TLSReportError(HatoError):
     """A TLS-RPT record, report or report message cannot be read (the message says why)."""
-
-
-SUCCESS = "success"
-
-
-@dataclass(frozen=True, slots=True)
-class TLSResult:
-    """One delivery attempt's TLS outcome under one policy, as RFC 8460 counts it.
-
-    The same fields as the MX courier's result (``hato.tlsrpt_types`` on the MTA-STS/DANE
-    side; the store reads either through :class:`TLSResultLike`). ``policy_strings`` are
-    the policy as published (MTA-STS policy lines, or TLSA records in presentation
-    form), ``mx_host_patterns`` the ``mx:`` lines of an MTA-STS policy; ``result_type``
-    is ``success`` or one of :data:`RESULT_TYPES`; ``time`` the attempt's Unix time (its
-    day's bucket). ``failure_reason`` becomes the report's ``failure-reason-code``.
-    """
-
-    policy_domain: str
-    policy_type: PolicyType
-    mx_host: str
-    result_type: str
-    time: float
-    policy_strings: tuple[str, ...] = ()
-    mx_host_patterns: tuple[str, ...] = ()
-    sending_ip: str = ""
-    receiving_ip: str = ""
-    failure_reason: str = ""
-    tls_policy: str = ""
-    receiving_mx_helo: str = ""
-
-    def __post_init__(self) -> None:
-        if self.policy_type not in POLICY_TYPES:
-            raise ValueError(f"policy_type {self.policy_type!r} is not one of {POLICY_TYPES}")
-        if self.result_type != SUCCESS and self.result_type not in RESULT_TYPES:
-            raise ValueError(f"result_type {self.result_type!r} is not an RFC 8460 result type")
-
-    @property
-    def success(self) -> bool:
-        return self.result_type == SUCCESS
-
-
-class TLSResultLike(Protocol):
-    """What the store reads of a result (the courier's own dataclass fits)."""
-
-    @property
-    def policy_domain(self) -> str: ...
-    @property
-    def policy_type(self) -> str: ...
-    @property
-    def mx_host(self) -> str: ...
-    @property
-    def result_type(self) -> str: ...
-    @property
-    def time(self) -> float: ...
-    @property
-    def policy_strings(self) -> tuple[str, ...]: ...
-    @property
-    def mx_host_patterns(self) -> tuple[str, ...]: ...
-    @property
-    def sending_ip(self) -> str: ...
-    @property
-    def receiving_ip(self) -> str: ...
-    @property
-    def failure_reason(self) -> str: ...
-
-
-class TLSReporter(Protocol):
-    """Where the MX courier sends each attempt's :class:`TLSResult`."""
-
-    def record(self, result: TLSResultLike) -> None: ...
 
 
 # --- the _smtp._tls record ----------------------------------------------------------------
@@ -532,7 +445,7 @@ class TLSReportStore:
             except sqlite3.Error as exc:
                 raise TLSReportError(f"TLS-RPT store {self.path}: {exc}") from None
 
-    def record(self, result: TLSResultLike) -> None:
+    def record(self, result: TLSResult) -> None:
         """Count one attempt in its day's (UTC) bucket of its policy domain. Never raises:
         it runs inline with delivery, and a lost count must not cost a delivery."""
         failed = result.result_type != SUCCESS

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 PolicyType = Literal["sts", "tlsa", "no-policy-found"]
+POLICY_TYPES: tuple[str, ...] = ("sts", "tlsa", "no-policy-found")
 
 # RFC 8460 §4.3: the result types. "success" is ours (a successful session is counted in
 # the report's summary, not listed as a failure).
@@ -31,8 +32,8 @@ STS_POLICY_FETCH_ERROR: Final = "sts-policy-fetch-error"
 STS_POLICY_INVALID: Final = "sts-policy-invalid"
 STS_WEBPKI_INVALID: Final = "sts-webpki-invalid"
 
+# The failure types (a report's failure-details); SUCCESS is not one of them.
 RESULT_TYPES: tuple[str, ...] = (
-    SUCCESS,
     STARTTLS_NOT_SUPPORTED,
     CERTIFICATE_HOST_MISMATCH,
     CERTIFICATE_EXPIRED,
@@ -75,6 +76,13 @@ class TLSResult:
     receiving_ip: str = ""
     failure_reason: str = ""
     tls_policy: str = ""
+    receiving_mx_helo: str = ""
+
+    def __post_init__(self) -> None:
+        if self.policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type {self.policy_type!r} is not one of {POLICY_TYPES}")
+        if self.result_type != SUCCESS and self.result_type not in RESULT_TYPES:
+            raise ValueError(f"result_type {self.result_type!r} is not an RFC 8460 result type")
 
     @property
     def success(self) -> bool:

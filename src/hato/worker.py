@@ -41,7 +41,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hato import events
@@ -54,10 +54,12 @@ from hato.dsn_params import NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_SUCCESS, DsnReq
 from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, message_id_of
+from hato.message import META_ENVID, META_REQUIRETLS, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
+from hato.stages import StageTrace
 
 _debug = logging.getLogger(__name__)
 
@@ -156,6 +158,10 @@ class Worker:
         delay_warning: float = 0.0,
         envid_from_id: bool = False,
         return_path: Callable[[str, str], str] | None = None,
+        take_over: Callable[[], Awaitable[int]] | None = None,
+        take_over_every: float = 2.0,
+        stages: StageTrace | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
@@ -182,6 +188,13 @@ class Worker:
         # (sender, queue id) -> the MAIL FROM of mail leaving this node: a VERP return
         # path (hato.verp) when HATO_VERP is on.
         self.return_path = return_path
+        # Shared queues (PostgreSQL): unlease what dead nodes held, every
+        # ``take_over_every`` seconds while running (see PostgresQueue.take_over_dead).
+        self.take_over = take_over
+        self.take_over_every = take_over_every
+        # HATO_TRACE_STAGES: per-message stage timestamps (hato.stages), else None.
+        self.stages = stages
+        self.observer = observer  # told of each recipient's attempt (metrics)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._local_hold = HoldCourier(LOCAL_HELD)
@@ -206,6 +219,11 @@ class Worker:
         """Claim and deliver until :meth:`stop` is called (also if it was called before:
         a stop requested during start-up is not lost)."""
         self.running = True
+        sweeper = (
+            asyncio.create_task(self._take_over_loop(), name="hato-take-over")
+            if self.take_over is not None and self.take_over_every > 0
+            else None
+        )
         try:
             while not self._stop.is_set():
                 free = self.concurrency - len(self._inflight)
@@ -224,13 +242,38 @@ class Worker:
                     continue
                 self._claim_worked()
                 for msg in claimed:
+                    if self.stages is not None:
+                        self.stages.mark(msg.id, "claimed")
                     self._start(msg)
                 if claimed and len(claimed) == min(free, self.batch_size):
                     continue  # there may be more due right now
                 await self._pause(self.idle_wait, watch_queue=True)
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.gather(sweeper, return_exceptions=True)
             await self._drain()
             self.running = False
+
+    async def _take_over_loop(self) -> None:
+        """Every ``take_over_every`` seconds: give dead nodes' leases back to the queue."""
+        take_over = self.take_over
+        while take_over is not None and not self._stop.is_set():
+            try:
+                async with asyncio.timeout(self.take_over_every):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                taken = await take_over()
+            except Exception as exc:  # the queue is down: the claim loop reports that
+                _debug.warning("taking over dead nodes' leases failed: %s", exc)
+                continue
+            if taken:
+                self.log.event(
+                    "qmgr", "", status="recovered", detail=f"{taken} message(s) of a dead node"
+                )
 
     def _claim_failed(self, exc: Exception) -> None:
         self._failures += 1
@@ -373,9 +416,14 @@ class Worker:
         if self.return_path is not None and kind in (RouteKind.RELAY, RouteKind.MX):
             sender = self.return_path(sender, msg.id)
         try:
-            results = await courier.deliver(
-                sender, recipients, msg.data, message_id=msg.id, dsn=dsn
-            )
+            if msg.meta.get(META_REQUIRETLS) == "yes":
+                results = await courier.deliver(
+                    sender, recipients, msg.data, message_id=msg.id, dsn=dsn, require_tls=True
+                )
+            else:
+                results = await courier.deliver(
+                    sender, recipients, msg.data, message_id=msg.id, dsn=dsn
+                )
         except Exception as exc:  # unknown means temporary: retry rather than drop
             _debug.error("courier %s failed on %s", courier.name, msg.id, exc_info=True)
             reply = Reply(
@@ -420,6 +468,8 @@ class Worker:
             for res in await self._deliver(kind, msg, recipients, dsn):
                 delivered.append((kind, res))
 
+        if self.stages is not None:
+            self.stages.mark(msg.id, "delivered")
         now = self._clock()
         attempt = msg.attempts + 1
         expired = self.retry.expired(msg.created_at, now)
@@ -467,9 +517,13 @@ class Worker:
             held=held,
             events=self._events(msg, decisions, now, attempt, envid, warned),
         )
+        if self.stages is not None:
+            self.stages.finish(msg.id)
         if state is None:
             self.log.queue_event(msg.id, "lease lost", owner=self.owner)
         for d in decisions:
+            self.observer.delivery(d.kind.value, d.status, max(0.0, now - msg.created_at))
+            self.observer.event(_event_name(d))
             detail = str(d.result.reply)
             if d.expired:
                 detail = f"gave up after {_lifetime(self.retry.max_lifetime)}: {detail}"

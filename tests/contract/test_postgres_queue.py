@@ -434,6 +434,31 @@ async def test_recover_returns_expired_leases_and_quarantines_unreadable_rows(
         await q.close()
 
 
+async def test_take_over_dead_returns_the_leases_of_a_node_that_is_gone(url: str) -> None:
+    """Two nodes on one queue: while node A's process lives its leases are its own; once
+    its sessions end (here: closed, as kill -9 would end them), node B takes them over
+    at once, long before the lease would run out."""
+    a, b = PostgresQueue(url), PostgresQueue(url)
+    await a.open()
+    await b.open()
+    try:
+        message_id = await a.enqueue(envelope(), b"x")
+        assert [m.id for m in await a.claim(owner="node-a", limit=1, lease_seconds=600)] == [
+            message_id
+        ]
+        assert await b.take_over_dead() == 0  # alive: its lock is held
+        assert await a.take_over_dead() == 0  # never our own
+        await a.close()
+        assert await b.take_over_dead() == 1
+        assert (await b.get(message_id)).state is MessageState.QUEUED
+        claimed = await b.claim(owner="node-b", limit=1, lease_seconds=600)
+        assert [m.id for m in claimed] == [message_id]
+        assert await b.take_over_dead() == 0  # node B's own lease stays
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- wake-ups ----------------------------------------------------------------------------
 
 

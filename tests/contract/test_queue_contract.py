@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from hato.errors import MessageNotFound
+from hato.errors import MessageNotFound, QueueError
 from hato.message import Envelope
 from hato.queue.base import (
     MessageState,
@@ -532,6 +532,41 @@ async def test_counts(queue: Queue, clock: FakeClock) -> None:
     assert counts[MessageState.QUEUED] == 0
     assert counts[MessageState.QUARANTINED] == 0
     assert sum(counts.values()) == 4
+
+
+async def test_oldest_per_state(queue: Queue, clock: FakeClock) -> None:
+    assert await queue.oldest() == {}
+    first_at = clock.now
+    first = await queue.enqueue(env(), DATA)
+    clock.now += 60
+    await queue.enqueue(env(), DATA)
+    clock.now += 60
+    held_at = clock.now
+    await queue.enqueue(env(), DATA, held=True)
+    oldest = await queue.oldest()
+    assert oldest[MessageState.QUEUED] == pytest.approx(first_at, abs=1e-3)
+    assert oldest[MessageState.HELD] == pytest.approx(held_at, abs=1e-3)
+    assert MessageState.SENT not in oldest
+    await queue.delete(first)
+    assert (await queue.oldest())[MessageState.QUEUED] == pytest.approx(first_at + 60, abs=1e-3)
+
+
+async def test_ping_writes_and_changes_no_message(queue: Queue) -> None:
+    kept = await queue.enqueue(env(), DATA)
+    before = await queue.counts()
+    await queue.ping()
+    await queue.ping()
+    assert await queue.counts() == before
+    assert (await queue.get(kept)).data == DATA
+
+
+async def test_ping_on_a_closed_queue_raises_queue_error(queue: Queue) -> None:
+    await queue.close()
+    try:
+        with pytest.raises(QueueError):
+            await queue.ping()
+    finally:
+        await queue.open()
 
 
 # -- recovery --------------------------------------------------------------------------

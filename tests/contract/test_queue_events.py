@@ -15,6 +15,8 @@ from hato.message import Envelope
 from hato.queue.base import MessageState, Outcome, Queue, RecipientState
 from hato.testing import FakeClock
 
+from .conftest import Backend, OpenQueue
+
 DATA = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
@@ -162,6 +164,25 @@ async def test_prune_forgets_old_events_only(queue: Queue, clock: FakeClock) -> 
 async def test_a_cursor_from_nowhere_is_refused(queue: Queue) -> None:
     with pytest.raises(QueueError):
         await queue.events(after="not a cursor")
+
+
+async def test_cursors_are_kept_by_name_and_replaced(queue: Queue) -> None:
+    assert await queue.get_cursor("webhook:https://a.example/hook") == ""
+    await queue.set_cursor("webhook:https://a.example/hook", "12")
+    await queue.set_cursor("pull:https://relay.example/api/v1/events", "1-0")
+    await queue.set_cursor("webhook:https://a.example/hook", "15")
+    assert await queue.get_cursor("webhook:https://a.example/hook") == "15"
+    assert await queue.get_cursor("pull:https://relay.example/api/v1/events") == "1-0"
+    assert await queue.get_cursor("webhook:https://b.example/hook") == ""
+
+
+async def test_a_cursor_is_seen_by_another_opening_of_the_queue(
+    queue: Queue, open_new: OpenQueue, backend: Backend
+) -> None:
+    await queue.set_cursor("webhook:https://a.example/hook", "42")
+    # A memory queue is its process's own: there the same queue is the other reader.
+    other = queue if backend.name == "memory" else await open_new()
+    assert await other.get_cursor("webhook:https://a.example/hook") == "42"
 
 
 async def test_record_bounce_fails_delivered_recipients_after_the_fact(

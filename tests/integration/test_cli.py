@@ -22,6 +22,7 @@ def hato(
 ) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HATO_", "RELAYHOST"))}
     full_env["PYTHONPATH"] = SRC + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["HATO_HTTP_LISTEN"] = ""  # not 127.0.0.1:8025, which parallel runs share
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "hato", *args],
@@ -235,6 +236,7 @@ def test_send_verbose_prints_the_dialog_like_swaks(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HATO_", "RELAYHOST"))}
     env["PYTHONPATH"] = SRC
+    env["HATO_HTTP_LISTEN"] = ""
     server = subprocess.Popen(
         [
             sys.executable,

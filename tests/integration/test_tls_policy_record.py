@@ -19,6 +19,7 @@ from test_cli import hato
 
 from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.router import RouteKind, Router
+from hato.dsn_params import DsnRequest
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.queue import open_queue
@@ -45,9 +46,15 @@ class PolicyCourier(ScriptedCourier):
         self.policy = policy
 
     async def deliver(
-        self, sender: str, recipients: Sequence[str], data: bytes, *, message_id: str = ""
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        message_id: str = "",
+        dsn: DsnRequest | None = None,
     ) -> list[DeliveryResult]:
-        results = await super().deliver(sender, recipients, data, message_id=message_id)
+        results = await super().deliver(sender, recipients, data, message_id=message_id, dsn=dsn)
         out = []
         for r in results:
             version, verified, policy = self.policy[r.recipient]

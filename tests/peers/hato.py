@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SRC = REPO_ROOT / "src"
 
 LISTENER_RE = re.compile(r"listener (\S+) on (\S+):(\d+)")
+HTTP_RE = re.compile(r"hato: http on (\S+):(\d+)\s*$")
 READY_RE = re.compile(r"hato: ready\s*$")
 
 # Only these pass from the test runner's environment: anything else (a developer's own
@@ -47,6 +48,9 @@ def hato_env(data_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, 
     result["PYTHONPATH"] = os.pathsep.join(pythonpath)
     result["PYTHONUNBUFFERED"] = "1"
     result["HATO_DATA_DIR"] = str(data_dir)
+    # The HTTP listener is off unless a test asks for it: parallel runs would all want
+    # 127.0.0.1:8025. HatoServe turns it on at a free port (see HatoServe.http_url).
+    result["HATO_HTTP_LISTEN"] = ""
     if env:
         result.update(env)
     return result
@@ -119,6 +123,9 @@ class HatoServe:
         # A fixed port, not 0, so that a restart comes back where the clients are.
         self.port = port or free_port(host)
         self.env.setdefault("HATO_LISTEN", f"{host}:{self.port}")
+        self.env.setdefault("HATO_HTTP_LISTEN", "127.0.0.1:0")
+        # The console's base URL once started ("http on HOST:PORT"), or "" when off.
+        self.http_url = ""
         self.args = list(args)
         self.listeners: dict[str, tuple[str, int]] = {}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -159,10 +166,15 @@ class HatoServe:
         self._reader.start()
         self.wait_for_log(READY_RE, timeout, since=mark)
         self.listeners = {}
+        self.http_url = ""
         for line in self.lines(since=mark):
             match = LISTENER_RE.search(line)
             if match:
                 self.listeners[match.group(1)] = (match.group(2), int(match.group(3)))
+            http = HTTP_RE.search(line)
+            if http:
+                scheme = "https" if self.env.get("HATO_HTTP_TLS", "").lower() == "true" else "http"
+                self.http_url = f"{scheme}://{http.group(1)}:{http.group(2)}"
         if self.listeners:
             first_host, first_port = next(iter(self.listeners.values()))
             smtp = self.listeners.get("smtp", (first_host, first_port))

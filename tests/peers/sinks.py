@@ -137,8 +137,10 @@ class RecordingSink:
         tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         hostname: str = "sink.test",
+        smtputf8: bool = False,
     ) -> None:
         self.host = host
+        self._smtputf8 = smtputf8
         self.port = port or free_port(host)
         self._tls_context = tls_context
         self._require_starttls = require_starttls
@@ -162,6 +164,7 @@ class RecordingSink:
             ready_timeout=10.0,
             tls_context=self._tls_context,
             require_starttls=self._require_starttls,
+            enable_SMTPUTF8=self._smtputf8,
         )
         controller.start()
         self._controller = controller

@@ -53,10 +53,16 @@ BOKY_AND_HATO_NAMES = [
     "HATO_SMTP_PASSWORD_FILE",
     "HATO_SMTP_TLS",
     "HATO_SMTP_TLS_CA_FILE",
+    "HATO_SMTP_REQUIRETLS",
     "HATO_RELAY_POOL_SIZE",
     "HATO_RELAY_TIMEOUT",
     "HATO_WORKER_CONCURRENCY",
     "HATO_ALLOW_PLAINTEXT_AUTH",
+    "HATO_HTTP_LISTEN",
+    "HATO_HTTP_TOKEN",
+    "HATO_HTTP_TOKEN_FILE",
+    "HATO_HTTP_HOSTS",
+    "HATO_HTTP_TLS",
 ]
 
 
@@ -357,3 +363,82 @@ def test_plaintext_auth_for_loopback_smtp_clients_only(monkeypatch: pytest.Monke
     assert not smtp.auth_permitted(smtp.facts("10.0.0.1"))  # trusted, but not loopback
     submission = build_policy(settings, ListenerRole.SUBMISSION)
     assert not submission.auth_permitted(submission.facts("127.0.0.1"))
+
+
+def test_event_urls_and_webhook_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from hato.config import settings_webhook_secrets
+
+    monkeypatch.setenv("HATO_WEBHOOK_URL", "https://app.example/hook, http://127.0.0.1:9/h")
+    monkeypatch.setenv("HATO_WEBHOOK_SECRET", "new-secret, old-secret")
+    monkeypatch.setenv("HATO_RELAY_EVENTS_URL", "https://relay.example/api/v1/events")
+    s = load_settings(data_dir=tmp_path)
+    assert s.webhook_url == ["https://app.example/hook", "http://127.0.0.1:9/h"]
+    assert settings_webhook_secrets(s) == ["new-secret", "old-secret"]
+    assert "new-secret" not in repr(s)
+    monkeypatch.delenv("HATO_WEBHOOK_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    monkeypatch.setenv("HATO_WEBHOOK_SECRET_FILE", str(secret_file))
+    assert settings_webhook_secrets(load_settings(data_dir=tmp_path)) == ["from-file"]
+    monkeypatch.setenv("HATO_SMTP_EVENTS_URL", "ftp://local/api")
+    with pytest.raises(ConfigError, match=r"HATO_SMTP_EVENTS_URL|smtp_events_url"):
+        load_settings(data_dir=tmp_path)
+
+
+def test_smtp_requiretls_names_the_first_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().smtp.requiretls == "verify"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", " Trusted ")
+    assert load_settings().smtp.requiretls == "trusted"
+    monkeypatch.setenv("HATO_SMTP_REQUIRETLS", "always")
+    with pytest.raises(ConfigError, match="HATO_SMTP_REQUIRETLS"):
+        load_settings()
+
+
+# --- the HTTP listener ------------------------------------------------------------------
+
+
+def test_http_listener_default_depends_on_the_command() -> None:
+    settings = load_settings()
+    assert settings.http_listener("serve") == ("127.0.0.1", 8025)
+    assert settings.http_listener("worker") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("  ", None), ("0.0.0.0:9000", ("0.0.0.0", 9000)), ("[::1]:0", ("::1", 0))],
+)
+def test_http_listen_set_applies_to_both_commands(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[str, int] | None
+) -> None:
+    monkeypatch.setenv("HATO_HTTP_LISTEN", value)
+    settings = load_settings()
+    assert settings.http_listener("serve") == expected
+    assert settings.http_listener("worker") == expected
+
+
+def test_http_listen_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATO_HTTP_LISTEN", "localhost")
+    with pytest.raises(ConfigError, match="HATO_HTTP_LISTEN"):
+        load_settings().http_listener("serve")
+
+
+def test_http_token_from_env_or_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert load_settings().http_token_value() is None
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("HATO_HTTP_TOKEN_FILE", str(secret))
+    assert load_settings().http_token_value() == "from-file"
+    monkeypatch.setenv("HATO_HTTP_TOKEN", "from-env")
+    assert load_settings().http_token_value() == "from-env"
+    monkeypatch.delenv("HATO_HTTP_TOKEN")
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_settings().http_token_value()
+    monkeypatch.setenv("HATO_HTTP_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings().http_token_value()
+
+
+def test_http_hosts_is_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATO_HTTP_HOSTS", "mail.example.com, console.example.com")
+    assert load_settings().http_hosts == ["mail.example.com", "console.example.com"]

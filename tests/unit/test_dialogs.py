@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from hato import reply
-from hato.message import Envelope
+from hato.message import META_REQUIRETLS, Envelope
 from hato.smtp.auth import StaticAuthenticator
 from hato.smtp.policy import ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import (
@@ -241,6 +241,7 @@ def run_dialog(path: Path) -> None:
                     "user": envelope.auth_user,
                     "body_8bit": "yes" if envelope.body_8bit else "no",
                     "smtputf8": "yes" if envelope.smtputf8 else "no",
+                    "requiretls": envelope.meta.get(META_REQUIRETLS, "no"),
                 }.get(key)
                 if key.startswith("meta."):
                     actual = envelope.meta.get(key[5:], "")

@@ -321,7 +321,7 @@ def test_sender_comes_from_the_default() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["no-at-sign", "a@", "@x.org", "a b@x.org", "a@x.org.", "jöhn@example.org", "<>", ""],
+    ["no-at-sign", "a@", "@x.org", "a b@x.org", "a@x.org.", "jöhn@bad domain.org", "<>", ""],
 )
 def test_bad_addresses_are_refused(bad: str) -> None:
     with pytest.raises(AddressError):
@@ -484,3 +484,24 @@ def test_date_header_is_what_the_email_package_writes(when: float) -> None:
     expected = email.utils.format_datetime(datetime.fromtimestamp(when, UTC))
     c = compose("u@x.org", "s", from_=FROM, clock=lambda: when)
     assert f"\r\nDate: {expected}\r\n".encode() in c.data
+
+
+def test_an_international_address_makes_the_message_smtputf8() -> None:
+    c = compose("Jörg <jörg@bücher.example>", "s", "x", from_=FROM, cc="田中@例え.jp")
+    # RFC 6531: the local part stays UTF-8, the domain goes to its A-label for DNS.
+    assert c.envelope.recipients == ["jörg@xn--bcher-kva.example", "田中@xn--r8jz45g.jp"]
+    assert c.envelope.smtputf8
+    msg = email.message_from_string(c.data.decode("utf-8"), policy=email.policy.SMTPUTF8)
+    assert msg["To"].addresses[0].addr_spec == "jörg@xn--bcher-kva.example"
+    assert msg["To"].addresses[0].display_name == "Jörg"
+    assert "田中@xn--r8jz45g.jp" in c.data.decode("utf-8")
+    plain = compose("u@bücher.example", "s", "x", from_=FROM)
+    assert not plain.envelope.smtputf8 and plain.data.isascii()
+
+
+def test_require_tls_marks_the_message() -> None:
+    from hato.message import META_REQUIRETLS
+
+    marked = compose("u@x.org", "s", from_=FROM, require_tls=True).envelope.meta
+    assert marked.get(META_REQUIRETLS) == "yes"
+    assert META_REQUIRETLS not in compose("u@x.org", "s", from_=FROM).envelope.meta

@@ -269,3 +269,79 @@ def test_a_size_limit_of_zero_means_no_limit() -> None:
     assert b"250-SIZE\r\n" in out
     assert b"552" not in out and len(messages) == 1
     assert messages[0].endswith(body * 2000)
+
+
+def _bdat(chunk: bytes, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n%s" % (len(chunk), b" LAST" if last else b"", chunk)
+
+
+BDAT_TRANSACTION = (
+    b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+    + _bdat(b"Subject: x\r\n\r\n.\r\nQUIT\r\n")
+    + _bdat(b"RSET\r\nlast line", last=True)
+    + b"MAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.net>\r\n"
+    + _bdat(b"ab\nQUIT\r\n", last=True)
+    + b"MAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.net>\r\n"
+    + _bdat(b"", last=True)
+    + b"QUIT\r\n"
+)
+
+
+def test_bdat_chunking_never_changes_the_outcome() -> None:
+    whole = drive(new_session(), [BDAT_TRANSACTION])
+    out, messages, closed = whole
+    assert closed
+    assert out.count(b"250 2.0.0 Ok: queued as ") == 2
+    assert b"554 5.6.11 " in out
+    assert messages[0].endswith(b"+0000\r\nSubject: x\r\n\r\n.\r\nQUIT\r\nRSET\r\nlast line\r\n")
+    assert messages[1].endswith(b"+0000\r\n")
+    for size in (1, 2, 3, 5, 7, 64):
+        chunks = [BDAT_TRANSACTION[i : i + size] for i in range(0, len(BDAT_TRANSACTION), size)]
+        assert drive(new_session(), chunks) == whole, f"chunk size {size}"
+    for cut in range(len(BDAT_TRANSACTION)):
+        halves = [BDAT_TRANSACTION[:cut], BDAT_TRANSACTION[cut:]]
+        assert drive(new_session(), halves) == whole, f"cut at {cut}"
+
+
+def test_oversize_bdat_is_not_kept_in_memory() -> None:
+    session = new_session(max_message_size=100_000)
+    start = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+    drive(session, [start + b"BDAT 500000 LAST\r\n"])
+    line = b"y" * 98 + b"\r\n"
+    for _ in range(4999):
+        assert session.receive(line) == []
+        assert len(session._buf) < 200_000 and len(session._bdat_body) == 0
+    out, messages, closed = drive(session, [line + b"NOOP\r\n"])
+    assert out == b"552 5.3.4 Message size exceeds fixed limit\r\n250 2.0.0 OK\r\n"
+    assert messages == [] and not closed
+
+
+def test_large_bdat_message_in_many_chunks() -> None:
+    session = new_session()
+    drive(session, [b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"])
+    line = b"x" * 76 + b"\r\n"
+    body = line * (5 * 1024 * 1024 // len(line))
+    out, messages, _ = drive(session, [_bdat(body[:1_000_000]), _bdat(body[1_000_000:], True)])
+    assert out == b"250 2.0.0 1000000 octets received\r\n250 2.0.0 Ok: queued as ID1\r\n"
+    assert messages[0].endswith(body)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"BDAT",
+        b"BDAT x",
+        b"BDAT -1",
+        b"BDAT +5",
+        b"BDAT 10 FIRST",
+        b"BDAT 10 LAST x",
+        b"BDAT 1234567890123456789",
+        b"BDAT \xd9\xa3",
+        b"BDAT 1e3",
+    ],
+)
+def test_bdat_with_a_bad_size_closes_the_connection(command: bytes) -> None:
+    start = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+    out, messages, closed = drive(new_session(), [start + command + b"\r\nNOOP\r\n"])
+    assert closed and messages == []
+    assert out.endswith(b"\r\n501 5.5.4 Syntax: BDAT chunk-size [LAST], closing connection\r\n")

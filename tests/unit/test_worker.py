@@ -339,3 +339,33 @@ async def test_claim_failures_do_not_end_the_loop() -> None:
     async with asyncio.timeout(5):
         await task
     assert rig.log.count("claim failed") == 2
+
+
+async def test_run_takes_over_dead_nodes_leases_periodically_and_logs_it() -> None:
+    """A shared queue's take-over (PostgresQueue.take_over_dead) runs every
+    ``take_over_every`` seconds while the worker runs; a failure of it does not end the
+    run; a take-over that found something is logged; none runs after the stop."""
+    calls: list[int] = []
+    answers = [QueueError("down"), 0, 3]
+
+    async def take_over() -> int:
+        calls.append(1)
+        answer = answers.pop(0) if answers else 0
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    rig = await start(Rig({RouteKind.RELAY: ScriptedCourier("relay.test", lambda r: OK)}))
+    rig.worker.take_over = take_over
+    rig.worker.take_over_every = 0.01
+    task = asyncio.create_task(rig.worker.run())
+    async with asyncio.timeout(5):
+        while "of a dead node" not in rig.log:
+            await asyncio.sleep(0.005)
+    assert "status=recovered (3 message(s) of a dead node)" in rig.log
+    rig.worker.stop()
+    async with asyncio.timeout(5):
+        await task
+    made = len(calls)
+    await asyncio.sleep(0.05)
+    assert len(calls) == made >= 3

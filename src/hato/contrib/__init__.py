@@ -1,1 +1,2 @@
-"""Integrations with web frameworks: ``hato.contrib.django`` (an email backend)."""
+"""Integrations with web frameworks: ``hato.contrib.django`` (an email backend, a webhook
+view and a signal for delivery events)."""

@@ -62,10 +62,14 @@ class Courier(Protocol):
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         """Try once; one result per recipient, in the order given. Never raises for a
         delivery failure (only for programming errors). ``dsn``: the message's DSN
-        parameters, passed on to a next hop that offers DSN (SMTP couriers)."""
+        parameters, passed on to a next hop that offers DSN (SMTP couriers).
+        ``require_tls``: the message is REQUIRETLS (RFC 8689); network couriers send it
+        only over verified TLS to a next hop that offers REQUIRETLS, local ones (maildir,
+        hold) have no hop to protect."""
         ...
 
     async def close(self) -> None: ...

@@ -134,6 +134,7 @@ class BounceCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,  # local delivery: no hop to protect
     ) -> list[DeliveryResult]:
         if not self._may_be_bounce(sender, recipients):
             return await self.inner.deliver(

@@ -31,6 +31,7 @@ class HoldCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         return all_results(recipients, Result.HELD, self.reply, relay="hold")
 

@@ -120,6 +120,7 @@ class MaildirCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         seen = _delivered_to(data)
         results: list[DeliveryResult] = []

@@ -249,6 +249,16 @@ class _Rule:
     why: str = ""  # what demands TLS, for the reply of a failure (testing: the MX mismatch)
 
 
+def _for_requiretls(rule: _Rule) -> _Rule:
+    """``rule`` for a REQUIRETLS message (RFC 8689 4.2.1): DANE as it is, anything else
+    with a certificate valid for the MX name (``verify``), testing mode included."""
+    if rule.refuse is not None or (
+        rule.tlsa is not None and any(r.usable for r in rule.tlsa.records)
+    ):
+        return rule
+    return replace(rule, level="verify", testing=False)
+
+
 def _result_type(failure: SessionFailure) -> str | None:
     """The TLS-RPT result type of a session failure; None when it was not about TLS."""
     error = failure.tls_error.lower()
@@ -333,6 +343,7 @@ class MXCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
             return shut_down("MX", recipients, NO_RELAY)
@@ -342,7 +353,7 @@ class MXCourier:
             by_domain.setdefault(domain_of(rcpt), []).append((i, rcpt))
         outcomes = await asyncio.gather(
             *(
-                self._guarded(domain, sender, items, data, dsn)
+                self._guarded(domain, sender, items, data, dsn, require_tls)
                 for domain, items in by_domain.items()
             )
         )
@@ -365,9 +376,10 @@ class MXCourier:
         items: list[tuple[int, str]],
         data: bytes,
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> dict[int, DeliveryResult]:
         try:
-            return await self._deliver_domain(domain, sender, items, data, dsn)
+            return await self._deliver_domain(domain, sender, items, data, dsn, require_tls)
         except Exception as exc:  # a bug must defer the mail, never lose it
             reply = Reply(
                 451, "4.3.0", f"internal error delivering to {domain}: {type(exc).__name__}: {exc}"
@@ -381,6 +393,7 @@ class MXCourier:
         items: list[tuple[int, str]],
         data: bytes,
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> dict[int, DeliveryResult]:
         hosts = await self._mx_hosts(domain)
         if isinstance(hosts, tuple):
@@ -390,8 +403,12 @@ class MXCourier:
         async with self._limit(domain), aclosing(self._addresses(domain, hosts, tried)) as each:
             async for host, ip in each:
                 rule = await rules.for_host(host)
+                if require_tls:
+                    rule = _for_requiretls(rule)
                 tried.tls_policy = rule.name
-                outcome = await self._attempt(domain, rule, host, ip, sender, items, data, dsn)
+                outcome = await self._attempt(
+                    domain, rule, host, ip, sender, items, data, dsn, require_tls
+                )
                 if not isinstance(outcome, _Next):
                     return outcome
                 tried.note(outcome)
@@ -458,6 +475,7 @@ class MXCourier:
         items: list[tuple[int, str]],
         data: bytes,
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> dict[int, DeliveryResult] | _Next:
         relay = f"{host}[{ip}]:{self.port}"
         if rule.refuse is not None:
@@ -475,7 +493,8 @@ class MXCourier:
                     reply = Reply(reply.code, reply.enhanced, f"{reply.text}; {rule.why}")
             answered = failure.kind is not FailureKind.UNREACHABLE
             return _Next(reply, failure.relay, answered=answered)
-        transaction = await send(session, sender, [rcpt for _, rcpt in items], data, dsn=dsn)
+        rcpts = [rcpt for _, rcpt in items]
+        transaction = await send(session, sender, rcpts, data, dsn=dsn, require_tls=require_tls)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
             return _Next(transaction.deferred_at_mail, session.relay)

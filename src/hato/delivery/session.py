@@ -34,7 +34,16 @@ per-recipient result as each reply comes, so a connection lost half-way keeps wh
 already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
 or none of it (5.6.3, see :mod:`hato.mime7bit`). The body goes out with CRLF line
 endings and dot-stuffing (aiosmtplib's ``data``), so no end-of-data sequence other than
-the final ``CRLF.CRLF`` can leave Hato.
+the final ``CRLF.CRLF`` can leave Hato. A server that offers CHUNKING gets it with BDAT
+instead (RFC 3030; :data:`CHUNKING` turns that off): CRLF line endings, no stuffing, one
+``BDAT n LAST`` for a message up to :data:`BDAT_CHUNK_SIZE`, several chunks above.
+
+REQUIRETLS (RFC 8689): a message that requires it goes only on a session whose
+certificate was verified, to a server that offers REQUIRETLS, and the parameter is passed
+on; otherwise every recipient fails with ``5.7.30`` (not offered) or ``5.7.10`` (no
+verified TLS), permanently. A ``trusted_hop`` (Hato's own relay server on a trusted
+network, ``HATO_SMTP_REQUIRETLS=trusted``) gets the parameter without those checks and
+enforces it from there on.
 """
 
 from __future__ import annotations
@@ -68,6 +77,11 @@ _SENDING_MAIL = "sending MAIL FROM"
 # A 452 to RCPT with one of these enhanced codes is the server's recipient limit; with
 # another (4.2.2 mailbox full, 4.3.1 no space) it is about that recipient alone.
 _TOO_MANY_RECIPIENTS = ("4.5.3", "")
+CHUNKING = True
+"""Send with BDAT where the next hop offers CHUNKING (False: always DATA)."""
+BDAT_CHUNK_SIZE = 1 << 20
+"""The largest BDAT chunk: most messages go in one ``BDAT n LAST``."""
+_LINE_ENDINGS_RE = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 def reply_from_response(code: int, message: str) -> Reply:
@@ -624,19 +638,29 @@ async def send(
     data: bytes,
     *,
     dsn: DsnRequest | None = None,
+    require_tls: bool = False,
+    trusted_hop: bool = False,
 ) -> Transaction:
     """Deliver to ``recipients`` on ``session`` (see :func:`_transact`); a session that
     broke, or was cancelled half-way, is closed.
 
     ``dsn`` goes on as MAIL and RCPT parameters when the server offers DSN (RFC 3461
-    5.2); every result then says ``next_hop_dsn``."""
+    5.2); every result then says ``next_hop_dsn``. ``require_tls``: the message is
+    REQUIRETLS (see the module docstring, and ``trusted_hop``)."""
     results: dict[int, DeliveryResult] = {}
     deferred_at_mail: Reply | None = None
     relay = session.relay
     offers_dsn = session.smtp.supports_extension("dsn")
     try:
         mail_reply = await _transact(
-            session, sender, recipients, data, results, dsn if offers_dsn else None
+            session,
+            sender,
+            recipients,
+            data,
+            results,
+            dsn if offers_dsn else None,
+            require_tls=require_tls,
+            trusted_hop=trusted_hop,
         )
         if mail_reply is not None and mail_reply.is_temporary:
             deferred_at_mail = mail_reply
@@ -672,6 +696,9 @@ async def _transact(
     data: bytes,
     results: dict[int, DeliveryResult],
     dsn: DsnRequest | None = None,
+    *,
+    require_tls: bool = False,
+    trusted_hop: bool = False,
 ) -> Reply | None:
     """MAIL, one RCPT per recipient, DATA if any was accepted; then the same again, on
     the same connection, for the recipients a server's recipient limit left over.
@@ -698,6 +725,8 @@ async def _transact(
     everyone = range(len(recipients))
     utf8_envelope = not (sender.isascii() and all(r.isascii() for r in recipients))
     refusal = _refusal(smtp, relay, sender, utf8_envelope=utf8_envelope)
+    if refusal is None and require_tls and not trusted_hop:
+        refusal = _requiretls_refusal(session)
     if refusal is None and not data.isascii() and not smtp.supports_extension("8bitmime"):
         try:
             data = to_7bit(data)
@@ -714,6 +743,8 @@ async def _transact(
     options = _mail_options(smtp, data, utf8_envelope=utf8_envelope)
     if dsn is not None:
         options += dsn.mail_options()
+    if require_tls:
+        options.append(b"REQUIRETLS")
 
     pending = list(everyone)
     while pending:
@@ -743,6 +774,23 @@ def _refusal(
         return Reply(553, "5.1.7", f"bad sender address {sender!r}")
     if utf8_envelope and not smtp.supports_extension("smtputf8"):
         return Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {relay}")
+    return None
+
+
+def _requiretls_refusal(session: Session) -> Reply | None:
+    """Why a REQUIRETLS message cannot go on ``session`` (RFC 8689 4.2.1), or None."""
+    if not session.verified:
+        return Reply(
+            550,
+            "5.7.10",
+            f"REQUIRETLS: the TLS session with host {session.relay} is not verified",
+        )
+    if not session.smtp.supports_extension("requiretls"):
+        return Reply(
+            550,
+            "5.7.30",
+            f"REQUIRETLS support required, but not offered by host {session.relay}",
+        )
     return None
 
 
@@ -800,14 +848,43 @@ async def _data(
     accepted: list[int],
     decide: Callable[[Iterable[int], Result, Reply], None],
 ) -> bool:
-    """DATA for the accepted recipients; whether the server took the message."""
+    """DATA (or BDAT) for the accepted recipients; whether the server took the message."""
     try:
-        response = await smtp.data(data)
+        if CHUNKING and smtp.supports_extension("chunking"):
+            response = await _bdat(smtp, data)
+        else:
+            response = await smtp.data(data)
     except aiosmtplib.SMTPDataError as exc:
         response = aiosmtplib.SMTPResponse(exc.code, exc.message)
     reply = reply_from_response(response.code, response.message)
     decide(accepted, Result.OK if response.code == 250 else classify(reply), reply)
     return response.code == 250
+
+
+async def _bdat(smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+    """The message in BDAT chunks (RFC 3030); the reply to the last chunk, or to the
+    first one refused. aiosmtplib has no BDAT: each chunk is written on its protocol, and
+    its one reply read before the next (a session serves one task at a time)."""
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    data = _LINE_ENDINGS_RE.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    offset = 0
+    while True:
+        chunk = data[offset : offset + BDAT_CHUNK_SIZE]
+        offset += len(chunk)
+        last = offset >= len(data)
+        try:
+            protocol.write(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b""))
+            protocol.write(chunk)
+            response = await protocol.read_response(timeout=smtp.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            smtp.close()  # a reply given up on would pair with the next command
+            raise
+        if last or response.code != 250:
+            return response
 
 
 def broken_reply(exc: Exception, session: Session) -> Reply:

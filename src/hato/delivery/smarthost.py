@@ -39,6 +39,7 @@ from hato.delivery.session import (
 )
 from hato.dsn_params import DsnRequest
 from hato.errors import ConfigError
+from hato.stages import StageTrace
 
 __all__ = [
     "DEFAULT_PORT",
@@ -51,6 +52,8 @@ __all__ = [
 
 TlsMode = Literal["none", "may", "encrypt", "implicit"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "may", "encrypt", "implicit")
+RequireTlsMode = Literal["verify", "trusted"]
+REQUIRETLS_MODES: tuple[RequireTlsMode, ...] = ("verify", "trusted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +79,19 @@ class SmarthostConfig:
     pool_size: int = 2
     idle_seconds: float = 30.0
     max_age_seconds: float = 300.0
+    # REQUIRETLS mail (RFC 8689): "verify" sends it only over verified TLS to a relay
+    # that offers REQUIRETLS; "trusted" passes the parameter on to Hato's own relay server
+    # on a trusted network, in plaintext too, which enforces it from there.
+    requiretls: RequireTlsMode = "verify"
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
             raise ConfigError(f"relay TLS mode {self.tls!r}: use one of {', '.join(TLS_MODES)}")
+        if self.requiretls not in REQUIRETLS_MODES:
+            raise ConfigError(
+                f"relay REQUIRETLS mode {self.requiretls!r}: use one of "
+                + ", ".join(REQUIRETLS_MODES)
+            )
         if not self.host:
             raise ConfigError("relay host is empty")
         if not 0 < self.port < 65536:
@@ -133,6 +145,8 @@ class SmarthostCourier:
             monotonic=monotonic,
         )
         self._slots = asyncio.Semaphore(config.pool_size)
+        # HATO_TRACE_STAGES (hato.stages): set by the composition root, else None.
+        self.stages: StageTrace | None = None
 
     @property
     def connections_opened(self) -> int:
@@ -146,6 +160,7 @@ class SmarthostCourier:
         *,
         message_id: str = "",
         dsn: DsnRequest | None = None,
+        require_tls: bool = False,
     ) -> list[DeliveryResult]:
         if self._pool.closed or not recipients:
             return shut_down("smarthost", recipients, self._plan.relay)
@@ -154,7 +169,17 @@ class SmarthostCourier:
                 session = await self._pool.session((), self._plan)
             except SessionFailure as failure:
                 return all_results(recipients, Result.TEMPORARY, failure.reply, failure.relay)
-            transaction = await send(session, sender, recipients, data, dsn=dsn)
+            if self.stages is not None and message_id:
+                self.stages.mark(message_id, "connected")
+            transaction = await send(
+                session,
+                sender,
+                recipients,
+                data,
+                dsn=dsn,
+                require_tls=require_tls,
+                trusted_hop=self.config.requiretls == "trusted",
+            )
             self._pool.release((), session)
             return transaction.results
 

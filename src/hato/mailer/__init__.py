@@ -33,7 +33,15 @@ returns the first message's id and stores nothing.
 """
 
 from hato.mailer.addresses import AddressLike
-from hato.mailer.async_mailer import STATES, AsyncMailer, MessageId, State, Status, status_of
+from hato.mailer.async_mailer import (
+    STATES,
+    AsyncMailer,
+    MessageId,
+    RecipientReport,
+    State,
+    Status,
+    status_of,
+)
 from hato.mailer.composition import (
     IDEMPOTENCY_HEADER,
     MAX_FILENAME,
@@ -63,6 +71,7 @@ __all__ = [
     "Mailer",
     "MailerBase",
     "MessageId",
+    "RecipientReport",
     "State",
     "Status",
     "compose",

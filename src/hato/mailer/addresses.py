@@ -2,8 +2,9 @@
 
 A value is ``"user@example.net"``, ``"Name <user@example.net>"``, ``'"Name, Q." <user@…>'``
 or an :class:`email.headerregistry.Address`. What comes out is a :class:`Mailbox`: a
-display name (free text, written back quoted or RFC 2047-encoded as needed) and an ASCII
-addr-spec (the domain in IDNA 2008 A-labels, :func:`hato.message.normalize_domain`).
+display name (free text, written back quoted or RFC 2047-encoded as needed) and an
+addr-spec (the domain in IDNA 2008 A-labels, :func:`hato.message.normalize_domain`; a
+local part may be UTF-8, which makes the message need SMTPUTF8, RFC 6531).
 
 Input a reader could take for two different addresses is refused with
 :class:`~hato.errors.AddressError` rather than guessed at, because the envelope is
@@ -15,7 +16,7 @@ built from our reading and the recipient's mail client shows theirs:
   <c@x.example>`` reads as alice in many clients; quote it to mean it);
 * a quoted display name without its closing quote, or followed by anything but
   ``<addr-spec>``;
-* CR, LF or NUL anywhere (header injection), a non-ASCII local part (SMTPUTF8).
+* CR, LF or NUL anywhere (header injection).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ _QUOTED_PAIR_RE = re.compile(r"\\(.)")
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """A checked address: ``display`` (may be empty or non-ASCII) and an ASCII addr-spec."""
+    """A checked address: ``display`` (may be empty or non-ASCII) and an addr-spec whose
+    domain is ASCII (its local part is ASCII unless the message needs SMTPUTF8)."""
 
     display: str
     addr_spec: str
@@ -86,8 +88,6 @@ def mailbox(value: AddressLike, what: str) -> Mailbox:
     else:
         raise AddressError(f"{what}: expected an address string, not {type(value).__name__}")
     parsed = parse_address(spec)
-    if not parsed.local.isascii():
-        raise AddressError(f"{what}: non-ASCII local part in {spec!r} needs SMTPUTF8")
     domain = parsed.domain
     if not domain.isascii():
         domain = normalize_domain(domain)

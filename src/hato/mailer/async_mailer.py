@@ -7,7 +7,9 @@ the caller's open transaction and exists exactly when the caller commits
 (:mod:`hato.mailer.transaction`). :meth:`AsyncMailer.status` reads a message back as a
 :class:`Status`.
 
-Status states are the five of :data:`STATES`. The queue's ``held`` (kept by a hold route
+Status states are the seven of :data:`STATES`: ``sent`` is accepted by the first relay;
+``delivered`` and ``bounced`` come from the events of further hops (pulled by
+``hato worker`` with ``HATO_SMTP_EVENTS_URL``, or pushed to :mod:`hato.webhooks`). The queue's ``held`` (kept by a hold route
 until ``hato queue release``) reads as ``queued``: it has not been sent and will be once
 released. ``quarantined`` (the stored record could not be read back) reads as ``failed``
 with the reason.
@@ -28,10 +30,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from hato.clock import Clock
 from hato.errors import ConfigError, QueueError
+from hato.event_reader import message_events
+from hato.events import BOUNCED, DELIVERED, EXPIRED, DeliveryEvent, reply_of
 from hato.mailer.addresses import AddressLike
 from hato.mailer.composition import Composed, Composer, Email, EmailOptions
+from hato.message import META_ENVID
 from hato.queue import open_queue, redact_url
-from hato.queue.base import MessageState, Queue, RecipientState, RecipientStatus, StoredMessage
+from hato.queue.base import MessageState, Queue, RecipientState, StoredMessage
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,9 +45,12 @@ if TYPE_CHECKING:
     from hato.templates import Templates
 
 __all__ = [
+    "DONE_STATES",
+    "FINAL_STATES",
     "STATES",
     "AsyncMailer",
     "MessageId",
+    "RecipientReport",
     "State",
     "Status",
     "TemplateSource",
@@ -54,19 +62,50 @@ __all__ = [
 MessageId: TypeAlias = str
 """A queue id as ``send`` returns it (19 upper-case hex digits)."""
 
-State = Literal["queued", "sending", "deferred", "sent", "failed"]
-STATES: tuple[State, ...] = ("queued", "sending", "deferred", "sent", "failed")
+State = Literal["queued", "sending", "deferred", "sent", "delivered", "bounced", "failed"]
+STATES: tuple[State, ...] = (
+    "queued",
+    "sending",
+    "deferred",
+    "sent",
+    "delivered",
+    "bounced",
+    "failed",
+)
+FINAL_STATES: frozenset[State] = frozenset({"delivered", "bounced", "failed"})
+"""States nothing changes any more (short of a late bounce turning ``delivered`` into
+``bounced``)."""
+DONE_STATES: frozenset[State] = frozenset({"sent", *FINAL_STATES})
+"""States in which the outbox has nothing left to do: ``sent`` and the final ones."""
 
 TemplateSource: TypeAlias = "str | os.PathLike[str] | Templates | None"
 """A template folder, a :class:`hato.templates.Templates`, or ``None`` for ``./templates``."""
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientReport:
+    """One recipient's state as :class:`Status` reports it (the same seven states).
+
+    ``reply`` is the reply that decided it (the MX's for ``delivered``/``bounced``),
+    ``relay`` the first hop, ``attempts`` the outbox's attempts for it.
+    """
+
+    address: str
+    state: State
+    reply: str = ""
+    relay: str = ""
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """What became of a message.
 
-    ``reply`` is the last reply that matters: the relay's ``250`` when ``sent``, the
-    reason when ``failed``, the last temporary failure when ``deferred``.
+    ``reply`` is the last reply that matters: the MX's when ``delivered`` or ``bounced``,
+    the first relay's ``250`` when ``sent``, the reason when ``failed``, the last
+    temporary failure when ``deferred``. ``events`` are the delivery events of every hop
+    (:class:`hato.events.DeliveryEvent`), oldest first; ``recipients`` each recipient's
+    state (``state`` is the least advanced of them).
     """
 
     id: MessageId
@@ -75,18 +114,26 @@ class Status:
     attempts: int
     created_at: float
     next_attempt_at: float | None
-    recipients: tuple[RecipientStatus, ...] = field(default=())
+    recipients: tuple[RecipientReport, ...] = field(default=())
     queue_state: str = ""  # the queue's own state (held, quarantined, ...), for operators
+    events: tuple[DeliveryEvent, ...] = field(default=())
 
     @property
     def reason(self) -> str:
-        """Why the message failed (empty unless ``state == "failed"``)."""
-        return self.reply if self.state == "failed" else ""
+        """Why the message failed or bounced (empty otherwise)."""
+        return self.reply if self.state in ("failed", "bounced") else ""
 
     @property
     def done(self) -> bool:
-        """True once the state is final (``sent`` or ``failed``)."""
-        return self.state in ("sent", "failed")
+        """True once the outbox has nothing left to do: ``sent`` (accepted by the first
+        relay), ``delivered``, ``bounced`` or ``failed``. A ``sent`` message may still
+        become ``delivered`` or ``bounced`` as events arrive from further hops."""
+        return self.state in DONE_STATES
+
+    @property
+    def final(self) -> bool:
+        """True once the state is ``delivered``, ``bounced`` or ``failed``."""
+        return self.state in FINAL_STATES
 
 
 _STATE_OF: dict[MessageState, State] = {
@@ -98,10 +145,36 @@ _STATE_OF: dict[MessageState, State] = {
     MessageState.FAILED: "failed",
     MessageState.QUARANTINED: "failed",
 }
+# How far each state has come; with several recipients the message reports the least
+# advanced, and among final ones the worst (bounced before delivered).
+_PROGRESS: dict[State, int] = {
+    "queued": 0,
+    "deferred": 1,
+    "sending": 2,
+    "sent": 3,
+    "delivered": 4,
+    "bounced": 5,
+    "failed": 6,
+}
 
 
-def status_of(msg: StoredMessage) -> Status:
-    """The application's view of a stored message."""
+def _after_first_hop(address: str, events: Sequence[DeliveryEvent]) -> tuple[State, str] | None:
+    """What further hops said of a recipient the first relay accepted: ``bounced`` (a
+    refusal or expiry anywhere, a late bounce included) wins over ``delivered``; ``None``
+    when no hop has told yet."""
+    wanted = address.lower()
+    mine = [e for e in events if e.recipient.lower() == wanted]
+    refused = [e for e in mine if e.event in (BOUNCED, EXPIRED)]
+    if refused:
+        return "bounced", reply_of(refused[-1])
+    delivered = [e for e in mine if e.event == DELIVERED]
+    if delivered:
+        return "delivered", reply_of(delivered[-1])
+    return None
+
+
+def status_of(msg: StoredMessage, events: Sequence[DeliveryEvent] = ()) -> Status:
+    """The application's view of a stored message and the events of every hop."""
     state = _STATE_OF[msg.state]
     reply = msg.last_reply
     if msg.state is MessageState.QUARANTINED:
@@ -112,6 +185,31 @@ def status_of(msg: StoredMessage) -> Status:
         reply = failed[-1] if failed else reply
     elif msg.state is MessageState.HELD and not reply:
         reply = "held: waiting for hato queue release"
+    reports = []
+    for r in msg.recipients:
+        rstate: State
+        rreply = r.reply
+        if r.state is RecipientState.FAILED:
+            rstate = "failed"
+        elif r.state is RecipientState.SENT:
+            rstate = "sent"
+            further = _after_first_hop(r.address, events)
+            if further is not None:
+                rstate, rreply = further[0], further[1] or rreply
+        else:
+            rstate = state
+        reports.append(RecipientReport(r.address, rstate, rreply, r.relay, r.attempts))
+    # A refusal at the first hop keeps the message ``failed`` (as before further hops
+    # reported anything); a message every recipient of which the first relay took is as
+    # far as its least advanced recipient.
+    if msg.state is MessageState.SENT and reports:
+        least = min(reports, key=lambda x: _PROGRESS[x.state])
+        if _PROGRESS[least.state] >= _PROGRESS["delivered"]:
+            least = max(reports, key=lambda x: _PROGRESS[x.state])
+        if least.state != state:
+            state, reply = least.state, least.reply or reply
+        elif state in ("delivered", "bounced"):
+            reply = least.reply or reply
     waiting = state in ("queued", "deferred", "sending")
     return Status(
         id=msg.id,
@@ -120,11 +218,9 @@ def status_of(msg: StoredMessage) -> Status:
         attempts=msg.attempts,
         created_at=msg.created_at,
         next_attempt_at=msg.next_attempt_at if waiting else None,
-        recipients=tuple(
-            RecipientStatus(r.address, r.state, r.reply, r.relay, r.attempts)
-            for r in msg.recipients
-        ),
+        recipients=tuple(reports),
         queue_state=msg.state.value,
+        events=tuple(events),
     )
 
 
@@ -325,4 +421,17 @@ class AsyncMailer(Composer):
         """The message's state and last reply; :class:`~hato.errors.MessageNotFound` if
         there is no such message (or its transaction was never committed)."""
         queue = await self._open_queue()
-        return status_of(await queue.get(message_id))
+        msg = await queue.get(message_id)
+        events = await message_events(queue, msg.id, msg.meta.get(META_ENVID, ""))
+        return status_of(msg, events)
+
+    async def events(self, message_id: MessageId) -> list[DeliveryEvent]:
+        """The delivery events of a message from every hop, oldest first."""
+        return list((await self.status(message_id)).events)
+
+    async def record_events(self, events: Sequence[DeliveryEvent]) -> int:
+        """Store delivery events another node reported (a webhook, a pull) in the outbox,
+        where :meth:`status` finds them by the message's id (the ENVID it travelled with);
+        one already stored is skipped. How many were new."""
+        queue = await self._open_queue()
+        return await queue.add_events(events)

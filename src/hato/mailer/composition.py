@@ -10,7 +10,11 @@
   derived from the key, which also travels in the ``Hato-Idempotency-Key`` header.
 * The bytes are 7-bit clean (non-ASCII text is quoted-printable or base64, non-ASCII
   header text RFC 2047 encoded, non-ASCII domains IDNA 2008 A-labels), so no relay needs
-  8BITMIME or SMTPUTF8. Non-ASCII local parts are refused.
+  8BITMIME or SMTPUTF8, unless an address has a non-ASCII local part: then the address
+  headers carry it as UTF-8 (RFC 6532) and the envelope is marked ``smtputf8``, so every
+  hop sends with SMTPUTF8, and a next hop without it bounces the message (5.6.7).
+* ``require_tls=True`` marks the message REQUIRETLS (RFC 8689, ``META_REQUIRETLS``): it
+  goes only over verified TLS to next hops that offer REQUIRETLS (docs/security.md).
 * ``send_at`` more than a year (366 days) ahead of the clock is refused with
   :class:`ValueError`: it is a mistake (milliseconds for seconds, a wrong year), and a
   message held that long would outlive any retry or lease setting.
@@ -49,7 +53,7 @@ from hato.clock import Clock
 from hato.dsn_params import META_NOTIFY, notify_option, notify_text
 from hato.errors import AddressError, ConfigError, HatoError
 from hato.mailer.addresses import AddressLike, Mailbox, mailbox, mailboxes
-from hato.message import Envelope, check_header_value
+from hato.message import META_REQUIRETLS, Envelope, check_header_value
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -123,6 +127,7 @@ class Email:
     # RFC 3461 NOTIFY for every recipient: "never", or any of "success", "failure",
     # "delay"; sent on with ENVID=<the outbox id> (see docs/dsn.md).
     notify: str | Iterable[str] = ("failure", "delay")
+    require_tls: bool = False
 
 
 class EmailOptions(TypedDict, total=False):
@@ -139,6 +144,7 @@ class EmailOptions(TypedDict, total=False):
     send_at: datetime | float | None
     idempotency_key: str | None
     notify: str | Iterable[str]
+    require_tls: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +277,10 @@ def compose_email(
     lines.extend(_header(name, value) for name, value in extra.values())
     lines.append("MIME-Version: 1.0\r\n")
     try:
-        data = ("".join(lines) + _body(text, html, files)).encode("ascii")
+        smtputf8 = not all(box.addr_spec.isascii() for box in (sender, *rcpt_to, *rcpt_cc))
+        smtputf8 = smtputf8 or not all(box.addr_spec.isascii() for box in (*rcpt_bcc, *replies))
+        text_out = "".join(lines) + _body(text, html, files)
+        data = text_out.encode("utf-8" if smtputf8 else "ascii")
     except (ValueError, TypeError, UnicodeError, IndexError) as exc:  # what email refuses
         raise AddressError(f"cannot build the message: {exc}") from None
 
@@ -281,8 +290,10 @@ def compose_email(
         if box.addr_spec.lower() not in seen:
             seen.add(box.addr_spec.lower())
             recipients.append(box.addr_spec)
-    envelope = Envelope(sender=sender.addr_spec, recipients=recipients)
+    envelope = Envelope(sender=sender.addr_spec, recipients=recipients, smtputf8=smtputf8)
     envelope.meta[META_NOTIFY] = notify_text(notify)
+    if message.require_tls:
+        envelope.meta[META_REQUIRETLS] = "yes"
     return Composed(envelope, data, message_id, idempotency_key, not_before)
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from hato.clock import Clock
 from hato.errors import HatoError, QueueError
+from hato.events import DeliveryEvent
 from hato.mailer.addresses import AddressLike
 from hato.mailer.async_mailer import (
     AsyncMailer,
@@ -151,11 +152,13 @@ class MailerBase(Composer, abc.ABC):
         self,
         message_id: MessageId,
         *,
-        states: Sequence[State] = ("sent", "failed"),
+        states: Sequence[State] = ("sent", "delivered", "bounced", "failed"),
         timeout: float = 30.0,
         interval: float = 0.05,
     ) -> Status:
-        """Poll :meth:`status` until its state is one of ``states``; raise
+        """Poll :meth:`status` until its state is one of ``states`` (by default those of
+        :attr:`Status.done`: the outbox is through with it; pass ``states=("delivered",
+        "bounced", "failed")`` to wait for the last hop's word); raise
         :class:`TimeoutError` (with the last status) at the deadline. For scripts and tests."""
         deadline = time.monotonic() + timeout
         while True:
@@ -315,3 +318,8 @@ class Mailer(MailerBase):
     def status(self, message_id: MessageId) -> Status:
         """The message's state and last reply (see :class:`Status`)."""
         return self._run(lambda inner: inner.status(message_id))
+
+    def record_events(self, events: Sequence[DeliveryEvent]) -> int:
+        """Store delivery events another node reported (see
+        :meth:`AsyncMailer.record_events`); how many were new."""
+        return self._run(lambda inner: inner.record_events(events))

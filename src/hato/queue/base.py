@@ -339,6 +339,15 @@ class Queue(Protocol):
 
     async def counts(self) -> dict[MessageState, int]: ...
 
+    async def oldest(self) -> dict[MessageState, float]:
+        """The ``created_at`` of the oldest message in each state that has any."""
+        ...
+
+    async def ping(self) -> None:
+        """Prove the queue takes writes now, by a small real write that touches no
+        message (``/readyz``); raises :class:`hato.errors.QueueError` when it does not."""
+        ...
+
     async def recover(self) -> RecoveryReport:
         """Start-up: expired leases come back; unreadable records are quarantined."""
         ...
@@ -372,4 +381,13 @@ class Queue(Protocol):
 
     async def prune_events(self, before: float) -> int:
         """Forget events whose ``time`` is before ``before`` (retention); how many."""
+        ...
+
+    async def get_cursor(self, name: str) -> str:
+        """A cursor a reader of events keeps here (a webhook URL's, an upstream's);
+        ``""`` when none was stored under ``name``."""
+        ...
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        """Store ``value`` durably as cursor ``name`` (replacing the previous one)."""
         ...

@@ -80,6 +80,7 @@ class MemoryQueue:
         self._event_ids: set[str] = set()
         # Cursor of the first event in _events: pruning drops from the front.
         self._events_base = 0
+        self._cursors: dict[str, str] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -275,6 +276,17 @@ class MemoryQueue:
             self._by_key.pop(msg.idempotency_key, None)
         self._ticket.pop(message_id, None)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        self._check_open()
+        result: dict[MessageState, float] = {}
+        for msg in self._messages.values():
+            state = msg.state
+            result[state] = min(result.get(state, msg.created_at), msg.created_at)
+        return result
+
+    async def ping(self) -> None:
+        self._check_open()
+
     async def counts(self) -> dict[MessageState, int]:
         self._check_open()
         counts = dict.fromkeys(MessageState, 0)
@@ -367,3 +379,11 @@ class MemoryQueue:
             self._event_ids = {e.event_id for e in keep}
             self._events = keep
         return dropped
+
+    async def get_cursor(self, name: str) -> str:
+        self._check_open()
+        return self._cursors.get(name, "")
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        self._check_open()
+        self._cursors[name] = value

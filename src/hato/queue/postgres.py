@@ -1221,6 +1221,18 @@ class PostgresQueue:
         if not await self._execute("delete", query, (message_id,)):
             raise MessageNotFound(message_id)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        query = f"SELECT state, min(created_at) FROM {self._names.messages} GROUP BY state"
+        result: dict[MessageState, float] = {}
+        for state, created in await self._execute("oldest", query, None):
+            known = _STATE_OF.get(state, MessageState.QUARANTINED)
+            result[known] = min(result.get(known, float(created)), float(created))
+        return result
+
+    async def ping(self) -> None:
+        # Assigning a transaction id writes to the WAL, and fails on a read-only standby.
+        await self._execute("ping", "SELECT txid_current()", None)
+
     async def counts(self) -> dict[MessageState, int]:
         query = f"SELECT state, count(*) FROM {self._names.messages} GROUP BY state"
         counts = dict.fromkeys(MessageState, 0)
@@ -1250,11 +1262,30 @@ class PostgresQueue:
             "   ('pending', 'sent', 'failed')))"
         )
         quarantined = f"SELECT id FROM {names.messages} WHERE state = 'quarantined' ORDER BY id"
-        params = {"now": self._clock(), "channel": names.channel}
+        now = self._clock()
+        params = {"now": now, "channel": names.channel}
 
+        async def run(conn: AsyncConn) -> RecoveryReport:
+            async with conn.transaction():
+                cur = await conn.execute(expire, params)
+                expired = len(await cur.fetchall())
+                expired += await self._take_over_on(conn, now)
+                await conn.execute(quarantine, params)
+                cur = await conn.execute(quarantined)
+                bad = [str(r[0]) for r in await cur.fetchall()]
+                if expired:
+                    await conn.execute("SELECT pg_notify(%(channel)s, '')", params)
+            return RecoveryReport(leases_expired=expired, quarantined=bad)
+
+        return await self._run("recover", run)
+
+    async def _take_over_on(self, conn: AsyncConn, now: float) -> int:
+        """Unlease the messages of every lease owner whose liveness lock is free (its
+        process is gone); the number of messages. Runs inside the caller's transaction."""
+        names = self._names
         owners = (
             f"SELECT DISTINCT lease_owner FROM {names.messages}"
-            " WHERE state = 'sending' AND lease_until > %(now)s"
+            " WHERE state = 'sending' AND lease_until > %s"
         )
         # A transaction-level try: it fails while the owner's session holds the lock,
         # and whatever it takes is let go at commit.
@@ -1264,28 +1295,34 @@ class PostgresQueue:
             " lease_until = 0, next_attempt_at = least(next_attempt_at, %s)"
             " WHERE state = 'sending' AND lease_owner = %s RETURNING id"
         )
+        taken = 0
+        cur = await conn.execute(owners, (now,))
+        for (owner,) in await cur.fetchall():
+            if not isinstance(owner, str) or owner in self._owners:
+                continue  # an unreadable row (its lease expires on its own), or our own
+            cur = await conn.execute(gone, (self._owner_key(owner),))
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                cur = await conn.execute(take_over, (now, owner))
+                taken += len(await cur.fetchall())
+        return taken
 
-        async def run(conn: AsyncConn) -> RecoveryReport:
+    async def take_over_dead(self) -> int:
+        """Give the leases of dead nodes back to the queue now (a node sharing this queue
+        killed with kill -9, say): the messages of every lease owner whose liveness lock
+        no session holds any more. Cheap enough to run every few seconds (one indexed
+        query, one lock try per other owner); the live workers call it during the run so
+        a dead node's mail moves on as soon as the server has seen its session end."""
+        channel = self._names.channel
+
+        async def run(conn: AsyncConn) -> int:
             async with conn.transaction():
-                cur = await conn.execute(expire, params)
-                expired = len(await cur.fetchall())
-                cur = await conn.execute(owners, params)
-                for (owner,) in await cur.fetchall():
-                    if not isinstance(owner, str):
-                        continue  # an unreadable row: its lease expires on its own
-                    cur = await conn.execute(gone, (self._owner_key(owner),))
-                    row = await cur.fetchone()
-                    if row is not None and row[0]:
-                        cur = await conn.execute(take_over, (params["now"], owner))
-                        expired += len(await cur.fetchall())
-                await conn.execute(quarantine, params)
-                cur = await conn.execute(quarantined)
-                bad = [str(r[0]) for r in await cur.fetchall()]
-                if expired:
-                    await conn.execute("SELECT pg_notify(%(channel)s, '')", params)
-            return RecoveryReport(leases_expired=expired, quarantined=bad)
+                taken = await self._take_over_on(conn, self._clock())
+                if taken:
+                    await conn.execute("SELECT pg_notify(%s, '')", (channel,))
+            return taken
 
-        return await self._run("recover", run)
+        return await self._run("take over", run)
 
     # -- wake-ups ----------------------------------------------------------------------
 
@@ -1364,6 +1401,41 @@ class PostgresQueue:
             return max(cur.rowcount, 0)
 
         return await self._run("prune events", run)
+
+    # Cursors of event readers (webhooks, pullers): a small table made on first use, so
+    # the schema version stays that of the messages and events.
+    def _cursors_table(self) -> str:
+        names = self._names
+        table = _quote(names.prefix + "cursors")
+        return f"{_quote(names.schema)}.{table}" if names.schema else table
+
+    async def get_cursor(self, name: str) -> str:
+        table = self._cursors_table()
+
+        async def run(conn: AsyncConn) -> str:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, value text NOT NULL)"
+            )
+            cur = await conn.execute(f"SELECT value FROM {table} WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            return str(row[0]) if row is not None else ""
+
+        return await self._run("get cursor", run)
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        table = self._cursors_table()
+
+        async def run(conn: AsyncConn) -> None:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (name text PRIMARY KEY, value text NOT NULL)"
+            )
+            await conn.execute(
+                f"INSERT INTO {table} (name, value) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (name, value),
+            )
+
+        await self._run("set cursor", run)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return on a NOTIFY from any process, when the earliest waiting message falls

@@ -1039,6 +1039,23 @@ class RedisQueue:
     def _key(self, raw_id: object) -> bytes:
         return self.prefix.encode() + b"m:" + _bytes(raw_id)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        # Each state's sorted set is scored by the creation time.
+        with self._errors("reading the oldest messages"):
+            pipe = self._redis.pipeline(transaction=False)
+            for state in MessageState:
+                pipe.zrange(self.prefix + "s:" + state.value, 0, 0, withscores=True)
+            firsts = await pipe.execute()
+        return {
+            state: float(rows[0][1])
+            for state, rows in zip(MessageState, firsts, strict=True)
+            if rows
+        }
+
+    async def ping(self) -> None:
+        with self._errors("probing"):
+            await self._redis.set(self.prefix + "probe", repr(self._clock()), ex=60)
+
     async def counts(self) -> dict[MessageState, int]:
         with self._errors("counting"):
             pipe = self._redis.pipeline(transaction=False)
@@ -1193,6 +1210,15 @@ class RedisQueue:
                 if len(old) < len(entries) or len(entries) < 500:
                     return dropped
                 start = f"({_str(old[-1])}"
+
+    async def get_cursor(self, name: str) -> str:
+        with self._errors("reading a cursor"):
+            value: Any = await self._redis.hget(f"{self.prefix}cursors", name)
+        return _str(value) if value is not None else ""
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        with self._errors("storing a cursor"):
+            await self._redis.hset(f"{self.prefix}cursors", name, value)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when a wake-up was published (enqueue, release, requeue, retry from any

@@ -957,6 +957,28 @@ class SQLiteQueue:
 
         return await self._read(list_rows)
 
+    async def oldest(self) -> dict[MessageState, float]:
+        def oldest(conn: sqlite3.Connection) -> list[tuple[object, float]]:
+            return conn.execute(
+                "SELECT state, min(created_at) FROM messages GROUP BY state"
+            ).fetchall()
+
+        result: dict[MessageState, float] = {}
+        for state, created in await self._read(oldest):
+            known = _STATE_OF.get(state, MessageState.QUARANTINED)
+            result[known] = min(result.get(known, float(created)), float(created))
+        return result
+
+    async def ping(self) -> None:
+        now = repr(self._clock())
+
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO hato_meta (key, value) VALUES ('probe', ?)", (now,)
+            )
+
+        await self._change(probe)
+
     async def counts(self) -> dict[MessageState, int]:
         def counts(conn: sqlite3.Connection) -> list[tuple[object, int]]:
             try:
@@ -1085,6 +1107,27 @@ class SQLiteQueue:
 
     async def prune_events(self, before: float) -> int:
         return await self._change(lambda conn: delete_events_before(conn, before), durable=False)
+
+    async def get_cursor(self, name: str) -> str:
+        def read(conn: sqlite3.Connection) -> str:
+            row = conn.execute("SELECT value FROM hato_meta WHERE key = ?", (_CURSOR + name,))
+            found = row.fetchone()
+            return str(found[0]) if found is not None else ""
+
+        return await self._read(read)
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO hato_meta (key, value) VALUES (?, ?)",
+                (_CURSOR + name, value),
+            )
+
+        await self._change(write)
+
+
+# Cursors of event readers live in ``hato_meta`` under this key prefix.
+_CURSOR = "cursor:"
 
 
 # A damaged file is rebuilt in place at most this often (seconds): each try reads the

@@ -25,6 +25,16 @@ is answered ``500 5.5.2`` and the connection closed; in DATA, ``554 5.6.11`` and
 connection closed (like Postfix ``smtpd_forbid_bare_newline``), nothing queued. Only
 ``CRLF.CRLF`` ends DATA, so no smuggled end-of-data (``\\n.\\n``, ``\\r.\\r``, ...) can
 split one DATA into two messages. Bytes pipelined after ``STARTTLS`` are discarded.
+
+CHUNKING (RFC 3030): ``BDAT n [LAST]`` is followed by exactly ``n`` octets of message
+data, counted, never scanned for a terminator and never unstuffed. Every chunk is read
+to its end before it is answered, even when it is refused (no MAIL, over the size
+limit, after a failed chunk), so its bytes can never be taken for commands. Each chunk
+gets a ``250``; ``BDAT ... LAST`` ends the message like DATA's final dot. After a
+failed chunk, further BDATs get ``503 5.5.1`` until RSET (or a new MAIL); DATA inside a
+BDAT transaction is refused the same way. A malformed ``BDAT`` argument leaves no way to
+find the next command: ``501 5.5.4`` and the connection closes. The message must still
+be text with CRLF line endings (no BINARYMIME); a last line without CRLF gets one.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from hato.dsn_params import (
     parse_ret,
     store_recipients,
 )
-from hato.message import META_ENVID, Envelope
+from hato.message import META_ENVID, META_REQUIRETLS, Envelope
 from hato.reply import Reply
 from hato.smtp.auth import (
     MECHANISMS,
@@ -113,8 +123,8 @@ class Send:
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A rejection for the operator log; ``command`` is ``MAIL``, ``RCPT``, ``DATA``,
-    ``END-OF-MESSAGE``, ``AUTH``, ``CONNECT``, or the junk command that was one too many
-    (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
+    ``BDAT``, ``END-OF-MESSAGE``, ``AUTH``, ``CONNECT``, or the junk command that was one
+    too many (``NOOP``, ``VRFY``, ``ETRN``, ``RSET``)."""
 
     command: str
     reply: Reply
@@ -165,6 +175,7 @@ _WAIT_MESSAGE = 6
 _TLS_PENDING = 7
 _SKIP_LINE = 8
 _CLOSED = 9
+_BDAT = 10
 
 _AUTH_STATES = (_AUTH_PLAIN, _AUTH_LOGIN_USER, _AUTH_LOGIN_PASS)
 _WAITING = (_WAIT_AUTH, _WAIT_MESSAGE, _TLS_PENDING, _CLOSED)
@@ -183,6 +194,7 @@ _DATA_END = b"\r\n.\r\n"
 _DSN_MAIL_PARAMS = frozenset({"RET", "ENVID"})
 _DSN_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 _NO_SIZE_LIMIT = 1 << 62
+_BDAT_SIZE_RE = re.compile(r"[0-9]{1,18}")
 
 
 def _has_long_line(data: bytes, limit: int, skip: int = 0) -> bool:
@@ -245,6 +257,7 @@ class ServerSession:
         self.recipients: list[str] = []
         self._rcpt_set: set[str] = set()
         self._smtputf8 = False
+        self._requiretls = False
         # DSN (RFC 3461): RET and ENVID of MAIL, NOTIFY and ORCPT of each RCPT.
         self._dsn_ret = ""
         self._dsn_envid = ""
@@ -255,6 +268,13 @@ class ServerSession:
         self._size_base = 0
         self._too_big = False
         self._nul = False
+        # BDAT (CHUNKING); see _cmd_bdat and _feed_bdat.
+        self._bdat_body = bytearray()
+        self._bdat_active = False  # the transaction has had a BDAT: DATA is refused
+        self._bdat_failed = False  # a chunk failed: BDAT is refused until RSET or MAIL
+        self._bdat_remaining = 0
+        self._bdat_last = False
+        self._bdat_refusal: Reply | None = None  # the answer once the chunk is read
         # AUTH exchange.
         self._auth_mechanism = ""
         self._auth_username = ""
@@ -268,7 +288,7 @@ class ServerSession:
     @property
     def in_data(self) -> bool:
         """True while message data is being received."""
-        return self._state == _DATA
+        return self._state in (_DATA, _BDAT)
 
     @property
     def waiting(self) -> bool:
@@ -374,6 +394,9 @@ class ServerSession:
                 if not self._feed_data():
                     return
                 continue
+            if state == _BDAT:
+                self._feed_bdat()
+                continue
             if state in _WAITING:
                 return
             idx = buf.find(b"\n")
@@ -475,6 +498,11 @@ class ServerSession:
             self.recipients = []
             self._rcpt_set = set()
         self._smtputf8 = False
+        self._requiretls = False
+        if self._bdat_active:
+            self._bdat_active = False
+            self._bdat_body = bytearray()
+        self._bdat_failed = False
         self._dsn_ret = self._dsn_envid = ""
         if self._dsn_rcpt:
             self._dsn_rcpt = {}
@@ -489,8 +517,11 @@ class ServerSession:
             "DSN",
             "8BITMIME",
             "SMTPUTF8",
+            "CHUNKING",
             "ENHANCEDSTATUSCODES",
         ]
+        if self.facts.tls:
+            lines.append("REQUIRETLS")  # RFC 8689 2: only on a TLS session
         if self.tls_available and not self.facts.tls:
             lines.append("STARTTLS")
         if self.auth_available and self.policy.auth_permitted(self.facts) and not self.facts.user:
@@ -534,7 +565,7 @@ class ServerSession:
         if m is None:
             self._error(reply.MAIL_SYNTAX)
             return
-        smtputf8 = False
+        smtputf8 = requiretls = False
         declared = 0
         ret = envid = ""
         seen: set[str] = set()
@@ -581,6 +612,16 @@ class ServerSession:
                     smtputf8 = True
                 elif key == "AUTH":
                     pass  # RFC 4954 5: we may ignore the claimed submitter.
+                elif key == "REQUIRETLS":
+                    if value:
+                        self._error(reply.MAIL_SYNTAX)
+                        return
+                    # RFC 8689 4.1: over TLS only; a trusted network's plaintext is the
+                    # first hop from our own worker (docs/security.md).
+                    if not (self.facts.tls or self.facts.trusted):
+                        self._reject("MAIL", reply.REQUIRETLS_NEEDS_TLS)
+                        return
+                    requiretls = True
                 else:
                     self._error(reply.PARAM_UNRECOGNIZED)
                     return
@@ -596,6 +637,8 @@ class ServerSession:
             return
         self.sender = decision
         self._smtputf8 = smtputf8
+        self._requiretls = requiretls
+        self._bdat_failed = False
         self._dsn_ret, self._dsn_envid = ret, envid
         self._send(reply.SENDER_OK)
 
@@ -665,6 +708,12 @@ class ServerSession:
     def _cmd_data(self, arg: str) -> None:
         if arg:
             self._error(reply.SYNTAX_ERROR)
+            return
+        if self._bdat_active or self._bdat_failed:
+            # RFC 3030 2: no DATA in a BDAT transaction; the client must RSET.
+            self._reset_transaction()
+            self._bdat_failed = True
+            self._error(reply.DATA_AFTER_BDAT)
             return
         if self.sender is None:
             self._error(reply.NEED_MAIL)
@@ -860,10 +909,12 @@ class ServerSession:
         self._finish_message(header, raw, size)
         return True
 
-    def _finish_message(self, header: bytes, raw: bytes, size: int) -> None:
+    def _finish_message(
+        self, header: bytes, raw: bytes, size: int, *, stuffed: bool = True
+    ) -> None:
         """``raw`` is our ``header`` followed by the DATA as sent (dot-stuffed, with its
         last line's CRLF): ``raw[len(header) - 2:]`` reads like DATA after a CRLF, so one
-        search for ``CRLF.`` unstuffs the first line too."""
+        search for ``CRLF.`` unstuffs the first line too. BDAT data is not ``stuffed``."""
         answer: Reply | None = None
         start = len(header) - 2
         if self._too_big or size > self._size_limit:
@@ -892,7 +943,7 @@ class ServerSession:
             return
         # Our header holds no "CRLF." of its own. Without dot-stuffed lines replace()
         # returns raw itself: no copy.
-        data = raw.replace(b"\r\n.", b"\r\n")
+        data = raw.replace(b"\r\n.", b"\r\n") if stuffed else raw
         del raw  # when replace() did copy, the original goes before anything else
         # A non-ASCII host name of ours says nothing about the client's data.
         body_8bit = not (data if header.isascii() else data[len(header) :]).isascii()
@@ -912,8 +963,92 @@ class ServerSession:
             envelope.meta[META_RET] = self._dsn_ret
         if self._dsn_rcpt:
             store_recipients(envelope.meta, self._dsn_rcpt)
+        if self._requiretls:
+            envelope.meta[META_REQUIRETLS] = "yes"
         self._state = _WAIT_MESSAGE
         self._out.append(MessageComplete(envelope, data))
+
+    # BDAT ------------------------------------------------------------------------
+
+    def _cmd_bdat(self, arg: str) -> None:
+        size_text, _, last = arg.partition(" ")
+        last = last.strip(" ")
+        if _BDAT_SIZE_RE.fullmatch(size_text) is None or last.upper() not in ("", "LAST"):
+            # The chunk's length is unknown, so its bytes cannot be told from commands.
+            self._out.append(Rejected("BDAT", reply.BDAT_SYNTAX, self.sender))
+            self._send(reply.BDAT_SYNTAX)
+            self._close()
+            return
+        size = int(size_text)
+        refusal: Reply | None = None
+        if not self.esmtp:
+            refusal = reply.NEED_EHLO
+        elif self._bdat_failed:
+            refusal = reply.BDAT_AFTER_FAILURE
+        elif self.sender is None:
+            refusal = reply.NEED_MAIL
+        elif not self.recipients:
+            refusal = reply.NO_VALID_RECIPIENTS
+        elif not self._bdat_active:
+            self._bdat_active = True
+            self._bdat_body = bytearray()
+        self._bdat_remaining = size
+        self._bdat_last = bool(last)
+        self._bdat_refusal = refusal
+        if refusal is None and len(self._bdat_body) + size > self._size_limit:
+            self._bdat_refusal = reply.MESSAGE_TOO_BIG
+        self._state = _BDAT
+        if size == 0:
+            self._end_chunk()
+
+    def _feed_bdat(self) -> None:
+        """Move buffered chunk bytes into the message (or drop them when the chunk is
+        refused); answer the chunk once all of its bytes are in."""
+        buf = self._buf
+        take = min(self._bdat_remaining, len(buf))
+        if self._bdat_refusal is None:
+            with memoryview(buf) as view:
+                self._bdat_body += view[:take]
+        del buf[:take]
+        self._bdat_remaining -= take
+        if self._bdat_remaining == 0:
+            self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        self._state = _COMMAND
+        refusal = self._bdat_refusal
+        if refusal is not None:
+            self._bdat_refusal = None
+            if refusal.code == 503:
+                self._error(refusal)
+                return
+            # A refused chunk fails the transaction (RFC 3030 2): the client must RSET.
+            self._out.append(Rejected("BDAT", refusal, self.sender))
+            self._reset_transaction()
+            self._bdat_failed = True
+            self._error(refusal)
+            return
+        if not self._bdat_last:
+            self._send(reply.chunk_received(len(self._bdat_body)))
+            return
+        body = self._bdat_body
+        self._bdat_body = bytearray()
+        self._bdat_active = False
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        size = len(body)
+        lf = body.count(b"\n")
+        if lf != body.count(b"\r") or lf != body.count(b"\r\n"):
+            self._out.append(Rejected("END-OF-MESSAGE", reply.BARE_LINE_ENDING, self.sender))
+            self._reset_transaction()
+            self._error(reply.BARE_LINE_ENDING)
+            return
+        self._nul = b"\0" in body
+        self._too_big = False
+        header = self._received_header()
+        raw = header + body
+        del body
+        self._finish_message(header, raw, size, stuffed=False)
 
     def _received_header(self) -> bytes:
         if self._smtputf8:
@@ -953,7 +1088,7 @@ _HANDLERS: dict[str, Callable[[ServerSession, str], None]] = {
     "HELP": ServerSession._cmd_help,
     "STARTTLS": ServerSession._cmd_starttls,
     "AUTH": ServerSession._cmd_auth,
-    "BDAT": ServerSession._cmd_not_implemented,
+    "BDAT": ServerSession._cmd_bdat,
     "ETRN": ServerSession._cmd_etrn,
     "TURN": ServerSession._cmd_not_implemented,
 }

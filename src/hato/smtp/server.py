@@ -31,7 +31,8 @@ from hato import reply
 from hato.errors import ConfigError, HatoError, QueueError, QueueFullError
 from hato.events import ACCEPTED, DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, Envelope, message_id_of
+from hato.message import META_AUTH_USER, META_ENVID, Envelope, message_id_of
+from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import Queue
 from hato.reply import Reply
 from hato.smtp.auth import Authenticator, AuthThrottle
@@ -50,6 +51,7 @@ from hato.smtp.protocol import (
 )
 from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
+from hato.stages import StageTrace
 
 _debug = logging.getLogger(__name__)
 
@@ -144,8 +146,11 @@ class SMTPListener:
         flow: FlowGate | None = None,
         sock: socket.socket | None = None,
         shared: SharedCounts | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.listener = listener
+        self.observer = observer
+        self.name = ""  # ``label`` once bound: the listener's name in metrics
         self.flow = flow
         self.sock = sock
         self.shared = shared
@@ -173,6 +178,8 @@ class SMTPListener:
         self._reserve_applies = listener.role is ListenerRole.SMTP
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        # HATO_TRACE_STAGES (hato.stages): set by the composition root, else None.
+        self.stages: StageTrace | None = None
 
     async def start(self) -> None:
         role = self.listener.role
@@ -205,6 +212,7 @@ class SMTPListener:
                 )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
+        self.name = self.label
 
     @property
     def address(self) -> str:
@@ -338,6 +346,7 @@ async def start_listener(
     clock: Callable[[], float] = time.time,
     auth_throttle: AuthThrottle | None = None,
     submitted: MessageTransform | None = None,
+    observer: Observer = NO_OBSERVER,
     max_connections: int | None = None,
     max_connections_per_client: int | None = None,
     idle_timeout: float | None = None,
@@ -358,6 +367,7 @@ async def start_listener(
     ``flow`` holds the reply to DATA back while delivery falls behind; ``sock`` is an
     already bound listening socket to serve (the supervisor's, shared by its children);
     ``shared`` counts each client's connections across those children.
+    ``observer`` is told of connections, messages and AUTH failures (metrics).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -391,6 +401,7 @@ async def start_listener(
         flow=flow,
         sock=sock,
         shared=shared,
+        observer=observer,
     )
     await smtp.start()
     return smtp
@@ -429,6 +440,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self.client = _client_name(self.ip)
+        listener.observer.smtp_connected(listener.name)
         throttle = listener.auth_throttle
         if throttle is not None and throttle.blocked(self.ip):
             # A password guesser: not even a greeting until its failures expire.
@@ -569,6 +581,8 @@ class _Connection(asyncio.Protocol):
             out.clear()
 
     def _log_rejected(self, event: Rejected) -> None:
+        if event.command in ("END-OF-MESSAGE", "DATA"):  # the message itself refused
+            self.listener.observer.smtp_message(self.listener.name, False)
         fields: dict[str, object] = {}
         if event.sender is not None:
             fields["from"] = event.sender
@@ -594,11 +608,14 @@ class _Connection(asyncio.Protocol):
         session = self.session
         assert session is not None
         listener = self.listener
+        accepted = listener.clock() if listener.stages is not None else 0.0
         try:
             if listener.flow is not None:
                 await listener.flow.wait()  # before the commit: the 250 still follows it
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
+            if envelope.auth_user:  # who may read this message's events (hato.web.events_api)
+                envelope.meta.setdefault(META_AUTH_USER, envelope.auth_user)
             queue_id = await listener.queue.enqueue(
                 envelope, data, held=listener.hold, events=self._accepted(envelope, data)
             )
@@ -615,6 +632,11 @@ class _Connection(asyncio.Protocol):
             _debug.exception("unexpected error while enqueueing")
             events = session.message_rejected(reply.LOCAL_ERROR)
         else:
+            listener.observer.smtp_message(listener.name, True)
+            listener.observer.event(ACCEPTED, len(envelope.recipients))
+            if listener.stages is not None:
+                listener.stages.mark(queue_id, "accepted", accepted)
+                listener.stages.mark(queue_id, "committed")
             listener.log.received(
                 queue_id,
                 client=self.client,
@@ -689,6 +711,7 @@ class _Connection(asyncio.Protocol):
             if throttle is not None:
                 throttle.succeeded(self.ip, event.username)
         else:
+            listener.observer.smtp_auth_failed(listener.name)
             listener.log.auth_failed(self.client, event.username, event.mechanism)
             if throttle is not None:
                 locks = throttle.user_locks

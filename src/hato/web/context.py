@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from hato.clock import Clock
 from hato.config import Settings
 from hato.maillog import MailLog
 from hato.queue.base import Queue
 from hato.users import UserStore
+
+if TYPE_CHECKING:
+    from hato.web.metrics import Metrics
 
 Role = Literal["serve", "worker"]
 
@@ -30,3 +35,16 @@ class WebContext:
     node: str  # this machine's name, as in delivery events
     users: UserStore | None = None  # SASL users (who may read their own messages' events)
     listeners: list[tuple[str, str, int]] = field(default_factory=list)  # (role, host, port)
+    # For /readyz: each SMTP listener's name and whether it is bound and serving now.
+    serving: Callable[[], list[tuple[str, bool]]] = list
+    # Open connections per SMTP listener name, for the metrics.
+    active_connections: Callable[[], dict[str, int]] = dict
+    # Where this role hands mail on, (host, port), when it has such a next hop.
+    relay: tuple[str, int] | None = None
+    # The worker's view of its queue: "ok", or why it cannot claim (Worker.health).
+    worker_health: Callable[[], str] | None = None
+    # A directory on the queue's filesystem, and the bytes that must stay free there.
+    disk: Path | None = None
+    disk_min_free: int = 0
+    # This process's metrics, when the HTTP listener runs (hato.web.metrics).
+    metrics: Metrics | None = None

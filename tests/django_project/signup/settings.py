@@ -17,3 +17,5 @@ DEFAULT_FROM_EMAIL = "Sign-up Team <noreply@signup.example>"
 # Read by the backend from Django's settings; the tests point it at a queue of their own
 # (a name other than HATO_QUEUE_URL, to show the Django setting is what counts).
 HATO_QUEUE_URL = os.environ.get("SIGNUP_OUTBOX_URL", "memory://")
+# The relays' HATO_WEBHOOK_SECRET, during a rotation (both are accepted).
+HATO_WEBHOOK_SECRET = "django-whsec-new,django-whsec-old"

@@ -1,33 +1,4 @@
-"""A Django email backend that enqueues every message into Hato's outbox instead of talking SMTP.
-
-In ``settings.py``::
-
-    EMAIL_BACKEND = "hato.contrib.django.EmailBackend"
-    HATO_QUEUE_URL = "postgresql://app@db/app"     # else the HATO_QUEUE_URL variable
-    DEFAULT_FROM_EMAIL = "noreply@example.org"
-
-``send_mail``, ``EmailMessage.send()``, ``EmailMultiAlternatives`` and ``mail_admins``
-then return as soon as the message is durable in the queue, and ``hato worker`` delivers
-it. Django renders the message itself (``EmailMessage.message()``: attachments,
-alternatives, extra headers and its header-injection checks are Django's own); this
-backend only takes the bytes and the envelope. Bcc addresses go into the envelope and
-never into the headers, even when set through ``headers={"Bcc": ...}``. A
-``Hato-Idempotency-Key`` header, when present, is also the queue's idempotency key, so a
-retried request enqueues one message.
-
-Settings, each falling back to the environment variable of the same name:
-``HATO_QUEUE_URL`` and ``HATO_DEFAULT_FROM`` (used only when a message has no
-``from_email``, which Django fills from ``DEFAULT_FROM_EMAIL``). The backend's keyword
-arguments (``get_connection(queue_url=...)``) override both.
-
-Django makes a backend per ``send_mail`` call, so the :class:`hato.Mailer` behind it (a
-queue connection and a private event loop) is kept per queue URL for the life of the
-process instead of being rebuilt each time.
-
-To send only when the surrounding database transaction commits, call ``send_mail``
-inside ``transaction.on_commit(...)``; for the same on PostgreSQL without the gap between
-commit and enqueue, use ``hato.Mailer.send(..., connection=...)`` directly.
-"""
+"""The email backend of :mod:`hato.contrib.django` (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -47,13 +18,13 @@ from hato.errors import AddressError, HatoError
 from hato.mailer import IDEMPOTENCY_HEADER, Composed, Mailer
 from hato.message import Envelope, check_header_value, parse_address
 
-__all__ = ["EmailBackend"]
+__all__ = ["EmailBackend", "close_mailers", "shared_mailer"]
 
 _mailers: dict[tuple[str | None, str | None], Mailer] = {}
 _mailers_lock = threading.Lock()
 
 
-def _shared_mailer(queue_url: str | None, default_from: str | None) -> Mailer:
+def shared_mailer(queue_url: str | None, default_from: str | None) -> Mailer:
     """One Mailer per (queue URL, default sender) for the process (see the module doc)."""
     key = (queue_url, default_from)
     with _mailers_lock:
@@ -61,6 +32,9 @@ def _shared_mailer(queue_url: str | None, default_from: str | None) -> Mailer:
         if mailer is None:
             mailer = _mailers[key] = Mailer(queue_url, default_from=default_from)
         return mailer
+
+
+_shared_mailer = shared_mailer  # the name it had before the package
 
 
 def close_mailers() -> None:
@@ -100,7 +74,7 @@ class EmailBackend(BaseEmailBackend):
 
     @property
     def mailer(self) -> Mailer:
-        return _shared_mailer(self.queue_url, self.default_from)
+        return shared_mailer(self.queue_url, self.default_from)
 
     def compose(self, message: EmailMessage) -> Composed:
         """The envelope and bytes Hato stores for one Django message."""
