@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 from test_crash import Ledger, client_loop, relay_env, run_and_kill, verify_delivered
 from test_swaks_serve import Swaks, auth, prepare, saw, swaks_at  # noqa: F401 (a fixture)
 
-from peers import require_tool
+from peers import free_port, require_tool
 from peers.hato import HatoFactory, HatoServe
 from peers.sinks import RecordingSink
 
@@ -233,3 +234,12 @@ def test_auth_failures_are_counted_across_intake_processes(
         assert refused.returncode == 21 and saw(refused, "421 4.7.0"), refused.stdout
     # Both processes answered the guesser: otherwise one process counted alone.
     assert len(connected_pids(serve, want=2)) == 2
+
+
+def test_the_http_listener_runs_once_in_the_delivery_process(hato_serve: HatoFactory) -> None:
+    port = free_port()
+    hato = hato_serve(env={**PROCESSES, "HATO_HTTP_LISTEN": f"127.0.0.1:{port}"})
+    hato.wait_for_log(rf"http on 127\.0\.0\.1:{port}", timeout=30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+        assert answer.status == 200
+    assert sum("hato: http on" in line for line in hato.lines()) == 1, hato.log
