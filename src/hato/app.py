@@ -878,6 +878,8 @@ async def serve(
                     sock=sockets[index] if index < len(sockets) else None,
                     shared=shared,
                     observer=observer,
+                    # Only where the worker runs: an intake process has none to hand to.
+                    handoff=worker.enqueue_fresh if deliver else None,
                 )
                 server.stages = stages
                 servers.append(server)

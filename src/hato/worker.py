@@ -21,6 +21,15 @@ Order of writes, for at-least-once: the DSN is enqueued before the outcome that 
 is recorded (a crash in between gives the same DSN id back, through its idempotency key,
 instead of losing it), and the outcome is recorded only after the remote reply.
 
+Fresh mail skips the claim (issue 11): :meth:`Worker.enqueue_fresh` stores a message the
+intake just accepted already leased to this worker, in the same durable commit as the
+enqueue, and hands it straight to delivery; a relayed message then costs one durable
+commit (the enqueue) plus the record, which no backend fsyncs on its own. The handoff
+channel is bounded (``concurrency + handoff_limit`` messages in flight or waiting): when
+it is full, or the worker does not run, the message is enqueued plainly and the claim
+loop takes it. A crash loses nothing: the lease is one like any claimed lease, given back
+when this process is known dead (its liveness signal ends with it) or runs out.
+
 ``stop()`` stops claiming; deliveries in flight may finish until ``stop_timeout``, the
 rest are cancelled and their leases released, and ``run()`` returns. Nothing that goes
 wrong inside one delivery ends the loop: unknown errors count as temporary failures.
@@ -41,6 +50,7 @@ import os
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,9 +64,16 @@ from hato.dsn_params import NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_SUCCESS, DsnReq
 from hato.errors import HatoError
 from hato.events import DeliveryEvent, new_event_id
 from hato.maillog import MailLog
-from hato.message import META_ENVID, META_REQUIRETLS, message_id_of
+from hato.message import META_ENVID, META_REQUIRETLS, Envelope, message_id_of
 from hato.observe import NO_OBSERVER, Observer
-from hato.queue.base import MessageState, Outcome, Queue, RecipientState, StoredMessage
+from hato.queue.base import (
+    MessageState,
+    Outcome,
+    Queue,
+    RecipientState,
+    RecipientStatus,
+    StoredMessage,
+)
 from hato.queue.retry import RetrySchedule
 from hato.reply import Reply
 from hato.stages import StageTrace
@@ -162,9 +179,12 @@ class Worker:
         take_over_every: float = 2.0,
         stages: StageTrace | None = None,
         observer: Observer = NO_OBSERVER,
+        handoff_limit: int | None = None,
     ) -> None:
         if concurrency < 1 or batch_size < 1:
             raise ValueError("concurrency and batch_size must be at least 1")
+        if handoff_limit is not None and handoff_limit < 0:
+            raise ValueError("handoff_limit must not be negative")
         self.queue = queue
         self.couriers = dict(couriers)
         self.router = router
@@ -200,6 +220,12 @@ class Worker:
         self._local_hold = HoldCourier(LOCAL_HELD)
         self._stop = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], str] = {}
+        # The handoff channel: fresh messages leased at enqueue waiting for a free
+        # delivery slot, and enqueues under way that will add one (see enqueue_fresh).
+        self.handoff_limit = concurrency if handoff_limit is None else handoff_limit
+        self._handed: deque[StoredMessage] = deque()
+        self._reserved = 0
+        self.handoffs = 0  # messages delivered without a claim (for tests and metrics)
         self.running = False
         self.health = Health()
         self._failures = 0
@@ -226,6 +252,7 @@ class Worker:
         )
         try:
             while not self._stop.is_set():
+                self._start_handed()
                 free = self.concurrency - len(self._inflight)
                 if free <= 0:
                     await self._pause(self.idle_wait, watch_queue=False)
@@ -330,15 +357,78 @@ class Worker:
         await asyncio.gather(*(one(m) for m in claimed))
         return len(claimed)
 
-    def _start(self, msg: StoredMessage) -> None:
-        task = asyncio.create_task(self._guarded(msg), name=f"deliver {msg.id}")
+    def _start(self, msg: StoredMessage, *, handed: bool = False) -> None:
+        task = asyncio.create_task(self._guarded(msg, handed), name=f"deliver {msg.id}")
         self._inflight[task] = msg.id
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
+        if not self._stop.is_set():
+            self._start_handed()
 
-    async def _guarded(self, msg: StoredMessage) -> None:
+    # The handoff of fresh mail.
+
+    async def enqueue_fresh(
+        self, envelope: Envelope, data: bytes, events: Sequence[DeliveryEvent] = ()
+    ) -> str:
+        """Enqueue a message the intake just accepted (durably, as ``Queue.enqueue``) and
+        return its id; when the handoff channel has room, leased to this worker in the
+        same commit and delivered without a claim. Raises what ``enqueue`` raises."""
+        waiting = len(self._inflight) + len(self._handed) + self._reserved
+        if (
+            not self.running
+            or self._stop.is_set()
+            or waiting >= self.concurrency + self.handoff_limit
+        ):
+            return await self.queue.enqueue(envelope, data, events=events)
+        self._reserved += 1
+        try:
+            now = self._clock()
+            message_id = await self.queue.enqueue(
+                envelope,
+                data,
+                events=events,
+                lease_owner=self.owner,
+                lease_seconds=self.lease_seconds,
+            )
+        finally:
+            self._reserved -= 1
+        msg = StoredMessage(
+            id=message_id,
+            sender=envelope.sender,
+            recipients=[RecipientStatus(a) for a in envelope.recipients],
+            data=bytes(data),
+            state=MessageState.SENDING,
+            created_at=now,
+            next_attempt_at=now + self.lease_seconds,
+            lease_owner=self.owner,
+            lease_until=now + self.lease_seconds,
+            meta=dict(envelope.meta),
+        )
+        if self._stop.is_set():
+            # Stopping while it was stored: give it back for the next start (or another
+            # worker); if that fails, the lease ends with this process.
+            try:
+                await self.queue.release(message_id, owner=self.owner)
+            except Exception as exc:
+                _debug.warning("release of %s failed: %s", message_id, exc)
+            return message_id
+        self._handed.append(msg)
+        self.handoffs += 1
+        self._start_handed()
+        return message_id
+
+    def _start_handed(self) -> None:
+        """Start handed-off messages while delivery slots are free."""
+        while self._handed and len(self._inflight) < self.concurrency:
+            self._start(self._handed.popleft(), handed=True)
+
+    async def _guarded(self, msg: StoredMessage, handed: bool = False) -> None:
+        if handed and self.stages is not None:
+            # A handed-off message's "claimed": when its delivery starts (after the
+            # intake marked it committed).
+            self.stages.mark(msg.id, "claimed")
         try:
             await self.process(msg)
         except Exception as exc:  # a bug or the queue failing in record: the lease expires
@@ -373,6 +463,12 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let deliveries in flight finish up to ``stop_timeout``; release the rest."""
+        while self._handed:  # handed off but not started: give them back at once
+            message_id = self._handed.popleft().id
+            try:
+                await self.queue.release(message_id, owner=self.owner)
+            except Exception as exc:  # the lease ends with this process
+                _debug.warning("release of %s failed: %s", message_id, exc)
         if not self._inflight:
             return
         tasks = dict(self._inflight)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP
 
 from hato.delivery.base import DeliveryResult, Result
 from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
@@ -166,7 +168,8 @@ async def test_encrypt_without_starttls_is_temporary_and_sends_nothing_in_clear(
     assert sink.auth_attempts == []
 
 
-async def test_connection_reused_across_messages_with_rset() -> None:
+async def test_connection_reused_across_messages_without_rset() -> None:
+    """A clean transaction leaves nothing to reset: the next MAIL follows at once."""
     async with Sink() as sink:
         c = courier(sink.port)
         for n in range(3):
@@ -175,7 +178,7 @@ async def test_connection_reused_across_messages_with_rset() -> None:
         await c.close()
     assert sink.connections == 1
     assert len(sink.handler.messages) == 3
-    assert sink.handler.verbs().count("RSET") == 2
+    assert sink.handler.verbs() == ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3
     assert sink.handler.verbs().count("EHLO") == 1
 
 
@@ -190,6 +193,33 @@ async def test_dead_pooled_connection_is_replaced_once() -> None:
     assert res.result is Result.OK, res.reply
     assert sink.connections == 2
     assert [m.rcpt_tos for m in sink.handler.messages] == [["b@example.net"], ["c@example.net"]]
+
+
+async def test_pooled_connection_gone_at_mail_is_replaced_once() -> None:
+    """Reused without RSET, the connection closes as MAIL arrives (the server's idle
+    timeout racing the client): nothing was accepted, so the courier tries once more on
+    a new connection instead of deferring the message."""
+
+    class ClosesAtSecondMail(Handler):
+        async def handle_MAIL(
+            self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+        ) -> str:
+            if self.verbs().count("MAIL") == 1 and server.transport is not None:
+                self._note(server, session, "MAIL", address)
+                server.transport.abort()  # no reply: the connection is just gone
+                return "421 4.4.2 closing"
+            return await super().handle_MAIL(server, session, envelope, address, options)
+
+    async with Sink(ClosesAtSecondMail()) as sink:
+        c = courier(sink.port)
+        [first] = await c.deliver("a@example.org", ["b@example.net"], MSG)
+        [second] = await c.deliver("a@example.org", ["c@example.net"], MSG)
+        await c.close()
+    assert first.result is Result.OK
+    assert second.result is Result.OK, second.reply
+    assert sink.connections == 2
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["b@example.net"], ["c@example.net"]]
+    assert "RSET" not in sink.handler.verbs()
 
 
 async def test_pool_bounds_concurrent_connections() -> None:

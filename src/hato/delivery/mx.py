@@ -495,6 +495,15 @@ class MXCourier:
             return _Next(reply, failure.relay, answered=answered)
         rcpts = [rcpt for _, rcpt in items]
         transaction = await send(session, sender, rcpts, data, dsn=dsn, require_tls=require_tls)
+        if transaction.deferred_at_mail is not None and session.unchecked and not session.alive:
+            # A pooled connection reused without RSET was gone after all, before anything
+            # was accepted: once more on another.
+            try:
+                session = await self._open_for(domain, rule, key, host, ip)
+            except SessionFailure as failure:
+                unreachable = failure.kind is FailureKind.UNREACHABLE
+                return _Next(failure.reply, failure.relay, answered=not unreachable)
+            transaction = await send(session, sender, rcpts, data, dsn=dsn, require_tls=require_tls)
         self._pool.release(key, session)
         if transaction.deferred_at_mail is not None:
             return _Next(transaction.deferred_at_mail, session.relay)

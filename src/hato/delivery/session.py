@@ -27,8 +27,11 @@ missing, AUTH). ``relay`` is ``host[ip]:port`` as in Postfix's log (``[unknown]`
 smarthost's name is resolved by the connection).
 
 The :class:`Pool` keeps idle sessions by destination, closes those idle or open for too
-long, and hands one out again only after RSET and only when its TLS meets the level asked
-for. :func:`send` runs a mail transaction (MAIL, one RCPT per recipient, DATA; more on
+long, and hands one out again only when its TLS meets the level asked for: at once when
+its last transaction ended cleanly (the server's final reply to the body was 250, so it
+holds no transaction state: RFC 5321 4.1.1.4) and the connection is still open, else
+after RSET. Such a session is marked ``unchecked``: a courier whose first MAIL on it
+finds the connection gone (nothing was accepted) tries once more on a new one. :func:`send` runs a mail transaction (MAIL, one RCPT per recipient, DATA; more on
 the same connection when the server's recipient limit leaves some over) and records a
 per-recipient result as each reply comes, so a connection lost half-way keeps what was
 already decided. A server without 8BITMIME gets 8-bit mail converted to 7 bit,
@@ -275,6 +278,10 @@ class Session:
         self.last_used = now
         self.stage = _SENDING_MAIL
         self.messages = 0
+        # The last transaction ended with 250 after the body: no RSET needed before the next.
+        self.clean = False
+        # Handed out again without RSET (see the module docstring).
+        self.unchecked = False
 
     @property
     def alive(self) -> bool:
@@ -520,7 +527,8 @@ def _connect_failure(exc: BaseException, relay: str) -> SessionFailure:
 
 
 class Pool:
-    """Idle sessions by destination key, reused after RSET.
+    """Idle sessions by destination key, reused as they are after a clean transaction,
+    else after RSET.
 
     At most ``max_idle`` idle sessions per key (the oldest is closed first); a session
     unused for ``idle_seconds`` or open for ``max_age_seconds`` is closed rather than
@@ -545,11 +553,16 @@ class Pool:
         self.opened = 0
 
     async def session(self, key: Hashable, plan: Plan) -> Session:
-        """An idle session for ``key`` that meets ``plan.tls`` and answers RSET, else a
-        new one (one try: a dropped idle connection is replaced, not retried)."""
+        """An idle session for ``key`` that meets ``plan.tls`` and is still open after a
+        clean transaction (``unchecked``) or answers RSET, else a new one (one try: a
+        dropped idle connection is replaced, not retried)."""
         session = self._take(key, plan.tls)
         if session is not None:
+            if session.clean and session.alive:
+                session.unchecked = True
+                return session
             if await session.reset():
+                session.unchecked = False
                 return session
             session.close()
         return await self.open(plan)
@@ -650,6 +663,7 @@ async def send(
     results: dict[int, DeliveryResult] = {}
     deferred_at_mail: Reply | None = None
     relay = session.relay
+    session.clean = False
     offers_dsn = session.smtp.supports_extension("dsn")
     try:
         mail_reply = await _transact(
@@ -749,6 +763,7 @@ async def _transact(
     pending = list(everyone)
     while pending:
         first = not results
+        session.clean = False
         session.stage = _SENDING_MAIL
         response = await smtp.execute_command(
             b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
@@ -761,7 +776,8 @@ async def _transact(
         if not accepted or not smtp.is_connected:
             return None
         session.stage = "sending message body"
-        if not await _data(smtp, data, accepted, decide) and pending:
+        session.clean = await _data(smtp, data, accepted, decide)
+        if not session.clean and pending:
             await smtp.execute_command(b"RSET")  # whatever the server kept of it goes
     return None
 

@@ -180,6 +180,22 @@ class SmarthostCourier:
                 require_tls=require_tls,
                 trusted_hop=self.config.requiretls == "trusted",
             )
+            if transaction.deferred_at_mail is not None and session.unchecked and not session.alive:
+                # A pooled connection reused without RSET was gone after all, before
+                # anything was accepted: once more on a new one.
+                try:
+                    session = await self._pool.open(self._plan)
+                except SessionFailure as failure:
+                    return all_results(recipients, Result.TEMPORARY, failure.reply, failure.relay)
+                transaction = await send(
+                    session,
+                    sender,
+                    recipients,
+                    data,
+                    dsn=dsn,
+                    require_tls=require_tls,
+                    trusted_hop=self.config.requiretls == "trusted",
+                )
             self._pool.release((), session)
             return transaction.results
 

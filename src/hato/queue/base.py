@@ -235,6 +235,25 @@ def state_after_bounce(state: MessageState, recipients: Sequence[RecipientStatus
     return state
 
 
+def check_enqueue_lease(
+    lease_owner: str | None,
+    lease_seconds: float,
+    *,
+    held: bool,
+    not_before: float | None,
+    idempotency_key: str | None,
+) -> None:
+    """The arguments an enqueue with ``lease_owner`` refuses (:class:`ValueError`)."""
+    if lease_owner is None:
+        return
+    if not lease_owner:
+        raise ValueError("lease_owner must not be empty")
+    if held or not_before is not None or idempotency_key is not None:
+        raise ValueError("a message leased at enqueue is due now, not held, without a key")
+    if lease_seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+
+
 def new_message_id(clock: Clock = time.time) -> str:
     """A queue id: 11 upper-case hex digits of microseconds, then 8 random ones.
 
@@ -269,12 +288,21 @@ class Queue(Protocol):
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         """Store a message durably and return its id.
 
         With ``idempotency_key``, a second enqueue with the same key returns the first
         message's id and stores nothing. ``events`` (the ``accepted`` ones) are stored in
         the same commit; an empty ``queue_id`` in them is the new message's id.
+
+        With ``lease_owner`` the message is stored already leased (``sending``) to that
+        owner until ``now + lease_seconds``, in the same commit: the in-process worker it
+        is handed to delivers it without a claim commit. Such a lease is one like any
+        other (recovered when the owner dies, or when it runs out); the owner's liveness
+        signal is taken before the commit. Refused (:class:`ValueError`) with ``held``,
+        ``not_before`` or ``idempotency_key`` (the id returned could be another message's).
         """
         ...
 

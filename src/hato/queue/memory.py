@@ -31,6 +31,7 @@ from hato.queue.base import (
     RecoveryReport,
     StoredMessage,
     apply_bounce,
+    check_enqueue_lease,
     derive_state,
     new_message_id,
     settle_attempt,
@@ -119,8 +120,17 @@ class MemoryQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         self._check_open()
+        check_enqueue_lease(
+            lease_owner,
+            lease_seconds,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+        )
         if idempotency_key is not None and idempotency_key in self._by_key:
             return self._by_key[idempotency_key]
         if not envelope.recipients:
@@ -140,6 +150,10 @@ class MemoryQueue:
             idempotency_key=idempotency_key,
             meta={**envelope.meta, **(meta or {})},
         )
+        if lease_owner is not None:
+            msg.state = MessageState.SENDING
+            msg.lease_owner = lease_owner
+            msg.lease_until = msg.next_attempt_at = now + lease_seconds
         self._messages[message_id] = msg
         if idempotency_key is not None:
             self._by_key[idempotency_key] = message_id

@@ -10,10 +10,18 @@ from the injected clock, never the server's ``now()``, so a fake clock works.
   finds new work, due retries and expired leases alike.
 * **Enqueue** returns after the server's COMMIT (durable as long as the server keeps
   ``synchronous_commit`` on). Concurrent enqueues of one process share one multi-row
-  INSERT and one commit (group commit); an idle queue's enqueue goes alone at once.
+  INSERT and one commit (group commit); an idle queue's enqueue goes alone at once. With
+  ``lease_owner`` the row is inserted leased (``sending``), the owner's advisory lock
+  taken first, so fresh mail needs no claim.
 * **Record** is a compare-and-set on ``(lease_owner, lease_until)``: a worker whose lease
-  was taken over (even by itself, later) changes nothing. The row a claim returned is
-  remembered, so a record from the claiming process is one statement.
+  was taken over (even by itself, later) changes nothing. The row a claim (or an
+  ``enqueue(lease_owner=...)``) returned is remembered, so a record from the leasing
+  process needs no read: such records arriving together share one statement (each row
+  still its own compare-and-set, its events joined to it) and one commit, made with
+  ``synchronous_commit`` off for that transaction only. At-least-once holds: a record the
+  server loses in a crash (at most the last ~``wal_writer_delay`` of them) leaves its
+  message ``sending`` under the old lease, which recovery or the lease's end gives back,
+  so the message is delivered once more, never lost. Enqueues keep their durable commit.
 * **Wake-ups**: enqueue, requeue, release, recovery and a retry that is due now call
   ``pg_notify`` in the same statement, so in the same transaction: a rolled-back enqueue
   wakes nobody. A listener connection, opened by the first ``wait_for_work``, wakes the
@@ -56,7 +64,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -83,6 +91,7 @@ from hato.queue.base import (
     RecoveryReport,
     StoredMessage,
     apply_bounce,
+    check_enqueue_lease,
     new_message_id,
     settle_attempt,
     state_after_bounce,
@@ -224,9 +233,9 @@ class _Names:
         return (
             f"WITH ins AS (INSERT INTO {self.messages}"
             " (id, sender, recipients, data, state, created_at, next_attempt_at,"
-            " idempotency_key, meta)"
+            " idempotency_key, meta, lease_owner, lease_until)"
             " VALUES (%(id)s, %(sender)s, %(recipients)s, %(data)s, %(state)s, %(now)s,"
-            " %(due)s, %(key)s, %(meta)s)"
+            " %(due)s, %(key)s, %(meta)s, %(owner)s, %(until)s)"
             # No conflict target: a retried INSERT (same id) and a repeated
             # idempotency key both end up in the SELECT of ``existing``.
             " ON CONFLICT DO NOTHING RETURNING id, state),"
@@ -252,10 +261,10 @@ class _Names:
         return (
             f"WITH ins AS (INSERT INTO {self.messages}"
             " (id, sender, recipients, data, state, created_at, next_attempt_at,"
-            " idempotency_key, meta)"
+            " idempotency_key, meta, lease_owner, lease_until)"
             " SELECT * FROM unnest(%(id)s::text[], %(sender)s::text[], %(recipients)s::jsonb[],"
             " %(data)s::bytea[], %(state)s::text[], %(now)s::float8[], %(due)s::float8[],"
-            " %(key)s::text[], %(meta)s::jsonb[])"
+            " %(key)s::text[], %(meta)s::jsonb[], %(owner)s::text[], %(until)s::float8[])"
             " ON CONFLICT DO NOTHING RETURNING id, state),"
             f" ev AS (INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
             " SELECT e.event_id, ins.id, e.envid, e.time, e.body FROM ins JOIN"
@@ -265,6 +274,33 @@ class _Names:
             " ON CONFLICT DO NOTHING)"
             " SELECT id, CASE WHEN state = 'queued' THEN pg_notify(%(channel)s, '')::text END"
             " FROM ins"
+        )
+
+    @property
+    def record_many(self) -> str:
+        """The records of many messages (each a compare-and-set on its lease) and their
+        events in one statement, committed without waiting for the WAL flush
+        (``synchronous_commit`` off for this transaction only): see ``record``."""
+        return (
+            "WITH cfg AS (SELECT set_config('synchronous_commit', 'off', true)),"
+            " v AS (SELECT * FROM unnest(%(id)s::text[], %(owner)s::text[],"
+            " %(lease_until)s::float8[], %(recipients)s::jsonb[], %(attempts)s::int[],"
+            " %(state)s::text[], %(next)s::float8[], %(last_reply)s::text[],"
+            " %(notify)s::bool[]) AS v(id, owner, lease_until, recipients, attempts, state,"
+            " next, last_reply, notify)),"
+            f" upd AS (UPDATE {self.messages} AS m SET recipients = v.recipients,"
+            " attempts = v.attempts, state = v.state, next_attempt_at = v.next,"
+            " last_reply = v.last_reply, lease_owner = '', lease_until = 0"
+            " FROM v WHERE m.id = v.id AND m.state = 'sending' AND m.lease_owner = v.owner"
+            " AND m.lease_until = v.lease_until"
+            " RETURNING m.id, CASE WHEN v.notify THEN pg_notify(%(channel)s, '')::text END),"
+            f" ev AS (INSERT INTO {self.events} (event_id, queue_id, envid, time, body)"
+            " SELECT e.event_id, e.queue_id, e.envid, e.time, e.body FROM unnest("
+            "%(ev_of)s::text[], %(ev_id)s::text[], %(ev_qid)s::text[], %(ev_envid)s::text[],"
+            " %(ev_time)s::float8[], %(ev_body)s::text[])"
+            " AS e(of, event_id, queue_id, envid, time, body) JOIN upd ON upd.id = e.of"
+            " ON CONFLICT DO NOTHING)"
+            " SELECT upd.id FROM upd, cfg"
         )
 
     @property
@@ -467,11 +503,30 @@ def _enqueue_params(
     idempotency_key: str | None,
     meta: dict[str, str] | None,
     events: Sequence[DeliveryEvent] = (),
+    lease_owner: str | None = None,
+    lease_seconds: float = 0.0,
 ) -> dict[str, object]:
     if not envelope.recipients:
         raise ValueError("a message needs at least one recipient")
+    check_enqueue_lease(
+        lease_owner,
+        lease_seconds,
+        held=held,
+        not_before=not_before,
+        idempotency_key=idempotency_key,
+    )
     now = clock()
     message_id = new_message_id(lambda: now)
+    if lease_owner is not None:
+        until = now + lease_seconds
+        leased: dict[str, object] = {
+            "state": MessageState.SENDING.value,
+            "due": until,
+            "owner": lease_owner,
+            "until": until,
+        }
+    else:
+        leased = {"owner": "", "until": 0.0}
     return {
         **_event_params(stamped(events, message_id)),
         "id": message_id,
@@ -484,6 +539,7 @@ def _enqueue_params(
         "key": idempotency_key,
         "meta": Jsonb({**envelope.meta, **(meta or {})}),
         "channel": names.channel,
+        **leased,
     }
 
 
@@ -580,6 +636,9 @@ class PostgresQueue:
         self._leases: OrderedDict[str, _Lease] = OrderedDict()
         self._to_insert: list[tuple[dict[str, object], asyncio.Future[str]]] = []
         self._inserter: asyncio.Task[None] | None = None
+        # Records of leases this process remembers, waiting for the next group statement.
+        self._to_record: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+        self._recorder: asyncio.Task[None] | None = None
         # The session whose advisory locks say our lease owners are alive.
         self._alive: AsyncConn | None = None
         self._alive_lock = asyncio.Lock()
@@ -614,6 +673,9 @@ class PostgresQueue:
             raise
 
     async def close(self) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            await asyncio.wait([recorder])  # records in flight finish (or fail) first
         inserter = self._inserter
         if inserter is not None:
             await asyncio.wait([inserter])  # enqueues in flight finish (or fail) first
@@ -768,12 +830,16 @@ class PostgresQueue:
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
         connection: object | None = None,
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         """Store a message and return its id (see :class:`hato.queue.base.Queue`).
 
         ``connection``: as :meth:`enqueue_in` (a psycopg ``AsyncConnection`` or
-        ``Connection``; :class:`TypeError` for anything else).
+        ``Connection``; :class:`TypeError` for anything else); not with ``lease_owner``.
         """
+        if lease_owner is not None and connection is not None:
+            raise ValueError("lease_owner is for the queue's own commit, not a connection")
         if connection is not None:
             if not isinstance(connection, psycopg.AsyncConnection | psycopg.Connection):
                 raise TypeError(
@@ -800,8 +866,29 @@ class PostgresQueue:
             idempotency_key=idempotency_key,
             meta=meta,
             events=events,
+            lease_owner=lease_owner,
+            lease_seconds=lease_seconds,
         )
-        return await self._enqueue_grouped(params)
+        if lease_owner is not None:
+            # Before the lease commits: recovery elsewhere must find the owner alive.
+            await self._hold(lease_owner)
+        message_id = await self._enqueue_grouped(params)
+        if lease_owner is not None and message_id == params["id"]:
+            until = cast(float, params["until"])
+            self._remember_lease(
+                StoredMessage(
+                    id=message_id,
+                    sender=envelope.sender,
+                    recipients=[RecipientStatus(a) for a in envelope.recipients],
+                    data=b"",
+                    state=MessageState.SENDING,
+                    created_at=0.0,
+                    next_attempt_at=until,
+                    lease_owner=lease_owner,
+                    lease_until=until,
+                )
+            )
+        return message_id
 
     async def enqueue_in(
         self,
@@ -872,7 +959,19 @@ class PostgresQueue:
         if len(group) == 1:
             params = group[0]
             return [await self._run("enqueue", lambda c: _enqueue_on_async(c, self._names, params))]
-        columns = ("id", "sender", "recipients", "data", "state", "now", "due", "key", "meta")
+        columns = (
+            "id",
+            "sender",
+            "recipients",
+            "data",
+            "state",
+            "now",
+            "due",
+            "key",
+            "meta",
+            "owner",
+            "until",
+        )
         arrays: dict[str, object] = {c: [p[c] for p in group] for c in columns}
         for column in ("ev_id", "ev_qid", "ev_envid", "ev_time", "ev_body"):
             arrays[column] = [v for p in group for v in p[column]]  # type: ignore[attr-defined]
@@ -1067,6 +1166,30 @@ class PostgresQueue:
         else:
             lease = None
 
+        if lease is not None:
+            # The common case (this process leased it): no read, so the record joins the
+            # next group statement with the records of other messages.
+            row = lease.row
+            attempts = int(row[1]) + 1
+            recipients, last_reply, state = settle_attempt(
+                _parse_recipients(row[0]), outcomes, attempts=attempts, held=held, retry_at=retry_at
+            )
+            now = self._clock()
+            next_at = retry_at if retry_at is not None else now
+            item: dict[str, Any] = {
+                "id": message_id,
+                "owner": owner,
+                "lease_until": row[2],
+                "recipients": _recipients_json(recipients),
+                "attempts": attempts,
+                "state": state.value,
+                "next": next_at,
+                "last_reply": last_reply or row[3],
+                "notify": state is MessageState.DEFERRED and next_at <= now,
+                **event_params,
+            }
+            return state if await self._record_grouped(item) else None
+
         async def run(conn: AsyncConn) -> MessageState | None:
             if lease is not None:
                 row: Sequence[Any] | None = lease.row
@@ -1101,6 +1224,60 @@ class PostgresQueue:
             return state if await cur.fetchone() is not None else None
 
         return await self._run("record", run)
+
+    async def _record_grouped(self, item: dict[str, Any]) -> bool:
+        """Join the next group of records; whether this one's lease still held."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._to_record.append((item, future))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_groups(), name="hato-pg-record")
+        return await future
+
+    async def _record_groups(self) -> None:
+        while self._to_record:
+            group: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+            ids: set[str] = set()
+            # One statement updates each row once: a second record of one message (a
+            # caller's bug, or a retry) waits for the next group.
+            rest: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+            for entry in self._to_record:
+                if len(group) < _MAX_GROUP and entry[0]["id"] not in ids:
+                    ids.add(entry[0]["id"])
+                    group.append(entry)
+                else:
+                    rest.append(entry)
+            self._to_record = rest
+            try:
+                done = await self._record_group([item for item, _ in group])
+            except Exception as exc:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for item, future in group:
+                    if not future.done():  # the caller was cancelled
+                        future.set_result(item["id"] in done)
+
+    async def _record_group(self, group: list[dict[str, Any]]) -> set[str]:
+        """The ids whose record was stored (their lease still held)."""
+        columns = (
+            "id",
+            "owner",
+            "lease_until",
+            "recipients",
+            "attempts",
+            "state",
+            "next",
+            "last_reply",
+            "notify",
+        )
+        arrays: dict[str, object] = {c: [item[c] for item in group] for c in columns}
+        for column in ("ev_id", "ev_qid", "ev_envid", "ev_time", "ev_body"):
+            arrays[column] = [v for item in group for v in item[column]]
+        arrays["ev_of"] = [item["id"] for item in group for _ in item["ev_id"]]
+        arrays["channel"] = self._names.channel
+        rows = await self._execute("record", self._names.record_many, arrays)
+        return {str(row[0]) for row in rows}
 
     async def record_bounce(
         self,

@@ -22,7 +22,13 @@ Durability is the server's: ``enqueue`` returns once Redis has executed the scri
 is on disk only as far as ``appendonly``/``appendfsync`` say (see ``docs/redis.md``).
 ``?wait_aof=1`` adds ``WAITAOF`` (Redis >= 7.2) after every write so the reply waits for
 the local AOF fsync; ``?wait_replicas=N`` waits for N replicas (``WAIT``, or ``WAITAOF``
-with ``wait_aof``); ``?wait_timeout=MS`` bounds either wait (default 5000).
+with ``wait_aof``); ``?wait_timeout=MS`` bounds either wait (default 5000). Records
+(delivery outcomes) are bookkeeping: those arriving together go in one pipeline (one
+round trip) and are not waited for. At-least-once holds: a record the server loses
+leaves its message ``sending`` under the old lease, given back by recovery (the
+owner's heartbeat key ends with it) or when it runs out, so the message is delivered
+once more, never lost. An ``enqueue(lease_owner=...)`` stores the message leased to a
+live owner (heartbeat key first) in the same script, so fresh mail needs no claim.
 
 Commands that meet a broken connection are retried on a new one for about two seconds
 (a restart). A retried enqueue is recognised by its nonce and stores nothing twice; a
@@ -76,9 +82,13 @@ from hato.queue.base import (
     RecipientStatus,
     RecoveryReport,
     StoredMessage,
+    check_enqueue_lease,
     last_reply_of,
     new_message_id,
 )
+
+# The most records one pipeline carries.
+_MAX_RECORDS = 256
 
 _OUR_PARAMS = ("prefix", "wait_aof", "wait_replicas", "wait_timeout")
 _STATES = tuple(s.value for s in MessageState)
@@ -160,7 +170,8 @@ end
 """
 
 # ARGV: P, id, sender, rcpts, data, sum, created, next, held, idem, meta, state, nonce,
-# then the accepted events (see addevents).
+# lease owner ('' = none), lease until, then the accepted events (see addevents). With an
+# owner the message is stored leased (state sending, next = until).
 # Returns the stored (or, for a known idempotency key, the earlier) id; 0 on an id clash.
 _ENQUEUE = """
 local id, idem = ARGV[2], ARGV[10]
@@ -186,11 +197,14 @@ redis.call('HSET', h, 'sender', ARGV[3], 'rcpts', ARGV[4], 'data', ARGV[5], 'sum
   'nonce', ARGV[13])
 redis.call('ZADD', P .. 'all', ARGV[7], id)
 redis.call('ZADD', P .. 's:' .. ARGV[12], ARGV[7], id)
-if ARGV[9] ~= '1' then
+if ARGV[14] ~= '' then
+  redis.call('HSET', h, 'owner', ARGV[14], 'until', ARGV[15])
+  redis.call('ZADD', P .. 'leases', ARGV[15], id)
+elseif ARGV[9] ~= '1' then
   redis.call('ZADD', P .. 'due', ARGV[8], id)
   wake()
 end
-addevents(14)
+addevents(16)
 return id
 """
 
@@ -633,6 +647,9 @@ class RedisQueue:
         self._owners: set[str] = set()
         self._ttl_ms = max(1, int(owner_ttl * 1000))
         self._heartbeat: asyncio.Task[None] | None = None
+        # Records waiting for the next pipeline (see the module docstring).
+        self._to_record: list[tuple[tuple[str | bytes | int, ...], asyncio.Future[Any]]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -675,6 +692,36 @@ class RedisQueue:
         result, acked = await pipe.execute()
         self._check_acked(acked)
         return result
+
+    async def _record_grouped(self, *args: str | bytes | int) -> Any:
+        """Run the record script in the next pipeline of records; its reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._to_record.append((args, future))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_groups(), name="hato-redis-record")
+        return await future
+
+    async def _record_groups(self) -> None:
+        while self._to_record:
+            group = self._to_record[:_MAX_RECORDS]
+            del self._to_record[:_MAX_RECORDS]
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for args, _ in group:
+                    await self._scripts["record"](args=(self.prefix, *args), client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), reply in zip(group, replies, strict=True):
+                if future.done():  # the caller was cancelled
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
 
     def _check_acked(self, acked: Any) -> None:
         if self._wait_aof:
@@ -763,6 +810,9 @@ class RedisQueue:
             ) from exc
 
     async def close(self) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            await asyncio.wait([recorder])  # records in flight finish (or fail) first
         listener, client = self._listener, self._client
         self._listener, self._client = None, None
         if listener is not None:
@@ -797,12 +847,27 @@ class RedisQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        check_enqueue_lease(
+            lease_owner,
+            lease_seconds,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+        )
+        if lease_owner is not None:
+            # Before the lease is stored: its heartbeat key says the owner runs.
+            await self._hold(lease_owner)
         now = self._clock()
         rcpts = [{"a": r, "s": "pending", "r": "", "l": "", "n": 0} for r in envelope.recipients]
         state = MessageState.HELD if held else MessageState.QUEUED
+        if lease_owner is not None:
+            state = MessageState.SENDING
+            not_before = now + lease_seconds
         fixed = (
             envelope.sender,
             json.dumps(rcpts),
@@ -815,6 +880,8 @@ class RedisQueue:
             json.dumps({**envelope.meta, **(meta or {})}),
             state.value,
             secrets.token_hex(8),
+            lease_owner or "",
+            _num(not_before) if lease_owner is not None and not_before is not None else "0",
         )
         with self._errors("enqueueing"):
             for _ in range(100):  # a clash needs the same microsecond and 20 random bits
@@ -903,8 +970,7 @@ class RedisQueue:
             ]
         )
         with self._errors(f"recording {message_id}"):
-            new = await self._write(
-                "record",
+            new = await self._record_grouped(
                 message_id,
                 owner,
                 _num(self._clock()),

@@ -69,6 +69,7 @@ from hato.queue.base import (
     RecoveryReport,
     StoredMessage,
     apply_bounce,
+    check_enqueue_lease,
     new_message_id,
     settle_attempt,
     state_after_bounce,
@@ -123,6 +124,13 @@ _INSERT = (
     "INSERT OR IGNORE INTO messages (id, state, created_at, next_attempt_at,"
     " idempotency_key, envelope, rcpt_state, checksum, data)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# Enqueue with the lease taken in the same statement (``enqueue(lease_owner=...)``).
+_INSERT_LEASED = (
+    "INSERT OR IGNORE INTO messages (id, state, created_at, next_attempt_at,"
+    " idempotency_key, envelope, rcpt_state, checksum, data, lease_owner, lease_until)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _LEASE = (
@@ -640,9 +648,21 @@ class SQLiteQueue:
         idempotency_key: str | None = None,
         meta: dict[str, str] | None = None,
         events: Sequence[DeliveryEvent] = (),
+        lease_owner: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> str:
         if not envelope.recipients:
             raise ValueError("a message needs at least one recipient")
+        check_enqueue_lease(
+            lease_owner,
+            lease_seconds,
+            held=held,
+            not_before=not_before,
+            idempotency_key=idempotency_key,
+        )
+        if lease_owner is not None:
+            # Before the lease commits: recovery elsewhere must find the owner alive.
+            self._owners.hold(lease_owner)
         now = self._clock()
         message_id = new_message_id(lambda: now)
         env_text = json.dumps(
@@ -656,6 +676,11 @@ class SQLiteQueue:
         rcpt_state = encode_rcpt_state([RecipientStatus(a) for a in envelope.recipients])
         state = MessageState.HELD.value if held else MessageState.QUEUED.value
         due = now if not_before is None else not_before
+        lease: tuple[str, float] | tuple[()] = ()
+        if lease_owner is not None:
+            state = MessageState.SENDING.value
+            due = now + lease_seconds
+            lease = (lease_owner, due)
         payload = bytes(data)
 
         def insert(conn: sqlite3.Connection) -> str:
@@ -670,7 +695,7 @@ class SQLiteQueue:
             # An id collides only within one microsecond and 1 in 2**20; draw again.
             for _ in range(8):
                 cur = conn.execute(
-                    _INSERT,
+                    _INSERT_LEASED if lease else _INSERT,
                     (
                         mid,
                         state,
@@ -681,6 +706,7 @@ class SQLiteQueue:
                         rcpt_state,
                         stored_sum,
                         payload,
+                        *lease,
                     ),
                 )
                 if cur.rowcount == 1:
@@ -770,6 +796,12 @@ class SQLiteQueue:
         held: bool = False,
         events: Sequence[DeliveryEvent] = (),
     ) -> MessageState | None:
+        """See :class:`hato.queue.base.Queue`. Records arriving together share the
+        writer's transaction, committed without an fsync of its own (``durable=False``):
+        the next durable commit's fsync covers it (the WAL is written in order). A power
+        cut may lose the last records, never a message: a lost record leaves the message
+        ``sending`` under a lease whose owner is gone, which recovery gives back, so it is
+        delivered once more (at-least-once)."""
         now = self._clock()
         bad: list[tuple[str, str]] = []
 

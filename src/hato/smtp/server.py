@@ -24,7 +24,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from hato import reply
@@ -59,6 +59,11 @@ _debug = logging.getLogger(__name__)
 # the authenticated user ("" for a trusted network), returns the bytes to queue. Raising
 # hato.errors.HatoError refuses the message with 554 5.6.0.
 MessageTransform = Callable[[bytes, str], Awaitable[bytes]]
+
+# Enqueues an accepted message in place of ``queue.enqueue`` (``Worker.enqueue_fresh``:
+# leased to the in-process worker in the same commit): given the envelope, the bytes and
+# the ``accepted`` events, returns the queue id once the message is durable.
+Handoff = Callable[[Envelope, bytes, Sequence[DeliveryEvent]], Awaitable[str]]
 
 # Reasons for which reading is paused; reading resumes when none is left.
 _ASYNC = "async"
@@ -147,6 +152,7 @@ class SMTPListener:
         sock: socket.socket | None = None,
         shared: SharedCounts | None = None,
         observer: Observer = NO_OBSERVER,
+        handoff: Handoff | None = None,
     ) -> None:
         self.listener = listener
         self.observer = observer
@@ -154,6 +160,7 @@ class SMTPListener:
         self.flow = flow
         self.sock = sock
         self.shared = shared
+        self.handoff = handoff
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
             # the client speaks first, in TLS), not on a listener bound to loopback.
@@ -355,6 +362,7 @@ async def start_listener(
     flow: FlowGate | None = None,
     sock: socket.socket | None = None,
     shared: SharedCounts | None = None,
+    handoff: Handoff | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -368,6 +376,7 @@ async def start_listener(
     already bound listening socket to serve (the supervisor's, shared by its children);
     ``shared`` counts each client's connections across those children.
     ``observer`` is told of connections, messages and AUTH failures (metrics).
+    ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -402,6 +411,7 @@ async def start_listener(
         sock=sock,
         shared=shared,
         observer=observer,
+        handoff=handoff,
     )
     await smtp.start()
     return smtp
@@ -616,9 +626,12 @@ class _Connection(asyncio.Protocol):
                 data = await listener.submitted(data, envelope.auth_user)
             if envelope.auth_user:  # who may read this message's events (hato.web.events_api)
                 envelope.meta.setdefault(META_AUTH_USER, envelope.auth_user)
-            queue_id = await listener.queue.enqueue(
-                envelope, data, held=listener.hold, events=self._accepted(envelope, data)
-            )
+            if listener.handoff is not None and not listener.hold:
+                queue_id = await listener.handoff(envelope, data, self._accepted(envelope, data))
+            else:
+                queue_id = await listener.queue.enqueue(
+                    envelope, data, held=listener.hold, events=self._accepted(envelope, data)
+                )
         except QueueFullError as exc:
             _debug.warning("queue full: %s", exc)
             events = session.message_rejected(reply.STORAGE_FULL)
