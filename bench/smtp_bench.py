@@ -43,6 +43,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -291,6 +292,10 @@ class System:
     def pid(self) -> int:
         raise NotImplementedError
 
+    def spooled(self) -> int | None:
+        """Messages accepted and not yet delivered, now (None: cannot tell)."""
+        return None
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -353,6 +358,19 @@ class Hato(System):
     def pid(self) -> int:
         return self.proc.pid
 
+    def spooled(self) -> int | None:
+        # Read-only and without a lock of its own: WAL readers never block the writers.
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.dir / 'queue.db'}?mode=ro", uri=True, timeout=1.0)
+            ) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM messages WHERE state IN ('queued', 'sending', 'deferred')"
+                ).fetchone()
+        except sqlite3.Error:
+            return None
+        return int(row[0])
+
     def close(self) -> None:
         _reap(self.proc, signal.SIGTERM, grace=20.0)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -385,6 +403,14 @@ class Postfix(System):
     def pid(self) -> int:
         assert self.instance._proc is not None
         return self.instance._proc.pid
+
+    def spooled(self) -> int | None:
+        # One file per message in these queues (hold and bounce logs not counted).
+        total = 0
+        for name in ("maildrop", "incoming", "active", "deferred"):
+            for _, _, files in os.walk(self.instance.root / "queue" / name):
+                total += len(files)
+        return total
 
     def close(self) -> None:
         self.instance.cleanup()
@@ -467,7 +493,32 @@ class Sample:
     cpu_sink: float
     cpu_loop: float = 0.0  # hato only: its main (event loop) thread, in cores
     cpu_other: float = 0.0  # the rest of the machine during the run, in cores
+    spool_peak: int | None = None  # most messages accepted and not yet delivered
     errors: str = ""
+
+
+class SpoolSampler:
+    """Sample ``system.spooled()`` every ``interval`` seconds in a thread; keep the peak."""
+
+    def __init__(self, system: System, interval: float = 0.1) -> None:
+        self.system = system
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spool-sampler")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            count = self.system.spooled()
+            if count is not None:
+                self.peak = count if self.peak is None else max(self.peak, count)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.peak
 
 
 def measure(system_name: str, sessions: int, messages: int, args: argparse.Namespace) -> Sample:
@@ -490,8 +541,10 @@ def measure(system_name: str, sessions: int, messages: int, args: argparse.Names
         profiler = _start_profiler(system, sessions, args)
         deadline = time.monotonic() + args.timeout
         start = time.monotonic()
+        sampler = SpoolSampler(system)
         src = smtp_source(system.port, sessions, messages, args.timeout)
         done = sink.wait_for(target, deadline)
+        spool_peak = sampler.stop()
         if done is None:
             raise BenchError(
                 f"{system_name} at {sessions} sessions: sink has {sink.count - base}/{messages} "
@@ -525,6 +578,7 @@ def measure(system_name: str, sessions: int, messages: int, args: argparse.Names
             cpu_sink=sink_cpu / e2e,
             cpu_loop=loop_cpu / e2e if system_name == "hato" else 0.0,
             cpu_other=max(0.0, other / e2e),
+            spool_peak=spool_peak,
             errors=errors.strip(),
         )
     finally:
@@ -582,6 +636,7 @@ class Cell:
     cpu_other: float
     runs: int
     errors: list[str]
+    spool_peak: int | None = None
 
 
 def summarise(samples: list[Sample]) -> dict[tuple[str, int], Cell]:
@@ -599,6 +654,7 @@ def summarise(samples: list[Sample]) -> dict[tuple[str, int], Cell]:
             cpu_other=max(s.cpu_other for s in group),
             runs=len(group),
             errors=[s.errors for s in group if s.errors],
+            spool_peak=max((s.spool_peak for s in group if s.spool_peak is not None), default=None),
         )
     return cells
 
@@ -617,6 +673,8 @@ def table_rows(cells: dict[tuple[str, int], Cell], sessions: list[int]) -> list[
             f"{p.cpu_sut:.2f}" if p else "–",
             f"{statistics.mean(c.cpu_source for c in (h, p) if c):.2f}" if h or p else "–",
             f"{max(c.cpu_other for c in (h, p) if c):.2f}" if h or p else "–",
+            _peak(h),
+            _peak(p),
         ]
         rows.append(row)
     return rows
@@ -634,7 +692,13 @@ HEADER = [
     "postfix CPU",
     "smtp-source CPU",
     "other CPU (max)",
+    "hato spool peak",
+    "postfix spool peak",
 ]
+
+
+def _peak(cell: Cell | None) -> str:
+    return "–" if cell is None or cell.spool_peak is None else f"{cell.spool_peak:,}"
 
 
 def _num(value: float | None) -> str:

@@ -25,12 +25,13 @@ import ctypes
 import datetime
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
 from hato.config import Listener, Settings, Smarthost, parse_relayhost
@@ -50,13 +51,16 @@ from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.observe import NO_OBSERVER, Observer
 from hato.queue import open_queue, redact_url
-from hato.queue.base import Queue
+from hato.queue.base import MessageState, Queue
 from hato.queue.retry import RetrySchedule
 from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
+from hato.smtp.auth_share import AuthShare
+from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy, parse_networks
 from hato.smtp.protocol import SessionConfig
 from hato.smtp.server import FreeSpace, MessageTransform, SMTPListener, start_listener
+from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
 from hato.stages import StageTrace
 from hato.tlsrpt import (
@@ -78,6 +82,11 @@ from hato.web.server import HttpServer, HttpSettings, build_asgi
 from hato.worker import Worker
 
 Say = Callable[[str], None]
+ServeRole = Literal["all", "intake", "delivery"]
+# The delivery process's longest idle wait when intake runs in other processes.
+DELIVERY_POLL = 0.05
+# What flow control counts as not yet delivered.
+UNSENT_STATES = (MessageState.QUEUED, MessageState.SENDING, MessageState.DEFERRED)
 
 # How often the users file and the TLS certificates are looked at for changes.
 FILE_CHECK_INTERVAL = 2.0
@@ -655,6 +664,27 @@ def build_tlsrpt_task(
     return daily
 
 
+def build_flow(settings: Settings, queue: Queue, log: MailLog) -> FlowGate | None:
+    """Intake's flow control (HATO_IN_FLOW_DELAY, HATO_QUEUE_HIGH_WATER), or None when off."""
+    if settings.in_flow_delay <= 0 or settings.queue_high_water <= 0:
+        return None
+
+    async def unsent() -> int:
+        counts = await queue.counts()
+        return sum(counts.get(state, 0) for state in UNSENT_STATES)
+
+    def changed(holding: bool, count: int) -> None:
+        status = "slowing intake" if holding else "intake at full speed"
+        log.event("smtpd", "", status=status, detail=f"{count} unsent messages")
+
+    return FlowGate(
+        unsent,
+        high_water=settings.queue_high_water,
+        delay=settings.in_flow_delay,
+        on_change=changed,
+    )
+
+
 def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
@@ -670,14 +700,21 @@ class _Service:
     the worker's couriers, then the queue, whatever happened in between.
     """
 
-    def __init__(self, queue: Queue, worker: Worker, log: MailLog, say: Say) -> None:
+    def __init__(
+        self, queue: Queue, worker: Worker, log: MailLog, say: Say, *, deliver: bool = True
+    ) -> None:
         self.queue = queue
         self.worker = worker
         self.log = log
         self.say = say
+        # False in an intake process of the supervisor: no worker runs, and recovery
+        # (taking back the leases of dead owners) is the delivery process's.
+        self.deliver = deliver
 
     async def __aenter__(self) -> _Service:
         await self.queue.open()
+        if not self.deliver:
+            return self
         try:
             report = await self.queue.recover()
         except BaseException:
@@ -725,7 +762,9 @@ class _Service:
             handlers[signal.SIGTERM] = handlers[signal.SIGINT] = stopped.set
         replaced = {sig: signal.getsignal(sig) for sig in handlers}
         installed: list[signal.Signals] = []
-        worker_task = asyncio.create_task(self.worker.run(), name="hato-worker")
+        worker_task = asyncio.create_task(
+            self.worker.run() if self.deliver else stopped.wait(), name="hato-worker"
+        )
         beside = [asyncio.create_task(start()) for start in companions]
         waiter = asyncio.create_task(stopped.wait())
         try:
@@ -754,6 +793,8 @@ class _Service:
                 task.cancel()
             if not worker_task.done():  # the run failed: still release what is in flight
                 self.worker.stop()
+                if not self.deliver:
+                    worker_task.cancel()
             await asyncio.gather(waiter, worker_task, *beside, return_exceptions=True)
 
 
@@ -766,8 +807,21 @@ async def serve(
     stop: asyncio.Event | None = None,
     ready: Callable[[list[tuple[Listener, int]]], None] | None = None,
     say: Say = _say,
+    role: ServeRole = "all",
+    sockets: Sequence[socket.socket] = (),
+    shared: SharedCounts | None = None,
+    auth_share: AuthShare | None = None,
 ) -> None:
-    """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set)."""
+    """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
+
+    ``role`` is for the children of :mod:`hato.supervisor`: ``intake`` serves the
+    listeners on ``sockets`` (bound by the supervisor, one per ``settings.listeners``
+    entry) and runs no worker; ``delivery`` runs the worker and its companions and
+    listens on nothing. ``all`` (one process) does both. ``shared``: the per-client
+    connection counts of all intake processes; ``auth_share`` tells their AUTH
+    throttles each other's failures."""
+    intake = role != "delivery"
+    deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
     log = build_log(settings)
     # Everything that can refuse the settings comes first, before the queue is touched.
@@ -787,6 +841,8 @@ async def serve(
         user_limit=settings.auth_user_failure_limit,
         user_window=settings.auth_user_failure_window,
     )
+    if auth_share is not None and intake:
+        auth_share.start(throttle)
     http = HttpSettings.read(settings, "serve")
     metrics = Metrics(role="serve") if http is not None else None
     observer: Observer = metrics if metrics is not None else NO_OBSERVER
@@ -800,10 +856,14 @@ async def serve(
     for courier in worker.couriers.values():
         if isinstance(courier, SmarthostCourier):
             courier.stages = stages
+    if role == "delivery":
+        # Intake commits in other processes and cannot wake this one: look often.
+        worker.idle_wait = min(worker.idle_wait, DELIVERY_POLL)
+    flow = build_flow(settings, queue, log)
     companions = [watcher.run]
-    if settings.tlsrpt_send:
+    if settings.tlsrpt_send and deliver:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
-    if dkim_keys.keys:
+    if dkim_keys.keys and deliver:
         companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
     relay = settings.relay
     events_companions = build_event_companions(
@@ -819,22 +879,26 @@ async def serve(
         for server in servers:
             server.close()
 
-    async with _Service(queue, worker, log, say) as service:
+    async with _Service(queue, worker, log, say, deliver=deliver) as service:
         try:
-            for listener in settings.listeners:
-                role = ListenerRole(listener.role)
+            for index, listener in enumerate(settings.listeners if intake else ()):
+                listener_role = ListenerRole(listener.role)
                 server = await start_listener(
-                    ListenerConfig(host=listener.host, port=listener.port, role=role),
+                    ListenerConfig(host=listener.host, port=listener.port, role=listener_role),
                     queue=queue,
-                    policy=build_policy(settings, role, users, recipients, watcher, verp),
+                    policy=build_policy(settings, listener_role, users, recipients, watcher, verp),
                     authenticator=authenticator,
                     tls=tls,
                     log=log,
                     limits=build_session_config(settings),
                     auth_throttle=throttle,
                     submitted=submitted,
+                    flow=flow,
+                    sock=sockets[index] if index < len(sockets) else None,
+                    shared=shared,
                     observer=observer,
-                    handoff=worker.enqueue_fresh,
+                    # Only where the worker runs: an intake process has none to hand to.
+                    handoff=worker.enqueue_fresh if deliver else None,
                 )
                 server.stages = stages
                 servers.append(server)
@@ -849,7 +913,7 @@ async def serve(
             else:
                 say(f"route: {settings.role}")
             say(f"queue: {redact_url(settings.effective_queue_url)}")
-            if http is not None:
+            if http is not None and deliver:  # one console and /metrics: the delivery process's
                 relay = settings.relay
                 ctx = web_context(
                     settings,
@@ -873,7 +937,7 @@ async def serve(
                 stopping="stopping",
                 ready=(lambda: ready(bound)) if ready is not None else None,
                 signals={signal.SIGHUP: tls.reload} if tls is not None else None,
-                companions=[*companions, *events_companions],
+                companions=[*companions, *(events_companions if deliver else ())],
                 stop_intake=stop_intake,
             )
         finally:

@@ -593,6 +593,33 @@ class Settings(BaseSettings):
         description="Seconds to wait for each reply of the relay.",
     )
 
+    # --- processes and flow control ----------------------------------------------------
+    processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        validation_alias=_env("HATO_PROCESSES"),
+        description="Intake processes of hato serve. 1: one process does everything. "
+        "More: a supervisor starts that many SMTP intake processes sharing the listening "
+        "sockets and one delivery process (worker, console). 0: the CPUs this process may "
+        "use (affinity and cgroup quota), at most 4. memory:// queues always use 1.",
+    )
+    in_flow_delay: float = Field(
+        default=1.0,
+        ge=0,
+        validation_alias=_env("HATO_IN_FLOW_DELAY"),
+        description="Flow control, as Postfix's in_flow_delay: while the unsent messages "
+        "reach HATO_QUEUE_HIGH_WATER, the reply to DATA waits up to this many seconds for "
+        "delivery to catch up. 0 turns it off.",
+    )
+    queue_high_water: int = Field(
+        default=20000,
+        ge=0,
+        validation_alias=_env("HATO_QUEUE_HIGH_WATER"),
+        description="Unsent messages (queued, sending, deferred) at which intake slows down "
+        "(HATO_IN_FLOW_DELAY). 0 turns flow control off.",
+    )
+
     # --- delivery worker -------------------------------------------------------------
     retry_min_delay: float = Field(
         default=60.0,
@@ -1065,6 +1092,7 @@ class Settings(BaseSettings):
         "lease_seconds",
         "relay_timeout",
         "auth_failure_window",
+        "in_flow_delay",
         mode="before",
     )
     @classmethod

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -34,6 +35,10 @@ T = TypeVar("T")
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"hato: {message}", err=True)
     sys.exit(code)
+
+
+def _say(line: str) -> None:
+    click.echo(f"hato: {line}", err=True)
 
 
 def friendly(func: Callable[P, T]) -> Callable[P, T]:
@@ -119,7 +124,9 @@ def serve(
     log_format: str | None,
 ) -> None:
     """Run the SMTP server and its delivery worker."""
+    from hato.app import ServeRole
     from hato.app import serve as serve_forever
+    from hato.supervisor import Supervisor, effective_processes
 
     settings = make_settings(
         config_file,
@@ -134,9 +141,30 @@ def serve(
     settings.validate_for_serve()
     # What is loaded by now (modules, settings) lives as long as the process: frozen out
     # of the collector's way, a full collection does not walk it (a pause of 30-160 ms
-    # on a busy 2-CPU machine, docs/performance.md "Latency").
+    # on a busy 2-CPU machine, docs/performance.md "Latency"). Before a fork too: the
+    # children share those pages instead of copying them on the first collection.
     gc.freeze()
-    run(serve_forever(settings), fast=True)
+    processes = effective_processes(settings)
+    if processes <= 1:
+        run(serve_forever(settings), fast=True)
+        return
+
+    @friendly
+    def child(role: str, sockets: Sequence[socket.socket]) -> None:
+        part: ServeRole = "intake" if role == "intake" else "delivery"
+        serving = serve_forever(
+            settings,
+            role=part,
+            sockets=sockets,
+            shared=supervisor.shared,
+            auth_share=supervisor.auth_share,
+        )
+        run(serving, fast=True)
+
+    supervisor = Supervisor(settings, processes, child, say=_say)
+    status = supervisor.run()
+    if status:
+        sys.exit(status)
 
 
 # --- config -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 MECHANISMS = ("PLAIN", "LOGIN")
 
@@ -112,6 +112,17 @@ class StaticAuthenticator:
         return username if ok and expected is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class AuthEvent:
+    """A failure or a successful login as :class:`AuthThrottle` records it."""
+
+    kind: Literal["failed", "succeeded"]
+    client_ip: str
+    username: str | None
+    locked: bool
+    at: float  # time.monotonic(): one clock for every process of the machine
+
+
 class AuthThrottle:
     """Failed AUTH attempts within sliding windows, per client address and per user name,
     shared by every listener of a process (one instance, built by the composition root).
@@ -171,6 +182,9 @@ class AuthThrottle:
         self.client_blocks = 0
         self.user_locks = 0
         self.locked_refusals = 0
+        # Told of every failure and login recorded here (the intake processes of one
+        # supervisor tell each other: hato.smtp.auth_share); see :meth:`replay`.
+        self.publish: Callable[[AuthEvent], None] | None = None
 
     @staticmethod
     def key(client_ip: str) -> str:
@@ -268,6 +282,8 @@ class AuthThrottle:
             if self._exempt(username, client_ip, trusted, now):
                 user_count = 0  # others' guesses do not slow down whoever knows the password
         count = self._record(self._failures, self.key(client_ip), self.window, now)
+        if self.publish is not None:
+            self.publish(AuthEvent("failed", client_ip, username, locked, now))
         if count >= self.limit:
             if count == self.limit:
                 self.client_blocks += 1
@@ -278,6 +294,22 @@ class AuthThrottle:
     def succeeded(self, client_ip: str, username: str) -> None:
         """Record a successful login: this address is exempt from ``username``'s lock for
         the user window."""
+        self._logged_in(client_ip, username, self._clock())
+        if self.publish is not None:
+            self.publish(AuthEvent("succeeded", client_ip, username, False, self._clock()))
+
+    def replay(self, event: AuthEvent) -> None:
+        """Record a failure or login another process saw (at ``event.at`` on the same
+        monotonic clock), without counting it in this process's metrics."""
+        if event.kind == "succeeded" and event.username is not None:
+            self._logged_in(event.client_ip, event.username, event.at)
+        elif event.kind == "failed":
+            if event.username is not None and not event.locked:
+                key = self.user_key(event.username)
+                self._record(self._user_failures, key, self.user_window, event.at)
+            self._record(self._failures, self.key(event.client_ip), self.window, event.at)
+
+    def _logged_in(self, client_ip: str, username: str, at: float) -> None:
         key = (self.user_key(username), self.key(client_ip))
         if key not in self._logins and len(self._logins) >= self.max_clients:
             horizon = self._clock() - self.user_window
@@ -285,7 +317,7 @@ class AuthThrottle:
                 del self._logins[old]
             if len(self._logins) >= self.max_clients:
                 del self._logins[min(self._logins, key=self._logins.__getitem__)]
-        self._logins[key] = self._clock()
+        self._logins[key] = at
 
     def _record(self, table: dict[str, list[float]], key: str, window: float, now: float) -> int:
         times = self._recent(table, key, window, now)

@@ -21,6 +21,7 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ from hato.observe import NO_OBSERVER, Observer
 from hato.queue.base import Queue
 from hato.reply import Reply
 from hato.smtp.auth import Authenticator, AuthThrottle
+from hato.smtp.flow import FlowGate
 from hato.smtp.policy import ListenerConfig, ListenerRole, Policy
 from hato.smtp.protocol import (
     Authenticate,
@@ -47,6 +49,7 @@ from hato.smtp.protocol import (
     SessionConfig,
     StartTLS,
 )
+from hato.smtp.shared import SharedCounts
 from hato.smtp.tls import TLSContextProvider
 from hato.stages import StageTrace
 
@@ -145,12 +148,18 @@ class SMTPListener:
         auth_throttle: AuthThrottle | None = None,
         submitted: MessageTransform | None = None,
         greet_delay: float | None = None,
+        flow: FlowGate | None = None,
+        sock: socket.socket | None = None,
+        shared: SharedCounts | None = None,
         observer: Observer = NO_OBSERVER,
         handoff: Handoff | None = None,
     ) -> None:
         self.listener = listener
         self.observer = observer
         self.name = ""  # ``label`` once bound: the listener's name in metrics
+        self.flow = flow
+        self.sock = sock
+        self.shared = shared
         self.handoff = handoff
         if greet_delay is None:
             # Only where strangers arrive and speak second: not on submission ports (465:
@@ -191,15 +200,23 @@ class SMTPListener:
         ssl_ctx = self.tls.listening_context() if self.listener.implicit_tls and self.tls else None
         loop = asyncio.get_running_loop()
         try:
-            self.server = await loop.create_server(
-                lambda: _Connection(self),
-                self.listener.host,
-                self.listener.port,
-                ssl=ssl_ctx,
-                ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-            )
+            if self.sock is not None:  # bound by the supervisor, shared by its children
+                self.server = await loop.create_server(
+                    lambda: _Connection(self),
+                    sock=self.sock,
+                    ssl=ssl_ctx,
+                    ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
+                )
+            else:
+                self.server = await loop.create_server(
+                    lambda: _Connection(self),
+                    self.listener.host,
+                    self.listener.port,
+                    ssl=ssl_ctx,
+                    ssl_handshake_timeout=self.limits.idle_timeout if ssl_ctx else None,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.address}: {exc.strerror or exc}") from exc
         self.name = self.label
@@ -250,9 +267,17 @@ class SMTPListener:
             share = limits.max_connections - limits.trusted_connection_reserve
             if self._reserve_applies and self._strangers >= share:
                 return False
+            # With several intake processes the per-client limit counts all of them.
+            if self.shared is not None and not self.shared.acquire(
+                self._shared_key(ip), limits.max_connections_per_client
+            ):
+                return False
             self._strangers += 1
         self._per_client[ip] = count + 1
         return True
+
+    def _shared_key(self, ip: str) -> str:
+        return f"{self.listener.role}={self.listener.host}:{self.listener.port}|{ip}"
 
     def release(self, ip: str) -> None:
         left = self._per_client.get(ip, 0) - 1
@@ -262,6 +287,8 @@ class SMTPListener:
             self._per_client.pop(ip, None)
         if not self.policy.is_trusted(ip):
             self._strangers -= 1
+            if self.shared is not None:
+                self.shared.release(self._shared_key(ip))
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -332,6 +359,9 @@ async def start_listener(
     idle_timeout: float | None = None,
     command_timeout: float | None = None,
     greet_delay: float | None = None,
+    flow: FlowGate | None = None,
+    sock: socket.socket | None = None,
+    shared: SharedCounts | None = None,
     handoff: Handoff | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
@@ -342,6 +372,9 @@ async def start_listener(
     queued (DKIM signing), never mail from anyone else. ``greet_delay``: seconds to hold
     the greeting back from untrusted clients (the pregreet test); by default
     ``limits.greet_delay`` on an ``smtp`` listener not bound to loopback, none elsewhere.
+    ``flow`` holds the reply to DATA back while delivery falls behind; ``sock`` is an
+    already bound listening socket to serve (the supervisor's, shared by its children);
+    ``shared`` counts each client's connections across those children.
     ``observer`` is told of connections, messages and AUTH failures (metrics).
     ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``).
     The other keywords, when given, override the same fields of ``limits``. Raises
@@ -374,6 +407,9 @@ async def start_listener(
         auth_throttle=auth_throttle,
         submitted=submitted,
         greet_delay=greet_delay,
+        flow=flow,
+        sock=sock,
+        shared=shared,
         observer=observer,
         handoff=handoff,
     )
@@ -584,6 +620,8 @@ class _Connection(asyncio.Protocol):
         listener = self.listener
         accepted = listener.clock() if listener.stages is not None else 0.0
         try:
+            if listener.flow is not None:
+                await listener.flow.wait()  # before the commit: the 250 still follows it
             if listener.submitted is not None and (envelope.auth_user or session.facts.trusted):
                 data = await listener.submitted(data, envelope.auth_user)
             if envelope.auth_user:  # who may read this message's events (hato.web.events_api)

@@ -1,0 +1,245 @@
+"""``hato serve`` with several processes (HATO_PROCESSES): the supervisor, its intake
+processes on shared sockets and its one delivery process, under real SMTP load.
+
+The crash tests are those of ``test_crash.py`` (a ledger of every 250; after the kill
+every acknowledged message must reach the recording sink) with kill -9 aimed at one
+intake child, at the delivery child, and at the supervisor itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_crash import Ledger, client_loop, relay_env, run_and_kill, verify_delivered
+from test_swaks_serve import Swaks, auth, prepare, saw, swaks_at  # noqa: F401 (a fixture)
+
+from peers import free_port, require_tool
+from peers.hato import HatoFactory, HatoServe
+from peers.sinks import RecordingSink
+
+pytestmark = pytest.mark.slow
+
+PROCESSES = {"HATO_PROCESSES": "2"}
+STARTED_RE = r"started {role} process (\d+)"
+
+
+def child_pids(hato: HatoServe, role: str, since: int = 0) -> list[int]:
+    pattern = re.compile(STARTED_RE.format(role=role))
+    return [int(m.group(1)) for line in hato.lines(since) if (m := pattern.search(line))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive: the supervisor may not have reaped it yet.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def connected_pids(hato: HatoServe, want: int, timeout: float = 10.0) -> set[int]:
+    """The intake processes that logged a connection, waited for until ``want`` have
+    (the log is read in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {
+            int(m.group(1))
+            for m in re.finditer(r"hato/smtpd\[(\d+)\]: (?:connect|NOQUEUE)", hato.log)
+        }
+        if len(pids) >= want or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [pid for pid in pids if alive(pid)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [pid for pid in left if alive(pid)]
+    return left
+
+
+def load_with_child_killed(
+    hato: HatoServe, ledger: Ledger, *, role: str, sessions: int, kill_after: int
+) -> int:
+    """Send with ``sessions`` clients; kill -9 one ``role`` child after ``kill_after``
+    acks; the supervisor must start a new one while the clients go on."""
+    up = threading.Event()
+    up.set()
+    threads = [
+        threading.Thread(target=client_loop, args=(hato.host, hato.port, ledger, up), daemon=True)
+        for _ in range(sessions)
+    ]
+    for thread in threads:
+        thread.start()
+    acked_at_kill = ledger.wait_acked(kill_after, timeout=ledger.deadline - time.monotonic())
+    victim = child_pids(hato, role)[-1]
+    mark = hato.mark()
+    os.kill(victim, signal.SIGKILL)
+    hato.wait_for_log(rf"{role} process {victim} ended \(signal 9\)", timeout=30, since=mark)
+    hato.wait_for_log(STARTED_RE.format(role=role), timeout=30, since=mark)
+    for thread in threads:
+        thread.join(timeout=max(1.0, ledger.deadline - time.monotonic() + 20))
+    assert not any(t.is_alive() for t in threads), "client threads did not finish"
+    assert len(ledger.acked) > acked_at_kill, "nothing was acknowledged after the kill"
+    return acked_at_kill
+
+
+def test_several_processes_share_the_port_and_deliver(
+    hato_serve: HatoFactory, recording_sink: RecordingSink
+) -> None:
+    """Postfix's smtp-source against two intake processes; every message delivered once;
+    SIGTERM stops every child and the supervisor exits 0."""
+    smtp_source = require_tool("smtp-source", hint="apt-get install postfix")
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    children = child_pids(hato, "intake") + child_pids(hato, "delivery")
+    assert len(child_pids(hato, "intake")) == 2 and len(child_pids(hato, "delivery")) == 1
+    proc = subprocess.run(
+        [smtp_source, "-s", "10", "-m", "100", "-l", "2048", "-f", "load@dbmx.net",
+         "-t", "sink@example.org", f"{hato.host}:{hato.port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    recording_sink.wait_for_count(100, timeout=60)
+    # Both intake processes took connections: the port is shared, not one child's.
+    intake = connected_pids(hato, want=2)
+    assert intake <= set(child_pids(hato, "intake")) and len(intake) == 2, intake
+
+    assert hato.stop() == 0
+    assert wait_gone(children, timeout=30) == []
+    assert "supervisor: stopped" in hato.log
+
+
+def test_kill_9_of_an_intake_process_loses_no_acknowledged_message(
+    hato_serve: HatoFactory, recording_sink: RecordingSink
+) -> None:
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    ledger = Ledger(total=300, deadline=time.monotonic() + 60)
+    load_with_child_killed(hato, ledger, role="intake", sessions=20, kill_after=100)
+    verify_delivered(hato, recording_sink, ledger, timeout=60)
+
+
+def test_kill_9_of_the_delivery_process_loses_no_acknowledged_message(
+    hato_serve: HatoFactory, recording_sink: RecordingSink
+) -> None:
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    ledger = Ledger(total=300, deadline=time.monotonic() + 60)
+    load_with_child_killed(hato, ledger, role="delivery", sessions=20, kill_after=100)
+    verify_delivered(hato, recording_sink, ledger, timeout=60)
+
+
+def test_kill_9_of_the_supervisor_loses_no_acknowledged_message(
+    hato_serve: HatoFactory, recording_sink: RecordingSink
+) -> None:
+    """The children notice their parent's death (SIGTERM), drain and leave; the next
+    supervisor on the same port and data dir delivers everything acknowledged."""
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    first = child_pids(hato, "intake") + child_pids(hato, "delivery")
+    ledger = Ledger(total=300, deadline=time.monotonic() + 60)
+    acked_at_kill, acked = run_and_kill(hato, ledger, sessions=20, kill_after=100)
+    assert acked > acked_at_kill, "no message was acknowledged after the restart"
+    assert wait_gone(first, timeout=30) == [], "children outlived their supervisor"
+    verify_delivered(hato, recording_sink, ledger, timeout=60)
+
+
+def test_a_child_that_cannot_start_ends_the_supervisor_with_an_error(
+    hato_serve: HatoFactory, tmp_path: os.PathLike[str]
+) -> None:
+    """A queue the children cannot open: restarted with backoff, then given up on."""
+    blocker = os.path.join(tmp_path, "not-a-directory")
+    with open(blocker, "w", encoding="ascii") as handle:
+        handle.write("x")
+    hato = hato_serve(
+        env={**PROCESSES, "HATO_QUEUE_URL": f"sqlite:///{blocker}/queue.db"}, start=False
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hato", "serve"],
+        env={**os.environ, **hato.env, "HATO_DATA_DIR": str(hato.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "keeps failing at start" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_per_client_connection_limit_holds_across_intake_processes(
+    hato_serve: HatoFactory,
+) -> None:
+    """The kernel spreads one client's connections over the intake processes; the limit
+    counts them all (loopback made a stranger, so that the limit applies to it)."""
+    hato = hato_serve(
+        env={
+            **PROCESSES,
+            "HATO_MYNETWORKS": "192.0.2.0/24",
+            "ALLOW_EMPTY_SENDER_DOMAINS": "true",
+            "HATO_MAX_CONNECTIONS_PER_CLIENT": "3",
+        }
+    )
+    held: list[socket.socket] = []
+    greetings: list[bytes] = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection((hato.host, hato.port), timeout=10)
+            held.append(sock)
+            greetings.append(sock.recv(512)[:3])
+        assert greetings.count(b"220") == 3, greetings
+        assert greetings.count(b"421") == 9, greetings
+        # Both processes took part: otherwise this would test one process's own limit.
+        pids = connected_pids(hato, want=2)
+        assert len(pids) == 2, pids
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_auth_failures_are_counted_across_intake_processes(
+    hato_serve: HatoFactory,
+    tmp_path: Path,
+    swaks_at: Callable[[HatoServe], Swaks],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Each guess on a new connection, which the kernel gives to either process: the
+    limit is reached at the same guess as with one process, and then every process
+    refuses the client at connect."""
+    data = tmp_path / "relay"
+    serve = hato_serve(env=prepare(data, HATO_AUTH_FAILURE_LIMIT="4", **PROCESSES), data_dir=data)
+    swaks = swaks_at(serve)
+    for guess in range(1, 4):
+        proc = swaks("submission", "--tls", *auth(password=f"guess-{guess}"))
+        assert saw(proc, "535 5.7.8") and not saw(proc, "421"), proc.stdout
+    fourth = swaks("submission", "--tls", *auth(password="guess-4"))
+    assert saw(fourth, "535 5.7.8") and saw(fourth, "421 4.7.0"), fourth.stdout
+    # Refused at connect now, by whichever process takes the connection.
+    for _ in range(6):
+        refused = swaks("smtp", "--tls", *auth())
+        assert refused.returncode == 21 and saw(refused, "421 4.7.0"), refused.stdout
+    # Both processes answered the guesser: otherwise one process counted alone.
+    assert len(connected_pids(serve, want=2)) == 2
+
+
+def test_the_http_listener_runs_once_in_the_delivery_process(hato_serve: HatoFactory) -> None:
+    port = free_port()
+    hato = hato_serve(env={**PROCESSES, "HATO_HTTP_LISTEN": f"127.0.0.1:{port}"})
+    hato.wait_for_log(rf"http on 127\.0\.0\.1:{port}", timeout=30)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+        assert answer.status == 200
+    assert sum("hato: http on" in line for line in hato.lines()) == 1, hato.log
