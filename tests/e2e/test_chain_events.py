@@ -48,12 +48,16 @@ def outbox_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def start_worker(tmp_path: Path, outbox_url: str, local: HatoServe, **env: str) -> HatoWorker:
+def start_worker(
+    tmp_path: Path, outbox_url: str, local: HatoServe | tuple[str, int], **env: str
+) -> HatoWorker:
+    """``hato worker`` sending to ``local``: a Hato local relay, or (host, port) of another."""
+    host, port = (local.host, local.port) if isinstance(local, HatoServe) else local
     settings = {
         **WORKER_DEFAULTS,
         "HATO_QUEUE_URL": outbox_url,
-        "HATO_SMTP_HOST": local.host,
-        "HATO_SMTP_PORT": str(local.port),
+        "HATO_SMTP_HOST": host,
+        "HATO_SMTP_PORT": str(port),
         "HATO_HOSTNAME": WORKER_NODE,
         **env,
     }
