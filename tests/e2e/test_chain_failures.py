@@ -1,4 +1,5 @@
-"""Issue 10, section 5, tests 2 and 4: the chain of test 1 when something goes wrong.
+"""Issue 10, section 5, tests 2, 4 and 5: the chain of test 1, when something goes wrong
+and with Postfix in place of the Hato local relay.
 
     Mailer.send ──> outbox (PostgreSQL) ──> hato worker ──> Hato local relay
         ──(STARTTLS + AUTH)──> Hato relay server ──(MX in the test DNS)──> Postfix (MX)
@@ -7,6 +8,8 @@
   code and text, and the sender gets a DSN only when its NOTIFY asked for one.
 * The relay server is down for a while: the app reads ``deferred`` events from the local
   relay, then ``delivered`` once the relay server is back.
+* Postfix is the local relay (the guide's setup): it passes the outbox id on as ENVID, and
+  the relay server's events reach the app by webhook.
 
 Fixtures and helpers are test 1's (:mod:`test_chain_events`). Events travel by signed
 webhooks to ``hato.webhooks:app``: pulling can lose a message's upstream events when a
