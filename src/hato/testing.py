@@ -36,7 +36,7 @@ from hato.clock import Clock
 from hato.delivery.base import DeliveryResult, Result
 from hato.dsn_params import DsnRequest
 from hato.errors import MessageNotFound
-from hato.mailer import Composed, MailerBase, MessageId, RecipientReport, Status
+from hato.mailer import Composed, MailerBase, MessageId, RecipientPhase, RecipientReport, Status
 from hato.mailer.async_mailer import TemplateSource
 from hato.message import Envelope
 from hato.queue.base import new_message_id
@@ -201,7 +201,7 @@ class CaptureMailer(MailerBase):
                     created_at=mail.created_at,
                     next_attempt_at=None,
                     recipients=tuple(
-                        RecipientReport(r, "sent", CAPTURED_REPLY, "capture", 1)
+                        RecipientReport(r, RecipientPhase.SENT, CAPTURED_REPLY, "capture", 1)
                         for r in mail.envelope.recipients
                     ),
                     queue_state="sent",

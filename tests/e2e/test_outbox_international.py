@@ -47,6 +47,16 @@ def utf8_sink() -> Iterator[RecordingSink]:
 
 
 @pytest.fixture
+def ascii_sink() -> Iterator[RecordingSink]:
+    """A next hop that does not offer SMTPUTF8."""
+    sink = RecordingSink(smtputf8=False).start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+@pytest.fixture
 def utf8_chain(
     request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -61,9 +71,9 @@ def chain(
     request: pytest.FixtureRequest,
     tmp_path: Path,
     hato_serve: Callable[..., HatoServe],
-    recording_sink: RecordingSink,
+    ascii_sink: RecordingSink,
 ) -> Iterator[Chain]:
-    yield from make_chain(request, tmp_path, hato_serve, recording_sink)
+    yield from make_chain(request, tmp_path, hato_serve, ascii_sink)
 
 
 def bounce_to_sender(chain: Chain) -> Received:

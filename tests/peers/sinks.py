@@ -137,7 +137,7 @@ class RecordingSink:
         tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         hostname: str = "sink.test",
-        smtputf8: bool = False,
+        smtputf8: bool = True,  # aiosmtpd's Controller default
     ) -> None:
         self.host = host
         self._smtputf8 = smtputf8

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from hato.clock import Clock
@@ -82,16 +83,31 @@ TemplateSource: TypeAlias = "str | os.PathLike[str] | Templates | None"
 """A template folder, a :class:`hato.templates.Templates`, or ``None`` for ``./templates``."""
 
 
+class RecipientPhase(StrEnum):
+    """A recipient's state: one of :data:`State`, as a string enum."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientReport:
     """One recipient's state as :class:`Status` reports it (the same seven states).
+
+    ``state`` is a :class:`RecipientPhase`: a ``str`` (``report.state == "sent"``) that
+    also keeps the enum's ``.value`` of earlier releases (``report.state.value``).
 
     ``reply`` is the reply that decided it (the MX's for ``delivered``/``bounced``),
     ``relay`` the first hop, ``attempts`` the outbox's attempts for it.
     """
 
     address: str
-    state: State
+    state: RecipientPhase
     reply: str = ""
     relay: str = ""
     attempts: int = 0
@@ -147,7 +163,7 @@ _STATE_OF: dict[MessageState, State] = {
 }
 # How far each state has come; with several recipients the message reports the least
 # advanced, and among final ones the worst (bounced before delivered).
-_PROGRESS: dict[State, int] = {
+_PROGRESS: dict[str, int] = {
     "queued": 0,
     "deferred": 1,
     "sending": 2,
@@ -198,7 +214,9 @@ def status_of(msg: StoredMessage, events: Sequence[DeliveryEvent] = ()) -> Statu
                 rstate, rreply = further[0], further[1] or rreply
         else:
             rstate = state
-        reports.append(RecipientReport(r.address, rstate, rreply, r.relay, r.attempts))
+        reports.append(
+            RecipientReport(r.address, RecipientPhase(rstate), rreply, r.relay, r.attempts)
+        )
     # A refusal at the first hop keeps the message ``failed`` (as before further hops
     # reported anything); a message every recipient of which the first relay took is as
     # far as its least advanced recipient.
@@ -207,7 +225,7 @@ def status_of(msg: StoredMessage, events: Sequence[DeliveryEvent] = ()) -> Statu
         if _PROGRESS[least.state] >= _PROGRESS["delivered"]:
             least = max(reports, key=lambda x: _PROGRESS[x.state])
         if least.state != state:
-            state, reply = least.state, least.reply or reply
+            state, reply = least.state.value, least.reply or reply
         elif state in ("delivered", "bounced"):
             reply = least.reply or reply
     waiting = state in ("queued", "deferred", "sending")
