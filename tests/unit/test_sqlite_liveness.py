@@ -70,7 +70,10 @@ class Claimer:
         """SIGKILL, and no wait(): the child stays a zombie until we reap it."""
         os.kill(self.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _state(self.proc.pid) != "Z":
+        # The leader shows Z as soon as it exits, while the queue's writer thread may
+        # still be exiting and holding the open files (and so the lock): wait for every
+        # thread to be gone, leaving only the zombie leader.
+        while _state(self.proc.pid) != "Z" or len(os.listdir(f"/proc/{self.proc.pid}/task")) > 1:
             assert time.monotonic() < deadline, "the child never became a zombie"
             time.sleep(0.01)
         os.kill(self.proc.pid, 0)  # a zombie still "exists" for kill(pid, 0)
