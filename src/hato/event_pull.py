@@ -40,6 +40,9 @@ _debug = logging.getLogger(__name__)
 
 LOOKBACK = 5 * 86400.0
 PAGE = 500
+# How long an upstream event that matches none of our messages may yet be matched (our
+# `relayed` record of its message not read yet) before the cursor passes it.
+UNMATCHED_GRACE = 30.0
 
 
 @dataclass
@@ -187,6 +190,15 @@ class EventPuller:
                 stored += await self.queue.add_events(ours)
                 for event in ours:
                     self._note(event)
+            # An upstream event can come before our own `relayed` record of its message
+            # (the upstream records `accepted` before its 250; we record `relayed` after
+            # it): while a page holds unmatched events younger than UNMATCHED_GRACE the
+            # cursor stays before it, and the page is read again next round (storing is
+            # idempotent by event_id), so no event of ours is skipped for good.
+            recent = self._clock() - UNMATCHED_GRACE
+            matched = {e.event_id for e in ours}
+            if any(e.event_id not in matched and e.time >= recent for e in events):
+                break
             if next_cursor == cursor:
                 break  # the upstream has nothing after it
             cursor = next_cursor

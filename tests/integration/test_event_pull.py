@@ -124,3 +124,30 @@ async def test_upstream_events_come_home_under_the_local_envelope_id(
             await wrong.pull_once()
     finally:
         await local.close()
+
+
+async def test_upstream_events_before_our_relayed_record_are_not_skipped(
+    upstream: tuple[str, Queue],
+) -> None:
+    """The upstream records `accepted` before its 250, we record `relayed` after it: a
+    pull in between sees an event of ours it cannot match yet. The cursor must not pass
+    it for good; once `relayed` is recorded, the next pull brings it home."""
+    url, remote = upstream
+    local = open_queue("memory://")
+    await local.open()
+    try:
+        mine = await local.enqueue(Envelope("a@dbmx.net", ["someone@example.net"]), DATA)
+        # Some other message of ours is in flight, so the puller is pulling.
+        other = await local.enqueue(Envelope("a@dbmx.net", ["someone@example.net"]), DATA)
+        await local.add_events([event("relayed", other, "OUTBOX-0", "local")])
+        up = await submit(remote, USER, "OUTBOX-2")  # upstream `accepted`, before our relayed
+        puller = EventPuller(local, url, node="local", username=USER, password=PASSWORD)
+        await puller._watch()
+        assert await puller.pull_once() == 0  # nothing of ours it can match yet
+        await local.add_events([event("relayed", mine, "OUTBOX-2", "local")])
+        await puller._watch()
+        assert await puller.pull_once() == 1
+        home = [e for e in (await local.events(envid="OUTBOX-2")).events if e.node != "local"]
+        assert [(e.event, e.queue_id) for e in home] == [("accepted", up)]
+    finally:
+        await local.close()
