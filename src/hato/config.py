@@ -434,7 +434,8 @@ class Settings(BaseSettings):
         default=500,
         ge=1,
         validation_alias=_env("HATO_MAX_CONNECTIONS"),
-        description="Concurrent SMTP connections in total, per listener.",
+        description="Concurrent SMTP connections in total, per listener (over every intake "
+        "process when HATO_PROCESSES > 1).",
     )
     max_connections_per_client: int = Field(
         default=50,

@@ -212,6 +212,44 @@ def test_the_per_client_connection_limit_holds_across_intake_processes(
             sock.close()
 
 
+def test_the_total_connection_limit_holds_across_intake_processes(
+    hato_serve: HatoFactory,
+) -> None:
+    """HATO_MAX_CONNECTIONS bounds one listener's connections over all its intake
+    processes, trusted clients included (loopback is in mynetworks here)."""
+    hato = hato_serve(
+        env={**PROCESSES, "HATO_MAX_CONNECTIONS": "4", "HATO_TRUSTED_CONNECTION_RESERVE": "0"}
+    )
+    held: list[socket.socket] = []
+    greetings: list[bytes] = []
+    try:
+        for _ in range(12):
+            sock = socket.create_connection((hato.host, hato.port), timeout=10)
+            held.append(sock)
+            greetings.append(sock.recv(512)[:3])
+        assert greetings.count(b"220") == 4, greetings
+        assert greetings.count(b"421") == 8, greetings
+        pids = connected_pids(hato, want=2)
+        assert len(pids) == 2, pids
+        # A place given back is free for the next client, whichever process it reaches.
+        for sock in held[:4]:
+            sock.close()
+        del held[:4]
+        deadline = time.monotonic() + 10
+        admitted = 0
+        while admitted < 4 and time.monotonic() < deadline:
+            sock = socket.create_connection((hato.host, hato.port), timeout=10)
+            held.append(sock)
+            if sock.recv(512)[:3] == b"220":
+                admitted += 1
+            else:
+                time.sleep(0.1)  # the closed ones are still being counted down
+        assert admitted == 4
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_auth_failures_are_counted_across_intake_processes(
     hato_serve: HatoFactory,
     tmp_path: Path,

@@ -261,19 +261,38 @@ class SMTPListener:
             return False
         count = self._per_client.get(ip, 0)
         stranger = not self.policy.is_trusted(ip)
+        share = limits.max_connections - limits.trusted_connection_reserve
         if stranger:
             if count >= limits.max_connections_per_client:
                 return False
-            share = limits.max_connections - limits.trusted_connection_reserve
             if self._reserve_applies and self._strangers >= share:
                 return False
-            # With several intake processes the per-client limit counts all of them.
-            if self.shared is not None and not self.shared.acquire(
-                self._shared_key(ip), limits.max_connections_per_client
-            ):
-                return False
+        # With several intake processes every limit counts the connections of all of
+        # them: the kernel spreads one listener's connections over the processes.
+        if self.shared is not None and not self._admit_shared(ip, stranger, share):
+            return False
+        if stranger:
             self._strangers += 1
         self._per_client[ip] = count + 1
+        return True
+
+    def _admit_shared(self, ip: str, stranger: bool, share: int) -> bool:
+        """Take this connection's place in the counts of every intake process: the
+        listener's total, its strangers' share and the client's own; none if one is full."""
+        assert self.shared is not None
+        limits = self.limits
+        wanted = [(self._shared_key("*"), limits.max_connections)]
+        if stranger:
+            if self._reserve_applies:
+                wanted.append((self._shared_key("strangers"), share))
+            wanted.append((self._shared_key(ip), limits.max_connections_per_client))
+        taken: list[str] = []
+        for key, limit in wanted:
+            if not self.shared.acquire(key, limit):
+                for done in taken:
+                    self.shared.release(done)
+                return False
+            taken.append(key)
         return True
 
     def _shared_key(self, ip: str) -> str:
@@ -285,9 +304,14 @@ class SMTPListener:
             self._per_client[ip] = left
         else:
             self._per_client.pop(ip, None)
-        if not self.policy.is_trusted(ip):
+        stranger = not self.policy.is_trusted(ip)
+        if stranger:
             self._strangers -= 1
-            if self.shared is not None:
+        if self.shared is not None:
+            self.shared.release(self._shared_key("*"))
+            if stranger:
+                if self._reserve_applies:
+                    self.shared.release(self._shared_key("strangers"))
                 self.shared.release(self._shared_key(ip))
 
     def spawn(self, coro: Any) -> None:
