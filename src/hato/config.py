@@ -596,14 +596,15 @@ class Settings(BaseSettings):
 
     # --- processes and flow control ----------------------------------------------------
     processes: int = Field(
-        default=1,
+        default=0,
         ge=0,
         le=64,
         validation_alias=_env("HATO_PROCESSES"),
-        description="Intake processes of hato serve. 1: one process does everything. "
+        description="Intake processes of hato serve. 0 (the default): the CPUs this process "
+        "may use (affinity and cgroup quota), at most 4. 1: one process does everything. "
         "More: a supervisor starts that many SMTP intake processes sharing the listening "
-        "sockets and one delivery process (worker, console). 0: the CPUs this process may "
-        "use (affinity and cgroup quota), at most 4. memory:// queues always use 1.",
+        "sockets and one delivery process (queue commits, worker, console). memory:// "
+        "queues always use 1.",
     )
     in_flow_delay: float = Field(
         default=1.0,

@@ -37,7 +37,10 @@ def test_available_cpus_reads_the_cgroup_quota(
 @pytest.mark.parametrize(
     ("overrides", "cpus", "expected"),
     [
-        ({}, 8, 1),  # unset: one process, as before
+        ({}, 8, MAX_AUTO_PROCESSES),  # unset: the CPUs, at most 4
+        ({}, 2, 2),
+        ({}, 1, 1),
+        ({"processes": 1}, 8, 1),
         ({"processes": 3}, 1, 3),
         ({"processes": 0}, 2, 2),
         ({"processes": 0}, 16, MAX_AUTO_PROCESSES),
