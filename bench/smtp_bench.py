@@ -754,7 +754,20 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
         f"{args.workdir or tempfile.gettempdir()})",
         "postfix": postfix_version,
         "hato runtime": probe,
+        "durability": durability(args),
     }
+
+
+def durability(args: argparse.Namespace) -> str:
+    """What a 250 waits for on each side, and how many processes Hato ran."""
+    env = {"HATO_FSYNC": "true", **args.hato_env}
+    queue = env.get("HATO_QUEUE_URL", "sqlite (the data dir)")
+    processes = env.get("HATO_PROCESSES", "0 (auto: the CPUs, at most 4)")
+    return (
+        f"hato: queue {queue}, HATO_FSYNC={env['HATO_FSYNC']} (the 250 after the fsync'd "
+        f"commit), HATO_PROCESSES={processes}; postfix: defaults (the queue file fsync'd "
+        "before the 250)"
+    )
 
 
 _PROBE = (
@@ -1000,6 +1013,7 @@ def main(argv: list[str]) -> int:
     print(
         f"\n(msg/s, median of {args.runs}; CPU in cores; total {time.monotonic() - started:.0f}s)"
     )
+    print(f"durability: {durability(args)}")
     if args.markdown:
         env = environment(args)
         write_markdown(Path(args.markdown), markdown_section(rows, env, args, counts, cells))
