@@ -64,6 +64,21 @@ def tree_rss(root: int) -> tuple[int, int]:
     return total, count
 
 
+def tree_pss(root: int) -> int:
+    """Bytes of PSS summed over the tree of ``root``: each page shared by n processes
+    counts 1/n in each (the forked children of ``hato serve`` share the supervisor's
+    pages), so the sum is what the tree really holds; a sum of RSS counts shared pages
+    once per process."""
+    total = 0
+    for pid in tree(root):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
 def raise_nofile(wanted: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
@@ -120,6 +135,7 @@ async def run(
     took = time.monotonic() - started
     await asyncio.sleep(args.hold)  # idle: let the server settle with every session open
     rss = tree_rss(args.hato_pid)
+    args.pss_during = tree_pss(args.hato_pid)
     for writer in writers:
         writer.close()
     return len(writers), errors, took, rss
@@ -165,6 +181,7 @@ def main(argv: list[str]) -> int:
         args.hato_pid = hato.pid()
         time.sleep(1.0)
         before, procs = tree_rss(args.hato_pid)
+        pss_before = tree_pss(args.hato_pid)
         opened, errors, took, (during, procs_during) = asyncio.run(run(args, hato.port))
     finally:
         hato.close()
@@ -172,6 +189,8 @@ def main(argv: list[str]) -> int:
     print(f"  opened:           {opened} in {took:.1f} s; failures: {errors or 'none'}")
     print(f"  RSS before:       {before / MIB:.1f} MiB ({procs} process(es))")
     print(f"  RSS with all open: {during / MIB:.1f} MiB ({procs_during} process(es))")
+    print(f"  PSS before:       {pss_before / MIB:.1f} MiB (shared pages split between processes)")
+    print(f"  PSS with all open: {args.pss_during / MIB:.1f} MiB")
     if opened:
         print(f"  per session:      {(during - before) / opened / 1024:.1f} KiB")
     return 0 if opened == args.sessions else 1
