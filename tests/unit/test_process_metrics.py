@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hato.web.metrics import Metrics
@@ -122,7 +123,8 @@ def test_an_older_answer_of_the_same_child_does_not_move_a_sum_back() -> None:
     assert value(s, "hato_smtp_connections_total", listener=LISTENER) == 5
 
 
-def test_the_intake_s_answer_over_a_unix_socket_and_a_silent_one() -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_intake_s_answer_over_a_unix_socket_and_a_silent_one(loop: str) -> None:
     async def run() -> None:
         sockets = IntakeSockets([1, 2], owner=-12345)
         sockets.bind()
@@ -152,7 +154,12 @@ def test_the_intake_s_answer_over_a_unix_socket_and_a_silent_one() -> None:
         finally:
             sockets.close()
 
-    asyncio.run(run())
+    if loop == "uvloop":  # what hato serve runs on when the fast extra is installed
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run())
+    else:
+        asyncio.run(run())
 
 
 def test_the_socket_names_are_abstract_and_carry_the_supervisor_pid() -> None:

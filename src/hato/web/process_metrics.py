@@ -342,7 +342,16 @@ class IntakeView:
         self._lock = asyncio.Lock()
 
     async def _ask(self, address: str) -> dict[str, object]:
-        reader, writer = await asyncio.open_unix_connection(address)
+        # Connected here, not by open_unix_connection(path): uvloop takes an abstract
+        # name (a leading NUL) for an empty path and refuses it.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
             data = await reader.read()
         finally:
