@@ -18,6 +18,7 @@ from hato.web.process_metrics import (
     SlotTotals,
     merge,
     parse,
+    read_answer,
     render,
 )
 
@@ -175,3 +176,27 @@ def test_the_socket_names_are_abstract_and_carry_the_supervisor_pid() -> None:
         assert sockets.sockets[3].fileno() == -1
     finally:
         sockets.close()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"[]", b'{"pid": 1}', b'{"pid": "x", "incarnation": "", "metrics": "", "listeners": []}'],
+)
+def test_what_is_not_an_intake_answer_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        read_answer(data)
+
+
+def test_an_intake_answer_reads_back() -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        state = ListenerState("submission", "::1", 587, "submission=[::1]:587", False, 4)
+        reporter = IntakeReporter(sock, intake(1, 1).registry, lambda: [state])
+        answer = read_answer(reporter.answer())
+    assert answer.listeners == [state]
+    assert answer.incarnation == reporter.incarnation
+    family = answer.metrics["hato_smtp_connections"]
+    assert family.kind == "counter"
+    assert family.samples[("hato_smtp_connections_total", (("listener", LISTENER),))] == 1
+    assert answer.metrics["hato_smtp_connections_created"].kind == "created"
+    assert answer.metrics["hato_smtp_connections_active"].kind == "summed"
+    assert answer.metrics["hato_ready"].kind == "own"

@@ -38,7 +38,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -48,6 +48,7 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "ANSWER_TIMEOUT",
+    "Answer",
     "IntakeReporter",
     "IntakeSockets",
     "IntakeView",
@@ -56,6 +57,8 @@ __all__ = [
     "SlotTotals",
     "merge",
     "parse",
+    "read_answer",
+    "render",
 ]
 
 # How long the delivery process waits for an intake process's answer at scrape time.
@@ -317,6 +320,33 @@ class IntakeReporter:
 # --- the delivery side ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an intake process answered (:meth:`IntakeReporter.answer`)."""
+
+    pid: int
+    incarnation: str  # changes when the slot's child is restarted (a reused pid too)
+    metrics: Parsed
+    listeners: list[ListenerState]
+
+
+def read_answer(data: bytes) -> Answer:
+    """An intake process's answer; ValueError when ``data`` is not one."""
+    try:
+        raw: Any = json.loads(data)
+        return Answer(
+            pid=int(raw["pid"]),
+            incarnation=str(raw["incarnation"]),
+            metrics=parse(str(raw["metrics"])),
+            listeners=[
+                ListenerState(str(r), str(h), int(p), str(n), bool(s), int(a))
+                for r, h, p, n, s, a in raw["listeners"]
+            ],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not an intake process's answer: {exc}") from exc
+
+
 @dataclass
 class _Slot:
     address: str
@@ -341,7 +371,7 @@ class IntakeView:
         self.timeout = timeout
         self._lock = asyncio.Lock()
 
-    async def _ask(self, address: str) -> dict[str, object]:
+    async def _ask(self, address: str) -> bytes:
         # Connected here, not by open_unix_connection(path): uvloop takes an abstract
         # name (a leading NUL) for an empty path and refuses it.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -358,29 +388,18 @@ class IntakeView:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        answer = json.loads(data)
-        if not isinstance(answer, dict):
-            raise ValueError("not a JSON object")
-        return answer
+        return data
 
     async def _poll_one(self, number: int, slot: _Slot) -> None:
         try:
-            answer = await asyncio.wait_for(self._ask(slot.address), self.timeout)
-            pid = int(answer["pid"])  # type: ignore[call-overload]
-            incarnation = str(answer["incarnation"])
-            parsed = parse(str(answer["metrics"]))
-            raw = answer["listeners"]
-            listeners = [
-                ListenerState(str(r), str(h), int(p), str(n), bool(s), int(a))
-                for r, h, p, n, s, a in raw  # type: ignore[attr-defined]
-            ]
+            answer = read_answer(await asyncio.wait_for(self._ask(slot.address), self.timeout))
         except TimeoutError:
             why = f"no answer within {self.timeout:g}s"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             why = f"{type(exc).__name__}: {exc}"
         else:
-            slot.totals.update(incarnation, parsed)
-            slot.pid, slot.listeners, slot.answering = pid, listeners, True
+            slot.totals.update(answer.incarnation, answer.metrics)
+            slot.pid, slot.listeners, slot.answering = answer.pid, answer.listeners, True
             return
         slot.answering = False
         who = f"intake process {slot.pid}" if slot.pid else "intake process"
