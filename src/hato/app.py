@@ -968,6 +968,7 @@ async def serve(
                 companions.append(web.run)
                 say(f"http on {web.shown()}")
             if metrics is not None and reports is not None and reports.mine is not None:
+                metrics.listeners_known([s.name for s in servers])
                 companions.append(intake_reporter(reports.mine, metrics, servers).run)
             await service.run(
                 stop=stop,

@@ -101,6 +101,13 @@ def test_one_metrics_covers_every_process(
         "both intake processes answering",
     )
     assert readyz()[f"listener {listener}"] == {"ok": True, "detail": "bound"}
+    # Before any mail: the intake processes' series are there, at 0 (rates work at once).
+    _, s = scrape(url)
+    for name in ("hato_smtp_connections_total", "hato_smtp_connections_active"):
+        assert s[(name, frozenset({("listener", listener)}))] == 0, name
+    for result in ("accepted", "rejected"):
+        key = ("hato_smtp_messages_total", frozenset({("listener", listener), ("result", result)}))
+        assert s[key] == 0
 
     # 12 connections of 3 messages: the kernel gives both intake processes some.
     send(hato, connections=12, per_connection=3)
