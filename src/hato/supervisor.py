@@ -9,6 +9,10 @@ One Python process accepts and delivers on about one core. With ``HATO_PROCESSES
 - one **delivery** process, which recovers the queue, claims and delivers, and runs the
   companions (TLS reports, DKIM rotation) and the HTTP listener.
 
+The HTTP listener of the delivery process covers every process: the supervisor also binds
+one Unix socket per intake slot, on which that slot's child answers for its metrics and
+listeners (:mod:`hato.web.process_metrics`).
+
 Only the delivery process claims, so the leases, retries and bounces have one owner;
 every intake process commits through its own group-committing writer (an fsync per
 batch, not per message), which keeps the durability promise: a 250 only after the
