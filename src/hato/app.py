@@ -77,6 +77,7 @@ from hato.users import UserAuthenticator, UserStore, UserWatcher
 from hato.verp import Verp, load_secret
 from hato.web.context import Role, WebContext
 from hato.web.metrics import Metrics
+from hato.web.process_metrics import IntakeReporter, IntakeSockets, IntakeView, ListenerState
 from hato.web.security import Access
 from hato.web.server import HttpServer, HttpSettings, build_asgi
 from hato.worker import Worker
@@ -551,6 +552,36 @@ def web_context(
     )
 
 
+def intake_reporter(
+    sock: socket.socket, metrics: Metrics, servers: Sequence[SMTPListener]
+) -> IntakeReporter:
+    """What an intake process tells the delivery process: its metrics and listeners."""
+
+    def listeners() -> list[ListenerState]:
+        return [
+            ListenerState(
+                s.listener.role.value,
+                s.host,
+                s.port,
+                s.name,
+                s.server is not None and s.server.is_serving(),
+                len(s.connections),
+            )
+            for s in servers
+        ]
+
+    return IntakeReporter(sock, metrics.registry, listeners)
+
+
+def watch_intake(ctx: WebContext, reports: IntakeSockets, log: MailLog) -> None:
+    """Make the delivery process's routes show every intake process (its listeners,
+    connections and counters), asked at scrape time."""
+    view = IntakeView(reports.addresses(), warn=lambda text: log.event("http", "", warning=text))
+    ctx.intake = view
+    ctx.serving = view.serving
+    ctx.active_connections = view.active_connections
+
+
 # --- TLS-RPT (RFC 8460): the reports we send, the reports we receive --------------------
 
 
@@ -811,6 +842,7 @@ async def serve(
     sockets: Sequence[socket.socket] = (),
     shared: SharedCounts | None = None,
     auth_share: AuthShare | None = None,
+    reports: IntakeSockets | None = None,
 ) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
 
@@ -819,7 +851,8 @@ async def serve(
     entry) and runs no worker; ``delivery`` runs the worker and its companions and
     listens on nothing. ``all`` (one process) does both. ``shared``: the per-client
     connection counts of all intake processes; ``auth_share`` tells their AUTH
-    throttles each other's failures."""
+    throttles each other's failures; ``reports``: where each intake process answers the
+    delivery process's questions for its metrics and listeners."""
     intake = role != "delivery"
     deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
@@ -928,10 +961,15 @@ async def serve(
                 )
                 if metrics is not None:
                     metrics.listeners_known([s.name for s in servers])
+                if reports is not None:
+                    watch_intake(ctx, reports, log)
                 web = build_http(settings, http, ctx, throttle)
                 web.bind()
                 companions.append(web.run)
                 say(f"http on {web.shown()}")
+            if metrics is not None and reports is not None and reports.mine is not None:
+                metrics.listeners_known([s.name for s in servers])
+                companions.append(intake_reporter(reports.mine, metrics, servers).run)
             await service.run(
                 stop=stop,
                 stopping="stopping",

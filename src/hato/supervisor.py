@@ -9,6 +9,10 @@ One Python process accepts and delivers on about one core. With ``HATO_PROCESSES
 - one **delivery** process, which recovers the queue, claims and delivers, and runs the
   companions (TLS reports, DKIM rotation) and the HTTP listener.
 
+The HTTP listener of the delivery process covers every process: the supervisor also binds
+one Unix socket per intake slot, on which that slot's child answers for its metrics and
+listeners (:mod:`hato.web.process_metrics`).
+
 Only the delivery process claims, so the leases, retries and bounces have one owner;
 every intake process commits through its own group-committing writer (an fsync per
 batch, not per message), which keeps the durability promise: a 250 only after the
@@ -44,6 +48,7 @@ from hato.config import Listener, Settings
 from hato.errors import ConfigError
 from hato.smtp.auth_share import AuthShare
 from hato.smtp.shared import SharedCounts
+from hato.web.process_metrics import IntakeSockets
 
 __all__ = ["MAX_AUTO_PROCESSES", "Supervisor", "available_cpus", "bind", "effective_processes"]
 
@@ -164,6 +169,8 @@ class Supervisor:
         self.shared = SharedCounts(len(self.slots))
         # The AUTH throttle's failures and logins, told among the intake processes.
         self.auth_share = AuthShare([i for i, s in enumerate(self.slots) if s.role == "intake"])
+        # Where the delivery process asks each intake process for its metrics.
+        self.reports = IntakeSockets([i for i, s in enumerate(self.slots) if s.role == "intake"])
 
     # -- the children ------------------------------------------------------------------
 
@@ -183,6 +190,7 @@ class Supervisor:
                             sock.close()
                 self.shared.attach(index)
                 self.auth_share.attach(index)
+                self.reports.attach(index)
                 self.child(slot.role, sockets)
                 code = 0
             except SystemExit as exc:
@@ -273,9 +281,11 @@ class Supervisor:
                             for listener, port in zip(self.settings.listeners, ports, strict=True)
                         ]
                     )
+            self.reports.bind()
         except BaseException:
             for sock in [*first, *(s for socks in self.sockets.values() for s in socks)]:
                 sock.close()
+            self.reports.close()
             raise
         for listener, sock in zip(self.settings.listeners, first, strict=True):
             host, port = sock.getsockname()[:2]
@@ -313,6 +323,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             self.auth_share.close()
             self.shared.close()
+            self.reports.close()
         self.say("supervisor: stopped")
         return status
 

@@ -158,6 +158,7 @@ def serve(
             sockets=sockets,
             shared=supervisor.shared,
             auth_share=supervisor.auth_share,
+            reports=supervisor.reports,
         )
         run(serving, fast=True)
 

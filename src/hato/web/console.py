@@ -192,6 +192,13 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
 
     async def status(request: Request) -> Response:
         now = ctx.clock()
+        processes = ""
+        if ctx.intake is not None:  # several processes: the listeners are the intakes'
+            await ctx.intake.poll()
+            answering, total = ctx.intake.answering()
+            processes = f"{answering} of {total} answering"
+        listeners = ctx.intake.listeners() if ctx.intake is not None else ctx.listeners
+        active = ctx.active_connections()
         try:
             counts = await ctx.queue.counts()
             waiting = await select(
@@ -213,7 +220,11 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         return _page(
             request,
             "status.html",
-            listeners=ctx.listeners,
+            listeners=[
+                (lrole, host, port, active.get(_listener_name(lrole, host, port), 0))
+                for lrole, host, port in listeners
+            ],
+            processes=processes,
             role=ctx.role,
             node=ctx.node,
             route=ctx.settings.effective_route,
@@ -235,6 +246,12 @@ def routes(ctx: WebContext) -> list[BaseRoute]:
         Route("/messages/{id}/parts/{index:int}", message_part, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
+
+
+def _listener_name(role: str, host: str, port: int) -> str:
+    """A listener's name in metrics and ``active_connections`` (``SMTPListener.label``)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{role}={shown}:{port}"
 
 
 async def _deferral_reasons(ctx: WebContext, now: float) -> list[tuple[str, int]]:

@@ -16,6 +16,7 @@ from hato.users import UserStore
 
 if TYPE_CHECKING:
     from hato.web.metrics import Metrics
+    from hato.web.process_metrics import IntakeView
 
 Role = Literal["serve", "worker"]
 
@@ -55,3 +56,6 @@ class WebContext:
     disk_min_free: int = 0
     # This process's metrics, when the HTTP listener runs (hato.web.metrics).
     metrics: Metrics | None = None
+    # With several processes (HATO_PROCESSES): the intake processes, asked at scrape time
+    # (``await intake.poll()``); ``serving`` and ``active_connections`` then read it.
+    intake: IntakeView | None = None

@@ -2,7 +2,10 @@
 
 ``/readyz`` answers 200 when every check passes, else 503, with one JSON member per
 check: ``queue`` (a real write, :meth:`~hato.queue.base.Queue.ping`), ``worker`` (its
-claims work), ``listener ROLE=HOST:PORT`` (each SMTP listener bound), ``relay`` (a TCP
+claims work), ``listener ROLE=HOST:PORT`` (each SMTP listener bound), with several processes
+``intake processes`` (``2 of 2 answering``: each intake process answered the delivery
+process, whose listener this is, and the listeners are those of the intake processes
+that answered), ``relay`` (a TCP
 connection to the next hop opens within :data:`RELAY_TIMEOUT`, remembered for
 :data:`RELAY_CACHE` seconds) and ``disk`` (free bytes on the queue's filesystem above
 ``HATO_QUEUE_MINFREE``'s threshold)::
@@ -88,6 +91,10 @@ class Readiness:
         if ctx.worker_health is not None:
             health = ctx.worker_health()
             result["worker"] = Check(health == "ok", health)
+        if ctx.intake is not None:  # the caller polled it
+            answering, total = ctx.intake.answering()
+            detail = f"{answering} of {total} answering"
+            result["intake processes"] = Check(answering == total, detail)
         for name, serving in ctx.serving():
             result[f"listener {name}"] = Check(serving, "bound" if serving else "not serving")
         if ctx.relay is not None:
@@ -104,6 +111,8 @@ def routes(ctx: WebContext, readiness: Readiness) -> list[BaseRoute]:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if ctx.intake is not None:
+            await ctx.intake.poll()
         checks = await readiness.checks()
         ready = all(check.ok for check in checks.values())
         body = {

@@ -21,6 +21,9 @@ statuses):
 * ``hato_ready``: 1 when the checks of ``/readyz`` pass, else 0
 * ``hato_http_auth_failures_total``: wrong tokens on the HTTP listener
 * ``hato_build_info{version,role}``: always 1
+
+With several processes (``HATO_PROCESSES``) the delivery process serves ``/metrics`` for
+all of them: :mod:`hato.web.process_metrics` adds the intake processes' counts.
 """
 
 from __future__ import annotations
@@ -200,9 +203,16 @@ def routes(ctx: WebContext, metrics: Metrics, readiness: Readiness) -> list[Base
     """``GET /metrics``: the Prometheus text format."""
 
     async def scrape(request: Request) -> Response:
+        if ctx.intake is not None:
+            await ctx.intake.poll()
         checks = await readiness.checks()
         ready = all(check.ok for check in checks.values())
-        await metrics.refresh(ctx, ctx.active_connections(), ready)
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        if ctx.intake is None:
+            await metrics.refresh(ctx, ctx.active_connections(), ready)
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # Several processes: this one has no SMTP listener; the intake processes' counts
+        # (connections open included) are added by the merge.
+        await metrics.refresh(ctx, {}, ready)
+        return Response(ctx.intake.render(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return [Route("/metrics", scrape, methods=["GET"])]
