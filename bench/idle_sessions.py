@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import json
 import resource
 import signal
 import sys
@@ -102,8 +103,9 @@ async def open_session(
 
 async def run(
     args: argparse.Namespace, port: int
-) -> tuple[int, dict[str, int], float, tuple[int, int]]:
-    """Open the sessions; (how many opened, failures by kind, seconds, tree RSS meanwhile)."""
+) -> tuple[int, dict[str, int], float, tuple[int, int], float]:
+    """Open the sessions; (how many opened, failures by kind, seconds, tree RSS meanwhile,
+    cores of other work on the machine while they were held idle)."""
     writers: list[asyncio.StreamWriter] = []
     errors: dict[str, int] = {}
     gate = asyncio.Semaphore(args.parallel)
@@ -118,11 +120,16 @@ async def run(
         async with asyncio.timeout(args.timeout):
             await asyncio.gather(*(one(n) for n in range(args.sessions)))
     took = time.monotonic() - started
+    busy0, own0, t0 = smtp_bench.machine_busy(), smtp_bench.own_cpu(), time.monotonic()
+    hato0 = smtp_bench.tree_cpu(args.hato_pid)
     await asyncio.sleep(args.hold)  # idle: let the server settle with every session open
     rss = tree_rss(args.hato_pid)
+    busy = smtp_bench.machine_busy() - busy0 - (smtp_bench.own_cpu() - own0)
+    busy -= smtp_bench.tree_cpu(args.hato_pid) - hato0
+    other = max(0.0, busy / (time.monotonic() - t0))
     for writer in writers:
         writer.close()
-    return len(writers), errors, took, rss
+    return len(writers), errors, took, rss, other
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -136,6 +143,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=30.0)
     parser.add_argument("--workdir", help="where the hato data dir goes (default: $TMPDIR)")
     parser.add_argument("--hato-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--python", default="/work/venv/bin/python"
                         if Path("/work/venv/bin/python").exists() else sys.executable)  # fmt: skip
     args = parser.parse_args(argv)
@@ -165,7 +173,7 @@ def main(argv: list[str]) -> int:
         args.hato_pid = hato.pid()
         time.sleep(1.0)
         before, procs = tree_rss(args.hato_pid)
-        opened, errors, took, (during, procs_during) = asyncio.run(run(args, hato.port))
+        opened, errors, took, (during, procs_during), other = asyncio.run(run(args, hato.port))
     finally:
         hato.close()
     print(f"hato serve, {args.sessions} idle sessions after EHLO (RLIMIT_NOFILE {limit})")
@@ -174,6 +182,20 @@ def main(argv: list[str]) -> int:
     print(f"  RSS with all open: {during / MIB:.1f} MiB ({procs_during} process(es))")
     if opened:
         print(f"  per session:      {(during - before) / opened / 1024:.1f} KiB")
+    if args.json:
+        data = {
+            "script": "idle_sessions",
+            "sessions": args.sessions,
+            "opened": opened,
+            "failures": errors,
+            "open_seconds": took,
+            "rss_before_bytes": before,
+            "rss_during_bytes": during,
+            "processes": procs_during,
+            "other_cores": other,
+            "hato_env": {k: v for k, v in args.hato_env.items() if k != "HATO_IDLE_TIMEOUT"},
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0 if opened == args.sessions else 1
 
 

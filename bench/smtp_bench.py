@@ -36,6 +36,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -890,6 +891,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="experiment: run hato with sys.setswitchinterval(SECONDS)")  # fmt: skip
     parser.add_argument("--markdown", default=str(DOC), help="file to update ('' to skip)")
     parser.add_argument(
+        "--json", metavar="PATH", help="also write the medians per system and sessions as JSON"
+    )
+    parser.add_argument(
         "--profile", metavar="DIR", help="py-spy record hato during the measured phase"
     )
     parser.add_argument("--profile-sessions", type=int, default=20)
@@ -1014,11 +1018,37 @@ def main(argv: list[str]) -> int:
         f"\n(msg/s, median of {args.runs}; CPU in cores; total {time.monotonic() - started:.0f}s)"
     )
     print(f"durability: {durability(args)}")
+    env = environment(args) if args.markdown or args.json else {}
     if args.markdown:
-        env = environment(args)
         write_markdown(Path(args.markdown), markdown_section(rows, env, args, counts, cells))
         print(f"wrote {args.markdown}")
+    if args.json:
+        write_json(Path(args.json), cells, counts, env, args)
     return 0
+
+
+def write_json(
+    path: Path,
+    cells: dict[tuple[str, int], Cell],
+    counts: dict[int, int],
+    env: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    """The medians for ``bench/targets.py``: ``{"sessions": {"20": {"hato": {...}, ...}}}``."""
+    by_sessions: dict[str, dict[str, Any]] = {}
+    for (system, sessions), cell in cells.items():
+        by_sessions.setdefault(str(sessions), {})[system] = dataclasses.asdict(cell)
+    data = {
+        "script": "smtp_bench",
+        "argv": args.argv,
+        "runs": args.runs,
+        "messages": {str(s): n for s, n in counts.items()},
+        "accept_only": args.accept_only,
+        "environment": env,
+        "durability": durability(args),
+        "sessions": by_sessions,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":
