@@ -323,7 +323,9 @@ class Hato(System):
         if args.accept_only:
             del env["RELAYHOST"]  # the hold route: intake and queue only
         # The HTTP listener (console, /metrics) on a free port, or off.
-        env["HATO_HTTP_LISTEN"] = f"{HOST}:0" if args.http == "on" else ""
+        # (latency.py, idle_sessions.py and multinode.py have no --http: off.)
+        http = getattr(args, "http", "off")
+        env["HATO_HTTP_LISTEN"] = f"{HOST}:0" if http == "on" else ""
         env.update(args.hato_env)
         self.log_path = self.dir / "hato.log"
         log = self.log_path.open("wb") if args.hato_log == "file" else open(os.devnull, "wb")  # noqa: SIM115

@@ -212,7 +212,8 @@ def run_phase(
     else:
         status = "ok"
     if status != "ok":
-        error = "; ".join(filter(None, [error, " / ".join(list(tail)[-3:])]))
+        # The last line says most (a traceback's exception); the rest was passed through.
+        error = "; ".join(filter(None, [error, tail[-1] if tail else ""]))
     return {
         "command": shown(argv),
         "status": status,
