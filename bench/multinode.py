@@ -122,7 +122,7 @@ def measure(nodes: int, args: argparse.Namespace) -> Row:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", default="1,2,3")
+    parser.add_argument("--nodes", help="comma separated (default 1,2,3; --quick: 1,2)")
     parser.add_argument("--messages", type=int, default=3000, help="in total, per node count")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions per node")
     parser.add_argument("--quick", action="store_true", help="300 messages, 1 and 2 nodes")
@@ -137,7 +137,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.messages = min(args.messages, 300)
-        args.nodes = "1,2" if args.nodes == "1,2,3" else args.nodes
+        args.nodes = args.nodes or "1,2"
+    args.nodes = args.nodes or "1,2,3"
     args.node_list = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.base_env = smtp_bench._pairs(args.hato_env)
     args.src = REPO / "src"

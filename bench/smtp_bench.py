@@ -853,7 +853,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke: 1 and 20 sessions, 300 messages, 1 run"
     )
-    parser.add_argument("--sessions", default="1,20,100", help="comma separated (default 1,20,100)")
+    parser.add_argument("--sessions", help="comma separated (default 1,20,100; --quick: 1,20)")
     parser.add_argument(
         "--messages", type=int, help="N per run (default 2000 at 1 session, 5000 otherwise)"
     )
@@ -907,10 +907,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:
-        args.sessions = "1,20" if args.sessions == "1,20,100" else args.sessions
+        args.sessions = args.sessions or "1,20"
         args.messages = args.messages or 300
         args.runs = 1
         args.timeout = min(args.timeout, 60.0)
+    args.sessions = args.sessions or "1,20,100"
     args.session_list = [int(s) for s in args.sessions.split(",") if s.strip()]
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     for name in args.system_list:

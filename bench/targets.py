@@ -213,7 +213,7 @@ def run_phase(
         status = "ok"
     if status != "ok":
         # The last line says most (a traceback's exception); the rest was passed through.
-        error = "; ".join(filter(None, [error, tail[-1] if tail else ""]))
+        error = "; ".join(filter(None, [error, " ".join(tail[-1].split()) if tail else ""]))
     return {
         "command": shown(argv),
         "status": status,
@@ -621,7 +621,8 @@ def render_text(result: dict[str, Any]) -> str:
         return lines
 
     lines = table(HEADER, [[c.replace("**", "") for c in r.cells()] for r in figures(phases)])
-    lines += ["", *table(PHASE_HEADER, phase_rows(phases))]
+    short = [[c if len(c) <= 100 else c[:99] + "…" for c in row] for row in phase_rows(phases)]
+    lines += ["", *table(PHASE_HEADER, short)]
     durability = durability_lines(phases)
     if durability:
         lines += ["", "durability:", *(f"  {d}" for d in durability)]
