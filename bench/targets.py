@@ -215,7 +215,7 @@ def run_phase(
         # The last line says most (a traceback's exception); the rest was passed through.
         error = "; ".join(filter(None, [error, " ".join(tail[-1].split()) if tail else ""]))
     return {
-        "command": shown(argv),
+        "command": shown(argv[:-2]),  # without --json TMPFILE: the command to run again
         "status": status,
         "error": error[-600:],
         "seconds": seconds,
@@ -697,7 +697,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             argv = phase_argv(phase, args, json_path)
             print(
                 f"[{number}/{len(chosen)}] {phase.name} (total {fmt_elapsed(time.monotonic() - began)}):"
-                f" {shown(argv)}",
+                f" {shown(argv[:-2])}",
                 flush=True,
             )
             record = run_phase(phase, argv, json_path, args, began)
