@@ -65,6 +65,21 @@ def tree_rss(root: int) -> tuple[int, int]:
     return total, count
 
 
+def tree_pss(root: int) -> int | None:
+    """Bytes of PSS summed over the tree of ``root``: forked processes share pages, which
+    their summed VmRSS counts once per process and PSS divides among them (None: no
+    ``smaps_rollup``)."""
+    total, seen = 0, False
+    for pid in tree(root):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    seen = True
+                    break
+    return total if seen else None
+
+
 def raise_nofile(wanted: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
@@ -103,9 +118,9 @@ async def open_session(
 
 async def run(
     args: argparse.Namespace, port: int
-) -> tuple[int, dict[str, int], float, tuple[int, int], float]:
+) -> tuple[int, dict[str, int], float, tuple[int, int], float, int | None]:
     """Open the sessions; (how many opened, failures by kind, seconds, tree RSS meanwhile,
-    cores of other work on the machine while they were held idle)."""
+    cores of other work on the machine while they were held idle, tree PSS meanwhile)."""
     writers: list[asyncio.StreamWriter] = []
     errors: dict[str, int] = {}
     gate = asyncio.Semaphore(args.parallel)
@@ -123,13 +138,13 @@ async def run(
     busy0, own0, t0 = smtp_bench.machine_busy(), smtp_bench.own_cpu(), time.monotonic()
     hato0 = smtp_bench.tree_cpu(args.hato_pid)
     await asyncio.sleep(args.hold)  # idle: let the server settle with every session open
-    rss = tree_rss(args.hato_pid)
+    rss, pss = tree_rss(args.hato_pid), tree_pss(args.hato_pid)
     busy = smtp_bench.machine_busy() - busy0 - (smtp_bench.own_cpu() - own0)
     busy -= smtp_bench.tree_cpu(args.hato_pid) - hato0
     other = max(0.0, busy / (time.monotonic() - t0))
     for writer in writers:
         writer.close()
-    return len(writers), errors, took, rss, other
+    return len(writers), errors, took, rss, other, pss
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -173,7 +188,7 @@ def main(argv: list[str]) -> int:
         args.hato_pid = hato.pid()
         time.sleep(1.0)
         before, procs = tree_rss(args.hato_pid)
-        opened, errors, took, (during, procs_during), other = asyncio.run(run(args, hato.port))
+        opened, errors, took, (during, procs_during), other, pss = asyncio.run(run(args, hato.port))
     finally:
         hato.close()
     print(f"hato serve, {args.sessions} idle sessions after EHLO (RLIMIT_NOFILE {limit})")
@@ -191,6 +206,7 @@ def main(argv: list[str]) -> int:
             "open_seconds": took,
             "rss_before_bytes": before,
             "rss_during_bytes": during,
+            "pss_during_bytes": pss,
             "processes": procs_during,
             "other_cores": other,
             "hato_env": {k: v for k, v in args.hato_env.items() if k != "HATO_IDLE_TIMEOUT"},

@@ -419,7 +419,11 @@ def idle_rows(phases: dict[str, Any]) -> list[Row]:
     figure = f"RSS with {data.get('sessions', 0):,} idle SMTP sessions after EHLO"
     during = _num(data, "rss_during_bytes")
     mb = during / MB if during is not None else None
-    hato = "–" if mb is None else f"{mb:.1f} MB ({data.get('processes', '?')} processes)"
+    hato = "–" if mb is None else f"{mb:.1f} MB ({data.get('processes', '?')} processes"
+    pss = _num(data, "pss_during_bytes")
+    if mb is not None:
+        # Summed VmRSS counts pages the forked processes share once per process; PSS not.
+        hato += f"; PSS {pss / MB:.1f} MB)" if pss is not None else ")"
     opened, wanted = data.get("opened"), data.get("sessions")
     if opened != wanted:
         hato += f", only {opened:,} opened" if isinstance(opened, int) else ", not all opened"
@@ -528,7 +532,7 @@ def phase_rows(phases: dict[str, Any]) -> list[list[str]]:
         data = _data(phases, phase.name)
         status = str(record.get("status", "?"))
         if record.get("error") and status != "ok":
-            status += f": {record['error']}"
+            status += ": " + str(record["error"]).replace("`", "'")
         other = other_work(phase.name, data)
         other_text = (
             "–" if other is None else f"{other:.2f}" + (" (noisy)" if other > NOISY else "")
@@ -559,7 +563,7 @@ def durability_lines(phases: dict[str, Any]) -> list[str]:
 
 
 def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").replace("`", "'")
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -592,7 +596,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     out += [f"- **{key}**: {value}" for key, value in env.items()]
     durability = durability_lines(phases)
     if durability:
-        out.append("- **durability**: " + "; ".join(durability))
+        out.append("- **durability**:")
+        out += [f"  - {line}" for line in durability]
     out.append("- **commands** (run in this order, as root, from the repository root):")
     for phase in PHASES:
         record = phases.get(phase.name)
@@ -604,7 +609,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "bytes, summed over hato's process tree; p50 in parentheses. *Other work* is the "
         "machine's busy CPU outside the measured processes during a phase: above "
         f"{NOISY} cores the figures of that phase are doubtful. The spool peak is the most "
-        "messages accepted and not yet delivered during each intake run (1, 20, 100 sessions).",
+        "messages accepted and not yet delivered during each intake run (1, 20, 100 sessions). "
+        "This section is generated: the limit behind each **no** is named in the sections "
+        "below.",
         "",
         *_table(PHASE_HEADER, phase_rows(phases)),
     ]

@@ -71,6 +71,7 @@ IDLE = {
     "opened": 15000,
     "rss_before_bytes": 60_000_000,
     "rss_during_bytes": 150_000_000,
+    "pss_during_bytes": 90_000_000,
     "processes": 3,
     "other_cores": 0.0,
 }
@@ -125,7 +126,7 @@ accepted vs Postfix, 1 session | 900 msg/s | 450 msg/s | 2.00× | ≥ 2× | ≥ 
 accepted vs Postfix, 20 sessions | 2,000 msg/s | 650 msg/s | 3.08× | ≥ 2× | ≥ 4× | yes
 accepted vs Postfix, 100 sessions | 3,000 msg/s | 640 msg/s | 4.69× | ≥ 2× | ≥ 4× | yes (stretch)
 p99 accept → delivered at a steady 100 msg/s (20 clients) | 18.0 ms (p50 4.0) | 150.0 ms (p50 40.0) | 0.12× | ≤ 20 ms | ≤ 5 ms | yes
-RSS with 15,000 idle SMTP sessions after EHLO | 150.0 MB (3 processes) | – | – | ≤ 200 MB |  | yes
+RSS with 15,000 idle SMTP sessions after EHLO | 150.0 MB (3 processes; PSS 90.0 MB) | – | – | ≤ 200 MB |  | yes
 outbox `send()` p99, PostgreSQL | 0.90 ms (p50 0.60) | – | – | < 2 ms | < 1 ms | yes (stretch)
 outbox `send()` p99, Redis | 2.40 ms (p50 1.10) | – | – | < 2 ms | < 1 ms | **no**
 end to end, 1 node on one PostgreSQL | 200 msg/s (accepted 300) | – | – |  |  | –
@@ -189,7 +190,7 @@ def test_partial_idle_sessions_is_not_judged() -> None:
     phases = _phases()
     phases["idle_sessions"]["data"] = {**IDLE, "opened": 9000}
     row = _by_figure(phases)["RSS with 15,000 idle SMTP sessions after EHLO"]
-    assert row[0] == "150.0 MB (3 processes), only 9,000 opened" and row[-1] == "–"
+    assert row[0] == "150.0 MB (3 processes; PSS 90.0 MB), only 9,000 opened" and row[-1] == "–"
 
 
 def test_markdown_names_machine_durability_and_commands() -> None:
@@ -208,7 +209,7 @@ def test_markdown_names_machine_durability_and_commands() -> None:
     assert "(25:00 in all)." in markdown and "smoke run" not in markdown
     assert "- **machine**: 2 CPUs (AMD EPYC)" in markdown  # smtp_bench's, more precise
     assert "- **postfix**: 3.7.11" in markdown
-    assert "HATO_FSYNC=true" in markdown and "outbox, redis: appendonly=yes" in markdown
+    assert "HATO_FSYNC=true" in markdown and "  - outbox, redis: appendonly=yes" in markdown
     assert "  - `python bench/smtp_bench.py --json x`" in markdown
     assert "| figure | Hato | Postfix (same run) | ratio | target | stretch | met? |" in markdown
     assert (
