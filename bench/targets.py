@@ -15,7 +15,7 @@ tree with 15,000 idle sessions), ``outbox_bench.py`` (``Mailer.send()`` p50/p99 
 PostgreSQL and Redis) and ``multinode.py`` (1, 2, 3 nodes on one PostgreSQL). Their output
 is passed through, prefixed with the phase; a line with the elapsed time is printed every
 ``--heartbeat`` seconds of silence. A phase that fails (exit status, timeout, no JSON) is
-shown as failed with its last lines of output; the other phases still run.
+shown as failed with its last line of output; the other phases still run.
 
 Then it prints one table with the rows of the issue: figure | Hato | Postfix (same run) |
 ratio | target | stretch | met?, and one with each phase's status, time, the cores of
@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -212,8 +213,7 @@ def run_phase(
     else:
         status = "ok"
     if status != "ok":
-        # The last line says most (a traceback's exception); the rest was passed through.
-        error = "; ".join(filter(None, [error, " ".join(tail[-1].split()) if tail else ""]))
+        error = "; ".join(filter(None, [error, last_words(list(tail))]))
     return {
         "command": shown(argv[:-2]),  # without --json TMPFILE: the command to run again
         "status": status,
@@ -221,6 +221,15 @@ def run_phase(
         "seconds": seconds,
         "data": data,
     }
+
+
+def last_words(lines: list[str]) -> str:
+    """What a failed phase said last that says most: a traceback's exception line if there
+    is one among its last lines, else its last line (the rest was passed through)."""
+    for line in reversed(lines):
+        if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", line.strip()):
+            return " ".join(line.split())
+    return " ".join(lines[-1].split()) if lines else ""
 
 
 def machine() -> dict[str, str]:
@@ -419,7 +428,8 @@ def idle_rows(phases: dict[str, Any]) -> list[Row]:
     figure = f"RSS with {data.get('sessions', 0):,} idle SMTP sessions after EHLO"
     during = _num(data, "rss_during_bytes")
     mb = during / MB if during is not None else None
-    hato = "–" if mb is None else f"{mb:.1f} MB ({data.get('processes', '?')} processes"
+    procs = data.get("processes")
+    hato = "–" if mb is None else f"{mb:.1f} MB ({procs} process{'' if procs == 1 else 'es'}"
     pss = _num(data, "pss_during_bytes")
     if mb is not None:
         # Summed VmRSS counts pages the forked processes share once per process; PSS not.

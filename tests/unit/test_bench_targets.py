@@ -235,3 +235,19 @@ def test_section_goes_under_the_intake_heading_then_is_replaced_in_place() -> No
         targets.insert_section("# P\n", "T")
         == "# P\n\n<!-- targets:begin -->\nT\n<!-- targets:end -->\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [
+        (["Traceback (most recent call last):", "  x", "KeyError: 'http'"], "KeyError: 'http'"),
+        (
+            ["psycopg.OperationalError: connection failed: refused", "\tIs the server running?"],
+            "psycopg.OperationalError: connection failed: refused",
+        ),
+        (["smtp_bench: smtp-sink did not answer"], "smtp_bench: smtp-sink did not answer"),
+        ([], ""),
+    ],
+)
+def test_a_failed_phase_is_summed_up_by_its_exception(lines: list[str], said: str) -> None:
+    assert targets.last_words(lines) == said
