@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import json
 import resource
 import signal
 import sys
@@ -64,19 +65,19 @@ def tree_rss(root: int) -> tuple[int, int]:
     return total, count
 
 
-def tree_pss(root: int) -> int:
-    """Bytes of PSS summed over the tree of ``root``: each page shared by n processes
-    counts 1/n in each (the forked children of ``hato serve`` share the supervisor's
-    pages), so the sum is what the tree really holds; a sum of RSS counts shared pages
-    once per process."""
-    total = 0
+def tree_pss(root: int) -> int | None:
+    """Bytes of PSS summed over the tree of ``root``: forked processes share pages, which
+    their summed VmRSS counts once per process and PSS divides among them (None: no
+    ``smaps_rollup``)."""
+    total, seen = 0, False
     for pid in tree(root):
         with contextlib.suppress(OSError, ValueError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
+                    seen = True
                     break
-    return total
+    return total if seen else None
 
 
 def raise_nofile(wanted: int) -> int:
@@ -117,8 +118,9 @@ async def open_session(
 
 async def run(
     args: argparse.Namespace, port: int
-) -> tuple[int, dict[str, int], float, tuple[int, int]]:
-    """Open the sessions; (how many opened, failures by kind, seconds, tree RSS meanwhile)."""
+) -> tuple[int, dict[str, int], float, tuple[int, int], float, int | None]:
+    """Open the sessions; (how many opened, failures by kind, seconds, tree RSS meanwhile,
+    cores of other work on the machine while they were held idle, tree PSS meanwhile)."""
     writers: list[asyncio.StreamWriter] = []
     errors: dict[str, int] = {}
     gate = asyncio.Semaphore(args.parallel)
@@ -133,12 +135,16 @@ async def run(
         async with asyncio.timeout(args.timeout):
             await asyncio.gather(*(one(n) for n in range(args.sessions)))
     took = time.monotonic() - started
+    busy0, own0, t0 = smtp_bench.machine_busy(), smtp_bench.own_cpu(), time.monotonic()
+    hato0 = smtp_bench.tree_cpu(args.hato_pid)
     await asyncio.sleep(args.hold)  # idle: let the server settle with every session open
-    rss = tree_rss(args.hato_pid)
-    args.pss_during = tree_pss(args.hato_pid)
+    rss, pss = tree_rss(args.hato_pid), tree_pss(args.hato_pid)
+    busy = smtp_bench.machine_busy() - busy0 - (smtp_bench.own_cpu() - own0)
+    busy -= smtp_bench.tree_cpu(args.hato_pid) - hato0
+    other = max(0.0, busy / (time.monotonic() - t0))
     for writer in writers:
         writer.close()
-    return len(writers), errors, took, rss
+    return len(writers), errors, took, rss, other, pss
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -152,6 +158,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=30.0)
     parser.add_argument("--workdir", help="where the hato data dir goes (default: $TMPDIR)")
     parser.add_argument("--hato-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--python", default="/work/venv/bin/python"
                         if Path("/work/venv/bin/python").exists() else sys.executable)  # fmt: skip
     args = parser.parse_args(argv)
@@ -182,17 +189,36 @@ def main(argv: list[str]) -> int:
         time.sleep(1.0)
         before, procs = tree_rss(args.hato_pid)
         pss_before = tree_pss(args.hato_pid)
-        opened, errors, took, (during, procs_during) = asyncio.run(run(args, hato.port))
+        opened, errors, took, (during, procs_during), other, pss = asyncio.run(run(args, hato.port))
     finally:
         hato.close()
     print(f"hato serve, {args.sessions} idle sessions after EHLO (RLIMIT_NOFILE {limit})")
     print(f"  opened:           {opened} in {took:.1f} s; failures: {errors or 'none'}")
     print(f"  RSS before:       {before / MIB:.1f} MiB ({procs} process(es))")
     print(f"  RSS with all open: {during / MIB:.1f} MiB ({procs_during} process(es))")
-    print(f"  PSS before:       {pss_before / MIB:.1f} MiB (shared pages split between processes)")
-    print(f"  PSS with all open: {args.pss_during / MIB:.1f} MiB")
+    if pss_before is not None and pss is not None:
+        print(
+            f"  PSS before:       {pss_before / MIB:.1f} MiB (shared pages split among processes)"
+        )
+        print(f"  PSS with all open: {pss / MIB:.1f} MiB")
     if opened:
         print(f"  per session:      {(during - before) / opened / 1024:.1f} KiB")
+    if args.json:
+        data = {
+            "script": "idle_sessions",
+            "sessions": args.sessions,
+            "opened": opened,
+            "failures": errors,
+            "open_seconds": took,
+            "rss_before_bytes": before,
+            "rss_during_bytes": during,
+            "pss_before_bytes": pss_before,
+            "pss_during_bytes": pss,
+            "processes": procs_during,
+            "other_cores": other,
+            "hato_env": {k: v for k, v in args.hato_env.items() if k != "HATO_IDLE_TIMEOUT"},
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0 if opened == args.sessions else 1
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import json
 import signal
 import smtplib
 import statistics
@@ -307,6 +308,44 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, results: list[Result], args: argparse.Namespace) -> None:
+    """Every run and the median p50/p99 per system, for ``bench/targets.py``."""
+    systems: dict[str, dict[str, object]] = {}
+    for name in args.system_list:
+        runs = [r for r in results if r.system == name]
+        if not runs:
+            continue
+        systems[name] = {
+            "p50_ms": statistics.median([r.pct(50) or 0.0 for r in runs]),
+            "p99_ms": statistics.median([r.pct(99) or 0.0 for r in runs]),
+            "other_cores_max": max(r.other_cores for r in runs),
+            "durability": runs[0].durability,
+            "runs": [
+                {
+                    "p50_ms": r.pct(50),
+                    "p90_ms": r.pct(90),
+                    "p99_ms": r.pct(99),
+                    "max_ms": max(r.latencies_ms, default=None),
+                    "arrived": r.arrived,
+                    "expected": r.expected,
+                    "failed": r.load.failed,
+                    "late": r.load.late,
+                    "other_cores": r.other_cores,
+                }
+                for r in runs
+            ],
+        }
+    data = {
+        "script": "latency",
+        "rate": args.rate,
+        "clients": args.clients,
+        "messages": args.total,
+        "runs": args.runs,
+        "systems": systems,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke: 10 s per system, 1 run")
@@ -332,6 +371,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="before each run, wait up to this long for other work to stop")  # fmt: skip
     parser.add_argument("--quiet-limit", type=float, default=0.25,
                         help="cores of other work that count as quiet")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every run's percentiles and the medians as JSON")  # fmt: skip
     parser.add_argument("--sink-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -369,6 +410,8 @@ def main(argv: list[str]) -> int:
             results.append(measure(name, args))
     print()
     print(report(results, args))
+    if args.json:
+        write_json(Path(args.json), results, args)
     lost = [r for r in results if r.arrived < r.expected]
     return 1 if lost else 0
 

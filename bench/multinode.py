@@ -23,6 +23,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
+import json
+import os
 import secrets
 import signal
 import sys
@@ -43,6 +46,20 @@ class Row:
     messages: int
     accepted_per_s: float
     end_to_end_per_s: float | None
+    other_cores: float = 0.0  # the machine's busy CPU less the nodes, sink, sources, PostgreSQL
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by the live ``postgres`` processes (the shared server)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                raw = Path(f"/proc/{entry}/stat").read_text()
+                if raw[raw.index("(") + 1 : raw.rindex(")")] == "postgres":
+                    fields = raw[raw.rindex(")") + 2 :].split()
+                    ticks += int(fields[11]) + int(fields[12])
+    return ticks / smtp_bench.CLK_TCK
 
 
 def measure(nodes: int, args: argparse.Namespace) -> Row:
@@ -69,6 +86,9 @@ def measure(nodes: int, args: argparse.Namespace) -> Row:
             except BaseException as exc:  # reported below
                 results[i] = exc
 
+        busy0, own0, pg0 = smtp_bench.machine_busy(), smtp_bench.own_cpu(), postgres_cpu()
+        ours0 = sum(smtp_bench.tree_cpu(h.pid()) for h in started)
+        ours0 += smtp_bench.tree_cpu(sink.proc.pid)
         begin = time.monotonic()
         threads = [threading.Thread(target=source, args=(i,), daemon=True) for i in range(nodes)]
         for thread in threads:
@@ -81,11 +101,16 @@ def measure(nodes: int, args: argparse.Namespace) -> Row:
             raise BenchError(f"smtp-source failed: {failed or [r.stderr[-300:] for r in sent]}")
         accepted = max(r.seconds for r in sent)
         done = sink.wait_for(args.messages, time.monotonic() + args.timeout)
+        ours = sum(smtp_bench.tree_cpu(h.pid()) for h in started)
+        ours += smtp_bench.tree_cpu(sink.proc.pid) - ours0 + sum(r.cpu for r in sent)
+        busy = smtp_bench.machine_busy() - busy0 - (smtp_bench.own_cpu() - own0)
+        other = busy - ours - (postgres_cpu() - pg0)
         return Row(
             nodes,
             args.messages,
             args.messages / accepted,
             args.messages / (done - begin) if done is not None else None,
+            max(0.0, other / (time.monotonic() - begin)),
         )
     finally:
         for hato in started:
@@ -97,7 +122,7 @@ def measure(nodes: int, args: argparse.Namespace) -> Row:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", default="1,2,3")
+    parser.add_argument("--nodes", help="comma separated (default 1,2,3; --quick: 1,2)")
     parser.add_argument("--messages", type=int, default=3000, help="in total, per node count")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions per node")
     parser.add_argument("--quick", action="store_true", help="300 messages, 1 and 2 nodes")
@@ -106,12 +131,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=30.0)
     parser.add_argument("--workdir", help="where the hato data dirs go (default: $TMPDIR)")
     parser.add_argument("--hato-env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--python", default="/work/venv/bin/python"
                         if Path("/work/venv/bin/python").exists() else sys.executable)  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.messages = min(args.messages, 300)
-        args.nodes = "1,2" if args.nodes == "1,2,3" else args.nodes
+        args.nodes = args.nodes or "1,2"
+    args.nodes = args.nodes or "1,2,3"
     args.node_list = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.base_env = smtp_bench._pairs(args.hato_env)
     args.src = REPO / "src"
@@ -143,6 +170,16 @@ def main(argv: list[str]) -> int:
     print(
         "durability: each 250 after the PostgreSQL commit (synchronous_commit as the server has it)"
     )
+    if args.json:
+        data = {
+            "script": "multinode",
+            "postgres": args.postgres.split("@")[-1],
+            "sessions_per_node": args.sessions,
+            "durability": "each 250 after the PostgreSQL commit "
+            "(synchronous_commit as the server has it)",
+            "rows": [dataclasses.asdict(row) for row in rows],
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0 if all(r.end_to_end_per_s for r in rows) else 1
 
 

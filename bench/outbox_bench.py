@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import json
 import os
 import platform
 import secrets
@@ -721,6 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", type=Path, help="run workers under py-spy; collapsed stacks into this dir"
     )
     parser.add_argument("--write-doc", action="store_true", help=f"update {DOC.relative_to(REPO)}")
+    parser.add_argument("--json", type=Path, help="also write the figures per backend as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.enqueue = min(args.enqueue, 300)
@@ -793,7 +795,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_doc:
         shown = " ".join(["python bench/outbox_bench.py", *(argv or sys.argv[1:])])
         write_doc(table, shown)
+    if args.json:
+        args.json.write_text(json.dumps(as_json(reports, baseline), indent=2) + "\n")
     return 0
+
+
+def as_json(
+    reports: Sequence[BackendReport], baseline: Sequence[BaselineResult]
+) -> dict[str, object]:
+    """The figures per backend, for ``bench/targets.py``."""
+    backends: dict[str, object] = {}
+    for r in reports:
+        enq, best = r.enqueue, r.best()
+        backends[r.name] = {
+            "durability": r.durability,
+            "send_calls": enq.calls if enq else None,
+            "send_per_s": enq.rate if enq else None,
+            "send_p50_ms": enq.pct(0.50) if enq else None,
+            "send_p99_ms": enq.pct(0.99) if enq else None,
+            "other_cores": enq.other_cpu / enq.seconds if enq else None,
+            "end_to_end_per_s": best.rate if best else None,
+            "end_to_end_config": best.config if best else None,
+        }
+    return {
+        "script": "outbox_bench",
+        "backends": backends,
+        "baseline": {b.name: b.rate for b in baseline},
+    }
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -322,9 +323,9 @@ class Hato(System):
         if args.accept_only:
             del env["RELAYHOST"]  # the hold route: intake and queue only
         # The HTTP listener (console, /metrics) on a free port, or off.
-        # The other benches share this starter and have no --http: off for them.
-        http = getattr(args, "http", "off") == "on"
-        env["HATO_HTTP_LISTEN"] = f"{HOST}:0" if http else ""
+        # (latency.py, idle_sessions.py and multinode.py have no --http: off.)
+        http = getattr(args, "http", "off")
+        env["HATO_HTTP_LISTEN"] = f"{HOST}:0" if http == "on" else ""
         env.update(args.hato_env)
         self.log_path = self.dir / "hato.log"
         log = self.log_path.open("wb") if args.hato_log == "file" else open(os.devnull, "wb")  # noqa: SIM115
@@ -852,7 +853,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke: 1 and 20 sessions, 300 messages, 1 run"
     )
-    parser.add_argument("--sessions", default="1,20,100", help="comma separated (default 1,20,100)")
+    parser.add_argument("--sessions", help="comma separated (default 1,20,100; --quick: 1,20)")
     parser.add_argument(
         "--messages", type=int, help="N per run (default 2000 at 1 session, 5000 otherwise)"
     )
@@ -892,6 +893,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="experiment: run hato with sys.setswitchinterval(SECONDS)")  # fmt: skip
     parser.add_argument("--markdown", default=str(DOC), help="file to update ('' to skip)")
     parser.add_argument(
+        "--json", metavar="PATH", help="also write the medians per system and sessions as JSON"
+    )
+    parser.add_argument(
         "--profile", metavar="DIR", help="py-spy record hato during the measured phase"
     )
     parser.add_argument("--profile-sessions", type=int, default=20)
@@ -903,10 +907,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.quick:
-        args.sessions = "1,20" if args.sessions == "1,20,100" else args.sessions
+        args.sessions = args.sessions or "1,20"
         args.messages = args.messages or 300
         args.runs = 1
         args.timeout = min(args.timeout, 60.0)
+    args.sessions = args.sessions or "1,20,100"
     args.session_list = [int(s) for s in args.sessions.split(",") if s.strip()]
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     for name in args.system_list:
@@ -1016,11 +1021,37 @@ def main(argv: list[str]) -> int:
         f"\n(msg/s, median of {args.runs}; CPU in cores; total {time.monotonic() - started:.0f}s)"
     )
     print(f"durability: {durability(args)}")
+    env = environment(args) if args.markdown or args.json else {}
     if args.markdown:
-        env = environment(args)
         write_markdown(Path(args.markdown), markdown_section(rows, env, args, counts, cells))
         print(f"wrote {args.markdown}")
+    if args.json:
+        write_json(Path(args.json), cells, counts, env, args)
     return 0
+
+
+def write_json(
+    path: Path,
+    cells: dict[tuple[str, int], Cell],
+    counts: dict[int, int],
+    env: dict[str, str],
+    args: argparse.Namespace,
+) -> None:
+    """The medians for ``bench/targets.py``: ``{"sessions": {"20": {"hato": {...}, ...}}}``."""
+    by_sessions: dict[str, dict[str, Any]] = {}
+    for (system, sessions), cell in cells.items():
+        by_sessions.setdefault(str(sessions), {})[system] = dataclasses.asdict(cell)
+    data = {
+        "script": "smtp_bench",
+        "argv": args.argv,
+        "runs": args.runs,
+        "messages": {str(s): n for s, n in counts.items()},
+        "accept_only": args.accept_only,
+        "environment": env,
+        "durability": durability(args),
+        "sessions": by_sessions,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":
