@@ -832,6 +832,21 @@ class _Service:
 # --- hato serve: the SMTP server and its delivery worker -----------------------------------
 
 
+def check_serve(settings: Settings) -> None:
+    """Build, once, what can refuse the settings of ``hato serve`` (certificates, users,
+    DKIM keys, the relay's secret files, the VERP secret, the HTTP listener's settings)
+    and raise its :class:`~hato.errors.ConfigError`. The supervisor calls it before it
+    forks, so that a refusal is one line and one exit status 2, not one per child; the
+    VERP secret, when it has to be made, is then made once for every child."""
+    build_tls(settings)
+    users = build_users(settings)
+    build_dkim_transform(settings, users, DKIMKeys(settings.effective_dkim_dir))
+    build_couriers(settings)
+    build_local_recipients(settings, users)
+    build_verp(settings)
+    HttpSettings.read(settings, "serve")
+
+
 async def serve(
     settings: Settings,
     *,

@@ -53,7 +53,10 @@ from hato.web.process_metrics import IntakeSockets
 __all__ = ["MAX_AUTO_PROCESSES", "Supervisor", "available_cpus", "bind", "effective_processes"]
 
 MAX_AUTO_PROCESSES = 4
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# A child tells the supervisor it is ready with a real-time signal: those queue (one per
+# kill), where two SIGUSR1 sent at once would arrive as one; si_pid says who sent it.
+READY_SIGNAL = signal.SIGRTMIN
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, READY_SIGNAL}
 _PR_SET_PDEATHSIG = 1
 # A child that ends sooner than this after its start failed to start.
 STARTUP_GRACE = 3.0
@@ -141,6 +144,7 @@ class _Slot:
     quick_failures: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)
+    ready: bool = False
 
 
 class Supervisor:
@@ -168,6 +172,8 @@ class Supervisor:
         # Per-client connection counts across the intake processes: one column each.
         self.shared = SharedCounts(len(self.slots))
         # The AUTH throttle's failures and logins, told among the intake processes.
+        self._parent = os.getpid()
+        self.announced = False
         self.auth_share = AuthShare([i for i, s in enumerate(self.slots) if s.role == "intake"])
         # Where the delivery process asks each intake process for its metrics.
         self.reports = IntakeSockets([i for i, s in enumerate(self.slots) if s.role == "intake"])
@@ -205,6 +211,7 @@ class Supervisor:
         slot.pid = pid
         slot.started = self.clock()
         slot.restart_at = None
+        slot.ready = False
         self.say(f"started {slot.role} process {pid}")
 
     def _reap(self) -> int | None:
@@ -266,6 +273,21 @@ class Supervisor:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def child_ready(self) -> None:
+        """In a child: tell the supervisor this child serves (listening, or delivering)."""
+        with contextlib.suppress(OSError):
+            os.kill(self._parent, READY_SIGNAL)
+
+    def _child_ready(self, pid: int) -> None:
+        """Say ``ready`` once, when every child has first said it is: only then does the
+        whole answer (the console's address, say, is printed by the delivery child)."""
+        for slot in self.slots:
+            if slot.pid == pid:
+                slot.ready = True
+        if not self.announced and all(slot.ready for slot in self.slots):
+            self.announced = True
+            self.say("ready")
+
     def run(self) -> int:
         """Bind, start the children, supervise until SIGTERM or SIGINT; the exit status."""
         first = [bind(listener) for listener in self.settings.listeners]
@@ -305,6 +327,8 @@ class Supervisor:
                 if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     self.say("supervisor: stopping")
                     break
+                if info is not None and info.si_signo == READY_SIGNAL:
+                    self._child_ready(info.si_pid)
                 if info is not None and info.si_signo == signal.SIGHUP:
                     self._signal(signal.SIGHUP)
                 failed = self._reap()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -124,7 +125,7 @@ def serve(
     log_format: str | None,
 ) -> None:
     """Run the SMTP server and its delivery worker."""
-    from hato.app import ServeRole
+    from hato.app import ServeRole, check_serve
     from hato.app import serve as serve_forever
     from hato.supervisor import Supervisor, effective_processes
 
@@ -148,10 +149,17 @@ def serve(
     if processes <= 1:
         run(serve_forever(settings), fast=True)
         return
+    # What can refuse the settings is checked here, once, before the fork.
+    check_serve(settings)
 
     @friendly
     def child(role: str, sockets: Sequence[socket.socket]) -> None:
         part: ServeRole = "intake" if role == "intake" else "delivery"
+
+        def say(line: str) -> None:
+            # "hato: ready" is the supervisor's, said once every child is.
+            _say(f"{role} process {os.getpid()} ready" if line == "ready" else line)
+
         serving = serve_forever(
             settings,
             role=part,
@@ -159,6 +167,8 @@ def serve(
             shared=supervisor.shared,
             auth_share=supervisor.auth_share,
             reports=supervisor.reports,
+            ready=lambda _bound: supervisor.child_ready(),
+            say=say,
         )
         run(serving, fast=True)
 
