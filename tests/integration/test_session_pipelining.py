@@ -215,3 +215,28 @@ async def test_pipelining_only_after_starttls_and_the_new_ehlo(certs: Certs) -> 
         assert encrypted[0] == b"EHLO client.test\r\n"
         assert encrypted[1].startswith(b"MAIL FROM:") and encrypted[1].endswith(b"DATA\r\n")
         await session.quit(5.0)
+
+
+def test_pipelining_under_uvloop(certs: Certs) -> None:
+    # uvloop's transports are its own: the reply reader is put in front of aiosmtplib's
+    # protocol with set_protocol there too, in plaintext and after STARTTLS.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[list[Result]]:
+        outcomes = []
+        for tls in (Tls.NONE, Tls.ENCRYPT):
+            ehlo = ["PIPELINING", "STARTTLS"] if tls is Tls.ENCRYPT else ["PIPELINING"]
+            replies = {"gone@example.net": b"550 5.1.1 no\r\n"}
+            async with PipeliningServer(ehlo=ehlo, tls=certs.server, rcpt_replies=replies) as s:
+                session = await session_to(s, tls=tls, ca=certs.ca_file)
+                assert session.pipe is not None and session.encrypted is (tls is Tls.ENCRYPT)
+                for _ in range(2):
+                    t = await with_timeout(
+                        send(session, "a@example.org", ["ok@example.net", "gone@example.net"], MSG)
+                    )
+                    outcomes.append([r.result for r in t.results])
+                assert len(s.groups()) == 2 and len(s.messages) == 2
+                await session.quit(5.0)
+        return outcomes
+
+    assert uvloop.run(scenario()) == [[Result.OK, Result.PERMANENT]] * 4
