@@ -1009,8 +1009,6 @@ async def _transact(
             )
         if refused is not None:
             return refused if first else None
-        if pending and not smtp.is_connected:
-            return None
         if pending and not session.clean:
             await smtp.execute_command(b"RSET")  # whatever the server kept of it goes
     return None
