@@ -267,6 +267,7 @@ def build_smarthost(smarthost: Smarthost, hostname: str) -> SmarthostCourier:
             timeout=resolved.timeout,
             pool_size=resolved.pool_size,
             requiretls=resolved.requiretls,
+            pipelining=resolved.pipelining,
         )
     )
 
@@ -324,6 +325,7 @@ def build_couriers(
             dane=DANEResolver(settings.dnssec_resolver) if settings.dnssec_resolver else None,
             tls_reporter=tls_reporter,
             concurrency=settings.mx_concurrency,
+            pipelining=settings.relay_pipelining,
         )
     return couriers
 

@@ -286,6 +286,7 @@ class Smarthost(BaseModel):
     timeout: float = 60.0
     pool_size: int = 4
     requiretls: Literal["verify", "trusted"] = "verify"
+    pipelining: bool = True
 
     @field_validator("password")
     @classmethod
@@ -592,6 +593,13 @@ class Settings(BaseSettings):
         gt=0,
         validation_alias=_env("HATO_RELAY_TIMEOUT"),
         description="Seconds to wait for each reply of the relay.",
+    )
+    relay_pipelining: bool = Field(
+        default=True,
+        validation_alias=_env("HATO_RELAY_PIPELINING"),
+        description="Send MAIL, RCPT and DATA as one group (RFC 2920) to a next hop that "
+        "offers PIPELINING: the relay, `hato worker`'s server and MX hosts alike "
+        "(false: one command at a time).",
     )
 
     # --- processes and flow control ----------------------------------------------------
@@ -1227,6 +1235,7 @@ class Settings(BaseSettings):
             password_file=self.relay_password_file,
             timeout=self.relay_timeout,
             pool_size=self.relay_pool_size,
+            pipelining=self.relay_pipelining,
         )
 
     @property
@@ -1247,6 +1256,7 @@ class Settings(BaseSettings):
             timeout=self.relay_timeout,
             pool_size=max(self.relay_pool_size, self.worker_concurrency),
             requiretls=self.smtp_requiretls,
+            pipelining=self.relay_pipelining,
         )
 
     @property

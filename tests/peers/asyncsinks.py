@@ -7,6 +7,9 @@
 * :class:`RawServer` is a hand-written SMTP responder for the cases aiosmtpd will not
   play: recording the exact bytes on the wire (dot-stuffing), appending injected lines
   after its ``220`` to STARTTLS, or stalling.
+* :class:`PipeliningServer` offers PIPELINING and records each read from the socket, so
+  a test sees which commands came in one write; its replies are scripted, and it can
+  append a reply to no command.
 
 Unlike :class:`peers.sinks.RecordingSink` (a thread of its own, for synchronous tests)
 these run in the test's event loop. ``certs`` is a fixture: import it into the test module
@@ -329,3 +332,148 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 async def with_timeout(aw: Awaitable[Any], timeout: float = 10.0) -> Any:
     async with asyncio.timeout(timeout):
         return await aw
+
+
+@dataclass
+class PipeliningServer:
+    """An SMTP responder that offers PIPELINING and records how the commands arrive.
+
+    Each read from the socket after the greeting is kept in ``reads`` (with whether the
+    session was encrypted then), so a test sees MAIL, RCPT and DATA come in one write.
+    The replies to all complete lines of one read go out together, in order.
+    ``mail_reply``, ``rcpt_replies`` (by address; default 250), ``data_reply`` (354 by
+    default even when no recipient was accepted, as Postfix's smtp-sink does) and
+    ``final_reply`` script the answers; ``limit`` recipients per transaction, then
+    ``452 4.5.3``; ``inject_after`` (verb, or ``BODY`` for the final reply → bytes)
+    appends a reply to no command; ``tls`` offers STARTTLS. ``messages``: envelope and
+    body (as on the wire, before the final dot) of each message with recipients.
+    """
+
+    ehlo: list[str] = field(default_factory=lambda: ["PIPELINING", "8BITMIME"])
+    tls: ssl.SSLContext | None = None
+    mail_reply: bytes = b"250 2.1.0 OK\r\n"
+    rcpt_replies: dict[str, bytes] = field(default_factory=dict)
+    data_reply: bytes = b"354 go ahead\r\n"
+    final_reply: bytes = b"250 2.0.0 queued\r\n"
+    limit: int = 0
+    inject_after: dict[str, bytes] = field(default_factory=dict)
+    reads: list[tuple[bool, bytes]] = field(default_factory=list)
+    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    def groups(self) -> list[bytes]:
+        """The reads that carried a MAIL command."""
+        return [data for _, data in self.reads if b"MAIL FROM:" in data]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        buf = bytearray()
+        encrypted = in_data = False
+        sender: str | None = None
+        rcpts: list[str] = []
+        try:
+            writer.write(b"220 pipe.test ESMTP\r\n")
+            while chunk := await reader.read(65536):
+                self.reads.append((encrypted, chunk))
+                buf += chunk
+                out = bytearray()
+                while True:
+                    if in_data:
+                        end = 0 if buf.startswith(b".\r\n") else buf.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        body = bytes(buf[: end + 2]) if end else b""
+                        del buf[: end + 5 if end else 3]
+                        in_data = False
+                        if rcpts and sender is not None:
+                            self.messages.append((sender, rcpts, body))
+                            out += self.final_reply
+                        else:
+                            out += b"554 5.5.1 Error: no valid recipients\r\n"
+                        out += self.inject_after.get("BODY", b"")
+                        sender, rcpts = None, []
+                        continue
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        break
+                    line = bytes(buf[: nl + 1])
+                    del buf[: nl + 1]
+                    verb = line.split(b" ")[0].strip().upper().decode()
+                    if verb == "EHLO":
+                        exts = [e for e in self.ehlo if not (encrypted and e == "STARTTLS")]
+                        lines = ["pipe.test", *exts]
+                        out += b"".join(
+                            f"250{'-' if i < len(lines) - 1 else ' '}{t}\r\n".encode()
+                            for i, t in enumerate(lines)
+                        )
+                    elif verb == "STARTTLS" and self.tls is not None and not encrypted:
+                        injected = self.inject_after.get("STARTTLS", b"")
+                        writer.write(bytes(out) + b"220 2.0.0 Ready to start TLS\r\n" + injected)
+                        await writer.drain()
+                        await writer.start_tls(self.tls)
+                        encrypted, out = True, bytearray()
+                        buf.clear()  # whatever was pipelined with STARTTLS is discarded
+                        sender, rcpts = None, []
+                        break
+                    elif verb == "MAIL":
+                        out += self.mail_reply
+                        if self.mail_reply.startswith(b"250"):
+                            sender = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                    elif verb == "RCPT":
+                        address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                        if sender is None:
+                            reply = b"503 5.5.1 Error: need MAIL command\r\n"
+                        elif self.limit and len(rcpts) >= self.limit:
+                            reply = b"452 4.5.3 Error: too many recipients\r\n"
+                        else:
+                            reply = self.rcpt_replies.get(address, b"250 2.1.5 OK\r\n")
+                        if reply.startswith(b"250"):
+                            rcpts.append(address)
+                        out += reply
+                    elif verb == "DATA":
+                        if sender is None:
+                            out += b"503 5.5.1 Error: need RCPT command\r\n"
+                        else:
+                            out += self.data_reply
+                            in_data = self.data_reply.startswith(b"354")
+                            if not in_data:
+                                sender, rcpts = None, []
+                    elif verb == "RSET":
+                        sender, rcpts = None, []
+                        out += b"250 2.0.0 OK\r\n"
+                    elif verb == "QUIT":
+                        writer.write(bytes(out) + b"221 2.0.0 Bye\r\n")
+                        await writer.drain()
+                        return
+                    else:
+                        out += b"502 5.5.2 Error: command not recognized\r\n"
+                    out += self.inject_after.get(verb, b"")
+                if out:
+                    writer.write(bytes(out))
+                    await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            return
+        finally:
+            writer.close()
+
+    async def start(self) -> PipeliningServer:
+        self._server = await asyncio.start_server(self._handle, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> PipeliningServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -56,6 +56,7 @@ BOKY_AND_HATO_NAMES = [
     "HATO_SMTP_REQUIRETLS",
     "HATO_RELAY_POOL_SIZE",
     "HATO_RELAY_TIMEOUT",
+    "HATO_RELAY_PIPELINING",
     "HATO_WORKER_CONCURRENCY",
     "HATO_ALLOW_PLAINTEXT_AUTH",
     "HATO_HTTP_LISTEN",
@@ -240,6 +241,17 @@ def test_relay_server_trusting_only_loopback_needs_no_sender_domains() -> None:
 
 
 # --- the smarthosts: one model, secrets read when a role starts ---------------------------
+
+
+def test_relay_pipelining_is_on_by_default_and_reaches_both_smarthosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RELAYHOST", "[relay.example]:25")
+    s = load_settings()
+    assert s.relay_pipelining and s.relay is not None and s.relay.pipelining
+    monkeypatch.setenv("HATO_RELAY_PIPELINING", "false")
+    s = load_settings()
+    assert s.relay is not None and not s.relay.pipelining and not s.smtp.pipelining
 
 
 def test_one_smarthost_model_for_both_roles(monkeypatch: pytest.MonkeyPatch) -> None:

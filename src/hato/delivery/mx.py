@@ -297,6 +297,7 @@ class MXCourier:
         connect_timeout: float = 30.0,
         idle_seconds: float = 30.0,
         max_age_seconds: float = 300.0,
+        pipelining: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -318,6 +319,7 @@ class MXCourier:
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self.max_age_seconds = max_age_seconds
+        self.pipelining = pipelining
         self.mta_sts = mta_sts
         self.dane = dane
         self.tls_reporter: TLSReporter = tls_reporter or NullTLSReporter()
@@ -597,6 +599,7 @@ class MXCourier:
             timeout=self.timeout,
             connect_timeout=self.connect_timeout,
             peer_check=check,
+            pipelining=self.pipelining,
         )
 
     @property

@@ -41,6 +41,14 @@ the final ``CRLF.CRLF`` can leave Hato. A server that offers CHUNKING gets it wi
 instead (RFC 3030; :data:`CHUNKING` turns that off): CRLF line endings, no stuffing, one
 ``BDAT n LAST`` for a message up to :data:`BDAT_CHUNK_SIZE`, several chunks above.
 
+A server that offers PIPELINING (RFC 2920; :attr:`Plan.pipelining`, ``HATO_RELAY_PIPELINING``)
+gets MAIL, every RCPT and DATA in one write, their replies read in order, then the body:
+two round trips instead of four (with CHUNKING: MAIL and the RCPTs as a group, then BDAT).
+The replies are read by our own :class:`Pipe`, installed only once EHLO, STARTTLS, the
+EHLO after it and AUTH are done; a reply to no command closes the connection (see
+:class:`Pipe`). Outcomes are those of the lock-step exchange, which every other server
+gets.
+
 REQUIRETLS (RFC 8689): a message that requires it goes only on a session whose
 certificate was verified, to a server that offers REQUIRETLS, and the parameter is passed
 on; otherwise every recipient fails with ``5.7.30`` (not offered) or ``5.7.10`` (no
@@ -57,11 +65,13 @@ import os
 import re
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from hato.delivery.base import DeliveryResult, Result, all_results
 from hato.dsn_params import DsnRequest
@@ -184,7 +194,8 @@ class Plan:
     bounds every later reply). ``peer_check``, when given, authenticates the server
     after the TLS handshake in a way the context does not (DANE's TLSA match): it gets
     the TLS object and returns None (the session then counts as verified) or why the
-    server is refused (454 4.7.5, no plaintext retry).
+    server is refused (454 4.7.5, no plaintext retry). ``pipelining``: send MAIL, RCPT
+    and DATA as one group when the server offers PIPELINING (``HATO_RELAY_PIPELINING``).
     """
 
     host: str
@@ -197,6 +208,7 @@ class Plan:
     timeout: float = 60.0
     connect_timeout: float | None = None
     peer_check: Callable[[ssl.SSLObject], str | None] | None = None
+    pipelining: bool = True
 
     def __post_init__(self) -> None:
         if self.tls is Tls.IMPLICIT and self.address is not None:
@@ -282,6 +294,9 @@ class Session:
         self.clean = False
         # Handed out again without RSET (see the module docstring).
         self.unchecked = False
+        # Our reply reader, between the transport and aiosmtplib, when MAIL, RCPT and
+        # DATA go pipelined on this session (:func:`open_session` installs it).
+        self.pipe: Pipe | None = None
 
     @property
     def alive(self) -> bool:
@@ -372,7 +387,12 @@ async def open_session(plan: Plan, *, monotonic: Callable[[], float] = time.mono
         smtp.close()
         raise
     verified = encrypted and (_checks_name(plan.context) or plan.peer_check is not None)
-    return Session(smtp, relay, encrypted, monotonic(), verified=verified, host=plan.host, ip=ip)
+    session = Session(smtp, relay, encrypted, monotonic(), verified=verified, host=plan.host, ip=ip)
+    if plan.pipelining and smtp.supports_extension("pipelining"):
+        # Only now, after STARTTLS, the EHLO that follows it and AUTH: nothing is ever
+        # pipelined before or across STARTTLS.
+        session.pipe = Pipe.install(smtp)
+    return session
 
 
 def _checks_name(context: ssl.SSLContext) -> bool:
@@ -629,6 +649,219 @@ def shut_down(courier: str, recipients: Sequence[str], relay: str) -> list[Deliv
     return all_results(recipients, Result.TEMPORARY, reply, relay)
 
 
+# Pipelining (RFC 2920): our own reply reader.
+#
+# Hand-written because aiosmtplib (5.x) cannot read a pipelined group: its protocol keeps
+# one reply waiter, drops bytes that arrive while no reply is awaited, and does not parse
+# a second reply already in its buffer. So a session whose server offers PIPELINING gets
+# a :class:`Pipe` between the transport and aiosmtplib's protocol once the handshake is
+# over: outside a group it hands every byte to aiosmtplib (RSET, BDAT, QUIT work as
+# before); inside a group it parses the replies itself with :class:`ReplyParser`.
+
+MAX_REPLY_LINE = 8192
+"""The longest reply line accepted (aiosmtplib's ``MAX_LINE_LENGTH``)."""
+MAX_REPLY_BYTES = MAX_REPLY_LINE * 4
+"""The longest reply accepted, continuation lines included (aiosmtplib's bound)."""
+MAX_REPLY_LINES = 100
+"""The most lines one reply may have (a reply to MAIL, RCPT or DATA has one or two)."""
+_REPLY_LINE_RE = re.compile(rb"(\d{3})([ -]|\r?\n$)")
+_COMMAND_INJECTION_RE = re.compile(rb"[\x00-\x1f\x7f]")
+_PERIOD_RE = re.compile(rb"(?m)^\.")
+
+
+class ProtocolViolation(Exception):
+    """The server broke the reply stream: a malformed or over-long reply, a reply to no
+    command, or more replies than commands. The connection is closed; undecided
+    recipients are deferred."""
+
+
+class ReplyParser:
+    """Replies out of a byte stream, sans-IO: :meth:`feed` bytes as they come, get every
+    reply completed by them, in order (code, and the lines' texts joined by ``\\n``, as
+    aiosmtplib's :class:`~aiosmtplib.SMTPResponse`). Raises :class:`ProtocolViolation`
+    for a line that is not ``NNN``, ``NNN text`` or ``NNN-text``, or one longer than
+    :data:`MAX_REPLY_LINE`, or a reply longer than :data:`MAX_REPLY_BYTES` or
+    :data:`MAX_REPLY_LINES`: memory stays bounded whatever the server sends."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._size = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of a reply was received and not yet completed."""
+        return bool(self._buffer or self._lines)
+
+    def feed(self, data: bytes) -> list[aiosmtplib.SMTPResponse]:
+        self._buffer += data
+        replies: list[aiosmtplib.SMTPResponse] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            line = bytes(self._buffer[start : end + 1])
+            start = end + 1
+            reply = self._line(line)
+            if reply is not None:
+                replies.append(reply)
+        del self._buffer[:start]
+        if len(self._buffer) > MAX_REPLY_LINE:
+            raise ProtocolViolation("reply line too long")
+        return replies
+
+    def _line(self, line: bytes) -> aiosmtplib.SMTPResponse | None:
+        if len(line) > MAX_REPLY_LINE:
+            raise ProtocolViolation("reply line too long")
+        m = _REPLY_LINE_RE.match(line)
+        if m is None:
+            shown = _CONTROL_RE.sub("", line.decode("utf-8", "replace"))[:100]
+            raise ProtocolViolation(f"malformed reply line {shown!r}")
+        self._size += len(line)
+        self._lines.append(line[4:].strip(b" \t\r\n"))
+        if self._size > MAX_REPLY_BYTES or len(self._lines) > MAX_REPLY_LINES:
+            raise ProtocolViolation("reply too long")
+        if m.group(2) == b"-":
+            return None
+        text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+        self._lines, self._size = [], 0
+        return aiosmtplib.SMTPResponse(int(m.group(1)), text)
+
+
+class Pipe(asyncio.Protocol):
+    """The transport's protocol on a pipelining session; aiosmtplib's stays behind it.
+
+    Outside a group (:meth:`begin` … :meth:`end`) bytes go to aiosmtplib while it awaits
+    a reply; bytes that come when nobody awaits one (a reply to no command) close the
+    connection. Inside a group they go to a :class:`ReplyParser`, and :meth:`read` takes
+    the replies one by one, each within the session's timeout. Connection loss, EOF and
+    write flow control are passed on to aiosmtplib, so its state (``is_connected``,
+    ``quit``, ``close``) stays true.
+    """
+
+    def __init__(self, smtp: aiosmtplib.SMTP, inner: SMTPProtocol) -> None:
+        self._smtp = smtp
+        self._inner = inner
+        self._parser = ReplyParser()
+        self._replies: deque[aiosmtplib.SMTPResponse] = deque()
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._grouped = False
+        self._expected = 0  # replies the commands sent in this group call for
+        self._received = 0
+        self.violation = ""
+
+    @classmethod
+    def install(cls, smtp: aiosmtplib.SMTP) -> Pipe | None:
+        """Put a pipe in front of ``smtp``'s protocol; None when it is not connected."""
+        inner = smtp.protocol
+        transport = smtp.transport
+        if inner is None or transport is None or transport.is_closing():
+            return None
+        pipe = cls(smtp, inner)
+        transport.set_protocol(pipe)
+        return pipe
+
+    def begin(self, replies: int) -> None:
+        """Start a group of commands calling for ``replies`` replies: anything aiosmtplib
+        holds unread, or a stray reply seen while idle, means the stream is out of step
+        and the connection cannot be used."""
+        if self.violation:
+            raise ProtocolViolation(self.violation)
+        if self._inner._buffer:  # read by no command of aiosmtplib's
+            self._violate("a reply to no command was received before the group was sent")
+            raise ProtocolViolation(self.violation)
+        self._parser = ReplyParser()
+        self._replies.clear()
+        self._error = None
+        self._expected, self._received = replies, 0
+        self._grouped = True
+
+    def expect(self, replies: int) -> None:
+        """More commands (the body) were sent in the group, calling for ``replies``."""
+        self._expected += replies
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    async def read(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """The next reply of the group."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from exc
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    def expect_nothing(self) -> None:
+        """Every reply expected so far was read: one more is a reply to no command."""
+        if self._replies or self._parser.partial:
+            self._violate("the server sent more replies than commands")
+            raise ProtocolViolation(self.violation)
+
+    def end(self) -> None:
+        """Close the group (after :meth:`expect_nothing`): aiosmtplib reads again."""
+        self._grouped = False
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._grouped:
+            if self._error is not None:
+                return
+            try:
+                replies = self._parser.feed(data)
+                self._received += len(replies)
+                if self._received > self._expected:
+                    raise ProtocolViolation("the server sent more replies than commands")
+            except ProtocolViolation as exc:
+                self._violate(str(exc))
+                self._fail(exc)
+            else:
+                self._replies.extend(replies)
+            self._wake()
+            return
+        waiter = self._inner._response_waiter
+        if self._inner._response_pending and waiter is not None and not waiter.done():
+            self._inner.data_received(data)
+        elif not self.violation:
+            self._violate("a reply to no command was received")
+
+    def eof_received(self) -> bool | None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _violate(self, why: str) -> None:
+        self.violation = why
+        self._smtp.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 # One mail transaction.
 
 
@@ -765,21 +998,178 @@ async def _transact(
         first = not results
         session.clean = False
         session.stage = _SENDING_MAIL
-        response = await smtp.execute_command(
-            b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options
-        )
-        if response.code != 250:
-            reply = reply_from_response(response.code, response.message)
-            decide(pending, classify(reply), reply)
-            return reply if first else None
-        accepted, pending = await _recipients(session, recipients, pending, decide, dsn)
-        if not accepted or not smtp.is_connected:
-            return None
-        session.stage = "sending message body"
-        session.clean = await _data(smtp, data, accepted, decide)
-        if not session.clean and pending:
+        mail = (b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options)
+        if session.pipe is not None:
+            refused, pending = await _pipelined(
+                session, session.pipe, mail, recipients, pending, data, decide, dsn
+            )
+        else:
+            refused, pending = await _lockstep(
+                session, mail, recipients, pending, data, decide, dsn
+            )
+        if refused is not None:
+            return refused if first else None
+        if pending and not session.clean:
             await smtp.execute_command(b"RSET")  # whatever the server kept of it goes
     return None
+
+
+Decide = Callable[[Iterable[int], Result, Reply], None]
+
+
+async def _lockstep(
+    session: Session,
+    mail: Sequence[bytes],
+    recipients: Sequence[str],
+    pending: list[int],
+    data: bytes,
+    decide: Decide,
+    dsn: DsnRequest | None,
+) -> tuple[Reply | None, list[int]]:
+    """One transaction, each command waiting for the reply to the one before: MAIL's
+    refusal (or None), and the recipients the server's limit left over."""
+    smtp = session.smtp
+    response = await smtp.execute_command(*mail)
+    if response.code != 250:
+        reply = reply_from_response(response.code, response.message)
+        decide(pending, classify(reply), reply)
+        return reply, []
+    accepted, left = await _recipients(session, recipients, pending, decide, dsn)
+    if not accepted or not smtp.is_connected:
+        return None, []
+    session.stage = "sending message body"
+    session.clean = await _data(smtp, data, accepted, decide)
+    return None, left
+
+
+async def _pipelined(
+    session: Session,
+    pipe: Pipe,
+    mail: Sequence[bytes],
+    recipients: Sequence[str],
+    pending: list[int],
+    data: bytes,
+    decide: Decide,
+    dsn: DsnRequest | None,
+) -> tuple[Reply | None, list[int]]:
+    """:func:`_lockstep` in two round trips (RFC 2920): MAIL, every RCPT and DATA in one
+    write, their replies read in order; then the body and its reply. With CHUNKING, MAIL
+    and the RCPTs go as a group and the BDAT chunks follow as without pipelining.
+
+    Outcomes are those of the lock-step exchange. MAIL refused: every recipient gets its
+    reply. No recipient accepted but DATA answered 354 anyway: an empty message
+    (``.``) ends it and its reply is ignored, as Postfix does. A 421 anywhere: the
+    server is closing, so everyone not yet decided gets it and the connection is closed.
+    A reply to no command (see :class:`Pipe`) raises :class:`ProtocolViolation`."""
+    smtp, timeout = session.smtp, session.smtp.timeout
+    chunking = CHUNKING and smtp.supports_extension("chunking")
+    sent: list[int] = []
+    bad: list[int] = []
+    group = [_command_line(mail)]
+    for i in pending:
+        rcpt = recipients[i]
+        if bad_path(rcpt):
+            bad.append(i)
+            continue
+        sent.append(i)
+        options = dsn.rcpt_options(rcpt) if dsn is not None else ()
+        group.append(_command_line((b"RCPT", b"TO:<" + rcpt.encode("utf-8") + b">", *options)))
+    with_data = bool(sent) and not chunking
+    if with_data:
+        group.append(b"DATA\r\n")
+    pipe.begin(len(group))
+    pipe.write(b"".join(group))
+
+    response = await pipe.read(timeout)
+    if response.code != 250:
+        reply = reply_from_response(response.code, response.message)
+        decide(pending, classify(reply), reply)
+        if response.code == 421:
+            smtp.close()
+            return reply, []
+        await _drain(session, pipe, len(sent), with_data)
+        return reply, []
+    for i in bad:
+        rcpt = recipients[i]
+        decide([i], Result.PERMANENT, Reply(553, "5.1.3", f"bad recipient address {rcpt!r}"))
+
+    session.stage = "sending RCPT TO"
+    accepted: list[int] = []
+    left: list[int] = []
+    for n, i in enumerate(sent):
+        response = await pipe.read(timeout)
+        if response.code in (250, 251):
+            accepted.append(i)
+            continue
+        reply = reply_from_response(response.code, response.message)
+        if response.code == 421:
+            # The server is closing: whoever is not decided yet is deferred with its words.
+            decide([*accepted, *left, *sent[n:]], Result.TEMPORARY, reply)
+            smtp.close()
+            return None, []
+        if left or (accepted and reply.code == 452 and reply.enhanced in _TOO_MANY_RECIPIENTS):
+            left.append(i)  # over the server's recipient limit: the next transaction
+            continue
+        decide([i], classify(reply), reply)
+
+    if not with_data:
+        pipe.expect_nothing()
+        pipe.end()
+        if not accepted or not smtp.is_connected:
+            return None, []
+        session.stage = "sending message body"
+        session.clean = await _data(smtp, data, accepted, decide)
+        return None, left
+
+    session.stage = "sending message body"
+    response = await pipe.read(timeout)
+    pipe.expect_nothing()  # nothing may come before the body is sent
+    if response.code == 354:
+        pipe.expect(1)
+        pipe.write(_dot_stuffed(data) if accepted else b".\r\n")
+        response = await pipe.read(timeout)
+        pipe.expect_nothing()
+        if not accepted:
+            pipe.end()
+            return None, []
+    pipe.end()
+    if accepted:
+        reply = reply_from_response(response.code, response.message)
+        decide(accepted, Result.OK if response.code == 250 else classify(reply), reply)
+        session.clean = response.code == 250
+    if response.code == 421:
+        smtp.close()
+    return None, left
+
+
+async def _drain(session: Session, pipe: Pipe, rcpts: int, with_data: bool) -> None:
+    """Read the replies to a group whose MAIL was refused, ending an unexpected 354."""
+    timeout = session.smtp.timeout
+    for _ in range(rcpts):
+        await pipe.read(timeout)
+    if with_data and (await pipe.read(timeout)).code == 354:
+        pipe.expect_nothing()
+        pipe.expect(1)
+        pipe.write(b".\r\n")
+        await pipe.read(timeout)
+    pipe.expect_nothing()
+    pipe.end()
+
+
+def _command_line(args: Sequence[bytes]) -> bytes:
+    """``args`` as one command line; ValueError for a control character (as aiosmtplib)."""
+    for arg in args:
+        if _COMMAND_INJECTION_RE.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The body as DATA sends it: CRLF line endings, dot-stuffed, ``.`` at the end."""
+    data = _LINE_ENDINGS_RE.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _PERIOD_RE.sub(b"..", data) + b".\r\n"
 
 
 def _refusal(
@@ -827,7 +1217,7 @@ async def _recipients(
     session: Session,
     recipients: Sequence[str],
     pending: list[int],
-    decide: Callable[[Iterable[int], Result, Reply], None],
+    decide: Decide,
     dsn: DsnRequest | None = None,
 ) -> tuple[list[int], list[int]]:
     """RCPT for each pending recipient: (accepted, left over for another transaction)."""

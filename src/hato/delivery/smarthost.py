@@ -83,6 +83,8 @@ class SmarthostConfig:
     # that offers REQUIRETLS; "trusted" passes the parameter on to Hato's own relay server
     # on a trusted network, in plaintext too, which enforces it from there.
     requiretls: RequireTlsMode = "verify"
+    # MAIL, RCPT and DATA as one group where the relay offers PIPELINING (RFC 2920).
+    pipelining: bool = True
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -137,6 +139,7 @@ class SmarthostCourier:
             context=context,
             auth=credentials,
             timeout=config.timeout,
+            pipelining=config.pipelining,
         )
         self._pool = Pool(
             max_idle=config.pool_size,
