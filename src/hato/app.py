@@ -51,7 +51,7 @@ from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.observe import NO_OBSERVER, Observer
 from hato.queue import open_queue, redact_url
-from hato.queue.base import MessageState, Queue
+from hato.queue.base import MessageState, Queue, RecoveryReport
 from hato.queue.retry import RetrySchedule
 from hato.records import activate_published
 from hato.smtp.auth import AuthThrottle
@@ -215,14 +215,15 @@ DKIM_DNS_CHECK_INTERVAL = 3600.0  # how often pending DKIM keys are looked for i
 
 
 def build_dkim_rotation_task(
-    settings: Settings, keys: DKIMKeys, log: MailLog, say: Say
+    settings: Settings, keys: DKIMKeys, log: MailLog, say: Say, *, activate: bool = True
 ) -> Callable[[], Coroutine[Any, Any, None]]:
     """``hato serve``'s side of ``hato dkim rotate``: at start and hourly, a pending key
     that DNS publishes becomes active; changed key states (here or by ``hato dns
-    check``) are loaded within seconds."""
+    check``) are loaded within seconds. Without ``activate`` (an intake process of
+    several: the delivery process activates) it only loads the changes."""
 
     async def watch() -> None:
-        next_dns = 0.0
+        next_dns = 0.0 if activate else float("inf")
         while True:
             if time.monotonic() >= next_dns:
                 next_dns = time.monotonic() + DKIM_DNS_CHECK_INTERVAL
@@ -722,6 +723,34 @@ def _say(line: str) -> None:
     print(f"hato: {line}", file=sys.stderr, flush=True)
 
 
+def report_recovery(report: RecoveryReport, log: MailLog, say: Say) -> None:
+    """Say and log what the queue's recovery at start-up found."""
+    if report.integrity:  # what the check after an unclean stop found
+        say(f"queue: {report.integrity}")
+        log.event("qmgr", "", status="checked", detail=report.integrity)
+    if report.leases_expired:
+        say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
+    for message_id in report.quarantined:
+        log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
+
+
+async def recover_queue(settings: Settings, say: Say = _say) -> None:
+    """Open the queue, run its start-up recovery (the integrity check after an unclean
+    stop, the leases of dead owners given back), say what it found and close it again.
+
+    The supervisor of several processes runs this once before it forks: a damaged or
+    unreachable queue is then one line and a refusal to start, as with one process,
+    instead of a delivery child failing again and again; and the delivery child's own
+    recovery finds the queue closed cleanly. The queue's threads are joined on close."""
+    queue = build_queue(settings)
+    await queue.open()
+    try:
+        report = await queue.recover()
+    finally:
+        await queue.close()
+    report_recovery(report, build_log(settings), say)
+
+
 # --- the start/stop skeleton of both roles -----------------------------------------------
 
 
@@ -753,13 +782,7 @@ class _Service:
         except BaseException:
             await self.queue.close()
             raise
-        if report.integrity:  # what the check after an unclean stop found
-            self.say(f"queue: {report.integrity}")
-            self.log.event("qmgr", "", status="checked", detail=report.integrity)
-        if report.leases_expired:
-            self.say(f"recovered {report.leases_expired} message(s) whose delivery was interrupted")
-        for message_id in report.quarantined:
-            self.log.queue_event(message_id, "quarantined", detail="unreadable record kept aside")
+        report_recovery(report, self.log, self.say)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -913,8 +936,8 @@ async def serve(
     companions = [watcher.run]
     if settings.tlsrpt_send and deliver:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
-    if dkim_keys.keys and deliver:
-        companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say))
+    if dkim_keys.keys:  # intake processes sign: they load what the delivery one activates
+        companions.append(build_dkim_rotation_task(settings, dkim_keys, log, say, activate=deliver))
     relay = settings.relay
     events_companions = build_event_companions(
         settings,

@@ -83,7 +83,14 @@ def test_leases_of_a_killed_unreaped_hato_serve_come_back_at_the_next_start(
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "spool"
-    env = {"HATO_RELAY_TLS": "none", "HATO_LEASE_SECONDS": LEASE, "HATO_MAX_QUEUE_LIFETIME": "3600"}
+    # One process: what is tested is the leases of a process killed and left a zombie
+    # (several processes: test_processes.py kills each of them).
+    env = {
+        "HATO_RELAY_TLS": "none",
+        "HATO_LEASE_SECONDS": LEASE,
+        "HATO_MAX_QUEUE_LIFETIME": "3600",
+        "HATO_PROCESSES": "1",
+    }
     first = hato_serve(
         env={**env, "RELAYHOST": f"[127.0.0.1]:{black_hole.port}"}, data_dir=data_dir
     )

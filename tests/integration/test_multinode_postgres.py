@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -114,12 +115,30 @@ def client(node: HatoServe, ledger: Ledger) -> None:
                 conn.quit()
 
 
-def leases_of(conn: psycopg.Connection[tuple[object, ...]], schema: str, pid: int) -> set[str]:
-    """Ids of the messages leased (state sending) by the worker of process ``pid``."""
+def leases_of(
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, pids: set[int]
+) -> set[str]:
+    """Ids of the messages leased (state sending) by a worker of one of ``pids``."""
     rows = conn.execute(
         f'SELECT id, lease_owner FROM "{schema}".hato_messages WHERE state = %s', ("sending",)
     ).fetchall()
-    return {str(mid) for mid, owner in rows if f"/{pid}/" in str(owner)}
+    return {str(mid) for mid, owner in rows if any(f"/{pid}/" in str(owner) for pid in pids)}
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and its descendants (a node runs a supervisor and its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def seq_of(data: bytes) -> str | None:
@@ -142,7 +161,9 @@ def test_three_nodes_one_killed_loses_nothing_acknowledged(
     nodes = [hato_serve(env=env) for _ in range(3)]
     victim = nodes[1]
     assert victim.pid is not None
-    victim_pid = victim.pid
+    # The node is every process of it (a supervisor, its intake and delivery children,
+    # HATO_PROCESSES): the machine dies, all of them at once.
+    victim_pids = process_tree(victim.pid)
     ledger = Ledger(total=600, deadline=time.monotonic() + 90)
     threads = [
         threading.Thread(target=client, args=(node, ledger), daemon=True)
@@ -157,8 +178,11 @@ def test_three_nodes_one_killed_loses_nothing_acknowledged(
     deadline = time.monotonic() + 60
     with psycopg.connect(POSTGRES_URL, autocommit=True) as watcher:
         while time.monotonic() < deadline and any(t.is_alive() for t in threads):
-            if len(ledger.acked) >= 60 and (held := leases_of(watcher, schema, victim_pid)):
+            if len(ledger.acked) >= 60 and (held := leases_of(watcher, schema, victim_pids)):
                 break
+    for pid in victim_pids - {victim.pid}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     victim.kill(signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=120)

@@ -55,14 +55,16 @@ def test_serve_switches_to_the_new_key_once_dns_check_sees_it(
         [new] = [k for k, st in load_keys(data_dir / "dkim") if st.state.value == "pending"]
         assert new.record.name in rotated.stdout
         mark = serve.mark()
-        serve.wait_for_log("dkim: keys reloaded; signing with example.test/old", since=mark)
+        serve.wait_for_each_process(
+            "dkim: keys reloaded; signing with example.test/old", since=mark
+        )
         assert submit_and_selectors(serve, "second") == ["old"]  # pending: not yet
 
         dns.txt(new.record.name, new.record.txt)
         mark = serve.mark()
         check = serve.cli("dns", "check", DOMAIN, "--ip", "192.0.2.25", check=False)
         assert f"; dkim: {DOMAIN} selector {new.selector}: pending -> active" in check.stdout
-        serve.wait_for_log(
+        serve.wait_for_each_process(
             f"dkim: keys reloaded; signing with example.test/{new.selector}", since=mark
         )
         assert submit_and_selectors(serve, "third") == [new.selector]

@@ -29,6 +29,8 @@ SRC = REPO_ROOT / "src"
 LISTENER_RE = re.compile(r"listener (\S+) on (\S+):(\d+)")
 HTTP_RE = re.compile(r"hato: http on (\S+):(\d+)\s*$")
 READY_RE = re.compile(r"hato: ready\s*$")
+# With several processes (HATO_PROCESSES) each child says so before the supervisor's ready.
+CHILD_READY_RE = re.compile(r"hato: (?:intake|delivery) process \d+ ready\s*$")
 
 # Only these pass from the test runner's environment: anything else (a developer's own
 # RELAYHOST, HATO_*, proxy settings) must not change what the test sees.
@@ -133,6 +135,7 @@ class HatoServe:
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._runs = 0
+        self._start_mark = 0
 
     # Process control.
 
@@ -164,6 +167,7 @@ class HatoServe:
             target=self._read, args=(proc,), daemon=True, name=f"hato-serve-{proc.pid}"
         )
         self._reader.start()
+        self._start_mark = mark
         self.wait_for_log(READY_RE, timeout, since=mark)
         self.listeners = {}
         self.http_url = ""
@@ -264,6 +268,29 @@ class HatoServe:
                         f"timed out after {timeout}s waiting for {regex.pattern!r}:\n{self.log}"
                     )
                 self._cond.wait(min(left, 0.2))
+
+    @property
+    def processes(self) -> int:
+        """How many processes serve in this run: the children of a supervisor that said
+        they were ready (HATO_PROCESSES), else 1."""
+        lines = self.lines(self._start_mark)
+        return max(1, sum(1 for line in lines if CHILD_READY_RE.search(line)))
+
+    def wait_for_each_process(
+        self, pattern: str | re.Pattern[str], timeout: float = 30.0, *, since: int = 0
+    ) -> None:
+        """Wait until ``pattern`` was logged as many times as processes serve (a reload
+        that each process does on its own, say)."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        want = self.processes
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.lines(since) if regex.search(line)) < want:
+            if time.monotonic() > deadline:
+                raise HatoError(
+                    f"timed out after {timeout}s waiting for {regex.pattern!r} from each of "
+                    f"{want} processes:\n{self.log}"
+                )
+            time.sleep(0.05)
 
     # The CLI against the same data dir.
 

@@ -125,7 +125,7 @@ def serve(
     log_format: str | None,
 ) -> None:
     """Run the SMTP server and its delivery worker."""
-    from hato.app import ServeRole, check_serve
+    from hato.app import ServeRole, check_serve, recover_queue
     from hato.app import serve as serve_forever
     from hato.supervisor import Supervisor, effective_processes
 
@@ -149,8 +149,10 @@ def serve(
     if processes <= 1:
         run(serve_forever(settings), fast=True)
         return
-    # What can refuse the settings is checked here, once, before the fork.
+    # What can refuse the settings, and the queue's start-up recovery, run here, once,
+    # before the fork (no thread or event loop is left behind: forking stays safe).
     check_serve(settings)
+    run(recover_queue(settings, say=_say))
 
     @friendly
     def child(role: str, sockets: Sequence[socket.socket]) -> None:
