@@ -40,6 +40,10 @@ Outside the tree, on purpose:
 * ``SessionFailure`` (hato.delivery.session) carries the reply of an SMTP session that
   could not be set up from the session code to its courier, which turns it into a
   temporary result; it never leaves ``delivery/``.
+* ``ProtocolViolation`` (hato.delivery.session) says a server broke a pipelined reply
+  stream (a reply to no command, more replies than commands, a malformed or over-long
+  reply); the session closes the connection and defers the undecided recipients, so it
+  never leaves ``delivery/``.
 * ``PolicyFetchError`` (hato.delivery.mta_sts) says an MTA-STS policy could not be
   fetched or parsed, with its TLS-RPT result type; ``MTASTS.policy_for`` turns it into
   a lookup without a policy, so it never leaves ``delivery/``.

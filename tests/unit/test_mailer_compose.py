@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.header
 import email.policy
 import email.utils
 import re
@@ -505,3 +506,29 @@ def test_require_tls_marks_the_message() -> None:
     marked = compose("u@x.org", "s", from_=FROM, require_tls=True).envelope.meta
     assert marked.get(META_REQUIRETLS) == "yes"
     assert META_REQUIRETLS not in compose("u@x.org", "s", from_=FROM).envelope.meta
+
+
+@pytest.mark.parametrize(
+    ("subject", "name"),
+    [
+        ("s" * 1200, "Name"),  # one word longer than a line may be (a fuzz finding)
+        ("short", "Name " + "long " * 300),  # a display name longer than a line
+        ("x" * 70 + " tail", "N" * 200),
+    ],
+)
+def test_long_words_and_names_fold_into_legal_lines(subject: str, name: str) -> None:
+    composed = compose(
+        f"{name} <u@example.net>", subject, "body", from_=f"{name} <noreply@example.org>"
+    )
+    head = composed.data.partition(b"\r\n\r\n")[0]
+    # Folded: well under RFC 5322's 998 (the encoded words are at most 76 each).
+    assert all(len(line) <= 120 for line in head.split(b"\r\n")), head[:400]
+    parsed = email.message_from_bytes(composed.data, policy=email.policy.default)
+    assert parsed["Subject"] == subject
+    raw = email.message_from_bytes(composed.data, policy=email.policy.compat32)
+    for field in ("To", "From"):
+        # RFC 2047 decoding (adjacent encoded words join without the folding space;
+        # the header registry's phrase parser would keep one).
+        display = re.sub(r"\r?\n[ \t]", " ", raw[field]).rpartition(" <")[0]
+        decoded = str(email.header.make_header(email.header.decode_header(display)))
+        assert decoded.strip('"') == name.strip()

@@ -38,6 +38,8 @@ AddressLike: TypeAlias = "str | HeaderAddress"
 :class:`email.headerregistry.Address`."""
 
 # A display name that needs no quoting: atext and spaces (RFC 5322 phrase of atoms).
+# Display names up to this long go plain or quoted; longer ones as encoded words.
+_LONGEST_PLAIN_NAME = 64
 _PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ \-]+$")
 _QUOTED_PAIR_RE = re.compile(r"\\(.)")
 
@@ -59,9 +61,12 @@ class Mailbox:
         when it is other ASCII, RFC 2047 encoded words when it is not ASCII."""
         if not self.display:
             return self.addr_spec
-        if _PHRASE_RE.match(self.display):
+        # A long name as encoded words, which fold within it (plain or quoted it would
+        # make one line however long: a fuzz finding).
+        short = len(self.display) <= _LONGEST_PLAIN_NAME
+        if short and _PHRASE_RE.match(self.display):
             return f"{self.display} <{self.addr_spec}>"
-        if self.display.isascii():
+        if short and self.display.isascii():
             quoted = self.display.replace("\\", "\\\\").replace('"', '\\"')
             return f'"{quoted}" <{self.addr_spec}>'
         words = Header(self.display, "utf-8", maxlinelen=76).encode(linesep="\r\n")

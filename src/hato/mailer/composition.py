@@ -382,12 +382,20 @@ def _date(now: float) -> str:
     )
 
 
+# The longest word an ASCII header value keeps as it is (folding happens between words).
+_LONGEST_WORD = 64
+
+
 def _header(name: str, value: str) -> str:
     """An unstructured header line: as it is when short printable ASCII, else folded
     (and RFC 2047-encoded when not ASCII) by :class:`email.header.Header`."""
     if len(name) + len(value) <= 76 and _PRINTABLE_RE.match(value):
         return f"{name}: {value}\r\n"
-    charset = "us-ascii" if value.isascii() else "utf-8"
+    # Header folds ASCII text only between words: a word too long for a line (a fuzz
+    # finding: one over 998 octets made an illegal line) goes as encoded words instead,
+    # which may be split anywhere.
+    longest = max((len(word) for word in value.split()), default=0)
+    charset = "us-ascii" if value.isascii() and longest <= _LONGEST_WORD else "utf-8"
     encoded = Header(value, charset, maxlinelen=76, header_name=name).encode(linesep="\r\n")
     return f"{name}: {encoded}\r\n"
 
