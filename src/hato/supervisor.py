@@ -4,15 +4,19 @@ One Python process accepts and delivers on about one core. With ``HATO_PROCESSES
 1 the supervisor binds every listening socket itself, then forks:
 
 - N **intake** processes, which all accept on the inherited sockets (the kernel spreads
-  the connections over the processes waiting in ``accept``) and commit each message to
-  the queue before its 250, as one process does;
+  the connections over the processes waiting in ``accept``) and have each message
+  committed before its 250;
 - one **delivery** process, which recovers the queue, claims and delivers, and runs the
   companions (TLS reports, DKIM rotation) and the HTTP listener.
 
-Only the delivery process claims, so the leases, retries and bounces have one owner;
-every intake process commits through its own group-committing writer (an fsync per
-batch, not per message), which keeps the durability promise: a 250 only after the
-fsync, and kill -9 of any process, the supervisor included, loses nothing acknowledged.
+With ``HATO_INTAKE_COMMIT=delivery`` (the default) the delivery process is also the one
+committer (:mod:`hato.committer`): the supervisor binds its Unix socket before the fork
+and keeps it, so intake requests wait in its backlog while a delivery process restarts;
+one group commit serves every intake process, and fresh mail is leased to the worker in
+that commit. With ``intake`` every intake process commits through its own
+group-committing writer instead. Either way only the delivery process claims, so the
+leases, retries and bounces have one owner, and a 250 follows the fsync: kill -9 of any
+process, the supervisor included, loses nothing acknowledged.
 
 The supervisor itself runs no event loop and no thread (so forking is safe): it waits
 for signals with ``sigtimedwait``, restarts a child that dies (with a doubling backoff),
@@ -40,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hato.committer import bind_committer
 from hato.config import Listener, Settings
 from hato.errors import ConfigError
 from hato.smtp.auth_share import AuthShare
@@ -164,6 +169,11 @@ class Supervisor:
         self.shared = SharedCounts(len(self.slots))
         # The AUTH throttle's failures and logins, told among the intake processes.
         self.auth_share = AuthShare([i for i, s in enumerate(self.slots) if s.role == "intake"])
+        # The committer's listening socket (the delivery child serves it) and its address
+        # (the intake children connect to it): bound in run(), with HATO_INTAKE_COMMIT
+        # delivery.
+        self.committer_socket: socket.socket | None = None
+        self.committer_address: str | None = None
 
     # -- the children ------------------------------------------------------------------
 
@@ -181,6 +191,8 @@ class Supervisor:
                     if other != index:
                         for sock in theirs:
                             sock.close()
+                if self.committer_socket is not None and slot.role != "delivery":
+                    self.committer_socket.close()
                 self.shared.attach(index)
                 self.auth_share.attach(index)
                 self.child(slot.role, sockets)
@@ -273,6 +285,8 @@ class Supervisor:
                             for listener, port in zip(self.settings.listeners, ports, strict=True)
                         ]
                     )
+            if self.settings.intake_commit == "delivery":
+                self.committer_socket, self.committer_address = bind_committer()
         except BaseException:
             for sock in [*first, *(s for socks in self.sockets.values() for s in socks)]:
                 sock.close()
@@ -310,6 +324,8 @@ class Supervisor:
             for socks in self.sockets.values():
                 for sock in socks:
                     sock.close()
+            if self.committer_socket is not None:
+                self.committer_socket.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             self.auth_share.close()
             self.shared.close()

@@ -158,6 +158,8 @@ def serve(
             sockets=sockets,
             shared=supervisor.shared,
             auth_share=supervisor.auth_share,
+            committer_socket=supervisor.committer_socket if part == "delivery" else None,
+            committer_address=supervisor.committer_address if part == "intake" else None,
         )
         run(serving, fast=True)
 
