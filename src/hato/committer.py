@@ -80,6 +80,7 @@ MAX_FRAME = 1 << 31
 # How long an intake waits for the committer's answer before it answers 451 (the
 # message may still be committed: then the client's retry makes a duplicate).
 COMMIT_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 5.0
 # How long a stopping committer waits for the commits it is running.
 DRAIN_TIMEOUT = 10.0
 
@@ -272,7 +273,7 @@ class CommitterServer:
         self.commit = commit
         self.unsent = unsent
         self.server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.StreamWriter] = set()
         self._requests: set[asyncio.Task[None]] = set()
         self.commits = 0  # answered with an id (for tests and metrics)
 
@@ -290,14 +291,15 @@ class CommitterServer:
         self.close()
         if self._requests:
             await asyncio.wait(set(self._requests), timeout=DRAIN_TIMEOUT)
-        for task in [*self._connections, *self._requests]:
+        for task in self._requests:
             task.cancel()
-        await asyncio.gather(*self._connections, *self._requests, return_exceptions=True)
+        await asyncio.gather(*self._requests, return_exceptions=True)
+        for writer in self._connections:  # their readers see the end and return
+            writer.close()
+        await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+        self._connections.add(writer)
         write_lock = asyncio.Lock()
         try:
             if not _same_user(writer.get_extra_info("socket")):
@@ -313,7 +315,7 @@ class CommitterServer:
         except (FrameError, OSError) as exc:
             _debug.warning("committer: dropped a connection: %s", exc)
         finally:
-            self._connections.discard(task)
+            self._connections.discard(writer)
             writer.close()
 
     async def _answer(
@@ -441,9 +443,17 @@ class CommitterClient:
             link = self._link
             if link is not None and not link.writer.is_closing():
                 return link
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                reader, writer = await asyncio.open_unix_connection(self.address)
+                # Connected by hand: uvloop's create_unix_connection refuses an abstract
+                # name. The supervisor's backlog is far larger than the intake processes,
+                # so this connect does not wait.
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect(self.address)
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
             except OSError as exc:
+                sock.close()
                 raise QueueError(f"the committer cannot be reached: {exc}") from exc
             link = self._link = _Link(writer)
             link.reading = asyncio.create_task(self._read(reader, link))
