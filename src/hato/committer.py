@@ -268,8 +268,16 @@ class CommitterServer:
     """Serves the intake processes on the supervisor's listening socket: each ``COMMIT``
     through ``commit``, each ``UNSENT`` through ``unsent``, concurrently."""
 
-    def __init__(self, sock: socket.socket, *, commit: Commit, unsent: Unsent) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        commit: Commit,
+        unsent: Unsent,
+        drain_timeout: float = DRAIN_TIMEOUT,
+    ) -> None:
         self.sock = sock
+        self.drain_timeout = drain_timeout
         self.commit = commit
         self.unsent = unsent
         self.server: asyncio.Server | None = None
@@ -287,10 +295,10 @@ class CommitterServer:
             self.server.close()
 
     async def aclose(self) -> None:
-        """Finish the commits that run (at most :data:`DRAIN_TIMEOUT`), then hang up."""
+        """Finish the commits that run (at most ``drain_timeout`` seconds), then hang up."""
         self.close()
         if self._requests:
-            await asyncio.wait(set(self._requests), timeout=DRAIN_TIMEOUT)
+            await asyncio.wait(set(self._requests), timeout=self.drain_timeout)
         for task in self._requests:
             task.cancel()
         await asyncio.gather(*self._requests, return_exceptions=True)
