@@ -286,7 +286,10 @@ class Supervisor:
                         ]
                     )
             if self.settings.intake_commit == "delivery":
-                self.committer_socket, self.committer_address = bind_committer()
+                try:
+                    self.committer_socket, self.committer_address = bind_committer()
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen for the committer: {exc}") from exc
         except BaseException:
             for sock in [*first, *(s for socks in self.sockets.values() for s in socks)]:
                 sock.close()

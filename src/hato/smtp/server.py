@@ -5,7 +5,8 @@ STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection lim
 a reserve for trusted networks), the greeting delay that catches early talkers, the
 credential check and the AUTH failure throttle shared across connections, the free space
 of the queue's filesystem, the queue and the operator log. ``250`` after DATA is written
-only once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
+only once ``await queue.enqueue(...)`` (or the committer of another process,
+:mod:`hato.committer`) has returned, that is once the message is durable.
 
 While the session waits for an answer (enqueue, credential check, TLS handshake) the
 connection stops reading, so pipelined input waits in the kernel and in the session's
