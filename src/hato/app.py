@@ -29,11 +29,12 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from hato.aliases import LocalRecipients, load_aliases
+from hato.committer import CommitterClient, CommitterServer
 from hato.config import Listener, Settings, Smarthost, parse_relayhost
 from hato.delivery.base import Courier
 from hato.delivery.bounce import BounceCourier
@@ -47,6 +48,7 @@ from hato.delivery.smarthost import SmarthostConfig, SmarthostCourier
 from hato.dkim import DKIMKeys, DKIMSigner, from_addresses, load_signers
 from hato.dns import Resolver
 from hato.errors import ConfigError, HatoError
+from hato.events import DeliveryEvent
 from hato.maillog import MailLog
 from hato.message import Envelope
 from hato.observe import NO_OBSERVER, Observer
@@ -698,21 +700,35 @@ def build_tlsrpt_task(
     return daily
 
 
-def build_flow(settings: Settings, queue: Queue, log: MailLog) -> FlowGate | None:
-    """Intake's flow control (HATO_IN_FLOW_DELAY, HATO_QUEUE_HIGH_WATER), or None when off."""
-    if settings.in_flow_delay <= 0 or settings.queue_high_water <= 0:
-        return None
+def unsent_counter(queue: Queue) -> Callable[[], Awaitable[int]]:
+    """How many messages of ``queue`` are unsent (queued, sending, deferred)."""
 
     async def unsent() -> int:
         counts = await queue.counts()
         return sum(counts.get(state, 0) for state in UNSENT_STATES)
+
+    return unsent
+
+
+def build_flow(
+    settings: Settings,
+    queue: Queue,
+    log: MailLog,
+    *,
+    unsent: Callable[[], Awaitable[int]] | None = None,
+) -> FlowGate | None:
+    """Intake's flow control (HATO_IN_FLOW_DELAY, HATO_QUEUE_HIGH_WATER), or None when off.
+    ``unsent`` counts the backlog in place of asking ``queue`` (the committer's count, in
+    an intake process that does not open the queue)."""
+    if settings.in_flow_delay <= 0 or settings.queue_high_water <= 0:
+        return None
 
     def changed(holding: bool, count: int) -> None:
         status = "slowing intake" if holding else "intake at full speed"
         log.event("smtpd", "", status=status, detail=f"{count} unsent messages")
 
     return FlowGate(
-        unsent,
+        unsent if unsent is not None else unsent_counter(queue),
         high_water=settings.queue_high_water,
         delay=settings.in_flow_delay,
         on_change=changed,
@@ -763,9 +779,19 @@ class _Service:
     """
 
     def __init__(
-        self, queue: Queue, worker: Worker, log: MailLog, say: Say, *, deliver: bool = True
+        self,
+        queue: Queue,
+        worker: Worker,
+        log: MailLog,
+        say: Say,
+        *,
+        deliver: bool = True,
+        open_queue: bool = True,
     ) -> None:
         self.queue = queue
+        # False in an intake process whose mail the delivery process commits: it never
+        # touches the queue.
+        self.open_queue = open_queue
         self.worker = worker
         self.log = log
         self.say = say
@@ -774,6 +800,8 @@ class _Service:
         self.deliver = deliver
 
     async def __aenter__(self) -> _Service:
+        if not self.open_queue:
+            return self
         await self.queue.open()
         if not self.deliver:
             return self
@@ -793,7 +821,8 @@ class _Service:
                 except Exception as error:  # closing idle connections must not mask the exit
                     self.say(f"closing {courier.name}: {type(error).__name__}: {error}")
         finally:
-            await self.queue.close()
+            if self.open_queue:
+                await self.queue.close()
 
     async def run(
         self,
@@ -883,6 +912,8 @@ async def serve(
     shared: SharedCounts | None = None,
     auth_share: AuthShare | None = None,
     reports: IntakeSockets | None = None,
+    committer_socket: socket.socket | None = None,
+    committer_address: str | None = None,
 ) -> None:
     """Run ``hato serve`` until SIGTERM or SIGINT (or ``stop`` is set).
 
@@ -892,7 +923,9 @@ async def serve(
     listens on nothing. ``all`` (one process) does both. ``shared``: the per-client
     connection counts of all intake processes; ``auth_share`` tells their AUTH
     throttles each other's failures; ``reports``: where each intake process answers the
-    delivery process's questions for its metrics and listeners."""
+    delivery process's questions for its metrics and listeners. With HATO_INTAKE_COMMIT ``delivery`` the delivery
+    process serves the committer (:mod:`hato.committer`) on ``committer_socket``, and an
+    intake process sends its mail to ``committer_address`` and never opens the queue."""
     intake = role != "delivery"
     deliver = role != "intake"
     give_large_blocks_back()  # a process-wide allocator setting, so it is set here
@@ -929,10 +962,26 @@ async def serve(
     for courier in worker.couriers.values():
         if isinstance(courier, SmarthostCourier):
             courier.stages = stages
-    if role == "delivery":
+    if role == "delivery" and committer_socket is None:
         # Intake commits in other processes and cannot wake this one: look often.
         worker.idle_wait = min(worker.idle_wait, DELIVERY_POLL)
-    flow = build_flow(settings, queue, log)
+    client = (
+        CommitterClient(committer_address)
+        if role == "intake" and committer_address is not None
+        else None
+    )
+    committer: CommitterServer | None = None
+    if role == "delivery" and committer_socket is not None:
+
+        async def commit(
+            envelope: Envelope, data: bytes, events: Sequence[DeliveryEvent], held: bool
+        ) -> str:
+            if held:
+                return await queue.enqueue(envelope, data, held=True, events=events)
+            return await worker.enqueue_fresh(envelope, data, events)
+
+        committer = CommitterServer(committer_socket, commit=commit, unsent=unsent_counter(queue))
+    flow = build_flow(settings, queue, log, unsent=client.unsent if client is not None else None)
     companions = [watcher.run]
     if settings.tlsrpt_send and deliver:
         companions.append(build_tlsrpt_task(settings, queue, tlsrpt, log, say))
@@ -951,9 +1000,15 @@ async def serve(
     def stop_intake() -> None:
         for server in servers:
             server.close()
+        if committer is not None:
+            committer.close()
 
-    async with _Service(queue, worker, log, say, deliver=deliver) as service:
+    async with _Service(
+        queue, worker, log, say, deliver=deliver, open_queue=client is None
+    ) as service:
         try:
+            if committer is not None:
+                await committer.start()
             for index, listener in enumerate(settings.listeners if intake else ()):
                 listener_role = ListenerRole(listener.role)
                 server = await start_listener(
@@ -972,6 +1027,7 @@ async def serve(
                     observer=observer,
                     # Only where the worker runs: an intake process has none to hand to.
                     handoff=worker.enqueue_fresh if deliver else None,
+                    commit=client.commit if client is not None else None,
                 )
                 server.stages = stages
                 servers.append(server)
@@ -1022,6 +1078,10 @@ async def serve(
             for server in servers:
                 with contextlib.suppress(Exception):
                     await server.aclose(timeout=5)
+            if committer is not None:
+                await committer.aclose()
+            if client is not None:
+                await client.close()
             tlsrpt.close()
             if stages is not None:
                 stages.close()

@@ -614,6 +614,15 @@ class Settings(BaseSettings):
         "sockets and one delivery process (queue commits, worker, console). memory:// "
         "queues always use 1.",
     )
+    intake_commit: Literal["delivery", "intake"] = Field(
+        default="delivery",
+        validation_alias=_env("HATO_INTAKE_COMMIT"),
+        description="With HATO_PROCESSES above 1, who commits accepted mail to the queue. "
+        "delivery: the intake processes send each message over a Unix socket to the "
+        "delivery process, which commits them all in one group commit and hands fresh mail "
+        "straight to its worker. intake: each intake process commits through its own "
+        "writer (kept for measurement).",
+    )
     in_flow_delay: float = Field(
         default=1.0,
         ge=0,

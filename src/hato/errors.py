@@ -53,6 +53,9 @@ Outside the tree, on purpose:
 * ``DamagedSchema`` (hato.queue.sqlite_records) says an SQLite spool's schema cannot
   be read, ``Unreadable`` (hato.queue.sqlite_records) that one record cannot; the queue
   turns them into ``QueueDamaged`` or a quarantine, and neither leaves ``queue/``.
+* ``FrameError`` (hato.committer) says a frame between an intake process and the
+  committer does not parse; the committer answers it as a ``QueueError`` and the intake
+  turns a connection that sends one into a ``QueueError``, so it never leaves the module.
   Private exceptions (a leading underscore) never leave
   their module.
 """

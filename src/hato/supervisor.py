@@ -4,8 +4,8 @@ One Python process accepts and delivers on about one core. With ``HATO_PROCESSES
 1 the supervisor binds every listening socket itself, then forks:
 
 - N **intake** processes, which all accept on the inherited sockets (the kernel spreads
-  the connections over the processes waiting in ``accept``) and commit each message to
-  the queue before its 250, as one process does;
+  the connections over the processes waiting in ``accept``) and have each message
+  committed before its 250;
 - one **delivery** process, which recovers the queue, claims and delivers, and runs the
   companions (TLS reports, DKIM rotation) and the HTTP listener.
 
@@ -13,10 +13,14 @@ The HTTP listener of the delivery process covers every process: the supervisor a
 one Unix socket per intake slot, on which that slot's child answers for its metrics and
 listeners (:mod:`hato.web.process_metrics`).
 
-Only the delivery process claims, so the leases, retries and bounces have one owner;
-every intake process commits through its own group-committing writer (an fsync per
-batch, not per message), which keeps the durability promise: a 250 only after the
-fsync, and kill -9 of any process, the supervisor included, loses nothing acknowledged.
+With ``HATO_INTAKE_COMMIT=delivery`` (the default) the delivery process is also the one
+committer (:mod:`hato.committer`): the supervisor binds its Unix socket before the fork
+and keeps it, so intake requests wait in its backlog while a delivery process restarts;
+one group commit serves every intake process, and fresh mail is leased to the worker in
+that commit. With ``intake`` every intake process commits through its own
+group-committing writer instead. Either way only the delivery process claims, so the
+leases, retries and bounces have one owner, and a 250 follows the fsync: kill -9 of any
+process, the supervisor included, loses nothing acknowledged.
 
 The supervisor itself runs no event loop and no thread (so forking is safe): it waits
 for signals with ``sigtimedwait``, restarts a child that dies (with a doubling backoff),
@@ -25,7 +29,10 @@ processes first (they finish the messages they are receiving), then the delivery
 process. Children get SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a
 killed supervisor leaves no orphan holding the port. A child that keeps failing right
 after its start (bad settings, a port it cannot use) ends the supervisor with a
-non-zero status.
+non-zero status. Before the fork, ``hato serve`` checks the settings and runs the queue's
+start-up recovery once (``app.check_serve``, ``app.recover_queue``), so that a refusal is
+one line; the supervisor says ``ready`` once every child has told it so
+(:data:`READY_SIGNAL`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hato.committer import bind_committer
 from hato.config import Listener, Settings
 from hato.errors import ConfigError
 from hato.smtp.auth_share import AuthShare
@@ -177,6 +185,11 @@ class Supervisor:
         self.auth_share = AuthShare([i for i, s in enumerate(self.slots) if s.role == "intake"])
         # Where the delivery process asks each intake process for its metrics.
         self.reports = IntakeSockets([i for i, s in enumerate(self.slots) if s.role == "intake"])
+        # The committer's listening socket (the delivery child serves it) and its address
+        # (the intake children connect to it): bound in run(), with HATO_INTAKE_COMMIT
+        # delivery.
+        self.committer_socket: socket.socket | None = None
+        self.committer_address: str | None = None
 
     # -- the children ------------------------------------------------------------------
 
@@ -194,6 +207,8 @@ class Supervisor:
                     if other != index:
                         for sock in theirs:
                             sock.close()
+                if self.committer_socket is not None and slot.role != "delivery":
+                    self.committer_socket.close()
                 self.shared.attach(index)
                 self.auth_share.attach(index)
                 self.reports.attach(index)
@@ -304,6 +319,11 @@ class Supervisor:
                         ]
                     )
             self.reports.bind()
+            if self.settings.intake_commit == "delivery":
+                try:
+                    self.committer_socket, self.committer_address = bind_committer()
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen for the committer: {exc}") from exc
         except BaseException:
             for sock in [*first, *(s for socks in self.sockets.values() for s in socks)]:
                 sock.close()
@@ -344,6 +364,8 @@ class Supervisor:
             for socks in self.sockets.values():
                 for sock in socks:
                     sock.close()
+            if self.committer_socket is not None:
+                self.committer_socket.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             self.auth_share.close()
             self.shared.close()

@@ -8,6 +8,7 @@ intake child, at the delivery child, and at the supervisor itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -101,13 +102,27 @@ def load_with_child_killed(
     return acked_at_kill
 
 
+def queue_files(pid: int) -> set[str]:
+    """The files of the SQLite queue (queue.db, its -wal and -shm) process ``pid`` holds."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if os.path.basename(target).startswith("queue.db"):
+                held.add(os.path.basename(target))
+    return held
+
+
+@pytest.mark.parametrize("commit", ["delivery", "intake"])
 def test_several_processes_share_the_port_and_deliver(
-    hato_serve: HatoFactory, recording_sink: RecordingSink
+    hato_serve: HatoFactory, recording_sink: RecordingSink, commit: str
 ) -> None:
     """Postfix's smtp-source against two intake processes; every message delivered once;
-    SIGTERM stops every child and the supervisor exits 0."""
+    SIGTERM stops every child and the supervisor exits 0. With HATO_INTAKE_COMMIT
+    delivery (the committer) only the delivery process holds the SQLite queue open;
+    with intake every process does."""
     smtp_source = require_tool("smtp-source", hint="apt-get install postfix")
-    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES, "HATO_INTAKE_COMMIT": commit})
     children = child_pids(hato, "intake") + child_pids(hato, "delivery")
     assert len(child_pids(hato, "intake")) == 2 and len(child_pids(hato, "delivery")) == 1
     proc = subprocess.run(
@@ -122,6 +137,12 @@ def test_several_processes_share_the_port_and_deliver(
     # Both intake processes took connections: the port is shared, not one child's.
     intake = connected_pids(hato, want=2)
     assert intake <= set(child_pids(hato, "intake")) and len(intake) == 2, intake
+    assert "queue.db" in queue_files(child_pids(hato, "delivery")[-1])
+    for pid in child_pids(hato, "intake"):
+        if commit == "delivery":
+            assert queue_files(pid) == set(), f"intake process {pid} opened the queue"
+        else:
+            assert "queue.db" in queue_files(pid)
 
     assert hato.stop() == 0
     assert wait_gone(children, timeout=30) == []
@@ -140,9 +161,44 @@ def test_kill_9_of_an_intake_process_loses_no_acknowledged_message(
 def test_kill_9_of_the_delivery_process_loses_no_acknowledged_message(
     hato_serve: HatoFactory, recording_sink: RecordingSink
 ) -> None:
+    """The delivery process is the committer too: the messages whose commit it was
+    running are answered 451 (or committed, if it died after the commit: a duplicate at
+    worst); those sent while it restarts wait in the supervisor's backlog or get 451;
+    nothing else, and every 250 is delivered."""
     hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
     ledger = Ledger(total=300, deadline=time.monotonic() + 60)
     load_with_child_killed(hato, ledger, role="delivery", sessions=20, kill_after=100)
+    assert set(ledger.errors) <= {"DATA 451"}, ledger.errors
+    verify_delivered(hato, recording_sink, ledger, timeout=60)
+
+
+def test_mail_sent_while_the_committer_restarts_is_answered_4xx_or_delivered(
+    hato_serve: HatoFactory, recording_sink: RecordingSink
+) -> None:
+    """Sessions that start right after kill -9 of the delivery process (the committer),
+    before the supervisor has started the next one: each message waits in the
+    supervisor's backlog for the new committer or is answered 451; every 250 is
+    delivered."""
+    hato = hato_serve(env={**relay_env(recording_sink), **PROCESSES})
+    victim = child_pids(hato, "delivery")[-1]
+    mark = hato.mark()
+    ledger = Ledger(total=40, deadline=time.monotonic() + 60)
+    up = threading.Event()
+    up.set()
+    threads = [
+        threading.Thread(target=client_loop, args=(hato.host, hato.port, ledger, up), daemon=True)
+        for _ in range(10)
+    ]
+    os.kill(victim, signal.SIGKILL)
+    for thread in threads:
+        thread.start()
+    hato.wait_for_log(STARTED_RE.format(role="delivery"), timeout=30, since=mark)
+    for thread in threads:
+        thread.join(timeout=max(1.0, ledger.deadline - time.monotonic() + 20))
+    assert not any(t.is_alive() for t in threads), "client threads did not finish"
+    assert set(ledger.errors) <= {"DATA 451"}, ledger.errors
+    assert len(ledger.acked) + len(ledger.unacked) == 40
+    assert ledger.acked, "nothing was acknowledged"
     verify_delivered(hato, recording_sink, ledger, timeout=60)
 
 

@@ -171,6 +171,8 @@ def serve(
             reports=supervisor.reports,
             ready=lambda _bound: supervisor.child_ready(),
             say=say,
+            committer_socket=supervisor.committer_socket if part == "delivery" else None,
+            committer_address=supervisor.committer_address if part == "intake" else None,
         )
         run(serving, fast=True)
 

@@ -5,7 +5,8 @@ STARTTLS, TLS from the first byte for ``submissions``), timeouts, connection lim
 a reserve for trusted networks), the greeting delay that catches early talkers, the
 credential check and the AUTH failure throttle shared across connections, the free space
 of the queue's filesystem, the queue and the operator log. ``250`` after DATA is written
-only once ``await queue.enqueue(...)`` has returned, that is once the message is durable.
+only once ``await queue.enqueue(...)`` (or the committer of another process,
+:mod:`hato.committer`) has returned, that is once the message is durable.
 
 While the session waits for an answer (enqueue, credential check, TLS handshake) the
 connection stops reading, so pipelined input waits in the kernel and in the session's
@@ -64,6 +65,12 @@ MessageTransform = Callable[[bytes, str], Awaitable[bytes]]
 # leased to the in-process worker in the same commit): given the envelope, the bytes and
 # the ``accepted`` events, returns the queue id once the message is durable.
 Handoff = Callable[[Envelope, bytes, Sequence[DeliveryEvent]], Awaitable[str]]
+
+# Commits an accepted message in another process in place of ``queue.enqueue`` (the
+# committer of hato.committer: the delivery process of HATO_PROCESSES): given the
+# envelope, the bytes, the ``accepted`` events and whether it is held, returns the queue
+# id once the message is durable; raises what ``queue.enqueue`` raises.
+Commit = Callable[[Envelope, bytes, Sequence[DeliveryEvent], bool], Awaitable[str]]
 
 # Reasons for which reading is paused; reading resumes when none is left.
 _ASYNC = "async"
@@ -153,8 +160,10 @@ class SMTPListener:
         shared: SharedCounts | None = None,
         observer: Observer = NO_OBSERVER,
         handoff: Handoff | None = None,
+        commit: Commit | None = None,
     ) -> None:
         self.listener = listener
+        self.commit = commit
         self.observer = observer
         self.name = ""  # ``label`` once bound: the listener's name in metrics
         self.flow = flow
@@ -387,6 +396,7 @@ async def start_listener(
     sock: socket.socket | None = None,
     shared: SharedCounts | None = None,
     handoff: Handoff | None = None,
+    commit: Commit | None = None,
 ) -> SMTPListener:
     """Bind and start one listener. ``hostname`` overrides ``limits.hostname``;
     ``hold`` enqueues messages as held (no relay configured); ``reuse_port`` lets
@@ -400,7 +410,8 @@ async def start_listener(
     already bound listening socket to serve (the supervisor's, shared by its children);
     ``shared`` counts each client's connections across those children.
     ``observer`` is told of connections, messages and AUTH failures (metrics).
-    ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``).
+    ``handoff`` enqueues accepted mail in place of ``queue.enqueue`` (not when ``hold``);
+    ``commit`` has it committed by another process instead (held mail too).
     The other keywords, when given, override the same fields of ``limits``. Raises
     :class:`~hato.errors.ConfigError` if the address cannot be bound."""
     config = limits if limits is not None else SessionConfig()
@@ -436,6 +447,7 @@ async def start_listener(
         shared=shared,
         observer=observer,
         handoff=handoff,
+        commit=commit,
     )
     await smtp.start()
     return smtp
@@ -650,7 +662,11 @@ class _Connection(asyncio.Protocol):
                 data = await listener.submitted(data, envelope.auth_user)
             if envelope.auth_user:  # who may read this message's events (hato.web.events_api)
                 envelope.meta.setdefault(META_AUTH_USER, envelope.auth_user)
-            if listener.handoff is not None and not listener.hold:
+            if listener.commit is not None:
+                queue_id = await listener.commit(
+                    envelope, data, self._accepted(envelope, data), listener.hold
+                )
+            elif listener.handoff is not None and not listener.hold:
                 queue_id = await listener.handoff(envelope, data, self._accepted(envelope, data))
             else:
                 queue_id = await listener.queue.enqueue(
