@@ -216,10 +216,11 @@ def test_kill_9_of_the_supervisor_loses_no_acknowledged_message(
     verify_delivered(hato, recording_sink, ledger, timeout=60)
 
 
-def test_a_child_that_cannot_start_ends_the_supervisor_with_an_error(
+def test_a_queue_that_cannot_be_opened_is_refused_before_the_fork(
     hato_serve: HatoFactory, tmp_path: os.PathLike[str]
 ) -> None:
-    """A queue the children cannot open: restarted with backoff, then given up on."""
+    """The supervisor opens the queue once (its start-up recovery) before it forks: a
+    queue nobody can open is one line and a non-zero status, as with one process."""
     blocker = os.path.join(tmp_path, "not-a-directory")
     with open(blocker, "w", encoding="ascii") as handle:
         handle.write("x")
@@ -233,9 +234,29 @@ def test_a_child_that_cannot_start_ends_the_supervisor_with_an_error(
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
-    assert "keeps failing at start" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("hato: cannot create "), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_a_child_that_keeps_failing_at_start_ends_the_supervisor(tmp_path: Path) -> None:
+    """A child that dies right after each start is restarted with a doubling backoff,
+    then given up on: the supervisor ends with status 1 and says why."""
+    from hato.config import load_settings
+    from hato.supervisor import MAX_QUICK_FAILURES, Supervisor
+
+    settings = load_settings(data_dir=tmp_path, listen=["127.0.0.1:0"])
+    said: list[str] = []
+
+    def child(role: str, sockets: object) -> None:
+        sys.exit(1)
+
+    supervisor = Supervisor(settings, 1, child, say=said.append)
+    assert supervisor.run() == 1
+    ended = [line for line in said if "ended (status 1)" in line]
+    assert len(ended) >= MAX_QUICK_FAILURES, said
+    assert any("keeps failing at start; giving up" in line for line in said), said
+    assert "ready" not in said
 
 
 def test_the_per_client_connection_limit_holds_across_intake_processes(
