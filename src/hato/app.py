@@ -976,9 +976,17 @@ async def serve(
         async def commit(
             envelope: Envelope, data: bytes, events: Sequence[DeliveryEvent], held: bool
         ) -> str:
+            # HATO_TRACE_STAGES: the intake's accepted events carry its time; the
+            # message's line is written here, where it is delivered.
+            accepted = min((e.time for e in events), default=time.time())
             if held:
-                return await queue.enqueue(envelope, data, held=True, events=events)
-            return await worker.enqueue_fresh(envelope, data, events)
+                queue_id = await queue.enqueue(envelope, data, held=True, events=events)
+            else:
+                queue_id = await worker.enqueue_fresh(envelope, data, events)
+            if stages is not None:
+                stages.mark(queue_id, "accepted", accepted)
+                stages.mark(queue_id, "committed")
+            return queue_id
 
         committer = CommitterServer(committer_socket, commit=commit, unsent=unsent_counter(queue))
     flow = build_flow(settings, queue, log, unsent=client.unsent if client is not None else None)
@@ -1029,7 +1037,9 @@ async def serve(
                     handoff=worker.enqueue_fresh if deliver else None,
                     commit=client.commit if client is not None else None,
                 )
-                server.stages = stages
+                # An intake process that sends its mail to the committer never writes a
+                # message's line (its GC pauses still are): the committer marks them.
+                server.stages = stages if committer_address is None else None
                 servers.append(server)
                 bound.append((listener, server.port))
                 host = f"[{listener.host}]" if ":" in listener.host else listener.host

@@ -12,8 +12,9 @@ worker noticing the message), ``connect`` = claimed → connected (a free relay 
 waiting for one of the pool's slots, then a pooled connection or a new one), ``deliver``
 = connected → delivered (the relay's SMTP transaction), ``record`` = delivered →
 recorded). ``connected`` is marked by the smarthost courier only; without it ``deliver``
-spans claimed → delivered. A message accepted by another process, or before a restart,
-lacks the first two stages.
+spans claimed → delivered. With several processes the committer (the delivery process)
+marks the first two, from the time in the intake's ``accepted`` events; a message
+accepted before a restart lacks them.
 Garbage collections longer than 5 ms are written as ``{"gc": GENERATION, "at": ...,
 "ms": ...}`` lines, so a stall can be matched against them.
 
