@@ -1043,15 +1043,17 @@ async def serve(
                 servers.append(server)
                 bound.append((listener, server.port))
                 host = f"[{listener.host}]" if ":" in listener.host else listener.host
-                say(f"listener {listener.role} on {host}:{server.port}")
-            if settings.effective_route == "hold":
-                say(
-                    "route: hold — mail is kept in the queue and nothing leaves this machine "
-                    "(hato queue list; set RELAYHOST to relay)"
-                )
-            else:
-                say(f"route: {settings.role}")
-            say(f"queue: {redact_url(settings.effective_queue_url)}")
+                if role != "intake":  # the supervisor said where it listens, once
+                    say(f"listener {listener.role} on {host}:{server.port}")
+            if role != "intake":  # said once, by the one process or the delivery process
+                if settings.effective_route == "hold":
+                    say(
+                        "route: hold — mail is kept in the queue and nothing leaves this "
+                        "machine (hato queue list; set RELAYHOST to relay)"
+                    )
+                else:
+                    say(f"route: {settings.role}")
+                say(f"queue: {redact_url(settings.effective_queue_url)}")
             if http is not None and deliver:  # one console and /metrics: the delivery process's
                 relay = settings.relay
                 ctx = web_context(
